@@ -1,0 +1,1 @@
+//! Stable Diffusion's networks and their loading.

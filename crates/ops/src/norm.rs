@@ -1,0 +1,296 @@
+//! Layer norm and group norm with their own backward.
+//!
+//! Both normalize "rows" (the last dimension for layer norm; `C/G · H · W` elements for group norm)
+//! to zero mean and unit variance (biased variance, as PyTorch), then apply a per-feature affine.
+//! On CPU in f32/f64 a kernel computes the forward with f64 accumulation; the backward is
+//! `∂x = rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂))` with `ĝ = g ⊙ γ`, composed from candle ops.
+
+use crate::storage::{cpu_slice, CpuSlice};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_nn::VarBuilder;
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// `torch.nn.GroupNorm` (affine).
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub num_groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(vb: VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if num_groups == 0 || channels % num_groups != 0 {
+            bail!("{}: {channels} channels cannot be split into {num_groups} groups", vb.prefix())
+        }
+        Ok(Self { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, num_groups, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        group_norm(x, &self.weight, &self.bias, self.num_groups, self.eps)
+    }
+}
+
+impl candle_core::Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        GroupNorm::forward(self, xs)
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last dimension (affine).
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+impl candle_core::Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        LayerNorm::forward(self, xs)
+    }
+}
+
+/// Which rows a norm averages over, and how a row's element maps to its affine parameter.
+#[derive(Clone, Copy, Debug)]
+enum Rows {
+    /// Layer norm: rows of length `dim`, parameter index = position in the row.
+    Last { dim: usize },
+    /// Group norm: `[N, C, S]` with `groups` groups of `C/groups` channels of `S` elements.
+    Groups { channels: usize, groups: usize, spatial: usize },
+}
+
+impl Rows {
+    fn row_len(&self) -> usize {
+        match *self {
+            Rows::Last { dim } => dim,
+            Rows::Groups { channels, groups, spatial } => channels / groups * spatial,
+        }
+    }
+}
+
+struct NormOp {
+    rows: Rows,
+    eps: f64,
+}
+
+fn norm_kernel<T: Float + Send + Sync>(x: &[T], w: &[T], b: &[T], rows: Rows, eps: f64) -> Vec<T> {
+    let len = rows.row_len();
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(len).zip(x.par_chunks(len)).enumerate().for_each(|(r, (o, row))| {
+        let n = row.len() as f64;
+        let mean = row.iter().map(|v| v.to_f64().unwrap()).sum::<f64>() / n;
+        let var = row.iter().map(|v| (v.to_f64().unwrap() - mean).powi(2)).sum::<f64>() / n;
+        let rstd = 1.0 / (var + eps).sqrt();
+        let (mean, rstd) = (T::from(mean).unwrap(), T::from(rstd).unwrap());
+        match rows {
+            Rows::Last { .. } => {
+                for j in 0..row.len() {
+                    o[j] = (row[j] - mean) * rstd * w[j] + b[j];
+                }
+            }
+            Rows::Groups { channels, groups, spatial } => {
+                let cpg = channels / groups;
+                let c0 = (r % groups) * cpg;
+                for c in 0..cpg {
+                    let (wc, bc) = (w[c0 + c] * rstd, b[c0 + c]);
+                    for s in c * spatial..(c + 1) * spatial {
+                        o[s] = (row[s] - mean) * wc + bc;
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp3 for NormOp {
+    fn name(&self) -> &'static str {
+        "imprint-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (cpu_slice(sx, lx)?, cpu_slice(sw, lw)?, cpu_slice(sb, lb)?) {
+            (CpuSlice::F32(x), CpuSlice::F32(w), CpuSlice::F32(b)) => {
+                CpuStorage::F32(norm_kernel(x, w, b, self.rows, self.eps))
+            }
+            (CpuSlice::F64(x), CpuSlice::F64(w), CpuSlice::F64(b)) => {
+                CpuStorage::F64(norm_kernel(x, w, b, self.rows, self.eps))
+            }
+            _ => bail!("norm: input and affine parameters must share a dtype"),
+        };
+        Ok((out, lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        norm_backward(x, w, b, grad, self.rows, self.eps)
+    }
+}
+
+/// Shapes `x` into `[rows, row_len]` and a per-channel parameter into something broadcastable
+/// against `x`'s own shape.
+fn param_view(p: &Tensor, x: &Tensor, rows: Rows) -> Result<Tensor> {
+    match rows {
+        Rows::Last { .. } => Ok(p.clone()),
+        Rows::Groups { channels, .. } => {
+            let mut shape = vec![1usize; x.rank()];
+            shape[1] = channels;
+            p.reshape(shape)
+        }
+    }
+}
+
+fn norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    grad: &Tensor,
+    rows: Rows,
+    eps: f64,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let len = rows.row_len();
+    let n_rows = x.elem_count() / len;
+    let xr = x.reshape((n_rows, len))?;
+    let mean = xr.mean_keepdim(1)?;
+    let centered = xr.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(1)?;
+    let rstd = (var + eps)?.sqrt()?.recip()?;
+    let xhat = centered.broadcast_mul(&rstd)?; // [rows, len]
+    let gamma = param_view(w, x, rows)?;
+    let ghat = grad.broadcast_mul(&gamma)?.reshape((n_rows, len))?;
+    let m1 = ghat.mean_keepdim(1)?;
+    let m2 = (&ghat * &xhat)?.mean_keepdim(1)?;
+    let dx = ghat.broadcast_sub(&m1)?.sub(&xhat.broadcast_mul(&m2)?)?.broadcast_mul(&rstd)?.reshape(x.shape())?;
+    // Affine gradients: sum of g (⊙ x̂) over everything but the feature axis.
+    let reduce = |t: &Tensor| -> Result<Tensor> {
+        match rows {
+            Rows::Last { dim } => t.reshape(((), dim))?.sum(0),
+            Rows::Groups { channels, .. } => {
+                let n = t.dim(0)?;
+                t.reshape((n, channels, ()))?.sum(2)?.sum(0)
+            }
+        }
+    };
+    let dw = if w.track_op() { Some(reduce(&(grad * xhat.reshape(x.shape())?)?)?) } else { None };
+    let db = if b.track_op() { Some(reduce(grad)?) } else { None };
+    Ok((Some(dx), dw, db))
+}
+
+fn use_kernel(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// Composed (autograd-differentiable) normalization, for devices without a kernel here.
+fn norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, rows: Rows, eps: f64) -> Result<Tensor> {
+    let len = rows.row_len();
+    let xr = x.reshape((x.elem_count() / len, len))?;
+    let (xr, upcast) = match xr.dtype() {
+        DType::F16 | DType::BF16 => (xr.to_dtype(DType::F32)?, true),
+        _ => (xr, false),
+    };
+    let centered = xr.broadcast_sub(&xr.mean_keepdim(1)?)?;
+    let var = centered.sqr()?.mean_keepdim(1)?;
+    let xhat = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let xhat = if upcast { xhat.to_dtype(x.dtype())? } else { xhat }.reshape(x.shape())?;
+    xhat.broadcast_mul(&param_view(w, x, rows)?)?.broadcast_add(&param_view(b, x, rows)?)
+}
+
+/// Layer norm over the last dimension of `x`, with affine `weight`/`bias` of that size.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dim = x.dim(D::Minus1)?;
+    let rows = Rows::Last { dim };
+    if use_kernel(x) {
+        x.contiguous()?.apply_op3(weight, bias, NormOp { rows, eps })
+    } else {
+        norm_composed(x, weight, bias, rows, eps)
+    }
+}
+
+/// Group norm of `x [N, C, ...]` with `num_groups` groups and per-channel affine parameters.
+pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, num_groups: usize, eps: f64) -> Result<Tensor> {
+    if x.rank() < 2 {
+        bail!("group_norm: expected [N, C, ...], got {:?}", x.dims())
+    }
+    let (n, channels) = (x.dim(0)?, x.dim(1)?);
+    if num_groups == 0 || channels % num_groups != 0 {
+        bail!("group_norm: {channels} channels cannot be split into {num_groups} groups")
+    }
+    let spatial = x.elem_count() / (n * channels).max(1);
+    let rows = Rows::Groups { channels, groups: num_groups, spatial };
+    if use_kernel(x) {
+        x.contiguous()?.apply_op3(weight, bias, NormOp { rows, eps })
+    } else {
+        norm_composed(x, weight, bias, rows, eps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grad_check::{check_grads, rand_tensor};
+    use candle_core::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    #[test]
+    fn layer_norm_matches_composed_and_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = rand_tensor(&[2, 3, 6], 1, &dev)?;
+        let w = rand_tensor(&[6], 2, &dev)?;
+        let b = rand_tensor(&[6], 3, &dev)?;
+        let rows = Rows::Last { dim: 6 };
+        assert!(max_diff(&layer_norm(&x, &w, &b, 1e-5)?, &norm_composed(&x, &w, &b, rows, 1e-5)?) < 1e-12);
+        check_grads(&[x, w, b], |t| layer_norm(&t[0], &t[1], &t[2], 1e-5), 1e-6)
+    }
+
+    #[test]
+    fn group_norm_matches_composed_and_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = rand_tensor(&[2, 4, 3, 2], 4, &dev)?;
+        let w = rand_tensor(&[4], 5, &dev)?;
+        let b = rand_tensor(&[4], 6, &dev)?;
+        let rows = Rows::Groups { channels: 4, groups: 2, spatial: 6 };
+        assert!(max_diff(&group_norm(&x, &w, &b, 2, 1e-6)?, &norm_composed(&x, &w, &b, rows, 1e-6)?) < 1e-12);
+        check_grads(&[x, w, b], |t| group_norm(&t[0], &t[1], &t[2], 2, 1e-6), 1e-6)
+    }
+
+    #[test]
+    fn frozen_affine_gets_no_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::from_tensor(&rand_tensor(&[2, 4, 3], 4, &dev)?)?;
+        let w = rand_tensor(&[4], 5, &dev)?;
+        let b = rand_tensor(&[4], 6, &dev)?;
+        let g = group_norm(&x, &w, &b, 2, 1e-6)?.sum_all()?.backward()?;
+        assert!(g.get(&x).is_some() && g.get(&w).is_none() && g.get(&b).is_none());
+        Ok(())
+    }
+}

@@ -1,0 +1,21 @@
+//! Small helpers for custom ops that work on raw storages.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, Layout, Result};
+
+/// The contiguous f32 or f64 slice a CPU op reads; `None` for other dtypes.
+pub(crate) enum CpuSlice<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+pub(crate) fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<CpuSlice<'a>> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("imprint-ops: expected a contiguous tensor")
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => CpuSlice::F32(&v[start..end]),
+        CpuStorage::F64(v) => CpuSlice::F64(&v[start..end]),
+        _ => bail!("imprint-ops: CPU kernel supports f32 and f64, got {:?}", s.dtype()),
+    })
+}
