@@ -9,6 +9,7 @@
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
+mod betas;
 pub mod ddim;
 pub mod ddpm;
 pub mod dpm_solver;
