@@ -1,8 +1,9 @@
 """Reference fixture for imprint's noise schedulers.
 
 Runs diffusers' schedulers through a full sampling loop with a synthetic, deterministic "model"
-and fixed noise, and saves timesteps, init_noise_sigma, add_noise at step index 3 and the final
-latents to tests/fixtures/schedulers.safetensors (configs and case list in schedulers.json).
+and fixed noise, and saves timesteps, init_noise_sigma, add_noise at step index 3, the final
+latents of an img2img run continuing from there, and the final latents of the full run to
+tests/fixtures/schedulers.safetensors (configs and case list in schedulers.json).
 
 Pinned versions: python 3.11, torch 2.15.0, diffusers 0.42.1, numpy, safetensors.
 Run: /work/refvenv/bin/python tools/reference/schedulers.py
@@ -110,12 +111,30 @@ def main():
             if hasattr(fresh, "set_begin_index"):
                 fresh.set_begin_index(3)
             noisy = fresh.add_noise(original, add_noise_noise, fresh.timesteps[3:4])
+            # img2img: continue from the noised latents at step index 3, as the img2img pipeline does.
+            queue2 = NoiseQueue(noises)
+            scheduling_ddpm.randn_tensor = queue2
+            scheduling_euler_ancestral_discrete.randn_tensor = queue2
+            x = noisy
+            for t in fresh.timesteps[3:]:
+                inp = fresh.scale_model_input(x, t)
+                x = fresh.step(model(inp, t), t, x).prev_sample
+            tensors[f"{name}.img2img"] = x.float()
 
             tensors[f"{name}.timesteps"] = sched.timesteps.to(torch.float64)
             tensors[f"{name}.init_noise_sigma"] = torch.tensor([float(sched.init_noise_sigma)], dtype=torch.float64)
             tensors[f"{name}.final"] = latents.float()
             tensors[f"{name}.add_noise"] = noisy.float()
-            cases.append(dict(name=name, config=cname, kind=kind, karras=karras, noise_used=queue.used))
+            cases.append(
+                dict(
+                    name=name,
+                    config=cname,
+                    kind=kind,
+                    karras=karras,
+                    noise_used=queue.used,
+                    img2img_noise_used=queue2.used,
+                )
+            )
 
     # Training side: alphas_cumprod, per-sample add_noise and velocity for the SD config.
     ddpm = DDPMScheduler.from_config(CONFIGS["sd15"])
@@ -129,7 +148,7 @@ def main():
     tensors["train.add_noise"] = ddpm.add_noise(x0, eps, ts)
     tensors["train.velocity"] = ddpm.get_velocity(x0, eps, ts)
 
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
     OUT.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(OUT / "schedulers.safetensors"))
     meta = dict(steps=STEPS, configs=CONFIGS, cases=cases, train=dict(config="sd15", timesteps=[10, 700]))

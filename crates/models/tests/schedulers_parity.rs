@@ -123,6 +123,26 @@ mod schedulers {
             if err > 1e-4 * scale {
                 failures.push(format!("{name}: final latents differ by {err:e} (scale {scale})"));
             }
+            // img2img: continue from the add_noise result at step index 3.
+            let mut queue2 = Queue { noises: noises.clone(), used: 0 };
+            let mut latents = noisy;
+            let mut fresh = build(kind, &cfg, steps, karras).unwrap();
+            for i in 3..fresh.timesteps().len() {
+                let t = fresh.timesteps()[i];
+                let input = fresh.scale_model_input(&latents, i).unwrap();
+                latents = fresh.step(&model(&input, t), i, &latents, &mut queue2).unwrap();
+            }
+            if queue2.used != case["img2img_noise_used"].as_u64().unwrap() as usize {
+                failures.push(format!(
+                    "{name}: img2img drew {} noise tensors, diffusers drew {}",
+                    queue2.used, case["img2img_noise_used"]
+                ));
+            }
+            let reference = fx.get(&format!("{name}.img2img"));
+            let err = max_diff(&latents, reference);
+            if err > 1e-4 * max_abs(reference).max(1.0) {
+                failures.push(format!("{name}: img2img final latents differ by {err:e}"));
+            }
             let used = case["noise_used"].as_u64().unwrap() as usize;
             if queue.used != used {
                 failures.push(format!("{name}: drew {} noise tensors, diffusers drew {used}", queue.used));

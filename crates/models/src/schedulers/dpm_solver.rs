@@ -49,9 +49,9 @@ impl DpmSolverMultistepScheduler {
             // Here the Karras range is the full training range (contrast Euler).
             let sigmas = betas::karras_sigmas(train_sigmas[0] as f64, train_sigmas[t - 1] as f64, n);
             let log_sigmas = betas::log_sigmas(&train_sigmas);
-            // diffusers rounds the matching timesteps, except for the cosine schedule where the
-            // int64 cast truncates them.
-            let cosine = cfg.trained_betas.is_none() && cfg.beta_schedule == "squaredcos_cap_v2";
+            // diffusers rounds the matching timesteps, except when beta_schedule names the cosine
+            // schedule (even alongside trained_betas), where the int64 cast truncates them.
+            let cosine = cfg.beta_schedule == "squaredcos_cap_v2";
             let timesteps = sigmas
                 .iter()
                 .map(|&s| {
