@@ -20,14 +20,22 @@ pub struct ScaledAdapter {
 }
 
 /// Adds every adapter's scaled delta to `base`.
-pub(crate) fn apply_adapters(base: Tensor, x: &Tensor, adapters: &[ScaledAdapter]) -> Result<Tensor> {
+pub(crate) fn apply_adapters(
+    base: Tensor,
+    x: &Tensor,
+    adapters: &[ScaledAdapter],
+) -> Result<Tensor> {
     let mut y = base;
     for a in adapters {
         if a.scale == 0.0 {
             continue;
         }
         let delta = a.adapter.forward(x)?;
-        y = if a.scale == 1.0 { (y + delta)? } else { (y + (delta * a.scale)?)? };
+        y = if a.scale == 1.0 {
+            (y + delta)?
+        } else {
+            (y + (delta * a.scale)?)?
+        };
     }
     Ok(y)
 }

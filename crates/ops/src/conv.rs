@@ -2,7 +2,9 @@
 
 use crate::adapter::{apply_adapters, ScaledAdapter};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Result, Shape, Storage, Tensor};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Result, Shape, Storage, Tensor,
+};
 use candle_nn::VarBuilder;
 use std::sync::Mutex;
 
@@ -14,7 +16,10 @@ pub struct Conv2dConfig {
 
 impl Default for Conv2dConfig {
     fn default() -> Self {
-        Self { padding: 0, stride: 1 }
+        Self {
+            padding: 0,
+            stride: 1,
+        }
     }
 }
 
@@ -33,14 +38,37 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn new(vb: VarBuilder, in_c: usize, out_c: usize, kernel: usize, config: Conv2dConfig) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        config: Conv2dConfig,
+    ) -> Result<Self> {
         let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
         let bias = Some(vb.get(out_c, "bias")?);
-        Ok(Self { name: vb.prefix(), weight, bias, config, adapters: vec![] })
+        Ok(Self {
+            name: vb.prefix(),
+            weight,
+            bias,
+            config,
+            adapters: vec![],
+        })
     }
 
-    pub fn from_weights(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>, config: Conv2dConfig) -> Self {
-        Self { name: name.into(), weight, bias, config, adapters: vec![] }
+    pub fn from_weights(
+        name: impl Into<String>,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        config: Conv2dConfig,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            weight,
+            bias,
+            config,
+            adapters: vec![],
+        }
     }
 
     fn plain(&self, x: &Tensor) -> Result<Tensor> {
@@ -129,7 +157,13 @@ impl CustomOp1 for FrozenConvBackward {
         let k = self.weight.dim(2)?;
         let out = (grad.dim(2)? - 1) * stride + k - 2 * padding;
         let out_padding = x.dim(2)? - out;
-        Ok(Some(grad.conv_transpose2d(&self.weight, padding, out_padding, stride, 1)?))
+        Ok(Some(grad.conv_transpose2d(
+            &self.weight,
+            padding,
+            out_padding,
+            stride,
+            1,
+        )?))
     }
 }
 
@@ -145,12 +179,16 @@ mod tests {
         for (padding, stride, hw) in [(1, 1, 5), (1, 2, 6), (0, 1, 4), (1, 2, 5)] {
             let w = rand_tensor(&[3, 2, 3, 3], 1, &dev)?;
             let b = rand_tensor(&[3], 2, &dev)?;
-            let conv = Conv2d::from_weights("c", w.clone(), Some(b), Conv2dConfig { padding, stride });
+            let conv =
+                Conv2d::from_weights("c", w.clone(), Some(b), Conv2dConfig { padding, stride });
             let x = rand_tensor(&[2, 2, hw, hw], 3, &dev)?;
             check_input_grad(&x, |x| conv.forward(x), 1e-6)?;
             let xv = Var::from_tensor(&x)?;
             let g = conv.forward(&xv)?.sum_all()?.backward()?;
-            assert!(g.get(&w).is_none(), "frozen conv weight must get no gradient");
+            assert!(
+                g.get(&w).is_none(),
+                "frozen conv weight must get no gradient"
+            );
         }
         Ok(())
     }

@@ -15,7 +15,11 @@ pub fn rand_tensor(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
 ///
 /// Every input is made a `Var`; inputs must be f64. Fails if any gradient is missing or differs by
 /// more than `tol · max(1, |numeric|)`.
-pub fn check_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>, tol: f64) -> Result<()> {
+pub fn check_grads(
+    inputs: &[Tensor],
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    tol: f64,
+) -> Result<()> {
     for x in inputs {
         if x.dtype() != DType::F64 {
             bail!("grad_check: inputs must be f64")
@@ -29,7 +33,9 @@ pub fn check_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>, t
     let grads = y.mul(&r)?.sum_all()?.backward()?;
     let eps = 1e-5;
     for (i, v) in vars.iter().enumerate() {
-        let Some(g) = grads.get(v) else { bail!("grad_check: input {i} received no gradient") };
+        let Some(g) = grads.get(v) else {
+            bail!("grad_check: input {i} received no gradient")
+        };
         let g: Vec<f64> = g.flatten_all()?.to_vec1()?;
         let base: Vec<f64> = inputs[i].flatten_all()?.to_vec1()?;
         for j in 0..base.len() {
@@ -43,7 +49,10 @@ pub fn check_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>, t
             let numeric = (eval(eps)? - eval(-eps)?) / (2.0 * eps);
             let err = (numeric - g[j]).abs();
             if err > tol * numeric.abs().max(1.0) {
-                bail!("grad_check: input {i} element {j}: analytic {} vs numeric {numeric}", g[j])
+                bail!(
+                    "grad_check: input {i} element {j}: analytic {} vs numeric {numeric}",
+                    g[j]
+                )
             }
         }
     }

@@ -2,7 +2,9 @@
 
 use crate::adapter::{apply_adapters, ScaledAdapter};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor,
+};
 use candle_nn::VarBuilder;
 
 /// `y = x Wᵀ + b (+ Σ scale · adapter(x))`, weight `[out, in]` as in `torch.nn.Linear`.
@@ -23,12 +25,26 @@ pub struct Linear {
 impl Linear {
     pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self { name: vb.prefix(), weight, bias, adapters: vec![] })
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            name: vb.prefix(),
+            weight,
+            bias,
+            adapters: vec![],
+        })
     }
 
     pub fn from_weights(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { name: name.into(), weight, bias, adapters: vec![] }
+        Self {
+            name: name.into(),
+            weight,
+            bias,
+            adapters: vec![],
+        }
     }
 
     pub fn in_dim(&self) -> usize {
@@ -111,16 +127,40 @@ impl CustomOp2 for FrozenLinear {
     fn name(&self) -> &'static str {
         "frozen-linear"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         frozen_linear_fwd(s1, l1, s2, l2, None)
     }
-    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         frozen_linear_fwd(s1, l1, s2, l2, None)
     }
-    fn metal_fwd(&self, s1: &MetalStorage, l1: &Layout, s2: &MetalStorage, l2: &Layout) -> Result<(MetalStorage, Shape)> {
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        s2: &MetalStorage,
+        l2: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
         frozen_linear_fwd(s1, l1, s2, l2, None)
     }
-    fn bwd(&self, _x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(grad.matmul(w)?), None))
     }
 }
@@ -203,7 +243,10 @@ mod tests {
         let x = Var::from_tensor(&rand_tensor(&[3, 4], 3, &dev)?)?;
         let grads = lin.forward(&x)?.sum_all()?.backward()?;
         assert!(grads.get(&x).is_some());
-        assert!(grads.get(&w).is_none(), "a frozen weight must not get a gradient");
+        assert!(
+            grads.get(&w).is_none(),
+            "a frozen weight must not get a gradient"
+        );
         Ok(())
     }
 

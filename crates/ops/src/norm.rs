@@ -23,9 +23,17 @@ pub struct GroupNorm {
 impl GroupNorm {
     pub fn new(vb: VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
         if num_groups == 0 || channels % num_groups != 0 {
-            bail!("{}: {channels} channels cannot be split into {num_groups} groups", vb.prefix())
+            bail!(
+                "{}: {channels} channels cannot be split into {num_groups} groups",
+                vb.prefix()
+            )
         }
-        Ok(Self { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, num_groups, eps })
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            num_groups,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -49,7 +57,11 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -69,14 +81,22 @@ enum Rows {
     /// Layer norm: rows of length `dim`, parameter index = position in the row.
     Last { dim: usize },
     /// Group norm: `[N, C, S]` with `groups` groups of `C/groups` channels of `S` elements.
-    Groups { channels: usize, groups: usize, spatial: usize },
+    Groups {
+        channels: usize,
+        groups: usize,
+        spatial: usize,
+    },
 }
 
 impl Rows {
     fn row_len(&self) -> usize {
         match *self {
             Rows::Last { dim } => dim,
-            Rows::Groups { channels, groups, spatial } => channels / groups * spatial,
+            Rows::Groups {
+                channels,
+                groups,
+                spatial,
+            } => channels / groups * spatial,
         }
     }
 }
@@ -89,30 +109,41 @@ struct NormOp {
 fn norm_kernel<T: Float + Send + Sync>(x: &[T], w: &[T], b: &[T], rows: Rows, eps: f64) -> Vec<T> {
     let len = rows.row_len();
     let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(len).zip(x.par_chunks(len)).enumerate().for_each(|(r, (o, row))| {
-        let n = row.len() as f64;
-        let mean = row.iter().map(|v| v.to_f64().unwrap()).sum::<f64>() / n;
-        let var = row.iter().map(|v| (v.to_f64().unwrap() - mean).powi(2)).sum::<f64>() / n;
-        let rstd = 1.0 / (var + eps).sqrt();
-        let (mean, rstd) = (T::from(mean).unwrap(), T::from(rstd).unwrap());
-        match rows {
-            Rows::Last { .. } => {
-                for j in 0..row.len() {
-                    o[j] = (row[j] - mean) * rstd * w[j] + b[j];
+    out.par_chunks_mut(len)
+        .zip(x.par_chunks(len))
+        .enumerate()
+        .for_each(|(r, (o, row))| {
+            let n = row.len() as f64;
+            let mean = row.iter().map(|v| v.to_f64().unwrap()).sum::<f64>() / n;
+            let var = row
+                .iter()
+                .map(|v| (v.to_f64().unwrap() - mean).powi(2))
+                .sum::<f64>()
+                / n;
+            let rstd = 1.0 / (var + eps).sqrt();
+            let (mean, rstd) = (T::from(mean).unwrap(), T::from(rstd).unwrap());
+            match rows {
+                Rows::Last { .. } => {
+                    for j in 0..row.len() {
+                        o[j] = (row[j] - mean) * rstd * w[j] + b[j];
+                    }
                 }
-            }
-            Rows::Groups { channels, groups, spatial } => {
-                let cpg = channels / groups;
-                let c0 = (r % groups) * cpg;
-                for c in 0..cpg {
-                    let (wc, bc) = (w[c0 + c] * rstd, b[c0 + c]);
-                    for s in c * spatial..(c + 1) * spatial {
-                        o[s] = (row[s] - mean) * wc + bc;
+                Rows::Groups {
+                    channels,
+                    groups,
+                    spatial,
+                } => {
+                    let cpg = channels / groups;
+                    let c0 = (r % groups) * cpg;
+                    for c in 0..cpg {
+                        let (wc, bc) = (w[c0 + c] * rstd, b[c0 + c]);
+                        for s in c * spatial..(c + 1) * spatial {
+                            o[s] = (row[s] - mean) * wc + bc;
+                        }
                     }
                 }
             }
-        }
-    });
+        });
     out
 }
 
@@ -187,7 +218,11 @@ fn norm_backward(
     let ghat = grad.broadcast_mul(&gamma)?.reshape((n_rows, len))?;
     let m1 = ghat.mean_keepdim(1)?;
     let m2 = (&ghat * &xhat)?.mean_keepdim(1)?;
-    let dx = ghat.broadcast_sub(&m1)?.sub(&xhat.broadcast_mul(&m2)?)?.broadcast_mul(&rstd)?.reshape(x.shape())?;
+    let dx = ghat
+        .broadcast_sub(&m1)?
+        .sub(&xhat.broadcast_mul(&m2)?)?
+        .broadcast_mul(&rstd)?
+        .reshape(x.shape())?;
     // Affine gradients: sum of g (⊙ x̂) over everything but the feature axis.
     let reduce = |t: &Tensor| -> Result<Tensor> {
         match rows {
@@ -198,8 +233,16 @@ fn norm_backward(
             }
         }
     };
-    let dw = if w.track_op() { Some(reduce(&(grad * xhat.reshape(x.shape())?)?)?) } else { None };
-    let db = if b.track_op() { Some(reduce(grad)?) } else { None };
+    let dw = if w.track_op() {
+        Some(reduce(&(grad * xhat.reshape(x.shape())?)?)?)
+    } else {
+        None
+    };
+    let db = if b.track_op() {
+        Some(reduce(grad)?)
+    } else {
+        None
+    };
     Ok((Some(dx), dw, db))
 }
 
@@ -218,8 +261,14 @@ fn norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, rows: Rows, eps: f64) -> Re
     let centered = xr.broadcast_sub(&xr.mean_keepdim(1)?)?;
     let var = centered.sqr()?.mean_keepdim(1)?;
     let xhat = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
-    let xhat = if upcast { xhat.to_dtype(x.dtype())? } else { xhat }.reshape(x.shape())?;
-    xhat.broadcast_mul(&param_view(w, x, rows)?)?.broadcast_add(&param_view(b, x, rows)?)
+    let xhat = if upcast {
+        xhat.to_dtype(x.dtype())?
+    } else {
+        xhat
+    }
+    .reshape(x.shape())?;
+    xhat.broadcast_mul(&param_view(w, x, rows)?)?
+        .broadcast_add(&param_view(b, x, rows)?)
 }
 
 /// Layer norm over the last dimension of `x`, with affine `weight`/`bias` of that size.
@@ -227,14 +276,21 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     let dim = x.dim(D::Minus1)?;
     let rows = Rows::Last { dim };
     if use_kernel(x) {
-        x.contiguous()?.apply_op3(weight, bias, NormOp { rows, eps })
+        x.contiguous()?
+            .apply_op3(weight, bias, NormOp { rows, eps })
     } else {
         norm_composed(x, weight, bias, rows, eps)
     }
 }
 
 /// Group norm of `x [N, C, ...]` with `num_groups` groups and per-channel affine parameters.
-pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, num_groups: usize, eps: f64) -> Result<Tensor> {
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    num_groups: usize,
+    eps: f64,
+) -> Result<Tensor> {
     if x.rank() < 2 {
         bail!("group_norm: expected [N, C, ...], got {:?}", x.dims())
     }
@@ -243,9 +299,14 @@ pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, num_groups: usize,
         bail!("group_norm: {channels} channels cannot be split into {num_groups} groups")
     }
     let spatial = x.elem_count() / (n * channels).max(1);
-    let rows = Rows::Groups { channels, groups: num_groups, spatial };
+    let rows = Rows::Groups {
+        channels,
+        groups: num_groups,
+        spatial,
+    };
     if use_kernel(x) {
-        x.contiguous()?.apply_op3(weight, bias, NormOp { rows, eps })
+        x.contiguous()?
+            .apply_op3(weight, bias, NormOp { rows, eps })
     } else {
         norm_composed(x, weight, bias, rows, eps)
     }
@@ -258,7 +319,14 @@ mod tests {
     use candle_core::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     #[test]
@@ -268,7 +336,12 @@ mod tests {
         let w = rand_tensor(&[6], 2, &dev)?;
         let b = rand_tensor(&[6], 3, &dev)?;
         let rows = Rows::Last { dim: 6 };
-        assert!(max_diff(&layer_norm(&x, &w, &b, 1e-5)?, &norm_composed(&x, &w, &b, rows, 1e-5)?) < 1e-12);
+        assert!(
+            max_diff(
+                &layer_norm(&x, &w, &b, 1e-5)?,
+                &norm_composed(&x, &w, &b, rows, 1e-5)?
+            ) < 1e-12
+        );
         check_grads(&[x, w, b], |t| layer_norm(&t[0], &t[1], &t[2], 1e-5), 1e-6)
     }
 
@@ -278,9 +351,22 @@ mod tests {
         let x = rand_tensor(&[2, 4, 3, 2], 4, &dev)?;
         let w = rand_tensor(&[4], 5, &dev)?;
         let b = rand_tensor(&[4], 6, &dev)?;
-        let rows = Rows::Groups { channels: 4, groups: 2, spatial: 6 };
-        assert!(max_diff(&group_norm(&x, &w, &b, 2, 1e-6)?, &norm_composed(&x, &w, &b, rows, 1e-6)?) < 1e-12);
-        check_grads(&[x, w, b], |t| group_norm(&t[0], &t[1], &t[2], 2, 1e-6), 1e-6)
+        let rows = Rows::Groups {
+            channels: 4,
+            groups: 2,
+            spatial: 6,
+        };
+        assert!(
+            max_diff(
+                &group_norm(&x, &w, &b, 2, 1e-6)?,
+                &norm_composed(&x, &w, &b, rows, 1e-6)?
+            ) < 1e-12
+        );
+        check_grads(
+            &[x, w, b],
+            |t| group_norm(&t[0], &t[1], &t[2], 2, 1e-6),
+            1e-6,
+        )
     }
 
     #[test]

@@ -11,7 +11,9 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return x.upsample_nearest2d(h * 2, w * 2);
     }
-    x.reshape((b, c, h, 1, w, 1))?.broadcast_as((b, c, h, 2, w, 2))?.reshape((b, c, h * 2, w * 2))
+    x.reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .reshape((b, c, h * 2, w * 2))
 }
 
 #[cfg(test)]

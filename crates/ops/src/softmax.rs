@@ -10,7 +10,8 @@ use rayon::prelude::*;
 /// On CPU (f32/f64) a fused kernel computes the forward and the backward is
 /// `∂x = y ⊙ (g − Σ g ⊙ y)`; elsewhere it is composed from candle ops, whose autograd is correct.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64) {
+    if x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+    {
         x.contiguous()?.apply_op1(SoftmaxLastDim)
     } else {
         // Shift by the (detached) max: softmax is shift invariant, so no gradient is lost.
@@ -24,18 +25,20 @@ struct SoftmaxLastDim;
 
 fn softmax_rows<T: Float + Send + Sync>(x: &[T], dim: usize) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(o, row)| {
-        let max = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
-        let mut sum = T::zero();
-        for (o, &v) in o.iter_mut().zip(row) {
-            *o = (v - max).exp();
-            sum = sum + *o;
-        }
-        let inv = T::one() / sum;
-        for o in o.iter_mut() {
-            *o = *o * inv;
-        }
-    });
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .for_each(|(o, row)| {
+            let max = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+            let mut sum = T::zero();
+            for (o, &v) in o.iter_mut().zip(row) {
+                *o = (v - max).exp();
+                sum = sum + *o;
+            }
+            let inv = T::one() / sum;
+            for o in o.iter_mut() {
+                *o = *o * inv;
+            }
+        });
     out
 }
 

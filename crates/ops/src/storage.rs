@@ -16,6 +16,9 @@ pub(crate) fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<CpuSlice<'a
     Ok(match s {
         CpuStorage::F32(v) => CpuSlice::F32(&v[start..end]),
         CpuStorage::F64(v) => CpuSlice::F64(&v[start..end]),
-        _ => bail!("imprint-ops: CPU kernel supports f32 and f64, got {:?}", s.dtype()),
+        _ => bail!(
+            "imprint-ops: CPU kernel supports f32 and f64, got {:?}",
+            s.dtype()
+        ),
     })
 }

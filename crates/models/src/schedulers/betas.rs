@@ -134,8 +134,10 @@ pub(crate) enum Spacing {
 }
 
 impl Spacing {
-    pub(crate) fn from_config(cfg: &SchedulerConfig) -> anyhow::Result<Self> {
-        Ok(match cfg.timestep_spacing.as_str() {
+    /// The config's spacing, or `class_default` (each diffusers class has its own) when absent.
+    pub(crate) fn from_config(cfg: &SchedulerConfig, class_default: Spacing) -> anyhow::Result<Self> {
+        let Some(spacing) = cfg.timestep_spacing.as_deref() else { return Ok(class_default) };
+        Ok(match spacing {
             "leading" => Self::Leading,
             "trailing" => Self::Trailing,
             "linspace" => Self::Linspace,

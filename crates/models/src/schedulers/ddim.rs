@@ -19,7 +19,7 @@ pub struct DdimScheduler {
 impl DdimScheduler {
     pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> anyhow::Result<Self> {
         let prediction = cfg.prediction()?;
-        let spacing = Spacing::from_config(cfg)?;
+        let spacing = Spacing::from_config(cfg, Spacing::Leading)?;
         let alphas_cumprod = betas::alphas_cumprod(cfg, false)?;
         if num_inference_steps == 0 || num_inference_steps > cfg.num_train_timesteps {
             anyhow::bail!(
@@ -37,7 +37,7 @@ impl DdimScheduler {
             timesteps,
             stride: cfg.num_train_timesteps / num_inference_steps,
             prediction,
-            clip: cfg.clip_sample.then_some(cfg.clip_sample_range),
+            clip: cfg.clip_sample.unwrap_or(true).then_some(cfg.clip_sample_range),
         })
     }
 

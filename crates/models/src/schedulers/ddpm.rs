@@ -16,7 +16,7 @@ pub struct DdpmScheduler {
 impl DdpmScheduler {
     pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> anyhow::Result<Self> {
         let prediction = cfg.prediction()?;
-        let spacing = Spacing::from_config(cfg)?;
+        let spacing = Spacing::from_config(cfg, Spacing::Leading)?;
         let alphas_cumprod = betas::alphas_cumprod(cfg, false)?;
         if num_inference_steps == 0 || num_inference_steps > cfg.num_train_timesteps {
             anyhow::bail!(
@@ -26,7 +26,7 @@ impl DdpmScheduler {
         }
         let timesteps =
             betas::spaced_timesteps(spacing, cfg, num_inference_steps).into_iter().map(f64::round_ties_even).collect();
-        Ok(Self { alphas_cumprod, timesteps, prediction, clip: cfg.clip_sample.then_some(cfg.clip_sample_range) })
+        Ok(Self { alphas_cumprod, timesteps, prediction, clip: cfg.clip_sample.unwrap_or(true).then_some(cfg.clip_sample_range) })
     }
 }
 

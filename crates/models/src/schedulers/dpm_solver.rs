@@ -23,7 +23,7 @@ pub struct DpmSolverMultistepScheduler {
 impl DpmSolverMultistepScheduler {
     pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize, karras: bool) -> anyhow::Result<Self> {
         let prediction = cfg.prediction()?;
-        let spacing = Spacing::from_config(cfg)?;
+        let spacing = Spacing::from_config(cfg, Spacing::Linspace)?;
         let alphas_cumprod = betas::alphas_cumprod(cfg, true)?;
         let train_sigmas = betas::train_sigmas(&alphas_cumprod);
         let n = num_inference_steps;

@@ -22,7 +22,7 @@ pub(crate) fn sigma_schedule(
     num_inference_steps: usize,
     karras: bool,
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>, f64)> {
-    let spacing = Spacing::from_config(cfg)?;
+    let spacing = Spacing::from_config(cfg, Spacing::Linspace)?;
     let alphas_cumprod = betas::alphas_cumprod(cfg, true)?;
     let train_sigmas = betas::train_sigmas(&alphas_cumprod);
     // diffusers casts the spaced timesteps to float32 before interpolating.

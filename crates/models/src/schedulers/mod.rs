@@ -33,15 +33,17 @@ pub struct SchedulerConfig {
     /// `epsilon`, `v_prediction` or `sample`.
     #[serde(default = "default_prediction_type")]
     pub prediction_type: String,
-    /// `leading`, `trailing` or `linspace`.
-    #[serde(default = "default_spacing")]
-    pub timestep_spacing: String,
+    /// `leading`, `trailing` or `linspace`; when absent each scheduler takes its diffusers class
+    /// default (DDIM/DDPM `leading`, Euler/DPM `linspace`), as `from_config` does.
+    #[serde(default)]
+    pub timestep_spacing: Option<String>,
     #[serde(default)]
     pub steps_offset: usize,
     #[serde(default = "default_true")]
     pub set_alpha_to_one: bool,
+    /// When absent: DDIM/DDPM's class default, true.
     #[serde(default)]
-    pub clip_sample: bool,
+    pub clip_sample: Option<bool>,
     #[serde(default = "default_one")]
     pub clip_sample_range: f64,
     #[serde(default)]
@@ -64,9 +66,6 @@ fn default_beta_schedule() -> String {
 }
 fn default_prediction_type() -> String {
     "epsilon".into()
-}
-fn default_spacing() -> String {
-    "leading".into()
 }
 fn default_true() -> bool {
     true

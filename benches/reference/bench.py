@@ -1,0 +1,80 @@
+"""The reference side of `imprint bench`: the same UNet step with diffusers/PyTorch on the same
+model folder, printing the same JSON line. Pinned versions: tools/reference/requirements.txt.
+
+    python benches/reference/bench.py --model DIR --resolution 256 --batch 1 --iters 3 --mode forward
+"""
+
+import argparse
+import json
+import os
+import resource
+import time
+
+import torch
+from diffusers import UNet2DConditionModel
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--mode", choices=["forward", "ti", "lora", "dreambooth"], default="forward")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    dev = torch.device(a.device)
+    unet = UNet2DConditionModel.from_pretrained(a.model, subfolder="unet").to(dev)
+    unet.requires_grad_(False)
+    params = []
+    if a.mode == "lora":
+        from peft import LoraConfig
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        params = [p for p in unet.parameters() if p.requires_grad]
+    elif a.mode == "dreambooth":
+        unet.requires_grad_(True)
+        params = list(unet.parameters())
+    if a.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train(a.mode in ("lora", "dreambooth"))
+    g = torch.Generator().manual_seed(0)
+    h = a.resolution // 8
+    sample = torch.randn(a.batch, unet.config.in_channels, h, h, generator=g).to(dev)
+    t = torch.full((a.batch,), 500.0, device=dev)
+    cross = unet.config.cross_attention_dim
+    text = torch.randn(a.batch, 77, cross, generator=g).to(dev)
+
+    def step():
+        if a.mode == "forward":
+            with torch.no_grad():
+                y = unet(sample, t, encoder_hidden_states=text).sample
+                y.sum().item()
+        else:
+            states = text.clone().requires_grad_(a.mode == "ti")
+            y = unet(sample, t, encoder_hidden_states=states).sample
+            y.pow(2).mean().backward()
+            if a.mode == "ti":
+                states.grad.sum().item()
+            for p in params:
+                p.grad = None
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up
+    iter_s = []
+    for _ in range(a.iters):
+        start = time.perf_counter()
+        step()
+        iter_s.append(time.perf_counter() - start)
+    median = sorted(iter_s)[len(iter_s) // 2]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"impl": "pytorch", "mode": a.mode, "resolution": a.resolution, "batch": a.batch,
+                      "gradient_checkpointing": a.gradient_checkpointing, "iter_s": iter_s,
+                      "median_s": median, "peak_rss_bytes": peak}))
+
+
+if __name__ == "__main__":
+    main()

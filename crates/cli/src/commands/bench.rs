@@ -1,0 +1,118 @@
+//! `imprint bench`: times one UNet step of a training or inference mode and prints one JSON line,
+//! the same line `benches/reference/bench.py` prints for diffusers/PyTorch.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor, Var};
+use clap::{Args, ValueEnum};
+use imprint_models::loading::ModelFolder;
+use imprint_models::TextConditioning;
+use imprint_pipeline::noise::SeededNoise;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// UNet forward only.
+    Forward,
+    /// Forward + backward to the text states (what textual inversion differentiates).
+    Ti,
+    /// Forward + backward to rank-4 LoRA deltas on the attention projections.
+    Lora,
+    /// Forward + backward to every UNet weight.
+    Dreambooth,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    resolution: usize,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    #[arg(long, value_enum, default_value = "forward")]
+    mode: Mode,
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    match a.mode {
+        Mode::Forward | Mode::Ti => {}
+        Mode::Lora | Mode::Dreambooth => {
+            bail!(
+                "bench mode {:?} needs weight training, which imprint does not have yet",
+                a.mode
+            )
+        }
+    }
+    if a.gradient_checkpointing {
+        bail!("--gradient-checkpointing is not available yet")
+    }
+    if a.resolution % 8 != 0 || a.iters == 0 {
+        bail!("--resolution must be a multiple of 8 and --iters at least 1")
+    }
+    let device = super::parse_device(&a.device)?;
+    let folder = ModelFolder::open(&a.model)?;
+    let unet = folder.load_unet(DType::F32, &device)?;
+    let cross = unet
+        .config
+        .cross_attention_dim
+        .expand(1, "cross_attention_dim")?[0];
+    let mut rng = SeededNoise::new(0);
+    let h = a.resolution / 8;
+    let sample = rng.randn((a.batch, unet.config.in_channels, h, h), &device)?;
+    let t = Tensor::new(vec![500f32; a.batch], &device)?;
+    let text = rng.randn((a.batch, 77, cross), &device)?;
+    let step = || -> Result<()> {
+        match a.mode {
+            Mode::Forward => {
+                let y = unet.forward(&sample, &t, TextConditioning::Shared(&text))?;
+                y.sum_all()?.to_scalar::<f32>()?;
+            }
+            _ => {
+                let text = Var::from_tensor(&text)?;
+                let y = unet.forward(&sample, &t, TextConditioning::Shared(text.as_tensor()))?;
+                let grads = y.sqr()?.mean_all()?.backward()?;
+                let Some(g) = grads.get(text.as_tensor()) else {
+                    bail!("no gradient reached the text states")
+                };
+                g.sum_all()?.to_scalar::<f32>()?;
+            }
+        }
+        device.synchronize()?;
+        Ok(())
+    };
+    step()?; // warm-up
+    let mut iter_s = Vec::with_capacity(a.iters);
+    for _ in 0..a.iters {
+        let start = Instant::now();
+        step()?;
+        iter_s.push(start.elapsed().as_secs_f64());
+    }
+    let mut sorted = iter_s.clone();
+    sorted.sort_by(|x, y| x.total_cmp(y));
+    let median = sorted[sorted.len() / 2];
+    let mode = format!("{:?}", a.mode).to_lowercase();
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "imprint", "mode": mode, "resolution": a.resolution, "batch": a.batch,
+            "gradient_checkpointing": a.gradient_checkpointing,
+            "iter_s": iter_s, "median_s": median, "peak_rss_bytes": peak_rss_bytes(),
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! `imprint debug tokenize | forward | sample`: the parity and inspection contract of DESIGN.md.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Subcommand, ValueEnum};
+use imprint_models::io::save_safetensors_atomic;
+use imprint_models::loading::ModelFolder;
+use imprint_models::schedulers::SchedulerKind;
+use imprint_models::TextConditioning;
+use imprint_pipeline::noise::{QueuedNoise, SeededNoise};
+use imprint_pipeline::{SampleOptions, StableDiffusion};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Component {
+    TextEncoder,
+    Unet,
+    VaeEncoder,
+    VaeDecoder,
+}
+
+#[derive(Subcommand)]
+pub enum DebugCommand {
+    /// Print {"input_ids": [...]}: 77 ids, padded and truncated as the reference pipelines do.
+    Tokenize {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+    },
+    /// Run one component on tensors from a safetensors file and write its outputs.
+    Forward {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, value_enum)]
+        component: Component,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Run the full guided sampling loop from given initial noise; write the final latents.
+    Sample {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        negative_prompt: Option<String>,
+        #[arg(long)]
+        scheduler: SchedulerKind,
+        #[arg(long)]
+        karras: bool,
+        #[arg(long)]
+        steps: usize,
+        #[arg(long)]
+        guidance: f64,
+        /// Holds `latents` [1,4,h,w] (unit variance) and optionally `noise` [N,1,4,h,w]: the noise
+        /// stochastic schedulers draw, one entry per draw.
+        #[arg(long)]
+        latents: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// Seed for stochastic schedulers when the input holds no `noise`.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 0)]
+        clip_skip: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+fn load_inputs(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    imprint_models::loading::check_safetensors(path).with_context(|| path.display().to_string())?;
+    candle_core::safetensors::load(path, device)
+        .with_context(|| format!("{}: cannot read tensors", path.display()))
+}
+
+fn take(inputs: &HashMap<String, Tensor>, name: &str, path: &Path) -> Result<Tensor> {
+    inputs
+        .get(name)
+        .cloned()
+        .with_context(|| format!("{}: missing tensor '{name}'", path.display()))
+}
+
+fn expect_rank(t: &Tensor, rank: usize, name: &str, path: &Path) -> Result<()> {
+    if t.rank() != rank {
+        bail!(
+            "{}: '{name}' must have {rank} dimensions, got shape {:?}",
+            path.display(),
+            t.dims()
+        )
+    }
+    Ok(())
+}
+
+fn forward(
+    model: &Path,
+    component: Component,
+    input: &Path,
+    output: &Path,
+    device: &Device,
+) -> Result<()> {
+    let folder = ModelFolder::open(model)?;
+    let inputs = load_inputs(input, device)?;
+    let f32 = |t: Tensor| t.to_dtype(DType::F32);
+    let mut out = HashMap::new();
+    match component {
+        Component::TextEncoder => {
+            let ids = take(&inputs, "input_ids", input)?;
+            expect_rank(&ids, 2, "input_ids", input)?;
+            let te = folder.load_text_encoder(DType::F32, device)?;
+            let o = te.forward(&ids.to_dtype(DType::I64)?, 0)?;
+            out.insert("last_hidden_state".to_string(), o.last_hidden_state);
+            out.insert("pooler_output".to_string(), o.pooler_output);
+        }
+        Component::Unet => {
+            let sample = f32(take(&inputs, "sample", input)?)?;
+            expect_rank(&sample, 4, "sample", input)?;
+            let t = take(&inputs, "timestep", input)?;
+            let ehs = f32(take(&inputs, "encoder_hidden_states", input)?)?;
+            expect_rank(&ehs, 3, "encoder_hidden_states", input)?;
+            let unet = folder.load_unet(DType::F32, device)?;
+            let y = unet.forward(
+                &sample,
+                &t.to_dtype(DType::F32)?,
+                TextConditioning::Shared(&ehs),
+            )?;
+            out.insert("sample".to_string(), y);
+        }
+        Component::VaeEncoder => {
+            let x = f32(take(&inputs, "sample", input)?)?;
+            expect_rank(&x, 4, "sample", input)?;
+            let vae = folder.load_vae(DType::F32, device)?;
+            let d = vae.encode(&x)?;
+            out.insert("mean".to_string(), d.mean);
+            out.insert("logvar".to_string(), d.logvar);
+        }
+        Component::VaeDecoder => {
+            let z = f32(take(&inputs, "latents", input)?)?;
+            expect_rank(&z, 4, "latents", input)?;
+            let vae = folder.load_vae(DType::F32, device)?;
+            out.insert("sample".to_string(), vae.decode(&z)?);
+        }
+    }
+    let out = out
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.contiguous()?.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    save_safetensors_atomic(output, &out, None)
+}
+
+pub fn run(c: DebugCommand) -> Result<()> {
+    match c {
+        DebugCommand::Tokenize { model, prompt } => {
+            let tok = ModelFolder::open(&model)?.tokenizer()?;
+            let ids = tok.encode(&prompt)?;
+            println!("{}", serde_json::json!({ "input_ids": ids }));
+            Ok(())
+        }
+        DebugCommand::Forward {
+            model,
+            component,
+            input,
+            output,
+            device,
+        } => forward(
+            &model,
+            component,
+            &input,
+            &output,
+            &super::parse_device(&device)?,
+        ),
+        DebugCommand::Sample {
+            model,
+            prompt,
+            negative_prompt,
+            scheduler,
+            karras,
+            steps,
+            guidance,
+            latents,
+            output,
+            seed,
+            clip_skip,
+            device,
+        } => {
+            let device = super::parse_device(&device)?;
+            let inputs = load_inputs(&latents, &device)?;
+            let initial = take(&inputs, "latents", &latents)?.to_dtype(DType::F32)?;
+            expect_rank(&initial, 4, "latents", &latents)?;
+            let sd = StableDiffusion::load(&model, DType::F32, &device)?;
+            let opts = SampleOptions {
+                prompt,
+                negative_prompt,
+                scheduler,
+                karras,
+                steps,
+                guidance,
+                clip_skip,
+                progress: false,
+            };
+            let result = match inputs.get("noise") {
+                Some(noise) => {
+                    let draws = noise.chunk(noise.dim(0)?, 0)?;
+                    sd.sample(&opts, &initial, &mut QueuedNoise::new(draws))?
+                }
+                None => sd.sample(&opts, &initial, &mut SeededNoise::new(seed))?,
+            };
+            let out = HashMap::from([(
+                "latents".to_string(),
+                result.contiguous()?.to_device(&Device::Cpu)?,
+            )]);
+            save_safetensors_atomic(&output, &out, None)
+        }
+    }
+}

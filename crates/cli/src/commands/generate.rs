@@ -1,0 +1,98 @@
+//! `imprint generate`.
+
+use anyhow::{bail, Result};
+use candle_core::DType;
+use clap::Args;
+use imprint_models::schedulers::SchedulerKind;
+use imprint_pipeline::{image_io, GenerateOptions, InitImage, StableDiffusion};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Diffusers model folder.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Output PNG. With --num-images N > 1 the images go to OUT-0.png … and OUT is their grid.
+    #[arg(long)]
+    out: PathBuf,
+    /// Starting image for img2img.
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// img2img: how far from the init image to go (0 keeps it, 1 ignores it).
+    #[arg(long, default_value_t = 0.8)]
+    strength: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// Defaults to the model's native size.
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// ddim, euler, euler-a, dpm++2m or ddpm.
+    #[arg(long, default_value = "dpm++2m")]
+    scheduler: SchedulerKind,
+    /// Karras sigmas (euler, euler-a, dpm++2m).
+    #[arg(long)]
+    karras: bool,
+    /// Use the text encoder's output this many layers before the last.
+    #[arg(long, default_value_t = 0)]
+    clip_skip: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    if a.out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        != Some("png".into())
+    {
+        bail!("{}: --out must be a .png file", a.out.display())
+    }
+    let device = super::parse_device(&a.device)?;
+    let sd = StableDiffusion::load(&a.model, DType::F32, &device)?;
+    let opts = GenerateOptions {
+        prompt: a.prompt,
+        negative_prompt: a.negative_prompt,
+        scheduler: a.scheduler,
+        karras: a.karras,
+        steps: a.steps,
+        guidance: a.guidance,
+        clip_skip: a.clip_skip,
+        seed: a.seed,
+        num_images: a.num_images,
+        width: a.width,
+        height: a.height,
+        init_image: a.init_image.map(|path| InitImage {
+            path,
+            strength: a.strength,
+        }),
+        progress: true,
+    };
+    let images = sd.generate(&opts)?;
+    if images.len() == 1 {
+        image_io::save_png(&images[0], &a.out)?;
+        println!("{}", a.out.display());
+        return Ok(());
+    }
+    let stem = a.out.with_extension("");
+    for (i, img) in images.iter().enumerate() {
+        let p = PathBuf::from(format!("{}-{i}.png", stem.display()));
+        image_io::save_png(img, &p)?;
+        println!("{}", p.display());
+    }
+    image_io::save_png(&image_io::grid(&images)?, &a.out)?;
+    println!("{}", a.out.display());
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! Shared helpers of the CLI tests: the tiny model folders and running the binary.
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
+
+pub fn imprint() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_imprint"))
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("imprint runs");
+    assert!(
+        out.status.success(),
+        "imprint failed: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// A scratch folder for this test binary (under cargo's per-target temp dir).
+pub fn scratch(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+/// The tiny model `config` written by `imprint model init --seed 0`, once per test binary: the same
+/// folder the reference fixtures were computed on.
+pub fn tiny_model(config: &str) -> PathBuf {
+    static MODELS: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut models = MODELS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = models.get(config) {
+        return p.clone();
+    }
+    let dir = scratch("models").join(config);
+    let _ = std::fs::remove_dir_all(&dir);
+    run_ok(
+        imprint()
+            .args(["model", "init", "--config", config, "--seed", "0", "--out"])
+            .arg(&dir),
+    );
+    models.insert(config.to_string(), dir.clone());
+    dir
+}
+
+pub fn load(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// max |ours − ref| / max(1, max |ref|).
+pub fn rel_err(ours: &Tensor, reference: &Tensor) -> f64 {
+    assert_eq!(ours.dims(), reference.dims(), "shape mismatch");
+    let ours = ours.to_dtype(candle_core::DType::F64).unwrap();
+    let reference = reference.to_dtype(candle_core::DType::F64).unwrap();
+    let diff = (ours - &reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let scale = reference
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .max(1.0);
+    diff / scale
+}

@@ -1,0 +1,278 @@
+//! Attention, the transformer block and the spatial transformer (diffusers
+//! `models/attention_processor.py`, `models/attention.py`, `models/transformers/transformer_2d.py`).
+
+use crate::visit::{Projection, VisitProjections};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+use imprint_ops::{scaled_dot_product_attention, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear};
+
+/// The text states each cross-attention layer attends to: the first hook of DESIGN.md.
+///
+/// `Shared` is ordinary conditioning; `PerLayer` gives every cross-attention layer its own states
+/// (Extended Textual Inversion / P+), indexed in the UNet's forward order.
+#[derive(Clone, Copy, Debug)]
+pub enum TextConditioning<'a> {
+    Shared(&'a Tensor),
+    PerLayer(&'a [Tensor]),
+}
+
+impl<'a> TextConditioning<'a> {
+    pub fn for_layer(&self, index: usize) -> Result<&'a Tensor> {
+        match *self {
+            TextConditioning::Shared(t) => Ok(t),
+            TextConditioning::PerLayer(ts) => ts.get(index).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "per-layer conditioning has {} entries, cross-attention layer {index} needs one",
+                    ts.len()
+                ))
+            }),
+        }
+    }
+}
+
+/// Multi-head attention `Attention` with `to_q`, `to_k`, `to_v`, `to_out.0`.
+pub struct Attention {
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    pub to_out: Linear,
+    heads: usize,
+    dim_head: usize,
+}
+
+impl Attention {
+    /// `cross_dim` is the key/value input size (the text states' width for cross-attention).
+    pub fn new(vb: VarBuilder, query_dim: usize, cross_dim: usize, heads: usize, dim_head: usize, qkv_bias: bool) -> Result<Self> {
+        let inner = heads * dim_head;
+        Ok(Self {
+            to_q: Linear::new(vb.pp("to_q"), query_dim, inner, qkv_bias)?,
+            to_k: Linear::new(vb.pp("to_k"), cross_dim, inner, qkv_bias)?,
+            to_v: Linear::new(vb.pp("to_v"), cross_dim, inner, qkv_bias)?,
+            to_out: Linear::new(vb.pp("to_out.0"), inner, query_dim, true)?,
+            heads,
+            dim_head,
+        })
+    }
+
+    /// `x [B, S, query_dim]`, `context [B, S_kv, cross_dim]` (or `x` itself for self-attention).
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        let (b, s, _) = q.dims3()?;
+        let split = |t: Tensor| -> Result<Tensor> {
+            let (b, s, _) = t.dims3()?;
+            t.reshape((b, s, self.heads, self.dim_head))?.transpose(1, 2)?.reshape((b * self.heads, s, self.dim_head))
+        };
+        let scale = (self.dim_head as f64).powf(-0.5);
+        let o = scaled_dot_product_attention(&split(q)?, &split(k)?.contiguous()?, &split(v)?.contiguous()?, scale, None)?;
+        let o = o.reshape((b, self.heads, s, self.dim_head))?.transpose(1, 2)?.reshape((b, s, self.heads * self.dim_head))?;
+        self.to_out.forward(&o)
+    }
+}
+
+impl VisitProjections for Attention {
+    fn visit_projections(&mut self, f: &mut dyn FnMut(Projection<'_>)) {
+        for l in [&mut self.to_q, &mut self.to_k, &mut self.to_v, &mut self.to_out] {
+            f(Projection::Linear(l));
+        }
+    }
+}
+
+/// `FeedForward` with GEGLU: `net.0.proj` to twice the inner width, `h · gelu(gate)`, `net.2`.
+pub struct FeedForward {
+    pub proj_in: Linear,
+    pub proj_out: Linear,
+}
+
+impl FeedForward {
+    pub fn new(vb: VarBuilder, dim: usize, mult: usize) -> Result<Self> {
+        let inner = dim * mult;
+        Ok(Self {
+            proj_in: Linear::new(vb.pp("net.0.proj"), dim, inner * 2, true)?,
+            proj_out: Linear::new(vb.pp("net.2"), inner, dim, true)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj_in.forward(x)?;
+        let inner = h.dim(candle_core::D::Minus1)? / 2;
+        let (hidden, gate) = (h.narrow(candle_core::D::Minus1, 0, inner)?, h.narrow(candle_core::D::Minus1, inner, inner)?);
+        self.proj_out.forward(&(hidden * gate.gelu_erf()?)?)
+    }
+}
+
+impl VisitProjections for FeedForward {
+    fn visit_projections(&mut self, f: &mut dyn FnMut(Projection<'_>)) {
+        f(Projection::Linear(&mut self.proj_in));
+        f(Projection::Linear(&mut self.proj_out));
+    }
+}
+
+/// `BasicTransformerBlock`: self-attention, cross-attention to the text, GEGLU feed-forward, each
+/// pre-normed with a residual.
+pub struct BasicTransformerBlock {
+    pub norm1: LayerNorm,
+    pub attn1: Attention,
+    pub norm2: LayerNorm,
+    pub attn2: Attention,
+    pub norm3: LayerNorm,
+    pub ff: FeedForward,
+    /// This block's cross-attention index in the UNet's forward order (for per-layer conditioning).
+    pub cross_attention_index: usize,
+}
+
+impl BasicTransformerBlock {
+    pub fn new(vb: VarBuilder, dim: usize, heads: usize, dim_head: usize, cross_dim: usize, cross_attention_index: usize) -> Result<Self> {
+        Ok(Self {
+            norm1: LayerNorm::new(vb.pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, dim_head, false)?,
+            norm2: LayerNorm::new(vb.pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::new(vb.pp("attn2"), dim, cross_dim, heads, dim_head, false)?,
+            norm3: LayerNorm::new(vb.pp("norm3"), dim, 1e-5)?,
+            ff: FeedForward::new(vb.pp("ff"), dim, 4)?,
+            cross_attention_index,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, cond: TextConditioning) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let context = cond.for_layer(self.cross_attention_index)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + x)?;
+        self.ff.forward(&self.norm3.forward(&x)?)? + x
+    }
+}
+
+impl VisitProjections for BasicTransformerBlock {
+    fn visit_projections(&mut self, f: &mut dyn FnMut(Projection<'_>)) {
+        self.attn1.visit_projections(f);
+        self.attn2.visit_projections(f);
+        self.ff.visit_projections(f);
+    }
+}
+
+/// `proj_in` / `proj_out` of the spatial transformer: 1×1 conv, or linear with
+/// `use_linear_projection` (SD 2.x).
+pub enum SpatialProjection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+impl SpatialProjection {
+    fn new(vb: VarBuilder, in_c: usize, out_c: usize, linear: bool) -> Result<Self> {
+        Ok(if linear {
+            Self::Linear(Linear::new(vb, in_c, out_c, true)?)
+        } else {
+            Self::Conv(Conv2d::new(vb, in_c, out_c, 1, Conv2dConfig::default())?)
+        })
+    }
+
+    fn visit(&mut self, f: &mut dyn FnMut(Projection<'_>)) {
+        match self {
+            Self::Conv(c) => f(Projection::Conv2d(c)),
+            Self::Linear(l) => f(Projection::Linear(l)),
+        }
+    }
+}
+
+/// `Transformer2DModel` for image latents: group norm, projection in, transformer blocks,
+/// projection out, residual.
+pub struct Transformer2DModel {
+    pub norm: GroupNorm,
+    pub proj_in: SpatialProjection,
+    pub transformer_blocks: Vec<BasicTransformerBlock>,
+    pub proj_out: SpatialProjection,
+}
+
+pub struct Transformer2DConfig {
+    pub channels: usize,
+    pub heads: usize,
+    pub depth: usize,
+    pub cross_attention_dim: usize,
+    pub norm_num_groups: usize,
+    pub use_linear_projection: bool,
+}
+
+impl Transformer2DModel {
+    /// `first_cross_attention_index` numbers this model's blocks for per-layer conditioning.
+    pub fn new(vb: VarBuilder, c: &Transformer2DConfig, first_cross_attention_index: usize) -> Result<Self> {
+        if c.channels % c.heads != 0 {
+            candle_core::bail!("{}: {} channels are not divisible into {} heads", vb.prefix(), c.channels, c.heads)
+        }
+        let dim_head = c.channels / c.heads;
+        let blocks = (0..c.depth)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    vb.pp("transformer_blocks").pp(i),
+                    c.channels,
+                    c.heads,
+                    dim_head,
+                    c.cross_attention_dim,
+                    first_cross_attention_index + i,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: GroupNorm::new(vb.pp("norm"), c.norm_num_groups, c.channels, 1e-6)?,
+            proj_in: SpatialProjection::new(vb.pp("proj_in"), c.channels, c.channels, c.use_linear_projection)?,
+            transformer_blocks: blocks,
+            proj_out: SpatialProjection::new(vb.pp("proj_out"), c.channels, c.channels, c.use_linear_projection)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, cond: TextConditioning) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let residual = x;
+        let x = self.norm.forward(x)?;
+        let to_tokens = |t: Tensor| -> Result<Tensor> { t.permute((0, 2, 3, 1))?.reshape((b, h * w, ())) };
+        let mut t = match &self.proj_in {
+            SpatialProjection::Conv(conv) => to_tokens(conv.forward(&x)?)?,
+            SpatialProjection::Linear(lin) => lin.forward(&to_tokens(x)?)?,
+        };
+        for block in &self.transformer_blocks {
+            t = block.forward(&t, cond)?;
+        }
+        let to_image = |t: Tensor| -> Result<Tensor> { t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous() };
+        let out = match &self.proj_out {
+            SpatialProjection::Conv(conv) => conv.forward(&to_image(t)?)?,
+            SpatialProjection::Linear(lin) => to_image(lin.forward(&t)?)?,
+        };
+        out + residual
+    }
+}
+
+impl VisitProjections for Transformer2DModel {
+    fn visit_projections(&mut self, f: &mut dyn FnMut(Projection<'_>)) {
+        self.proj_in.visit(f);
+        self.transformer_blocks.visit_projections(f);
+        self.proj_out.visit(f);
+    }
+}
+
+/// The VAE's single-head spatial self-attention (`Attention` with a group norm and a residual;
+/// older checkpoints name its weights `query`/`key`/`value`/`proj_attn`).
+pub struct SpatialSelfAttention {
+    pub group_norm: GroupNorm,
+    pub attention: Attention,
+}
+
+impl SpatialSelfAttention {
+    pub fn new(vb: VarBuilder, channels: usize, groups: usize, eps: f64) -> Result<Self> {
+        let group_norm = GroupNorm::new(vb.pp("group_norm"), groups, channels, eps)?;
+        let attention = if !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight") {
+            let lin = |n: &str| Linear::new(vb.pp(n), channels, channels, true);
+            Attention { to_q: lin("query")?, to_k: lin("key")?, to_v: lin("value")?, to_out: lin("proj_attn")?, heads: 1, dim_head: channels }
+        } else {
+            Attention::new(vb, channels, channels, 1, channels, true)?
+        };
+        Ok(Self { group_norm, attention })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let t = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?;
+        let o = self.attention.forward(&t, None)?;
+        o.transpose(1, 2)?.reshape((b, c, h, w))? + x
+    }
+}

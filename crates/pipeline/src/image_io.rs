@@ -1,0 +1,127 @@
+//! Images in and out: reading init images, tensors ↔ pixels, PNG writing and grids.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use image::{imageops::FilterType, DynamicImage, RgbImage};
+use std::path::Path;
+
+/// Reads an image file (PNG, JPEG, WebP), flattening alpha onto white.
+pub fn read_rgb(path: &Path) -> Result<RgbImage> {
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("{}: cannot open image", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("{}: cannot read image", path.display()))?
+        .decode()
+        .with_context(|| format!("{}: not a readable image", path.display()))?;
+    Ok(flatten_alpha(img))
+}
+
+fn flatten_alpha(img: DynamicImage) -> RgbImage {
+    if !img.color().has_alpha() {
+        return img.to_rgb8();
+    }
+    let rgba = img.to_rgba8();
+    RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let p = rgba.get_pixel(x, y).0;
+        let a = p[3] as f32 / 255.0;
+        let mix = |c: u8| (c as f32 * a + 255.0 * (1.0 - a)).round() as u8;
+        image::Rgb([mix(p[0]), mix(p[1]), mix(p[2])])
+    })
+}
+
+/// Resizes to exactly `width × height` (Lanczos) and returns `[1, 3, H, W]` in [−1, 1].
+pub fn rgb_to_tensor(
+    img: &RgbImage,
+    width: usize,
+    height: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let img = if img.width() as usize != width || img.height() as usize != height {
+        image::imageops::resize(img, width as u32, height as u32, FilterType::Lanczos3)
+    } else {
+        img.clone()
+    };
+    let data: Vec<f32> = img
+        .into_raw()
+        .into_iter()
+        .map(|v| v as f32 / 127.5 - 1.0)
+        .collect();
+    Ok(Tensor::from_vec(data, (height, width, 3), device)?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?)
+}
+
+/// `[3, H, W]` (or `[1, 3, H, W]`) in about [−1, 1] → 8-bit RGB, as diffusers' postprocessing:
+/// `round(clamp(x / 2 + 0.5, 0, 1) · 255)`.
+pub fn tensor_to_rgb(t: &Tensor) -> Result<RgbImage> {
+    let t = if t.rank() == 4 {
+        t.squeeze(0)?
+    } else {
+        t.clone()
+    };
+    let (c, h, w) = t.dims3()?;
+    if c != 3 {
+        bail!("expected a 3-channel image tensor, got {c} channels")
+    }
+    let t = ((t.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+    let data: Vec<f32> = t.permute((1, 2, 0))?.flatten_all()?.to_vec1()?;
+    let bytes: Vec<u8> = data
+        .into_iter()
+        .map(|v| (v * 255.0).round() as u8)
+        .collect();
+    RgbImage::from_raw(w as u32, h as u32, bytes).context("image buffer size mismatch")
+}
+
+/// Writes a PNG atomically (temporary name, then rename): a failed write leaves nothing behind.
+pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            bail!(
+                "{}: output folder {} does not exist",
+                path.display(),
+                parent.display()
+            )
+        }
+    }
+    imprint_models::io::write_atomic(path, &bytes)
+}
+
+/// Lays images out in a near-square grid (all images must share a size).
+pub fn grid(images: &[RgbImage]) -> Result<RgbImage> {
+    let Some(first) = images.first() else {
+        bail!("grid of no images")
+    };
+    let (w, h) = first.dimensions();
+    let cols = (images.len() as f64).sqrt().ceil() as u32;
+    let rows = (images.len() as u32).div_ceil(cols);
+    let mut out = RgbImage::new(cols * w, rows * h);
+    for (i, img) in images.iter().enumerate() {
+        if img.dimensions() != (w, h) {
+            bail!("grid images must share one size")
+        }
+        let (x, y) = ((i as u32 % cols) * w, (i as u32 / cols) * h);
+        image::imageops::replace(&mut out, img, x as i64, y as i64);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pixels_round_trip() -> Result<()> {
+        let img = RgbImage::from_fn(4, 3, |x, y| image::Rgb([(x * 60) as u8, (y * 80) as u8, 7]));
+        let t = rgb_to_tensor(&img, 4, 3, &Device::Cpu)?;
+        assert_eq!(t.dims(), &[1, 3, 3, 4]);
+        assert_eq!(tensor_to_rgb(&t)?, img);
+        let g = grid(&[img.clone(), img.clone(), img])?;
+        assert_eq!(g.dimensions(), (8, 6));
+        Ok(())
+    }
+}

@@ -1,0 +1,328 @@
+//! The Stable Diffusion pipeline: prompt encoding, the guided denoising loop, txt2img and img2img.
+//! Follows diffusers' `StableDiffusionPipeline` / `StableDiffusionImg2ImgPipeline`.
+
+use crate::image_io;
+use crate::noise::SeededNoise;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use imprint_models::clip::ClipTextTransformer;
+use imprint_models::loading::ModelFolder;
+use imprint_models::schedulers::{self, NoiseSource, Scheduler, SchedulerConfig, SchedulerKind};
+use imprint_models::tokenizer::ClipTokenizer;
+use imprint_models::unet::UNet2DConditionModel;
+use imprint_models::vae::AutoencoderKL;
+use imprint_models::TextConditioning;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+
+/// The loaded components of one model folder.
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextTransformer,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler_config: SchedulerConfig,
+    pub device: Device,
+    pub dtype: DType,
+    pub folder: ModelFolder,
+}
+
+/// What the denoising loop needs besides the initial latents.
+#[derive(Clone, Debug)]
+pub struct SampleOptions {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub scheduler: SchedulerKind,
+    pub karras: bool,
+    pub steps: usize,
+    pub guidance: f64,
+    pub clip_skip: usize,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+impl Default for SampleOptions {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: None,
+            scheduler: SchedulerKind::Ddim,
+            karras: false,
+            steps: 30,
+            guidance: 7.5,
+            clip_skip: 0,
+            progress: false,
+        }
+    }
+}
+
+/// img2img's starting image and how far to move from it.
+#[derive(Clone, Debug)]
+pub struct InitImage {
+    pub path: PathBuf,
+    /// 0 keeps the image, 1 ignores it (diffusers' `strength`).
+    pub strength: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub scheduler: SchedulerKind,
+    pub karras: bool,
+    pub steps: usize,
+    pub guidance: f64,
+    pub clip_skip: usize,
+    pub seed: u64,
+    pub num_images: usize,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub init_image: Option<InitImage>,
+    pub progress: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        let s = SampleOptions::default();
+        Self {
+            prompt: s.prompt,
+            negative_prompt: None,
+            scheduler: s.scheduler,
+            karras: false,
+            steps: s.steps,
+            guidance: s.guidance,
+            clip_skip: 0,
+            seed: 0,
+            num_images: 1,
+            width: None,
+            height: None,
+            init_image: None,
+            progress: false,
+        }
+    }
+}
+
+impl StableDiffusion {
+    pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
+        let folder = ModelFolder::open(dir)?;
+        let text_encoder = folder.load_text_encoder(dtype, device)?;
+        let tokenizer = folder.tokenizer()?;
+        if tokenizer.vocab_size() > text_encoder.token_embedding.dim(0)? {
+            bail!(
+                "{}: the tokenizer has {} tokens but the text encoder only {} embeddings",
+                folder.root.display(),
+                tokenizer.vocab_size(),
+                text_encoder.token_embedding.dim(0)?
+            )
+        }
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet: folder.load_unet(dtype, device)?,
+            vae: folder.load_vae(dtype, device)?,
+            scheduler_config: folder.scheduler_config()?,
+            device: device.clone(),
+            dtype,
+            folder,
+        })
+    }
+
+    /// Pixels per latent cell: 2^(VAE blocks − 1), 8 for Stable Diffusion.
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << (self.vae.config.block_out_channels.len() - 1)
+    }
+
+    /// The model's native resolution: the UNet's `sample_size` in pixels.
+    pub fn default_size(&self) -> usize {
+        self.unet.config.sample_size.unwrap_or(64) * self.vae_scale_factor()
+    }
+
+    /// Token ids `[1, 77]` for a prompt; a prompt longer than the text encoder takes is an error
+    /// (rather than silently cut, as the reference does with a warning).
+    pub fn tokenize(&self, prompt: &str) -> Result<Tensor> {
+        let max = self.tokenizer.model_max_length();
+        let n = self.tokenizer.encode_unpadded(prompt)?.len();
+        if n > max {
+            bail!("prompt is {n} tokens long; the text encoder takes at most {max} (including start and end): shorten it")
+        }
+        let ids = self.tokenizer.encode(prompt)?;
+        Ok(Tensor::from_vec(
+            ids.into_iter().map(|i| i as i64).collect::<Vec<_>>(),
+            (1, max),
+            &self.device,
+        )?)
+    }
+
+    /// Text states `[1, 77, D]` for a prompt.
+    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
+        let ids = self.tokenize(prompt)?;
+        Ok(self
+            .text_encoder
+            .forward(&ids, clip_skip)?
+            .last_hidden_state)
+    }
+
+    pub fn build_scheduler(
+        &self,
+        kind: SchedulerKind,
+        steps: usize,
+        karras: bool,
+    ) -> Result<Box<dyn Scheduler>> {
+        schedulers::build(kind, &self.scheduler_config, steps, karras)
+    }
+
+    /// The guided denoising loop from `latents` (already at the noise level of step `begin`) to
+    /// the final latents.
+    pub fn denoise(
+        &self,
+        opts: &SampleOptions,
+        scheduler: &mut dyn Scheduler,
+        latents: Tensor,
+        begin: usize,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        let cond = self.encode_prompt(&opts.prompt, opts.clip_skip)?;
+        let guided = opts.guidance > 1.0;
+        let context = if guided {
+            let uncond = self.encode_prompt(
+                opts.negative_prompt.as_deref().unwrap_or(""),
+                opts.clip_skip,
+            )?;
+            Tensor::cat(&[uncond, cond], 0)?
+        } else {
+            cond
+        };
+        let timesteps = scheduler.timesteps().to_vec();
+        let bar = if opts.progress {
+            ProgressBar::new((timesteps.len() - begin) as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} steps, {elapsed} elapsed, ETA {eta}",
+        )?);
+        bar.set_message("denoising");
+        let mut latents = latents;
+        for (i, &t) in timesteps.iter().enumerate().skip(begin) {
+            let model_in = if guided {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let model_in = scheduler.scale_model_input(&model_in, i)?;
+            let t_tensor = Tensor::new(t as f32, &self.device)?;
+            let pred =
+                self.unet
+                    .forward(&model_in, &t_tensor, TextConditioning::Shared(&context))?;
+            let pred = if guided {
+                let uncond = pred.narrow(0, 0, 1)?;
+                let text = pred.narrow(0, 1, 1)?;
+                (&uncond + ((text - &uncond)? * opts.guidance)?)?
+            } else {
+                pred
+            };
+            latents = scheduler.step(&pred, i, &latents, noise)?;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        Ok(latents)
+    }
+
+    /// txt2img from unit-variance initial noise `[1, 4, h, w]`: scales it by the scheduler's initial
+    /// sigma and denoises all steps. Returns the final (scaled) latents.
+    pub fn sample(
+        &self,
+        opts: &SampleOptions,
+        initial_noise: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        let mut scheduler = self.build_scheduler(opts.scheduler, opts.steps, opts.karras)?;
+        let latents = (initial_noise.to_dtype(self.dtype)? * scheduler.init_noise_sigma())?;
+        self.denoise(opts, scheduler.as_mut(), latents, 0, noise)
+    }
+
+    /// Latents → pixels `[1, 3, H, W]` in about [−1, 1].
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.vae.decode(&self.vae.unscale_latents(latents)?)
+    }
+
+    /// Generates `num_images` images; image `i` uses seed `seed + i`, so each is reproducible alone.
+    pub fn generate(&self, o: &GenerateOptions) -> Result<Vec<RgbImage>> {
+        let f = self.vae_scale_factor();
+        let width = o.width.unwrap_or(self.default_size());
+        let height = o.height.unwrap_or(self.default_size());
+        if width % f != 0 || height % f != 0 || width == 0 || height == 0 {
+            bail!("width and height must be positive multiples of {f} (got {width}×{height})")
+        }
+        if o.num_images == 0 {
+            bail!("--num-images must be at least 1")
+        }
+        let init = match &o.init_image {
+            Some(init) => {
+                if !(0.0..=1.0).contains(&init.strength) {
+                    bail!("--strength must be within [0, 1] (got {})", init.strength)
+                }
+                let rgb = image_io::read_rgb(&init.path)?;
+                Some((
+                    image_io::rgb_to_tensor(&rgb, width, height, &self.device)?
+                        .to_dtype(self.dtype)?,
+                    init.strength,
+                ))
+            }
+            None => None,
+        };
+        let opts = SampleOptions {
+            prompt: o.prompt.clone(),
+            negative_prompt: o.negative_prompt.clone(),
+            scheduler: o.scheduler,
+            karras: o.karras,
+            steps: o.steps,
+            guidance: o.guidance,
+            clip_skip: o.clip_skip,
+            progress: o.progress,
+        };
+        let latent_shape = (1, self.unet.config.in_channels, height / f, width / f);
+        let mut images = Vec::with_capacity(o.num_images);
+        for i in 0..o.num_images {
+            let mut rng = SeededNoise::new(o.seed.wrapping_add(i as u64));
+            let latents = match &init {
+                None => {
+                    let initial = rng.randn(latent_shape, &self.device)?;
+                    self.sample(&opts, &initial, &mut rng)?
+                }
+                Some((pixels, strength)) => self.img2img(&opts, pixels, *strength, &mut rng)?,
+            };
+            images.push(image_io::tensor_to_rgb(&self.decode(&latents)?)?);
+        }
+        Ok(images)
+    }
+
+    /// img2img: encodes the image, noises it to the step that `strength` selects, and denoises the
+    /// remaining steps (diffusers' `get_timesteps`: `int(steps · strength)` steps are run).
+    pub fn img2img(
+        &self,
+        opts: &SampleOptions,
+        pixels: &Tensor,
+        strength: f64,
+        rng: &mut SeededNoise,
+    ) -> Result<Tensor> {
+        let mut scheduler = self.build_scheduler(opts.scheduler, opts.steps, opts.karras)?;
+        let n = scheduler.timesteps().len();
+        let run = ((opts.steps as f64 * strength) as usize).min(n);
+        let begin = n - run;
+        let dist = self.vae.encode(pixels).context("encoding the init image")?;
+        let eps = rng
+            .randn(dist.mean.shape().clone(), &self.device)?
+            .to_dtype(self.dtype)?;
+        let init_latents = self.vae.scale_latents(&dist.sample(&eps)?)?;
+        if run == 0 {
+            return Ok(init_latents);
+        }
+        let noise = rng
+            .randn(init_latents.shape().clone(), &self.device)?
+            .to_dtype(self.dtype)?;
+        let latents = scheduler.add_noise(&init_latents, &noise, begin)?;
+        self.denoise(opts, scheduler.as_mut(), latents, begin, rng)
+    }
+}
