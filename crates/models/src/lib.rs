@@ -1,1 +1,3 @@
 //! Stable Diffusion's networks and their loading.
+
+pub mod tokenizer;
