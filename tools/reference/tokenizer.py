@@ -16,6 +16,11 @@ writes only tokenizer.json + tokenizer_config.json in v5) are the ones built her
 digest of them in the fixture so the Rust test can check its writer produces the same content.
 
 Usage: /work/refvenv/bin/python tools/reference/tokenizer.py   (writes tests/fixtures/tokenizer.json)
+       /work/refvenv/bin/python tools/reference/tokenizer.py --check-rust DIR
+         checks the folders `cargo run -p imprint-models --example clip_tokenizer -- write DIR` wrote
+         (DIR/{sd1,sd2} with vocab.json + merges.txt, DIR/{sd1,sd2}-fast with tokenizer.json):
+         same vocabulary and merges as built here (merges.txt byte for byte), and transformers
+         loading them (configs included) gives the fixture's ids.
 """
 import gzip
 import json
@@ -163,5 +168,38 @@ def main():
     print(f"wrote {len(cases)} cases to {OUT}")
 
 
+def check_rust(root):
+    with open(OUT, encoding="utf-8") as f:
+        fixture = json.load(f)
+    with tempfile.TemporaryDirectory() as d:
+        vocab, merges = build_files(d)
+        with open(os.path.join(d, "merges.txt"), "rb") as f:
+            merges_bytes = f.read()
+    for name, key in (("sd1", "sd1"), ("sd2", "sd2"), ("sd1-fast", "sd1"), ("sd2-fast", "sd2")):
+        path = os.path.join(root, name)
+        if not name.endswith("fast"):
+            with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
+                assert json.load(f) == {v: i for i, v in enumerate(vocab)}, f"{name}/vocab.json differs"
+            with open(os.path.join(path, "merges.txt"), "rb") as f:
+                assert f.read() == merges_bytes, f"{name}/merges.txt differs"
+        t = CLIPTokenizer.from_pretrained(path)
+        assert t.model_max_length == 77 and len(t) == 49408, name
+        saved = json.loads(t.backend_tokenizer.to_str())["model"]
+        assert saved["vocab"] == {v: i for i, v in enumerate(vocab)} and [tuple(m) for m in saved["merges"]] == merges
+        added_done = False
+        for case in fixture["cases"]:
+            if case["added"] and not added_done:
+                t.add_tokens(case["added"])
+                added_done = True
+            got = t(case["text"], padding="max_length", max_length=77, truncation=True)["input_ids"]
+            assert got == case[key], (name, case["text"], got, case[key])
+        print(f"{name}: ok ({len(fixture['cases'])} cases)")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--check-rust":
+        check_rust(sys.argv[2])
+    else:
+        main()

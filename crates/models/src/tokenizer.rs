@@ -53,10 +53,14 @@ const DEFAULT_MAX_LENGTH: usize = 77;
 const CACHE_CAPACITY: usize = 10_000;
 
 /// The pre-tokenizer's split of transformers' `CLIPTokenizer` (its matches are the words).
-const CLIP_SPLIT_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_SPLIT_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 /// GPT-2's split as `ByteLevel(use_regex=True)` applies it, without its whitespace alternatives:
 /// the pieces it sees come out of [`CLIP_SPLIT_PATTERN`] and never contain whitespace.
 const BYTE_LEVEL_SPLIT_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+";
+
+/// A BPE merge: the left and right symbols whose concatenation is a vocabulary token.
+pub type Merge = (String, String);
 
 /// A token matched whole before BPE (tokenizers' `AddedToken`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,7 +112,9 @@ impl std::fmt::Debug for ClipTokenizer {
 /// GPT-2's reversible byte -> printable char table (`bytes_to_unicode`): printable Latin-1 bytes
 /// stand for themselves, the others are shifted to U+0100 onwards in byte order.
 pub fn bytes_to_unicode() -> [char; 256] {
-    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let printable = |b: u32| {
+        (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
+    };
     let mut table = ['\0'; 256];
     let mut n = 0;
     for b in 0..256u32 {
@@ -125,7 +131,7 @@ pub fn bytes_to_unicode() -> [char; 256] {
 /// CLIP's vocabulary (in id order) and merges (in rank order), as `SimpleTokenizer` builds them:
 /// the 256 byte chars in `bytes_to_unicode` order, the same with `</w>`, the first 48,894 merges
 /// joined, then `<|startoftext|>` and `<|endoftext|>`.
-pub fn clip_vocab_and_merges() -> Result<(Vec<String>, Vec<(String, String)>)> {
+pub fn clip_vocab_and_merges() -> Result<(Vec<String>, Vec<Merge>)> {
     let mut text = String::new();
     flate2::read::GzDecoder::new(BPE_MERGES_GZ)
         .read_to_string(&mut text)
@@ -136,13 +142,21 @@ pub fn clip_vocab_and_merges() -> Result<(Vec<String>, Vec<(String, String)>)> {
         .skip(1)
         .take(CLIP_NUM_MERGES)
         .enumerate()
-        .map(|(i, line)| match line.split_whitespace().collect::<Vec<_>>()[..] {
-            [a, b] => Ok((a.to_string(), b.to_string())),
-            _ => Err(anyhow!("bpe_simple_vocab_16e6.txt.gz: line {}: expected two symbols, got {line:?}", i + 2)),
-        })
+        .map(
+            |(i, line)| match line.split_whitespace().collect::<Vec<_>>()[..] {
+                [a, b] => Ok((a.to_string(), b.to_string())),
+                _ => Err(anyhow!(
+                    "bpe_simple_vocab_16e6.txt.gz: line {}: expected two symbols, got {line:?}",
+                    i + 2
+                )),
+            },
+        )
         .collect::<Result<Vec<_>>>()?;
     if merges.len() != CLIP_NUM_MERGES {
-        bail!("bpe_simple_vocab_16e6.txt.gz: expected {CLIP_NUM_MERGES} merges, found {}", merges.len());
+        bail!(
+            "bpe_simple_vocab_16e6.txt.gz: expected {CLIP_NUM_MERGES} merges, found {}",
+            merges.len()
+        );
     }
     // `bytes_to_unicode().values()` order: the printable bytes, then the shifted ones, which is
     // exactly code point order of the stand-in chars.
@@ -200,11 +214,17 @@ pub fn write_clip_tokenizer(dir: &Path, pad_token: &str) -> Result<()> {
         text.push('\n');
     }
     write_file(&dir.join("merges.txt"), text.as_bytes())?;
-    write_file(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tokenizer_config_json(pad_token))?.as_bytes())?;
+    write_file(
+        &dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tokenizer_config_json(pad_token))?.as_bytes(),
+    )?;
     let special = serde_json::json!({
         "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": pad_token, "unk_token": EOS_TOKEN,
     });
-    write_file(&dir.join("special_tokens_map.json"), serde_json::to_string_pretty(&special)?.as_bytes())?;
+    write_file(
+        &dir.join("special_tokens_map.json"),
+        serde_json::to_string_pretty(&special)?.as_bytes(),
+    )?;
     Ok(())
 }
 
@@ -213,16 +233,25 @@ pub fn write_clip_tokenizer(dir: &Path, pad_token: &str) -> Result<()> {
 pub fn write_clip_tokenizer_fast(dir: &Path, pad_token: &str) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let (vocab, merges) = clip_vocab_and_merges()?;
-    let vocab_map: serde_json::Map<String, Value> =
-        vocab.iter().enumerate().map(|(i, t)| (t.clone(), Value::from(i as u64))).collect();
-    let merges: Vec<Value> = merges.iter().map(|(a, b)| serde_json::json!([a, b])).collect();
+    let vocab_map: serde_json::Map<String, Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), Value::from(i as u64)))
+        .collect();
+    let merges: Vec<Value> = merges
+        .iter()
+        .map(|(a, b)| serde_json::json!([a, b]))
+        .collect();
     let special = |content: &str, id: usize| {
         serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
             "rstrip": false, "normalized": false, "special": true})
     };
     let mut added = Vec::new();
     if pad_token != EOS_TOKEN {
-        let id = vocab.iter().position(|t| t == pad_token).ok_or_else(|| anyhow!("pad token {pad_token:?} is not in the CLIP vocabulary"))?;
+        let id = vocab
+            .iter()
+            .position(|t| t == pad_token)
+            .ok_or_else(|| anyhow!("pad token {pad_token:?} is not in the CLIP vocabulary"))?;
         added.push(special(pad_token, id));
     }
     added.push(special(BOS_TOKEN, vocab.len() - 2));
@@ -246,13 +275,20 @@ pub fn write_clip_tokenizer_fast(dir: &Path, pad_token: &str) -> Result<()> {
             "end_of_word_suffix": END_OF_WORD, "fuse_unk": false, "byte_fallback": false,
             "ignore_merges": false, "vocab": vocab_map, "merges": merges},
     });
-    write_file(&dir.join("tokenizer.json"), serde_json::to_string(&tokenizer)?.as_bytes())?;
-    write_file(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tokenizer_config_json(pad_token))?.as_bytes())?;
+    write_file(
+        &dir.join("tokenizer.json"),
+        serde_json::to_string(&tokenizer)?.as_bytes(),
+    )?;
+    write_file(
+        &dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tokenizer_config_json(pad_token))?.as_bytes(),
+    )?;
     Ok(())
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 
@@ -274,13 +310,20 @@ fn token_content(v: &Value) -> Option<String> {
 }
 
 fn parse_vocab(v: &Value, path: &Path) -> Result<HashMap<String, u32>> {
-    let map = v.as_object().ok_or_else(|| anyhow!("{}: vocabulary is not a JSON object", path.display()))?;
+    let map = v
+        .as_object()
+        .ok_or_else(|| anyhow!("{}: vocabulary is not a JSON object", path.display()))?;
     map.iter()
         .map(|(token, id)| {
             let id = id
                 .as_u64()
                 .and_then(|i| u32::try_from(i).ok())
-                .ok_or_else(|| anyhow!("{}: id of {token:?} is not a valid token id", path.display()))?;
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{}: id of {token:?} is not a valid token id",
+                        path.display()
+                    )
+                })?;
             Ok((token.clone(), id))
         })
         .collect()
@@ -295,7 +338,11 @@ fn parse_merges_txt(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
         }
         match line.split_whitespace().collect::<Vec<_>>()[..] {
             [a, b] => merges.push((a.to_string(), b.to_string())),
-            _ => bail!("{}: line {}: expected two symbols separated by a space, got {line:?}", path.display(), i + 1),
+            _ => bail!(
+                "{}: line {}: expected two symbols separated by a space, got {line:?}",
+                path.display(),
+                i + 1
+            ),
         }
     }
     Ok(merges)
@@ -303,19 +350,28 @@ fn parse_merges_txt(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
 
 /// Merges in a `tokenizer.json`: `"a b"` strings (older files) or `["a", "b"]` pairs.
 fn parse_merges_json(v: &Value, path: &Path) -> Result<Vec<(String, String)>> {
-    let list = v.as_array().ok_or_else(|| anyhow!("{}: model.merges is not a list", path.display()))?;
+    let list = v
+        .as_array()
+        .ok_or_else(|| anyhow!("{}: model.merges is not a list", path.display()))?;
     list.iter()
         .enumerate()
         .map(|(i, m)| {
             let pair = match m {
-                Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())),
+                Value::String(s) => s
+                    .split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string())),
                 Value::Array(a) if a.len() == 2 => match (a[0].as_str(), a[1].as_str()) {
                     (Some(x), Some(y)) => Some((x.to_string(), y.to_string())),
                     _ => None,
                 },
                 _ => None,
             };
-            pair.ok_or_else(|| anyhow!("{}: model.merges[{i}] is not a pair of symbols: {m}", path.display()))
+            pair.ok_or_else(|| {
+                anyhow!(
+                    "{}: model.merges[{i}] is not a pair of symbols: {m}",
+                    path.display()
+                )
+            })
         })
         .collect()
 }
@@ -336,39 +392,76 @@ impl ClipTokenizer {
         let mut added: Vec<AddedToken> = Vec::new();
         let (encoder, merges) = if tokenizer_json.is_file() {
             let json = read_json(&tokenizer_json)?;
-            let model = json.get("model").ok_or_else(|| anyhow!("{}: no \"model\"", tokenizer_json.display()))?;
+            let model = json
+                .get("model")
+                .ok_or_else(|| anyhow!("{}: no \"model\"", tokenizer_json.display()))?;
             match model.get("type").and_then(Value::as_str) {
                 Some("BPE") | None => {}
-                Some(other) => bail!("{}: model type {other:?} is not CLIP's BPE", tokenizer_json.display()),
+                Some(other) => bail!(
+                    "{}: model type {other:?} is not CLIP's BPE",
+                    tokenizer_json.display()
+                ),
             }
             let vocab = parse_vocab(
-                model.get("vocab").ok_or_else(|| anyhow!("{}: no model.vocab", tokenizer_json.display()))?,
+                model
+                    .get("vocab")
+                    .ok_or_else(|| anyhow!("{}: no model.vocab", tokenizer_json.display()))?,
                 &tokenizer_json,
             )?;
             let merges = parse_merges_json(
-                model.get("merges").ok_or_else(|| anyhow!("{}: no model.merges", tokenizer_json.display()))?,
+                model
+                    .get("merges")
+                    .ok_or_else(|| anyhow!("{}: no model.merges", tokenizer_json.display()))?,
                 &tokenizer_json,
             )?;
-            for t in json.get("added_tokens").and_then(Value::as_array).into_iter().flatten() {
-                let (Some(content), Some(id)) = (t.get("content").and_then(Value::as_str), t.get("id").and_then(Value::as_u64)) else {
+            for t in json
+                .get("added_tokens")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let (Some(content), Some(id)) = (
+                    t.get("content").and_then(Value::as_str),
+                    t.get("id").and_then(Value::as_u64),
+                ) else {
                     bail!("{}: malformed added token {t}", tokenizer_json.display());
                 };
                 let special = t.get("special").and_then(Value::as_bool).unwrap_or(false);
-                let normalized = t.get("normalized").and_then(Value::as_bool).unwrap_or(!special);
-                added.push(AddedToken { content: content.to_string(), id: id as u32, normalized, special });
+                let normalized = t
+                    .get("normalized")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(!special);
+                added.push(AddedToken {
+                    content: content.to_string(),
+                    id: id as u32,
+                    normalized,
+                    special,
+                });
             }
             (vocab, merges)
         } else if vocab_path.is_file() {
             if !merges_path.is_file() {
-                bail!("{}: not found (needed with {})", merges_path.display(), vocab_path.display());
+                bail!(
+                    "{}: not found (needed with {})",
+                    merges_path.display(),
+                    vocab_path.display()
+                );
             }
             let vocab = parse_vocab(&read_json(&vocab_path)?, &vocab_path)?;
-            let text = std::fs::read_to_string(&merges_path).with_context(|| format!("{}: cannot read", merges_path.display()))?;
+            let text = std::fs::read_to_string(&merges_path)
+                .with_context(|| format!("{}: cannot read", merges_path.display()))?;
             (vocab, parse_merges_txt(&text, &merges_path)?)
         } else {
-            bail!("{}: no tokenizer.json nor vocab.json + merges.txt", dir.display());
+            bail!(
+                "{}: no tokenizer.json nor vocab.json + merges.txt",
+                dir.display()
+            );
         };
-        let merges_source = if tokenizer_json.is_file() { &tokenizer_json } else { &merges_path };
+        let merges_source = if tokenizer_json.is_file() {
+            &tokenizer_json
+        } else {
+            &merges_path
+        };
 
         let config_path = dir.join("tokenizer_config.json");
         let special_map_path = dir.join("special_tokens_map.json");
@@ -379,7 +472,12 @@ impl ClipTokenizer {
                 .as_ref()
                 .and_then(|m| m.get(key))
                 .and_then(token_content)
-                .or_else(|| config.as_ref().and_then(|c| c.get(key)).and_then(token_content))
+                .or_else(|| {
+                    config
+                        .as_ref()
+                        .and_then(|c| c.get(key))
+                        .and_then(token_content)
+                })
                 .unwrap_or_else(|| default.to_string())
         };
         let bos = special_token("bos_token", BOS_TOKEN);
@@ -395,22 +493,49 @@ impl ClipTokenizer {
             .map(|n| n as usize)
             .unwrap_or(DEFAULT_MAX_LENGTH);
         if model_max_length < 2 {
-            bail!("{}: model_max_length {model_max_length} leaves no room for bos and eos", config_path.display());
+            bail!(
+                "{}: model_max_length {model_max_length} leaves no room for bos and eos",
+                config_path.display()
+            );
         }
-        if let Some(decoder) = config.as_ref().and_then(|c| c.get("added_tokens_decoder")).and_then(Value::as_object) {
+        if let Some(decoder) = config
+            .as_ref()
+            .and_then(|c| c.get("added_tokens_decoder"))
+            .and_then(Value::as_object)
+        {
             for (id, t) in decoder {
-                let id: u32 = id.parse().with_context(|| format!("{}: added_tokens_decoder key {id:?} is not an id", config_path.display()))?;
-                let content = token_content(t).ok_or_else(|| anyhow!("{}: malformed added token {t}", config_path.display()))?;
+                let id: u32 = id.parse().with_context(|| {
+                    format!(
+                        "{}: added_tokens_decoder key {id:?} is not an id",
+                        config_path.display()
+                    )
+                })?;
+                let content = token_content(t).ok_or_else(|| {
+                    anyhow!("{}: malformed added token {t}", config_path.display())
+                })?;
                 let special = t.get("special").and_then(Value::as_bool).unwrap_or(false);
-                let normalized = t.get("normalized").and_then(Value::as_bool).unwrap_or(!special);
-                added.push(AddedToken { content, id, normalized, special });
+                let normalized = t
+                    .get("normalized")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(!special);
+                added.push(AddedToken {
+                    content,
+                    id,
+                    normalized,
+                    special,
+                });
             }
         }
         // Older saves (transformers 4, diffusers textual inversion) keep user tokens here.
         let added_tokens_path = dir.join("added_tokens.json");
         if let Some(v) = read_json_optional(&added_tokens_path)? {
             for (content, id) in parse_vocab(&v, &added_tokens_path)? {
-                added.push(AddedToken { content, id, normalized: true, special: false });
+                added.push(AddedToken {
+                    content,
+                    id,
+                    normalized: true,
+                    special: false,
+                });
             }
         }
 
@@ -434,10 +559,13 @@ impl ClipTokenizer {
         };
         for (rank, (a, b)) in merges.iter().enumerate() {
             let id = |s: &str| {
-                tok.encoder
-                    .get(s)
-                    .copied()
-                    .ok_or_else(|| anyhow!("{}: merge {} ({a} {b}) uses {s:?}, which is not in the vocabulary", merges_source.display(), rank + 1))
+                tok.encoder.get(s).copied().ok_or_else(|| {
+                    anyhow!(
+                        "{}: merge {} ({a} {b}) uses {s:?}, which is not in the vocabulary",
+                        merges_source.display(),
+                        rank + 1
+                    )
+                })
             };
             let key = (id(a)?, id(b)?);
             let merged = id(&format!("{a}{b}"))?;
@@ -451,11 +579,23 @@ impl ClipTokenizer {
         // Special tokens are matched whole on the raw text, with the id the vocabulary gives them.
         let mut special_id = |content: &str, key: &str| -> Result<u32> {
             let id = tok.token_id(content).ok_or_else(|| {
-                let source = if special_map_path.is_file() { &special_map_path } else { &config_path };
-                anyhow!("{}: {key} {content:?} is not in the vocabulary", source.display())
+                let source = if special_map_path.is_file() {
+                    &special_map_path
+                } else {
+                    &config_path
+                };
+                anyhow!(
+                    "{}: {key} {content:?} is not in the vocabulary",
+                    source.display()
+                )
             })?;
             if !tok.added.iter().any(|t| t.content == content) {
-                tok.register_added(AddedToken { content: content.to_string(), id, normalized: false, special: true });
+                tok.register_added(AddedToken {
+                    content: content.to_string(),
+                    id,
+                    normalized: false,
+                    special: true,
+                });
             }
             Ok(id)
         };
@@ -463,20 +603,27 @@ impl ClipTokenizer {
         let eos_id = special_id(&eos, "eos_token")?;
         let unk_id = special_id(&unk, "unk_token")?;
         let pad_id = special_id(&pad, "pad_token")?;
-        Ok(ClipTokenizer { bos_id, eos_id, unk_id, pad_id, ..tok })
+        Ok(ClipTokenizer {
+            bos_id,
+            eos_id,
+            unk_id,
+            pad_id,
+            ..tok
+        })
     }
 
     fn register_added(&mut self, token: AddedToken) {
         if token.content.is_empty() || self.added.iter().any(|t| t.content == token.content) {
             return;
         }
-        if !self.decoder.contains_key(&token.id) {
-            self.decoder.insert(token.id, token.content.clone());
-        }
+        self.decoder
+            .entry(token.id)
+            .or_insert_with(|| token.content.clone());
         // A normalized token is matched on normalized text, so its own content is normalized
         // first (tokenizers does the same): "<My-Toy>" then matches "<my-toy>" and "<MY-TOY>".
         if token.normalized {
-            self.normalized_patterns.push((self.normalize(&token.content), token.id));
+            self.normalized_patterns
+                .push((self.normalize(&token.content), token.id));
         } else {
             self.raw_patterns.push((token.content.clone(), token.id));
         }
@@ -494,7 +641,12 @@ impl ClipTokenizer {
             bail!("token {token:?} already exists in the tokenizer; choose another placeholder");
         }
         let id = u32::try_from(self.vocab_size())?;
-        self.register_added(AddedToken { content: token.to_string(), id, normalized: true, special: false });
+        self.register_added(AddedToken {
+            content: token.to_string(),
+            id,
+            normalized: true,
+            special: false,
+        });
         Ok(id)
     }
 
@@ -583,13 +735,21 @@ impl ClipTokenizer {
     /// `Lowercase` maps each char on its own: no final-sigma rule, unlike `str::to_lowercase`).
     fn normalize(&self, text: &str) -> String {
         let nfc: String = text.nfc().collect();
-        self.whitespace.replace_all(&nfc, " ").chars().flat_map(char::to_lowercase).collect()
+        self.whitespace
+            .replace_all(&nfc, " ")
+            .chars()
+            .flat_map(char::to_lowercase)
+            .collect()
     }
 
     fn tokenize_normalized(&self, text: &str, ids: &mut Vec<u32>) {
         for word in self.clip_split.find_iter(text) {
             for piece in self.byte_level_split.find_iter(word.as_str()) {
-                let mapped: String = piece.as_str().bytes().map(|b| self.byte_encoder[b as usize]).collect();
+                let mapped: String = piece
+                    .as_str()
+                    .bytes()
+                    .map(|b| self.byte_encoder[b as usize])
+                    .collect();
                 ids.extend(self.bpe(&mapped));
             }
         }
@@ -597,7 +757,12 @@ impl ClipTokenizer {
 
     /// BPE of one byte-mapped word: its chars, the last one carrying `</w>`, merged by rank.
     fn bpe(&self, word: &str) -> Vec<u32> {
-        if let Some(ids) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(word) {
+        if let Some(ids) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(word)
+        {
             return ids.clone();
         }
         let chars: Vec<char> = word.chars().collect();
@@ -605,7 +770,11 @@ impl ClipTokenizer {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let symbol = if i + 1 == chars.len() { format!("{c}{END_OF_WORD}") } else { c.to_string() };
+                let symbol = if i + 1 == chars.len() {
+                    format!("{c}{END_OF_WORD}")
+                } else {
+                    c.to_string()
+                };
                 // Byte-level chars are all in CLIP's vocabulary; an unknown one becomes unk, unfused.
                 self.encoder.get(&symbol).copied().unwrap_or(self.unk_id)
             })
@@ -616,7 +785,11 @@ impl ClipTokenizer {
             let best = symbols
                 .windows(2)
                 .enumerate()
-                .filter_map(|(i, w)| self.merges.get(&(w[0], w[1])).map(|&(rank, id)| (rank, i, id)))
+                .filter_map(|(i, w)| {
+                    self.merges
+                        .get(&(w[0], w[1]))
+                        .map(|&(rank, id)| (rank, i, id))
+                })
                 .min();
             match best {
                 Some((_, i, id)) => {
@@ -644,7 +817,10 @@ fn split_added<'a>(text: &'a str, patterns: &[(String, u32)]) -> Vec<Segment<'a>
     let mut pos = 0;
     while pos < text.len() {
         let rest = &text[pos..];
-        let longest = patterns.iter().filter(|(p, _)| rest.starts_with(p.as_str())).max_by_key(|(p, _)| p.len());
+        let longest = patterns
+            .iter()
+            .filter(|(p, _)| rest.starts_with(p.as_str()))
+            .max_by_key(|(p, _)| p.len());
         if let Some((p, id)) = longest {
             if start < pos {
                 segments.push(Segment::Text(&text[start..pos]));
@@ -683,7 +859,10 @@ mod tests {
         assert_eq!(tok.model_max_length(), 77);
         assert_eq!(tok.token_id("a</w>"), Some(320));
         assert_eq!(tok.id_to_token(49406), Some(BOS_TOKEN));
-        assert_eq!(tok.encode_unpadded("a photo of a cat").unwrap(), vec![49406, 320, 1125, 539, 320, 2368, 49407]);
+        assert_eq!(
+            tok.encode_unpadded("a photo of a cat").unwrap(),
+            vec![49406, 320, 1125, 539, 320, 2368, 49407]
+        );
     }
 
     #[test]
@@ -706,13 +885,18 @@ mod tests {
         assert!(tok.add_token("<my-toy>").is_err());
         assert!(tok.add_token("cat</w>").is_err());
         assert!(tok.add_token(EOS_TOKEN).is_err());
-        assert_eq!(tok.encode_unpadded("<my-toy>s").unwrap(), vec![49406, 49408, 338, 49407]);
+        assert_eq!(
+            tok.encode_unpadded("<my-toy>s").unwrap(),
+            vec![49406, 49408, 338, 49407]
+        );
     }
 
     #[test]
     fn missing_files_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let err = ClipTokenizer::from_dir(&dir.path().join("nope")).unwrap_err().to_string();
+        let err = ClipTokenizer::from_dir(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not found"), "{err}");
         let err = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
         assert!(err.contains("vocab.json"), "{err}");

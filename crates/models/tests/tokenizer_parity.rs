@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use imprint_models::tokenizer::{clip_vocab_and_merges, write_clip_tokenizer, write_clip_tokenizer_fast, ClipTokenizer};
+use imprint_models::tokenizer::{
+    clip_vocab_and_merges, write_clip_tokenizer, write_clip_tokenizer_fast, ClipTokenizer,
+};
 use serde_json::Value;
 
 fn fixture() -> Value {
@@ -13,7 +15,11 @@ fn fixture() -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// Cases use either no added tokens (`base`) or the fixture's whole list (`with_added`).
@@ -24,21 +30,38 @@ fn check(base: &ClipTokenizer, with_added: &ClipTokenizer, pad_key: &str) {
     let cases = fixture["cases"].as_array().unwrap();
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        let added: Vec<String> = case["added"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+        let added: Vec<String> = case["added"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect();
         let tok = if added.is_empty() { base } else { with_added };
         for (token, id) in added.iter().zip(&added_ids) {
             assert_eq!(tok.token_id(token), Some(*id), "{token}");
         }
         let got = tok.encode(text).unwrap();
         if got != ids(&case[pad_key]) {
-            failures.push(format!("{pad_key} {text:?}:\n  got      {got:?}\n  expected {:?}", ids(&case[pad_key])));
+            failures.push(format!(
+                "{pad_key} {text:?}:\n  got      {got:?}\n  expected {:?}",
+                ids(&case[pad_key])
+            ));
         }
         let got = tok.encode_unpadded(text).unwrap();
         if pad_key == "sd1" && got != ids(&case["unpadded"]) {
-            failures.push(format!("unpadded {text:?}:\n  got      {got:?}\n  expected {:?}", ids(&case["unpadded"])));
+            failures.push(format!(
+                "unpadded {text:?}:\n  got      {got:?}\n  expected {:?}",
+                ids(&case["unpadded"])
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 fn run(fast: bool, pad: &str, pad_key: &str) {
@@ -54,7 +77,13 @@ fn run(fast: bool, pad: &str, pad_key: &str) {
     assert_eq!(base.vocab_size(), 49408);
     let mut with_added = ClipTokenizer::from_dir(&tokenizer_dir).unwrap();
     let fixture = fixture();
-    let added_list = fixture["cases"].as_array().unwrap().iter().map(|c| c["added"].as_array().unwrap()).max_by_key(|a| a.len()).unwrap();
+    let added_list = fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["added"].as_array().unwrap())
+        .max_by_key(|a| a.len())
+        .unwrap();
     for token in added_list {
         with_added.add_token(token.as_str().unwrap()).unwrap();
     }
@@ -97,7 +126,10 @@ fn tokenizer_vocab_and_merges_digest() {
     for byte in data.bytes() {
         h = (h ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3);
     }
-    assert_eq!(format!("{h:016x}"), fixture()["vocab_merges_fnv1a64"].as_str().unwrap());
+    assert_eq!(
+        format!("{h:016x}"),
+        fixture()["vocab_merges_fnv1a64"].as_str().unwrap()
+    );
 }
 
 /// A saved folder with a textual-inversion token in `added_tokens_decoder` reloads with it.
@@ -106,12 +138,16 @@ fn tokenizer_added_tokens_from_config() {
     let dir = tempfile::tempdir().unwrap();
     write_clip_tokenizer(dir.path(), "<|endoftext|>").unwrap();
     let config_path = dir.path().join("tokenizer_config.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
     config["added_tokens_decoder"] = serde_json::json!({
         "49408": {"content": "<my-toy>", "lstrip": false, "normalized": true, "rstrip": false, "single_word": false, "special": false}
     });
     std::fs::write(&config_path, config.to_string()).unwrap();
     let tok = ClipTokenizer::from_dir(dir.path()).unwrap();
     assert_eq!(tok.vocab_size(), 49409);
-    assert_eq!(tok.encode_unpadded("a <my-toy>, on a table").unwrap(), vec![49406, 320, 49408, 267, 525, 320, 2175, 49407]);
+    assert_eq!(
+        tok.encode_unpadded("a <my-toy>, on a table").unwrap(),
+        vec![49406, 320, 49408, 267, 525, 320, 2175, 49407]
+    );
 }
