@@ -4,7 +4,9 @@
 use crate::visit::{Projection, VisitProjections};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use imprint_ops::{scaled_dot_product_attention, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear};
+use imprint_ops::{
+    scaled_dot_product_attention, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear,
+};
 
 /// The text states each cross-attention layer attends to: the first hook of DESIGN.md.
 ///
@@ -42,7 +44,14 @@ pub struct Attention {
 
 impl Attention {
     /// `cross_dim` is the key/value input size (the text states' width for cross-attention).
-    pub fn new(vb: VarBuilder, query_dim: usize, cross_dim: usize, heads: usize, dim_head: usize, qkv_bias: bool) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        cross_dim: usize,
+        heads: usize,
+        dim_head: usize,
+        qkv_bias: bool,
+    ) -> Result<Self> {
         let inner = heads * dim_head;
         Ok(Self {
             to_q: Linear::new(vb.pp("to_q"), query_dim, inner, qkv_bias)?,
@@ -63,18 +72,34 @@ impl Attention {
         let (b, s, _) = q.dims3()?;
         let split = |t: Tensor| -> Result<Tensor> {
             let (b, s, _) = t.dims3()?;
-            t.reshape((b, s, self.heads, self.dim_head))?.transpose(1, 2)?.reshape((b * self.heads, s, self.dim_head))
+            t.reshape((b, s, self.heads, self.dim_head))?
+                .transpose(1, 2)?
+                .reshape((b * self.heads, s, self.dim_head))
         };
         let scale = (self.dim_head as f64).powf(-0.5);
-        let o = scaled_dot_product_attention(&split(q)?, &split(k)?.contiguous()?, &split(v)?.contiguous()?, scale, None)?;
-        let o = o.reshape((b, self.heads, s, self.dim_head))?.transpose(1, 2)?.reshape((b, s, self.heads * self.dim_head))?;
+        let o = scaled_dot_product_attention(
+            &split(q)?,
+            &split(k)?.contiguous()?,
+            &split(v)?.contiguous()?,
+            scale,
+            None,
+        )?;
+        let o = o
+            .reshape((b, self.heads, s, self.dim_head))?
+            .transpose(1, 2)?
+            .reshape((b, s, self.heads * self.dim_head))?;
         self.to_out.forward(&o)
     }
 }
 
 impl VisitProjections for Attention {
     fn visit_projections(&mut self, f: &mut dyn FnMut(Projection<'_>)) {
-        for l in [&mut self.to_q, &mut self.to_k, &mut self.to_v, &mut self.to_out] {
+        for l in [
+            &mut self.to_q,
+            &mut self.to_k,
+            &mut self.to_v,
+            &mut self.to_out,
+        ] {
             f(Projection::Linear(l));
         }
     }
@@ -98,7 +123,10 @@ impl FeedForward {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(x)?;
         let inner = h.dim(candle_core::D::Minus1)? / 2;
-        let (hidden, gate) = (h.narrow(candle_core::D::Minus1, 0, inner)?, h.narrow(candle_core::D::Minus1, inner, inner)?);
+        let (hidden, gate) = (
+            h.narrow(candle_core::D::Minus1, 0, inner)?,
+            h.narrow(candle_core::D::Minus1, inner, inner)?,
+        );
         self.proj_out.forward(&(hidden * gate.gelu_erf()?)?)
     }
 }
@@ -124,7 +152,14 @@ pub struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    pub fn new(vb: VarBuilder, dim: usize, heads: usize, dim_head: usize, cross_dim: usize, cross_attention_index: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        dim_head: usize,
+        cross_dim: usize,
+        cross_attention_index: usize,
+    ) -> Result<Self> {
         Ok(Self {
             norm1: LayerNorm::new(vb.pp("norm1"), dim, 1e-5)?,
             attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, dim_head, false)?,
@@ -139,7 +174,10 @@ impl BasicTransformerBlock {
     pub fn forward(&self, x: &Tensor, cond: TextConditioning) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
         let context = cond.for_layer(self.cross_attention_index)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + x
     }
 }
@@ -196,9 +234,18 @@ pub struct Transformer2DConfig {
 
 impl Transformer2DModel {
     /// `first_cross_attention_index` numbers this model's blocks for per-layer conditioning.
-    pub fn new(vb: VarBuilder, c: &Transformer2DConfig, first_cross_attention_index: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        c: &Transformer2DConfig,
+        first_cross_attention_index: usize,
+    ) -> Result<Self> {
         if c.channels % c.heads != 0 {
-            candle_core::bail!("{}: {} channels are not divisible into {} heads", vb.prefix(), c.channels, c.heads)
+            candle_core::bail!(
+                "{}: {} channels are not divisible into {} heads",
+                vb.prefix(),
+                c.channels,
+                c.heads
+            )
         }
         let dim_head = c.channels / c.heads;
         let blocks = (0..c.depth)
@@ -215,9 +262,19 @@ impl Transformer2DModel {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm: GroupNorm::new(vb.pp("norm"), c.norm_num_groups, c.channels, 1e-6)?,
-            proj_in: SpatialProjection::new(vb.pp("proj_in"), c.channels, c.channels, c.use_linear_projection)?,
+            proj_in: SpatialProjection::new(
+                vb.pp("proj_in"),
+                c.channels,
+                c.channels,
+                c.use_linear_projection,
+            )?,
             transformer_blocks: blocks,
-            proj_out: SpatialProjection::new(vb.pp("proj_out"), c.channels, c.channels, c.use_linear_projection)?,
+            proj_out: SpatialProjection::new(
+                vb.pp("proj_out"),
+                c.channels,
+                c.channels,
+                c.use_linear_projection,
+            )?,
         })
     }
 
@@ -225,7 +282,8 @@ impl Transformer2DModel {
         let (b, c, h, w) = x.dims4()?;
         let residual = x;
         let x = self.norm.forward(x)?;
-        let to_tokens = |t: Tensor| -> Result<Tensor> { t.permute((0, 2, 3, 1))?.reshape((b, h * w, ())) };
+        let to_tokens =
+            |t: Tensor| -> Result<Tensor> { t.permute((0, 2, 3, 1))?.reshape((b, h * w, ())) };
         let mut t = match &self.proj_in {
             SpatialProjection::Conv(conv) => to_tokens(conv.forward(&x)?)?,
             SpatialProjection::Linear(lin) => lin.forward(&to_tokens(x)?)?,
@@ -233,7 +291,9 @@ impl Transformer2DModel {
         for block in &self.transformer_blocks {
             t = block.forward(&t, cond)?;
         }
-        let to_image = |t: Tensor| -> Result<Tensor> { t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous() };
+        let to_image = |t: Tensor| -> Result<Tensor> {
+            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+        };
         let out = match &self.proj_out {
             SpatialProjection::Conv(conv) => conv.forward(&to_image(t)?)?,
             SpatialProjection::Linear(lin) => to_image(lin.forward(&t)?)?,
@@ -260,18 +320,33 @@ pub struct SpatialSelfAttention {
 impl SpatialSelfAttention {
     pub fn new(vb: VarBuilder, channels: usize, groups: usize, eps: f64) -> Result<Self> {
         let group_norm = GroupNorm::new(vb.pp("group_norm"), groups, channels, eps)?;
-        let attention = if !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight") {
+        let attention = if !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight")
+        {
             let lin = |n: &str| Linear::new(vb.pp(n), channels, channels, true);
-            Attention { to_q: lin("query")?, to_k: lin("key")?, to_v: lin("value")?, to_out: lin("proj_attn")?, heads: 1, dim_head: channels }
+            Attention {
+                to_q: lin("query")?,
+                to_k: lin("key")?,
+                to_v: lin("value")?,
+                to_out: lin("proj_attn")?,
+                heads: 1,
+                dim_head: channels,
+            }
         } else {
             Attention::new(vb, channels, channels, 1, channels, true)?
         };
-        Ok(Self { group_norm, attention })
+        Ok(Self {
+            group_norm,
+            attention,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let t = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?;
+        let t = self
+            .group_norm
+            .forward(x)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?;
         let o = self.attention.forward(&t, None)?;
         o.transpose(1, 2)?.reshape((b, c, h, w))? + x
     }

@@ -97,14 +97,19 @@ impl ClipAttention {
     fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
         let (b, s, d) = x.dims3()?;
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)?.reshape((b * self.heads, s, self.head_dim))
+            t.reshape((b, s, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .reshape((b * self.heads, s, self.head_dim))
         };
         let q = split(self.q_proj.forward(x)?)?;
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
         let scale = (self.head_dim as f64).powf(-0.5);
         let o = scaled_dot_product_attention(&q, &k, &v, scale, Some(causal_mask))?;
-        let o = o.reshape((b, self.heads, s, self.head_dim))?.transpose(1, 2)?.reshape((b, s, d))?;
+        let o = o
+            .reshape((b, self.heads, s, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, s, d))?;
         self.out_proj.forward(&o)
     }
 }
@@ -132,8 +137,14 @@ impl ClipEncoderLayer {
     }
 
     fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let h = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?, mask)?)?;
-        let m = self.fc2.forward(&self.activation.forward(&self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?)?;
+        let h = (x + self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x)?, mask)?)?;
+        let m = self.fc2.forward(
+            &self
+                .activation
+                .forward(&self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?,
+        )?;
         h + m
     }
 }
@@ -163,14 +174,27 @@ impl ClipTextTransformer {
         let activation = Activation::parse(&cfg.hidden_act)?;
         let vb = vb.pp("text_model");
         let emb = vb.pp("embeddings");
-        let token_embedding = emb.pp("token_embedding").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
-        let position_embedding =
-            emb.pp("position_embedding").get((cfg.max_position_embeddings, cfg.hidden_size), "weight")?;
+        let token_embedding = emb
+            .pp("token_embedding")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let position_embedding = emb
+            .pp("position_embedding")
+            .get((cfg.max_position_embeddings, cfg.hidden_size), "weight")?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(vb.pp("encoder.layers").pp(i), cfg, activation))
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = LayerNorm::new(vb.pp("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?;
-        Ok(Self { token_embedding, position_embedding, layers, final_layer_norm, config: cfg.clone() })
+        let final_layer_norm = LayerNorm::new(
+            vb.pp("final_layer_norm"),
+            cfg.hidden_size,
+            cfg.layer_norm_eps,
+        )?;
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            config: cfg.clone(),
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -185,12 +209,19 @@ impl ClipTextTransformer {
     pub fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let vocab = self.token_embedding.dim(0)?;
-        let max_id = input_ids.flatten_all()?.to_dtype(DType::I64)?.max(0)?.to_scalar::<i64>()?;
+        let max_id = input_ids
+            .flatten_all()?
+            .to_dtype(DType::I64)?
+            .max(0)?
+            .to_scalar::<i64>()?;
         if max_id < 0 || max_id as usize >= vocab {
             bail!("text encoder: token id {max_id} is outside the embedding table ({vocab} rows)")
         }
         let flat = input_ids.flatten_all()?.to_dtype(DType::U32)?;
-        Ok(self.token_embedding.index_select(&flat, 0)?.reshape((b, s, ()))?)
+        Ok(self
+            .token_embedding
+            .index_select(&flat, 0)?
+            .reshape((b, s, ()))?)
     }
 
     /// Runs the encoder on token ids.
@@ -203,13 +234,24 @@ impl ClipTextTransformer {
     ///
     /// `clip_skip = k > 0` returns the output of layer `n − k` (through the final layer norm, as
     /// diffusers does for `clip_skip`): `k = 1` is the "penultimate layer" SD 2.x-era tools use.
-    pub fn forward_embeds(&self, token_embeds: &Tensor, input_ids: &Tensor, clip_skip: usize) -> Result<ClipTextOutput> {
+    pub fn forward_embeds(
+        &self,
+        token_embeds: &Tensor,
+        input_ids: &Tensor,
+        clip_skip: usize,
+    ) -> Result<ClipTextOutput> {
         let (_b, s, _d) = token_embeds.dims3()?;
         if s > self.config.max_position_embeddings {
-            bail!("text encoder: sequence of {s} tokens exceeds max_position_embeddings {}", self.config.max_position_embeddings)
+            bail!(
+                "text encoder: sequence of {s} tokens exceeds max_position_embeddings {}",
+                self.config.max_position_embeddings
+            )
         }
         if clip_skip >= self.layers.len() {
-            bail!("clip skip {clip_skip} must be smaller than the {} text encoder layers", self.layers.len())
+            bail!(
+                "clip skip {clip_skip} must be smaller than the {} text encoder layers",
+                self.layers.len()
+            )
         }
         let pos = self.position_embedding.narrow(0, 0, s)?;
         let mut h = token_embeds.broadcast_add(&pos)?;
@@ -219,7 +261,10 @@ impl ClipTextTransformer {
         }
         let last_hidden_state = self.final_layer_norm.forward(&h)?;
         let pooler_output = self.pool(&last_hidden_state, input_ids)?;
-        Ok(ClipTextOutput { last_hidden_state, pooler_output })
+        Ok(ClipTextOutput {
+            last_hidden_state,
+            pooler_output,
+        })
     }
 
     /// transformers' pooling: with the legacy `eos_token_id == 2` (SD 1.x/2.x configs) the position
@@ -243,6 +288,8 @@ impl ClipTextTransformer {
 
 /// `[S, S]` additive mask: 0 on and below the diagonal, −inf above.
 fn causal_mask(s: usize, dev: &Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..s).flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    let v: Vec<f32> = (0..s)
+        .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
     Ok(Tensor::from_vec(v, (s, s), dev)?)
 }

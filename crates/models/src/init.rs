@@ -53,7 +53,14 @@ pub struct FolderConfigs {
     pub pad_token: &'static str,
 }
 
-fn text_encoder_json(hidden: usize, inter: usize, layers: usize, heads: usize, act: &str, proj: usize) -> Value {
+fn text_encoder_json(
+    hidden: usize,
+    inter: usize,
+    layers: usize,
+    heads: usize,
+    act: &str,
+    proj: usize,
+) -> Value {
     json!({
         "_name_or_path": "imprint-random", "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
         "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "dropout": 0.0,
@@ -161,7 +168,9 @@ struct RandomBackend {
 
 /// FNV-1a: a stable hash of the weight name (std's hasher may change between Rust versions).
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 impl RandomBackend {
@@ -171,7 +180,9 @@ impl RandomBackend {
         let dims = shape.dims();
         let leaf = name.rsplit('.').next().unwrap_or("");
         let is_norm = name.contains("norm") || name.contains("layer_norm");
-        let uniform = |rng: &mut rand_chacha::ChaCha8Rng, scale: f32| -> f32 { rng.gen_range(-1.0f32..1.0) * scale };
+        let uniform = |rng: &mut rand_chacha::ChaCha8Rng, scale: f32| -> f32 {
+            rng.gen_range(-1.0f32..1.0) * scale
+        };
         if leaf == "bias" {
             (0..n).map(|_| uniform(&mut rng, 0.1)).collect()
         } else if is_norm && dims.len() == 1 {
@@ -188,8 +199,18 @@ impl RandomBackend {
 }
 
 impl SimpleBackend for RandomBackend {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let mut made = self.made.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut made = self
+            .made
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
         if let Some(t) = made.get(name) {
             if t.shape() != &s {
                 candle_core::bail!("{name}: requested as {s:?} and as {:?}", t.shape())
@@ -201,12 +222,20 @@ impl SimpleBackend for RandomBackend {
         t.to_dtype(dtype)?.to_device(dev)
     }
 
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         candle_core::bail!("random init: {name} requested without a shape")
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.made.lock().map(|m| m.contains_key(name)).unwrap_or(false)
+        self.made
+            .lock()
+            .map(|m| m.contains_key(name))
+            .unwrap_or(false)
     }
 }
 
@@ -216,9 +245,15 @@ where
     F: FnOnce(VarBuilder<'static>) -> Result<()>,
 {
     let made = Arc::new(Mutex::new(HashMap::new()));
-    let backend: Box<dyn SimpleBackend> = Box::new(RandomBackend { seed, made: made.clone() });
+    let backend: Box<dyn SimpleBackend> = Box::new(RandomBackend {
+        seed,
+        made: made.clone(),
+    });
     build(VarBuilder::from_backend(backend, DType::F32, Device::Cpu))?;
-    let tensors = made.lock().map_err(|_| anyhow::anyhow!("random init: poisoned lock"))?.clone();
+    let tensors = made
+        .lock()
+        .map_err(|_| anyhow::anyhow!("random init: poisoned lock"))?
+        .clone();
     crate::io::save_safetensors_atomic(path, &tensors, None)
 }
 
@@ -226,12 +261,16 @@ where
 /// an existing model folder is refused rather than overwritten).
 pub fn write_random_model(config: KnownConfig, out: &Path, seed: u64) -> Result<()> {
     if out.join("model_index.json").exists() {
-        bail!("{}: a model folder already exists here; choose another --out", out.display())
+        bail!(
+            "{}: a model folder already exists here; choose another --out",
+            out.display()
+        )
     }
     let c = config.configs();
     let write_json = |rel: &str, v: &Value| -> Result<()> {
         let p = out.join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).with_context(|| format!("{}: cannot create", p.display()))?;
+        std::fs::create_dir_all(p.parent().unwrap())
+            .with_context(|| format!("{}: cannot create", p.display()))?;
         crate::io::write_atomic(&p, serde_json::to_string_pretty(v)?.as_bytes())
     };
     write_json("unet/config.json", &c.unet)?;
@@ -241,17 +280,23 @@ pub fn write_random_model(config: KnownConfig, out: &Path, seed: u64) -> Result<
     crate::tokenizer::write_clip_tokenizer(&out.join("tokenizer"), c.pad_token)?;
 
     let unet_cfg: UNet2DConditionConfig = serde_json::from_value(c.unet.clone())?;
-    write_random(&out.join("unet/diffusion_pytorch_model.safetensors"), seed, |vb| {
-        UNet2DConditionModel::new(vb, &unet_cfg).map(|_| ())
-    })?;
+    write_random(
+        &out.join("unet/diffusion_pytorch_model.safetensors"),
+        seed,
+        |vb| UNet2DConditionModel::new(vb, &unet_cfg).map(|_| ()),
+    )?;
     let vae_cfg: AutoencoderKLConfig = serde_json::from_value(c.vae.clone())?;
-    write_random(&out.join("vae/diffusion_pytorch_model.safetensors"), seed.wrapping_add(1), |vb| {
-        AutoencoderKL::new(vb, &vae_cfg).map(|_| ())
-    })?;
+    write_random(
+        &out.join("vae/diffusion_pytorch_model.safetensors"),
+        seed.wrapping_add(1),
+        |vb| AutoencoderKL::new(vb, &vae_cfg).map(|_| ()),
+    )?;
     let te_cfg: ClipTextConfig = serde_json::from_value(c.text_encoder.clone())?;
-    write_random(&out.join("text_encoder/model.safetensors"), seed.wrapping_add(2), |vb| {
-        ClipTextTransformer::new(vb, &te_cfg).map(|_| ())
-    })?;
+    write_random(
+        &out.join("text_encoder/model.safetensors"),
+        seed.wrapping_add(2),
+        |vb| ClipTextTransformer::new(vb, &te_cfg).map(|_| ()),
+    )?;
     // Last, so a folder with model_index.json is always complete.
     write_json(
         "model_index.json",

@@ -8,7 +8,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -29,10 +32,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Saves tensors as safetensors at `path` atomically, with optional string metadata.
-pub fn save_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>, metadata: Option<HashMap<String, String>>) -> Result<()> {
+pub fn save_safetensors_atomic(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
-    let views: Vec<(String, Tensor)> = names.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+    let views: Vec<(String, Tensor)> = names
+        .iter()
+        .map(|n| ((*n).clone(), tensors[*n].clone()))
+        .collect();
     let bytes = safetensors::serialize(views.iter().map(|(n, t)| (n.as_str(), t)), metadata)
         .with_context(|| format!("{}: cannot serialize tensors", path.display()))?;
     write_atomic(path, &bytes)

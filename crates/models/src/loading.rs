@@ -9,11 +9,11 @@ use crate::vae::{AutoencoderKL, AutoencoderKLConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
-use std::collections::HashMap;
-use std::sync::Arc;
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A diffusers Stable Diffusion folder on disk.
 #[derive(Clone, Debug)]
@@ -30,7 +30,10 @@ impl ModelFolder {
         }
         for part in ["unet", "vae", "text_encoder", "tokenizer"] {
             if !root.join(part).is_dir() {
-                bail!("{}: missing component folder '{part}/' (expected the diffusers layout)", root.display())
+                bail!(
+                    "{}: missing component folder '{part}/' (expected the diffusers layout)",
+                    root.display()
+                )
             }
         }
         Ok(Self { root })
@@ -70,11 +73,24 @@ impl ModelFolder {
     /// Tensors are read from the files on demand with positioned reads rather than memory-mapped:
     /// a map keeps every touched page resident next to the loaded copy, doubling peak memory
     /// (3.4 GB extra for the SD 1.5 UNet).
-    pub fn var_builder(&self, component: &str, stem: &str, dtype: DType, device: &Device) -> Result<(VarBuilder<'static>, String)> {
+    pub fn var_builder(
+        &self,
+        component: &str,
+        stem: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(VarBuilder<'static>, String)> {
         let files = weight_files(&self.component(component), stem)?;
-        let label = files.iter().map(|f| rel(&self.root, f)).collect::<Vec<_>>().join(", ");
+        let label = files
+            .iter()
+            .map(|f| rel(&self.root, f))
+            .collect::<Vec<_>>()
+            .join(", ");
         let reader = SafetensorsReader::open(&files).with_context(|| label.clone())?;
-        Ok((VarBuilder::from_backend(Box::new(reader), dtype, device.clone()), label))
+        Ok((
+            VarBuilder::from_backend(Box::new(reader), dtype, device.clone()),
+            label,
+        ))
     }
 
     pub fn load_unet(&self, dtype: DType, device: &Device) -> Result<UNet2DConditionModel> {
@@ -101,33 +117,48 @@ fn rel(root: &Path, p: &Path) -> String {
 }
 
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid config", path.display()))
 }
 
 /// The safetensors files of a component: `<stem>.safetensors`, else the `.fp16` variant, else the
 /// shards named by `<stem>.safetensors.index.json`.
 pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
-    for name in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")] {
+    for name in [
+        format!("{stem}.safetensors"),
+        format!("{stem}.fp16.safetensors"),
+    ] {
         let p = dir.join(&name);
         if p.is_file() {
             return Ok(vec![p]);
         }
     }
-    for index in [format!("{stem}.safetensors.index.json"), format!("{stem}.safetensors.index.fp16.json")] {
+    for index in [
+        format!("{stem}.safetensors.index.json"),
+        format!("{stem}.safetensors.index.fp16.json"),
+    ] {
         let p = dir.join(&index);
         if p.is_file() {
             let v: serde_json::Value = read_json(&p)?;
             let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
                 bail!("{}: no weight_map", p.display())
             };
-            let mut shards: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
+            let mut shards: Vec<PathBuf> = map
+                .values()
+                .filter_map(|f| f.as_str())
+                .map(|f| dir.join(f))
+                .collect();
             shards.sort();
             shards.dedup();
             return Ok(shards);
         }
     }
-    for pickled in [format!("{stem}.bin"), format!("{stem}.ckpt"), format!("{stem}.pt")] {
+    for pickled in [
+        format!("{stem}.bin"),
+        format!("{stem}.ckpt"),
+        format!("{stem}.pt"),
+    ] {
         if dir.join(&pickled).is_file() {
             bail!(
                 "{}: only pickled weights ({pickled}) found; imprint does not unpickle (it can run code). Convert them to safetensors",
@@ -174,24 +205,36 @@ fn read_header(path: &Path) -> Result<(serde_json::Map<String, serde_json::Value
     let mut f = std::fs::File::open(path).context("cannot open")?;
     let file_len = f.metadata()?.len();
     let mut len_bytes = [0u8; 8];
-    f.read_exact(&mut len_bytes).context("truncated safetensors file (no header)")?;
+    f.read_exact(&mut len_bytes)
+        .context("truncated safetensors file (no header)")?;
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > 100_000_000 || 8 + header_len > file_len {
         bail!("malformed or truncated safetensors file (header of {header_len} bytes in a {file_len}-byte file)")
     }
     let mut header = vec![0u8; header_len as usize];
     f.read_exact(&mut header)?;
-    let v: serde_json::Value = serde_json::from_slice(&header).context("malformed safetensors header")?;
-    let serde_json::Value::Object(map) = v else { bail!("malformed safetensors header (not an object)") };
+    let v: serde_json::Value =
+        serde_json::from_slice(&header).context("malformed safetensors header")?;
+    let serde_json::Value::Object(map) = v else {
+        bail!("malformed safetensors header (not an object)")
+    };
     let data_start = 8 + header_len;
     for (name, t) in &map {
         if name == "__metadata__" {
             continue;
         }
-        let end = t.get("data_offsets").and_then(|o| o.get(1)).and_then(|x| x.as_u64());
-        let Some(end) = end else { bail!("malformed safetensors header: '{name}' has no data_offsets") };
+        let end = t
+            .get("data_offsets")
+            .and_then(|o| o.get(1))
+            .and_then(|x| x.as_u64());
+        let Some(end) = end else {
+            bail!("malformed safetensors header: '{name}' has no data_offsets")
+        };
         if data_start + end > file_len {
-            bail!("truncated safetensors file: '{name}' ends at byte {}, the file has {file_len}", data_start + end)
+            bail!(
+                "truncated safetensors file: '{name}' ends at byte {}, the file has {file_len}",
+                data_start + end
+            )
         }
     }
     Ok((map, data_start))
@@ -206,14 +249,16 @@ impl SafetensorsReader {
     pub fn open(files: &[PathBuf]) -> Result<Self> {
         let mut entries = HashMap::new();
         for path in files {
-            let (header, data_start) = read_header(path).with_context(|| path.display().to_string())?;
+            let (header, data_start) =
+                read_header(path).with_context(|| path.display().to_string())?;
             let file = Arc::new(std::fs::File::open(path)?);
             for (name, t) in header {
                 if name == "__metadata__" {
                     continue;
                 }
                 let ctx = || format!("{}: tensor '{name}'", path.display());
-                let dtype = parse_dtype(t.get("dtype").and_then(|d| d.as_str()).unwrap_or("?")).with_context(ctx)?;
+                let dtype = parse_dtype(t.get("dtype").and_then(|d| d.as_str()).unwrap_or("?"))
+                    .with_context(ctx)?;
                 let shape: Vec<usize> = t
                     .get("shape")
                     .and_then(|s| s.as_array())
@@ -222,13 +267,29 @@ impl SafetensorsReader {
                     .map(|d| d.as_u64().map(|d| d as usize))
                     .collect::<Option<_>>()
                     .with_context(ctx)?;
-                let off = t.get("data_offsets").and_then(|o| o.as_array()).with_context(ctx)?;
+                let off = t
+                    .get("data_offsets")
+                    .and_then(|o| o.as_array())
+                    .with_context(ctx)?;
                 let (a, b) = (off[0].as_u64().unwrap_or(0), off[1].as_u64().unwrap_or(0));
                 let expected = shape.iter().product::<usize>() * dtype.size_in_bytes();
                 if b < a || (b - a) as usize != expected {
-                    bail!("{}: byte range of {} does not match its shape {shape:?}", ctx(), b.saturating_sub(a))
+                    bail!(
+                        "{}: byte range of {} does not match its shape {shape:?}",
+                        ctx(),
+                        b.saturating_sub(a)
+                    )
                 }
-                entries.insert(name, TensorEntry { file: file.clone(), dtype, shape, start: data_start + a, end: data_start + b });
+                entries.insert(
+                    name,
+                    TensorEntry {
+                        file: file.clone(),
+                        dtype,
+                        shape,
+                        start: data_start + a,
+                        end: data_start + b,
+                    },
+                );
             }
         }
         Ok(Self { entries })
@@ -241,18 +302,33 @@ impl SafetensorsReader {
     /// Reads one tensor as stored.
     pub fn read(&self, name: &str) -> candle_core::Result<Tensor> {
         use std::os::unix::fs::FileExt;
-        let Some(e) = self.entries.get(name) else { candle_core::bail!("cannot find tensor {name}") };
+        let Some(e) = self.entries.get(name) else {
+            candle_core::bail!("cannot find tensor {name}")
+        };
         let mut bytes = vec![0u8; (e.end - e.start) as usize];
-        e.file.read_exact_at(&mut bytes, e.start).map_err(|err| candle_core::Error::Msg(format!("reading {name}: {err}")))?;
+        e.file
+            .read_exact_at(&mut bytes, e.start)
+            .map_err(|err| candle_core::Error::Msg(format!("reading {name}: {err}")))?;
         Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, &Device::Cpu)
     }
 }
 
 impl SimpleBackend for SafetensorsReader {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         if let Some(e) = self.entries.get(name) {
             if e.shape != s.dims() {
-                candle_core::bail!("weight '{name}' has shape {:?}, the architecture in config.json needs {:?}", e.shape, s.dims())
+                candle_core::bail!(
+                    "weight '{name}' has shape {:?}, the architecture in config.json needs {:?}",
+                    e.shape,
+                    s.dims()
+                )
             }
         }
         self.read(name)?.to_dtype(dtype)?.to_device(dev)

@@ -28,9 +28,18 @@ pub struct ResnetConfig {
 
 impl ResnetBlock2D {
     pub fn new(vb: VarBuilder, c: &ResnetConfig) -> Result<Self> {
-        let conv3 = Conv2dConfig { padding: 1, stride: 1 };
+        let conv3 = Conv2dConfig {
+            padding: 1,
+            stride: 1,
+        };
         let conv_shortcut = if c.in_channels != c.out_channels {
-            Some(Conv2d::new(vb.pp("conv_shortcut"), c.in_channels, c.out_channels, 1, Conv2dConfig::default())?)
+            Some(Conv2d::new(
+                vb.pp("conv_shortcut"),
+                c.in_channels,
+                c.out_channels,
+                1,
+                Conv2dConfig::default(),
+            )?)
         } else {
             None
         };
@@ -38,7 +47,12 @@ impl ResnetBlock2D {
             norm1: GroupNorm::new(vb.pp("norm1"), c.groups, c.in_channels, c.eps)?,
             conv1: Conv2d::new(vb.pp("conv1"), c.in_channels, c.out_channels, 3, conv3)?,
             time_emb_proj: match c.temb_channels {
-                Some(t) => Some(Linear::new(vb.pp("time_emb_proj"), t, c.out_channels, true)?),
+                Some(t) => Some(Linear::new(
+                    vb.pp("time_emb_proj"),
+                    t,
+                    c.out_channels,
+                    true,
+                )?),
                 None => None,
             },
             norm2: GroupNorm::new(vb.pp("norm2"), c.groups, c.out_channels, c.eps)?,
@@ -52,7 +66,9 @@ impl ResnetBlock2D {
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
         let h = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(t)) => h.broadcast_add(&proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?)?,
+            (Some(proj), Some(t)) => {
+                h.broadcast_add(&proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?)?
+            }
             _ => h,
         };
         let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
@@ -91,7 +107,13 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     pub fn new(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
-        let conv = Conv2d::new(vb.pp("conv"), channels, channels, 3, Conv2dConfig { padding, stride: 2 })?;
+        let conv = Conv2d::new(
+            vb.pp("conv"),
+            channels,
+            channels,
+            3,
+            Conv2dConfig { padding, stride: 2 },
+        )?;
         Ok(Self { conv, padding })
     }
 
@@ -112,7 +134,18 @@ pub struct Upsample2D {
 
 impl Upsample2D {
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Self { conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, Conv2dConfig { padding: 1, stride: 1 })? })
+        Ok(Self {
+            conv: Conv2d::new(
+                vb.pp("conv"),
+                channels,
+                channels,
+                3,
+                Conv2dConfig {
+                    padding: 1,
+                    stride: 1,
+                },
+            )?,
+        })
     }
 
     /// `size` is the skip connection's spatial size when it is not exactly twice the input's

@@ -69,26 +69,53 @@ impl AutoencoderKLConfig {
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             bail!("vae/config.json: block_out_channels, down_block_types and up_block_types must have the same non-zero length")
         }
-        if let Some(t) = self.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
+        if let Some(t) = self
+            .down_block_types
+            .iter()
+            .find(|t| *t != "DownEncoderBlock2D")
+        {
             bail!("vae/config.json: unsupported down block type '{t}' (supported: DownEncoderBlock2D)")
         }
-        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != "UpDecoderBlock2D")
+        {
             bail!("vae/config.json: unsupported up block type '{t}' (supported: UpDecoderBlock2D)")
         }
         if self.act_fn != "silu" {
             bail!("vae/config.json: unsupported act_fn '{}'", self.act_fn)
         }
-        if let Some(c) = self.block_out_channels.iter().find(|&&c| c % self.norm_num_groups != 0) {
-            bail!("vae/config.json: {c} channels are not divisible into {} norm groups", self.norm_num_groups)
+        if let Some(c) = self
+            .block_out_channels
+            .iter()
+            .find(|&&c| c % self.norm_num_groups != 0)
+        {
+            bail!(
+                "vae/config.json: {c} channels are not divisible into {} norm groups",
+                self.norm_num_groups
+            )
         }
         Ok(())
     }
 }
 
-fn vae_resnet(vb: VarBuilder, inp: usize, out: usize, groups: usize) -> candle_core::Result<ResnetBlock2D> {
+fn vae_resnet(
+    vb: VarBuilder,
+    inp: usize,
+    out: usize,
+    groups: usize,
+) -> candle_core::Result<ResnetBlock2D> {
     ResnetBlock2D::new(
         vb,
-        &ResnetConfig { in_channels: inp, out_channels: out, temb_channels: None, groups, eps: 1e-6, output_scale_factor: 1.0 },
+        &ResnetConfig {
+            in_channels: inp,
+            out_channels: out,
+            temb_channels: None,
+            groups,
+            eps: 1e-6,
+            output_scale_factor: 1.0,
+        },
     )
 }
 
@@ -101,8 +128,20 @@ struct VaeMidBlock {
 impl VaeMidBlock {
     fn new(vb: VarBuilder, c: usize, groups: usize, add_attention: bool) -> Result<Self> {
         Ok(Self {
-            resnets: [vae_resnet(vb.pp("resnets.0"), c, c, groups)?, vae_resnet(vb.pp("resnets.1"), c, c, groups)?],
-            attention: if add_attention { Some(SpatialSelfAttention::new(vb.pp("attentions.0"), c, groups, 1e-6)?) } else { None },
+            resnets: [
+                vae_resnet(vb.pp("resnets.0"), c, c, groups)?,
+                vae_resnet(vb.pp("resnets.1"), c, c, groups)?,
+            ],
+            attention: if add_attention {
+                Some(SpatialSelfAttention::new(
+                    vb.pp("attentions.0"),
+                    c,
+                    groups,
+                    1e-6,
+                )?)
+            } else {
+                None
+            },
         })
     }
 
@@ -137,7 +176,10 @@ impl Encoder {
     fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
         let boc = &cfg.block_out_channels;
         let g = cfg.norm_num_groups;
-        let pad1 = Conv2dConfig { padding: 1, stride: 1 };
+        let pad1 = Conv2dConfig {
+            padding: 1,
+            stride: 1,
+        };
         let mut down_blocks = vec![];
         let mut out_c = boc[0];
         for (i, &c) in boc.iter().enumerate() {
@@ -145,10 +187,24 @@ impl Encoder {
             out_c = c;
             let vbb = vb.pp("down_blocks").pp(i);
             let resnets = (0..cfg.layers_per_block)
-                .map(|j| vae_resnet(vbb.pp("resnets").pp(j), if j == 0 { in_c } else { out_c }, out_c, g))
+                .map(|j| {
+                    vae_resnet(
+                        vbb.pp("resnets").pp(j),
+                        if j == 0 { in_c } else { out_c },
+                        out_c,
+                        g,
+                    )
+                })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let downsampler = if i + 1 < boc.len() { Some(Downsample2D::new(vbb.pp("downsamplers.0"), out_c, 0)?) } else { None };
-            down_blocks.push(EncoderBlock { resnets, downsampler });
+            let downsampler = if i + 1 < boc.len() {
+                Some(Downsample2D::new(vbb.pp("downsamplers.0"), out_c, 0)?)
+            } else {
+                None
+            };
+            down_blocks.push(EncoderBlock {
+                resnets,
+                downsampler,
+            });
         }
         let last = *boc.last().unwrap();
         Ok(Self {
@@ -171,7 +227,8 @@ impl Encoder {
             }
         }
         h = self.mid_block.forward(&h)?;
-        self.conv_out.forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
     }
 }
 
@@ -188,7 +245,10 @@ impl Decoder {
         let boc = &cfg.block_out_channels;
         let g = cfg.norm_num_groups;
         let n = boc.len();
-        let pad1 = Conv2dConfig { padding: 1, stride: 1 };
+        let pad1 = Conv2dConfig {
+            padding: 1,
+            stride: 1,
+        };
         let last = boc[n - 1];
         let mut up_blocks = vec![];
         let mut out_c = last;
@@ -197,9 +257,20 @@ impl Decoder {
             out_c = boc[n - 1 - i];
             let vbb = vb.pp("up_blocks").pp(i);
             let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| vae_resnet(vbb.pp("resnets").pp(j), if j == 0 { prev } else { out_c }, out_c, g))
+                .map(|j| {
+                    vae_resnet(
+                        vbb.pp("resnets").pp(j),
+                        if j == 0 { prev } else { out_c },
+                        out_c,
+                        g,
+                    )
+                })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let upsampler = if i + 1 < n { Some(Upsample2D::new(vbb.pp("upsamplers.0"), out_c)?) } else { None };
+            let upsampler = if i + 1 < n {
+                Some(Upsample2D::new(vbb.pp("upsamplers.0"), out_c)?)
+            } else {
+                None
+            };
             up_blocks.push(DecoderBlock { resnets, upsampler });
         }
         Ok(Self {
@@ -222,7 +293,8 @@ impl Decoder {
                 h = u.forward(&h, None)?;
             }
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
     }
 }
 
@@ -256,8 +328,16 @@ impl AutoencoderKL {
         Ok(Self {
             encoder: Encoder::new(vb.pp("encoder"), cfg)?,
             decoder: Decoder::new(vb.pp("decoder"), cfg)?,
-            quant_conv: if cfg.use_quant_conv { Some(Conv2d::new(vb.pp("quant_conv"), 2 * l, 2 * l, 1, one)?) } else { None },
-            post_quant_conv: if cfg.use_post_quant_conv { Some(Conv2d::new(vb.pp("post_quant_conv"), l, l, 1, one)?) } else { None },
+            quant_conv: if cfg.use_quant_conv {
+                Some(Conv2d::new(vb.pp("quant_conv"), 2 * l, 2 * l, 1, one)?)
+            } else {
+                None
+            },
+            post_quant_conv: if cfg.use_post_quant_conv {
+                Some(Conv2d::new(vb.pp("post_quant_conv"), l, l, 1, one)?)
+            } else {
+                None
+            },
             config: cfg.clone(),
         })
     }
@@ -294,7 +374,10 @@ impl AutoencoderKL {
     /// Latents as the UNet sees them: `(z − shift) · scaling_factor`.
     pub fn scale_latents(&self, z: &Tensor) -> Result<Tensor> {
         let shift = self.config.shift_factor.unwrap_or(0.0);
-        Ok(z.affine(self.config.scaling_factor, -shift * self.config.scaling_factor)?)
+        Ok(z.affine(
+            self.config.scaling_factor,
+            -shift * self.config.scaling_factor,
+        )?)
     }
 
     /// The inverse of [`Self::scale_latents`].

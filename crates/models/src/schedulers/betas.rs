@@ -15,7 +15,10 @@ use candle_core::{Result, Tensor};
 /// `terminal_floor` mirrors the Euler and DPM-Solver schedulers, which after
 /// `rescale_betas_zero_snr` replace the last (zero) value by 2^-24 so that sigma stays finite;
 /// DDIM and DDPM keep the exact zero.
-pub(crate) fn alphas_cumprod(cfg: &SchedulerConfig, terminal_floor: bool) -> anyhow::Result<Vec<f32>> {
+pub(crate) fn alphas_cumprod(
+    cfg: &SchedulerConfig,
+    terminal_floor: bool,
+) -> anyhow::Result<Vec<f32>> {
     let n = cfg.num_train_timesteps;
     if n < 2 {
         anyhow::bail!("scheduler_config.json: num_train_timesteps must be at least 2, got {n}");
@@ -32,9 +35,10 @@ pub(crate) fn alphas_cumprod(cfg: &SchedulerConfig, terminal_floor: bool) -> any
         match cfg.beta_schedule.as_str() {
             "linear" => torch_linspace_f32(cfg.beta_start, cfg.beta_end, n),
             // Linear in sqrt(beta), squared in float32 as torch does.
-            "scaled_linear" => {
-                torch_linspace_f32(cfg.beta_start.sqrt(), cfg.beta_end.sqrt(), n).into_iter().map(|b| b * b).collect()
-            }
+            "scaled_linear" => torch_linspace_f32(cfg.beta_start.sqrt(), cfg.beta_end.sqrt(), n)
+                .into_iter()
+                .map(|b| b * b)
+                .collect(),
             "squaredcos_cap_v2" => cosine_betas(n),
             other => anyhow::bail!(
                 "scheduler_config.json: unsupported beta_schedule '{other}' \
@@ -74,7 +78,11 @@ fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
 
 /// `betas_for_alpha_bar` with the cosine alpha-bar of Nichol & Dhariwal, capped at 0.999.
 fn cosine_betas(n: usize) -> Vec<f32> {
-    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+            .cos()
+            .powi(2)
+    };
     (0..n)
         .map(|i| {
             let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -117,7 +125,10 @@ fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
 
 /// The training sigmas `sqrt((1 - ᾱ) / ᾱ)` in float32, indexed by training timestep.
 pub(crate) fn train_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
-    alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
+    alphas_cumprod
+        .iter()
+        .map(|&a| ((1.0 - a) / a).sqrt())
+        .collect()
 }
 
 /// `np.log` of the float32 training sigmas (kept float32, as numpy does).
@@ -135,8 +146,13 @@ pub(crate) enum Spacing {
 
 impl Spacing {
     /// The config's spacing, or `class_default` (each diffusers class has its own) when absent.
-    pub(crate) fn from_config(cfg: &SchedulerConfig, class_default: Spacing) -> anyhow::Result<Self> {
-        let Some(spacing) = cfg.timestep_spacing.as_deref() else { return Ok(class_default) };
+    pub(crate) fn from_config(
+        cfg: &SchedulerConfig,
+        class_default: Spacing,
+    ) -> anyhow::Result<Self> {
+        let Some(spacing) = cfg.timestep_spacing.as_deref() else {
+            return Ok(class_default);
+        };
         Ok(match spacing {
             "leading" => Self::Leading,
             "trailing" => Self::Trailing,
@@ -174,11 +190,15 @@ pub(crate) fn spaced_timesteps(spacing: Spacing, cfg: &SchedulerConfig, n: usize
     match spacing {
         Spacing::Leading => {
             let ratio = t / n;
-            (0..n).rev().map(|i| (i * ratio + cfg.steps_offset) as f64).collect()
+            (0..n)
+                .rev()
+                .map(|i| (i * ratio + cfg.steps_offset) as f64)
+                .collect()
         }
-        Spacing::Trailing => {
-            np_arange_down(t as f64, t as f64 / n as f64).into_iter().map(|v| v.round_ties_even() - 1.0).collect()
-        }
+        Spacing::Trailing => np_arange_down(t as f64, t as f64 / n as f64)
+            .into_iter()
+            .map(|v| v.round_ties_even() - 1.0)
+            .collect(),
         Spacing::Linspace => {
             let mut v = np_linspace(0.0, (t - 1) as f64, n);
             v.reverse();
@@ -206,7 +226,10 @@ pub(crate) fn interp(x: f64, fp: &[f32]) -> f64 {
 pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
     let rho = 7.0;
     let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
-    np_linspace(0.0, 1.0, n).into_iter().map(|ramp| (max_inv + ramp * (min_inv - max_inv)).powf(rho)).collect()
+    np_linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|ramp| (max_inv + ramp * (min_inv - max_inv)).powf(rho))
+        .collect()
 }
 
 /// The (fractional) training timestep whose sigma is `sigma`, interpolating linearly in
@@ -215,7 +238,11 @@ pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
     // The last training timestep whose log-sigma is at or below ours (0 if none), kept one short
     // of the end so that it has an upper neighbour.
-    let low = log_sigmas.iter().rposition(|&l| log_sigma - l as f64 >= 0.0).unwrap_or(0).min(log_sigmas.len() - 2);
+    let low = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l as f64 >= 0.0)
+        .unwrap_or(0)
+        .min(log_sigmas.len() - 2);
     let (lo, hi) = (log_sigmas[low] as f64, log_sigmas[low + 1] as f64);
     let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
     (1.0 - w) * low as f64 + w * (low + 1) as f64
@@ -256,9 +283,15 @@ mod tests {
     #[test]
     fn spacing_matches_diffusers_tables() {
         let leading = spaced_timesteps(Spacing::Leading, &sd_config("leading"), 8);
-        assert_eq!(leading, [876.0, 751.0, 626.0, 501.0, 376.0, 251.0, 126.0, 1.0]);
+        assert_eq!(
+            leading,
+            [876.0, 751.0, 626.0, 501.0, 376.0, 251.0, 126.0, 1.0]
+        );
         let trailing = spaced_timesteps(Spacing::Trailing, &sd_config("trailing"), 8);
-        assert_eq!(trailing, [999.0, 874.0, 749.0, 624.0, 499.0, 374.0, 249.0, 124.0]);
+        assert_eq!(
+            trailing,
+            [999.0, 874.0, 749.0, 624.0, 499.0, 374.0, 249.0, 124.0]
+        );
         let linspace = spaced_timesteps(Spacing::Linspace, &sd_config("linspace"), 3);
         assert_eq!(linspace, [999.0, 499.5, 0.0]);
     }
@@ -268,7 +301,10 @@ mod tests {
         let sigmas = train_sigmas(&alphas_cumprod(&sd_config("leading"), true).unwrap());
         let logs = log_sigmas(&sigmas);
         for t in [0usize, 1, 17, 500, 998, 999] {
-            assert!((sigma_to_t(sigmas[t] as f64, &logs) - t as f64).abs() < 1e-4, "t = {t}");
+            assert!(
+                (sigma_to_t(sigmas[t] as f64, &logs) - t as f64).abs() < 1e-4,
+                "t = {t}"
+            );
             assert_eq!(interp(t as f64, &sigmas), sigmas[t] as f64);
         }
         // Karras sigmas keep both end points.
@@ -281,6 +317,9 @@ mod tests {
         let mut cfg = sd_config("trailing");
         cfg.rescale_betas_zero_snr = true;
         assert_eq!(*alphas_cumprod(&cfg, false).unwrap().last().unwrap(), 0.0);
-        assert_eq!(*alphas_cumprod(&cfg, true).unwrap().last().unwrap(), 2f32.powi(-24));
+        assert_eq!(
+            *alphas_cumprod(&cfg, true).unwrap().last().unwrap(),
+            2f32.powi(-24)
+        );
     }
 }

@@ -28,16 +28,25 @@ impl DdimScheduler {
             );
         }
         // Integer timesteps: numpy rounds half to even before the int64 cast.
-        let timesteps =
-            betas::spaced_timesteps(spacing, cfg, num_inference_steps).into_iter().map(f64::round_ties_even).collect();
-        let final_alpha_cumprod = if cfg.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] as f64 };
+        let timesteps = betas::spaced_timesteps(spacing, cfg, num_inference_steps)
+            .into_iter()
+            .map(f64::round_ties_even)
+            .collect();
+        let final_alpha_cumprod = if cfg.set_alpha_to_one {
+            1.0
+        } else {
+            alphas_cumprod[0] as f64
+        };
         Ok(Self {
             alphas_cumprod,
             final_alpha_cumprod,
             timesteps,
             stride: cfg.num_train_timesteps / num_inference_steps,
             prediction,
-            clip: cfg.clip_sample.unwrap_or(true).then_some(cfg.clip_sample_range),
+            clip: cfg
+                .clip_sample
+                .unwrap_or(true)
+                .then_some(cfg.clip_sample_range),
         })
     }
 
@@ -76,9 +85,18 @@ impl Scheduler for DdimScheduler {
         let alpha_prev = self.alpha_at(t - self.stride as i64);
         let (a, b) = (alpha_t.sqrt(), (1.0 - alpha_t).sqrt());
         let (mut x0, eps) = match self.prediction {
-            PredictionType::Epsilon => (lin2(sample, 1.0 / a, model_output, -b / a)?, model_output.clone()),
-            PredictionType::Sample => (model_output.clone(), lin2(sample, 1.0 / b, model_output, -a / b)?),
-            PredictionType::VPrediction => (lin2(sample, a, model_output, -b)?, lin2(model_output, a, sample, b)?),
+            PredictionType::Epsilon => (
+                lin2(sample, 1.0 / a, model_output, -b / a)?,
+                model_output.clone(),
+            ),
+            PredictionType::Sample => (
+                model_output.clone(),
+                lin2(sample, 1.0 / b, model_output, -a / b)?,
+            ),
+            PredictionType::VPrediction => (
+                lin2(sample, a, model_output, -b)?,
+                lin2(model_output, a, sample, b)?,
+            ),
         };
         if let Some(range) = self.clip {
             x0 = x0.clamp(-range, range)?;

@@ -24,9 +24,19 @@ impl DdpmScheduler {
                 cfg.num_train_timesteps
             );
         }
-        let timesteps =
-            betas::spaced_timesteps(spacing, cfg, num_inference_steps).into_iter().map(f64::round_ties_even).collect();
-        Ok(Self { alphas_cumprod, timesteps, prediction, clip: cfg.clip_sample.unwrap_or(true).then_some(cfg.clip_sample_range) })
+        let timesteps = betas::spaced_timesteps(spacing, cfg, num_inference_steps)
+            .into_iter()
+            .map(f64::round_ties_even)
+            .collect();
+        Ok(Self {
+            alphas_cumprod,
+            timesteps,
+            prediction,
+            clip: cfg
+                .clip_sample
+                .unwrap_or(true)
+                .then_some(cfg.clip_sample_range),
+        })
     }
 }
 
@@ -64,11 +74,16 @@ impl Scheduler for DdpmScheduler {
         let current_alpha = alpha_t / alpha_prev;
         let current_beta = 1.0 - current_alpha;
         let mut x0 = match self.prediction {
-            PredictionType::Epsilon => {
-                lin2(sample, 1.0 / alpha_t.sqrt(), model_output, -(beta_t.sqrt()) / alpha_t.sqrt())?
-            }
+            PredictionType::Epsilon => lin2(
+                sample,
+                1.0 / alpha_t.sqrt(),
+                model_output,
+                -(beta_t.sqrt()) / alpha_t.sqrt(),
+            )?,
             PredictionType::Sample => model_output.clone(),
-            PredictionType::VPrediction => lin2(sample, alpha_t.sqrt(), model_output, -beta_t.sqrt())?,
+            PredictionType::VPrediction => {
+                lin2(sample, alpha_t.sqrt(), model_output, -beta_t.sqrt())?
+            }
         };
         if let Some(range) = self.clip {
             x0 = x0.clamp(-range, range)?;
@@ -106,8 +121,14 @@ pub struct NoiseSchedule {
 impl NoiseSchedule {
     pub fn new(cfg: &SchedulerConfig) -> anyhow::Result<Self> {
         let prediction = cfg.prediction()?;
-        let alphas_cumprod = betas::alphas_cumprod(cfg, false)?.into_iter().map(f64::from).collect();
-        Ok(Self { alphas_cumprod, prediction })
+        let alphas_cumprod = betas::alphas_cumprod(cfg, false)?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        Ok(Self {
+            alphas_cumprod,
+            prediction,
+        })
     }
 
     pub fn num_train_timesteps(&self) -> usize {
@@ -121,15 +142,27 @@ impl NoiseSchedule {
     }
 
     /// A `[batch, 1, 1, ...]` tensor of `f(ᾱ_t)` per sample, shaped to broadcast against `like`.
-    fn per_sample(&self, f: impl Fn(f64) -> f64, timesteps: &[usize], like: &Tensor) -> Result<Tensor> {
+    fn per_sample(
+        &self,
+        f: impl Fn(f64) -> f64,
+        timesteps: &[usize],
+        like: &Tensor,
+    ) -> Result<Tensor> {
         let dims = like.dims();
         if dims.first() != Some(&timesteps.len()) {
-            candle_core::bail!("{} timesteps for a batch of shape {:?}", timesteps.len(), dims)
+            candle_core::bail!(
+                "{} timesteps for a batch of shape {:?}",
+                timesteps.len(),
+                dims
+            )
         }
         let mut values = Vec::with_capacity(timesteps.len());
         for &t in timesteps {
             let Some(&a) = self.alphas_cumprod.get(t) else {
-                candle_core::bail!("timestep {t} is outside the {}-step training schedule", self.alphas_cumprod.len())
+                candle_core::bail!(
+                    "timestep {t} is outside the {}-step training schedule",
+                    self.alphas_cumprod.len()
+                )
             };
             values.push(f(a) as f32);
         }

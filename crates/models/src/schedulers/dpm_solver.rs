@@ -21,7 +21,11 @@ pub struct DpmSolverMultistepScheduler {
 }
 
 impl DpmSolverMultistepScheduler {
-    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize, karras: bool) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: &SchedulerConfig,
+        num_inference_steps: usize,
+        karras: bool,
+    ) -> anyhow::Result<Self> {
         let prediction = cfg.prediction()?;
         let spacing = Spacing::from_config(cfg, Spacing::Linspace)?;
         let alphas_cumprod = betas::alphas_cumprod(cfg, true)?;
@@ -38,7 +42,10 @@ impl DpmSolverMultistepScheduler {
             }
             Spacing::Leading => {
                 let ratio = t / (n + 1);
-                (1..=n).rev().map(|i| (i * ratio + cfg.steps_offset) as f64).collect()
+                (1..=n)
+                    .rev()
+                    .map(|i| (i * ratio + cfg.steps_offset) as f64)
+                    .collect()
             }
             Spacing::Trailing => betas::np_arange_down(t as f64, t as f64 / n as f64)
                 .into_iter()
@@ -47,7 +54,8 @@ impl DpmSolverMultistepScheduler {
         };
         let (timesteps, mut sigmas) = if karras {
             // Here the Karras range is the full training range (contrast Euler).
-            let sigmas = betas::karras_sigmas(train_sigmas[0] as f64, train_sigmas[t - 1] as f64, n);
+            let sigmas =
+                betas::karras_sigmas(train_sigmas[0] as f64, train_sigmas[t - 1] as f64, n);
             let log_sigmas = betas::log_sigmas(&train_sigmas);
             // diffusers rounds the matching timesteps, except when beta_schedule names the cosine
             // schedule (even alongside trained_betas), where the int64 cast truncates them.
@@ -65,12 +73,20 @@ impl DpmSolverMultistepScheduler {
                 .collect();
             (timesteps, sigmas)
         } else {
-            let sigmas = timesteps.iter().map(|&ts| betas::interp(ts, &train_sigmas)).collect();
+            let sigmas = timesteps
+                .iter()
+                .map(|&ts| betas::interp(ts, &train_sigmas))
+                .collect();
             (timesteps, sigmas)
         };
         sigmas.push(0.0);
         let sigmas = sigmas.into_iter().map(|s| s as f32 as f64).collect();
-        Ok(Self { timesteps, sigmas, prediction, previous: None })
+        Ok(Self {
+            timesteps,
+            sigmas,
+            prediction,
+            previous: None,
+        })
     }
 
     /// `lambda = ln(alpha_t) - ln(sigma_t)` (+inf at sigma 0).
@@ -105,7 +121,9 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let (sigma_s, sigma_next) = (self.sigmas[i], self.sigmas[i + 1]);
         let (alpha_s, sigma_s_t) = alpha_sigma(sigma_s);
         let x0 = match self.prediction {
-            PredictionType::Epsilon => lin2(sample, 1.0 / alpha_s, model_output, -sigma_s_t / alpha_s)?,
+            PredictionType::Epsilon => {
+                lin2(sample, 1.0 / alpha_s, model_output, -sigma_s_t / alpha_s)?
+            }
             PredictionType::Sample => model_output.clone(),
             PredictionType::VPrediction => lin2(sample, alpha_s, model_output, -sigma_s_t)?,
         };

@@ -26,15 +26,23 @@ pub(crate) fn sigma_schedule(
     let alphas_cumprod = betas::alphas_cumprod(cfg, true)?;
     let train_sigmas = betas::train_sigmas(&alphas_cumprod);
     // diffusers casts the spaced timesteps to float32 before interpolating.
-    let mut timesteps: Vec<f64> =
-        betas::spaced_timesteps(spacing, cfg, num_inference_steps).into_iter().map(|t| t as f32 as f64).collect();
-    let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| betas::interp(t, &train_sigmas)).collect();
+    let mut timesteps: Vec<f64> = betas::spaced_timesteps(spacing, cfg, num_inference_steps)
+        .into_iter()
+        .map(|t| t as f32 as f64)
+        .collect();
+    let mut sigmas: Vec<f64> = timesteps
+        .iter()
+        .map(|&t| betas::interp(t, &train_sigmas))
+        .collect();
     if karras {
         // The Karras range is the interpolated schedule's own, not the full training range.
         let (min, max) = (sigmas[sigmas.len() - 1], sigmas[0]);
         sigmas = betas::karras_sigmas(min, max, num_inference_steps);
         let log_sigmas = betas::log_sigmas(&train_sigmas);
-        timesteps = sigmas.iter().map(|&s| betas::sigma_to_t(s, &log_sigmas) as f32 as f64).collect();
+        timesteps = sigmas
+            .iter()
+            .map(|&s| betas::sigma_to_t(s, &log_sigmas) as f32 as f64)
+            .collect();
     }
     sigmas.push(0.0);
     let sigmas: Vec<f64> = sigmas.into_iter().map(|s| s as f32 as f64).collect();
@@ -67,10 +75,20 @@ pub(crate) fn predict_x0(
 }
 
 impl EulerScheduler {
-    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize, karras: bool) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: &SchedulerConfig,
+        num_inference_steps: usize,
+        karras: bool,
+    ) -> anyhow::Result<Self> {
         let prediction = cfg.prediction()?;
-        let (timesteps, sigmas, init_noise_sigma) = sigma_schedule(cfg, num_inference_steps, karras)?;
-        Ok(Self { timesteps, sigmas, init_noise_sigma, prediction })
+        let (timesteps, sigmas, init_noise_sigma) =
+            sigma_schedule(cfg, num_inference_steps, karras)?;
+        Ok(Self {
+            timesteps,
+            sigmas,
+            init_noise_sigma,
+            prediction,
+        })
     }
 }
 

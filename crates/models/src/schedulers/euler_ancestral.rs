@@ -16,7 +16,11 @@ pub struct EulerAncestralScheduler {
 }
 
 impl EulerAncestralScheduler {
-    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize, karras: bool) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: &SchedulerConfig,
+        num_inference_steps: usize,
+        karras: bool,
+    ) -> anyhow::Result<Self> {
         // diffusers' EulerAncestralDiscreteScheduler has no use_karras_sigmas option.
         if karras {
             anyhow::bail!(
@@ -28,8 +32,14 @@ impl EulerAncestralScheduler {
         if prediction == PredictionType::Sample {
             anyhow::bail!("euler-a: scheduler_config.json prediction_type 'sample' is not supported (as in diffusers)");
         }
-        let (timesteps, sigmas, init_noise_sigma) = sigma_schedule(cfg, num_inference_steps, false)?;
-        Ok(Self { timesteps, sigmas, init_noise_sigma, prediction })
+        let (timesteps, sigmas, init_noise_sigma) =
+            sigma_schedule(cfg, num_inference_steps, false)?;
+        Ok(Self {
+            timesteps,
+            sigmas,
+            init_noise_sigma,
+            prediction,
+        })
     }
 }
 
@@ -58,7 +68,9 @@ impl Scheduler for EulerAncestralScheduler {
         betas::check_index(step_index, self.timesteps.len())?;
         let (sigma, sigma_next) = (self.sigmas[step_index], self.sigmas[step_index + 1]);
         let x0 = predict_x0(self.prediction, model_output, sample, sigma)?;
-        let sigma_up = (sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next) / (sigma * sigma)).sqrt();
+        let sigma_up = (sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next)
+            / (sigma * sigma))
+            .sqrt();
         let sigma_down = (sigma_next * sigma_next - sigma_up * sigma_up).sqrt();
         let derivative = (sample - x0)?;
         let prev = lin2(sample, 1.0, &derivative, (sigma_down - sigma) / sigma)?;

@@ -118,7 +118,9 @@ impl std::str::FromStr for SchedulerKind {
             "euler-a" => Self::EulerAncestral,
             "dpm++2m" => Self::DpmPlusPlus2M,
             "ddpm" => Self::Ddpm,
-            other => anyhow::bail!("unknown scheduler '{other}' (expected ddim, euler, euler-a, dpm++2m or ddpm)"),
+            other => anyhow::bail!(
+                "unknown scheduler '{other}' (expected ddim, euler, euler-a, dpm++2m or ddpm)"
+            ),
         })
     }
 }
@@ -133,8 +135,13 @@ pub trait Scheduler {
     /// Scales the denoising model input at step `step_index` (identity for DDIM/DDPM).
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
     /// One denoising step from `sample` given the model output at `step_index`.
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor, noise: &mut dyn NoiseSource)
-        -> Result<Tensor>;
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor>;
     /// Noises clean latents to the level of step `step_index` (img2img's starting point).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor>;
     /// How many model evaluations each step consumes (1 for all schedulers here).
@@ -158,13 +165,21 @@ pub fn build(
     let karras = karras || config.use_karras_sigmas;
     Ok(match kind {
         SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(config, num_inference_steps)?),
-        SchedulerKind::Euler => Box::new(euler::EulerScheduler::new(config, num_inference_steps, karras)?),
-        SchedulerKind::EulerAncestral => {
-            Box::new(euler_ancestral::EulerAncestralScheduler::new(config, num_inference_steps, karras)?)
-        }
-        SchedulerKind::DpmPlusPlus2M => {
-            Box::new(dpm_solver::DpmSolverMultistepScheduler::new(config, num_inference_steps, karras)?)
-        }
+        SchedulerKind::Euler => Box::new(euler::EulerScheduler::new(
+            config,
+            num_inference_steps,
+            karras,
+        )?),
+        SchedulerKind::EulerAncestral => Box::new(euler_ancestral::EulerAncestralScheduler::new(
+            config,
+            num_inference_steps,
+            karras,
+        )?),
+        SchedulerKind::DpmPlusPlus2M => Box::new(dpm_solver::DpmSolverMultistepScheduler::new(
+            config,
+            num_inference_steps,
+            karras,
+        )?),
         SchedulerKind::Ddpm => Box::new(ddpm::DdpmScheduler::new(config, num_inference_steps)?),
     })
 }

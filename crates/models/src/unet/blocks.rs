@@ -23,7 +23,13 @@ pub struct CrossAttnSettings {
     pub cross_attention_dim: usize,
 }
 
-fn resnet(vb: VarBuilder, inp: usize, out: usize, c: &BlockCommon, scale: f64) -> Result<ResnetBlock2D> {
+fn resnet(
+    vb: VarBuilder,
+    inp: usize,
+    out: usize,
+    c: &BlockCommon,
+    scale: f64,
+) -> Result<ResnetBlock2D> {
     ResnetBlock2D::new(
         vb,
         &ResnetConfig {
@@ -37,7 +43,13 @@ fn resnet(vb: VarBuilder, inp: usize, out: usize, c: &BlockCommon, scale: f64) -
     )
 }
 
-fn transformer(vb: VarBuilder, channels: usize, a: &CrossAttnSettings, c: &BlockCommon, index: usize) -> Result<Transformer2DModel> {
+fn transformer(
+    vb: VarBuilder,
+    channels: usize,
+    a: &CrossAttnSettings,
+    c: &BlockCommon,
+    index: usize,
+) -> Result<Transformer2DModel> {
     Transformer2DModel::new(
         vb,
         &Transformer2DConfig {
@@ -79,20 +91,39 @@ impl DownBlock {
             let inp = if i == 0 { in_c } else { out_c };
             resnets.push(resnet(vb.pp("resnets").pp(i), inp, out_c, c, 1.0)?);
             if let Some(a) = &attn {
-                attentions.push(transformer(vb.pp("attentions").pp(i), out_c, a, c, *cross_attention_index)?);
+                attentions.push(transformer(
+                    vb.pp("attentions").pp(i),
+                    out_c,
+                    a,
+                    c,
+                    *cross_attention_index,
+                )?);
                 *cross_attention_index += a.depth;
             }
         }
         let downsampler = if add_downsample {
-            Some(Downsample2D::new(vb.pp("downsamplers.0"), out_c, downsample_padding)?)
+            Some(Downsample2D::new(
+                vb.pp("downsamplers.0"),
+                out_c,
+                downsample_padding,
+            )?)
         } else {
             None
         };
-        Ok(Self { resnets, attentions, downsampler })
+        Ok(Self {
+            resnets,
+            attentions,
+            downsampler,
+        })
     }
 
     /// Returns the block output and the states it hands to the up path's skip connections.
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, cond: TextConditioning) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        cond: TextConditioning,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut h = x.clone();
         let mut skips = vec![];
         for (i, r) in self.resnets.iter().enumerate() {
@@ -143,9 +174,18 @@ impl MidBlock {
             resnet(vb.pp("resnets.0"), channels, channels, c, scale)?,
             resnet(vb.pp("resnets.1"), channels, channels, c, scale)?,
         ];
-        let attentions = vec![transformer(vb.pp("attentions.0"), channels, &attn, c, *cross_attention_index)?];
+        let attentions = vec![transformer(
+            vb.pp("attentions.0"),
+            channels,
+            &attn,
+            c,
+            *cross_attention_index,
+        )?];
         *cross_attention_index += attn.depth;
-        Ok(Self { resnets, attentions })
+        Ok(Self {
+            resnets,
+            attentions,
+        })
     }
 
     pub fn forward(&self, x: &Tensor, temb: &Tensor, cond: TextConditioning) -> Result<Tensor> {
@@ -196,12 +236,26 @@ impl UpBlock {
             let inp = if i == 0 { prev_out_c } else { out_c };
             resnets.push(resnet(vb.pp("resnets").pp(i), inp + skip_c, out_c, c, 1.0)?);
             if let Some(a) = &attn {
-                attentions.push(transformer(vb.pp("attentions").pp(i), out_c, a, c, *cross_attention_index)?);
+                attentions.push(transformer(
+                    vb.pp("attentions").pp(i),
+                    out_c,
+                    a,
+                    c,
+                    *cross_attention_index,
+                )?);
                 *cross_attention_index += a.depth;
             }
         }
-        let upsampler = if add_upsample { Some(Upsample2D::new(vb.pp("upsamplers.0"), out_c)?) } else { None };
-        Ok(Self { resnets, attentions, upsampler })
+        let upsampler = if add_upsample {
+            Some(Upsample2D::new(vb.pp("upsamplers.0"), out_c)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            upsampler,
+        })
     }
 
     /// `skips` are this block's skip states, in the order they are consumed (last produced first).

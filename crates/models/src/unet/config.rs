@@ -18,7 +18,10 @@ impl<T: Clone> PerBlock<T> {
         match self {
             PerBlock::One(v) => Ok(vec![v.clone(); n]),
             PerBlock::Each(vs) if vs.len() == n => Ok(vs.clone()),
-            PerBlock::Each(vs) => bail!("unet/config.json: {field} has {} entries for {n} blocks", vs.len()),
+            PerBlock::Each(vs) => bail!(
+                "unet/config.json: {field} has {} entries for {n} blocks",
+                vs.len()
+            ),
         }
     }
 }
@@ -194,11 +197,21 @@ impl UNet2DConditionConfig {
             } else if t == cross {
                 Ok(BlockKind::CrossAttn)
             } else {
-                bail!("unet/config.json: unsupported block type '{t}' (supported: {plain}, {cross})")
+                bail!(
+                    "unet/config.json: unsupported block type '{t}' (supported: {plain}, {cross})"
+                )
             }
         };
-        let down = self.down_block_types.iter().map(|t| kind(t, "DownBlock2D", "CrossAttnDownBlock2D")).collect::<Result<Vec<_>>>()?;
-        let up = self.up_block_types.iter().map(|t| kind(t, "UpBlock2D", "CrossAttnUpBlock2D")).collect::<Result<Vec<_>>>()?;
+        let down = self
+            .down_block_types
+            .iter()
+            .map(|t| kind(t, "DownBlock2D", "CrossAttnDownBlock2D"))
+            .collect::<Result<Vec<_>>>()?;
+        let up = self
+            .up_block_types
+            .iter()
+            .map(|t| kind(t, "UpBlock2D", "CrossAttnUpBlock2D"))
+            .collect::<Result<Vec<_>>>()?;
         match self.mid_block_type.as_deref() {
             Some("UNetMidBlock2DCrossAttn") => {}
             other => bail!("unet/config.json: unsupported mid_block_type {other:?} (supported: UNetMidBlock2DCrossAttn)"),
@@ -242,7 +255,12 @@ impl UNet2DConditionConfig {
         if let Some(norm) = &self.cross_attention_norm {
             unsupported("cross_attention_norm", norm)?
         }
-        if self.only_cross_attention.expand(n, "only_cross_attention")?.iter().any(|&b| b) {
+        if self
+            .only_cross_attention
+            .expand(n, "only_cross_attention")?
+            .iter()
+            .any(|&b| b)
+        {
             unsupported("only_cross_attention", &true)?
         }
         if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
@@ -269,11 +287,15 @@ impl UNet2DConditionConfig {
             down,
             up,
             layers_per_block: self.layers_per_block.expand(n, "layers_per_block")?,
-            transformer_layers: self.transformer_layers_per_block.expand(n, "transformer_layers_per_block")?,
+            transformer_layers: self
+                .transformer_layers_per_block
+                .expand(n, "transformer_layers_per_block")?,
             heads,
             cross_attention_dim: self.cross_attention_dim.expand(n, "cross_attention_dim")?,
             groups,
-            time_embed_dim: self.time_embedding_dim.unwrap_or(self.block_out_channels[0] * 4),
+            time_embed_dim: self
+                .time_embedding_dim
+                .unwrap_or(self.block_out_channels[0] * 4),
         })
     }
 }

@@ -11,15 +11,28 @@ use imprint_ops::{Conv2d, Conv2dConfig, GroupNorm, Linear};
 
 /// Sinusoidal timestep features (`Timesteps` / `get_timestep_embedding`), computed in f32 as the
 /// reference does.
-fn timestep_features(t: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_shift: f64) -> candle_core::Result<Tensor> {
+fn timestep_features(
+    t: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> candle_core::Result<Tensor> {
     let half = dim / 2;
     let dev = t.device();
-    let exponent = (Tensor::arange(0u32, half as u32, dev)?.to_dtype(DType::F32)? * (-(10000f64.ln())))?;
+    let exponent =
+        (Tensor::arange(0u32, half as u32, dev)?.to_dtype(DType::F32)? * (-(10000f64.ln())))?;
     let exponent = (exponent / (half as f64 - freq_shift))?;
     let freqs = exponent.exp()?;
-    let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs.unsqueeze(0)?)?;
+    let args = t
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs.unsqueeze(0)?)?;
     let (sin, cos) = (args.sin()?, args.cos()?);
-    let emb = if flip_sin_to_cos { Tensor::cat(&[cos, sin], 1)? } else { Tensor::cat(&[sin, cos], 1)? };
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], 1)?
+    } else {
+        Tensor::cat(&[sin, cos], 1)?
+    };
     if dim % 2 == 1 {
         emb.pad_with_zeros(1, 0, 1)
     } else {
@@ -76,9 +89,13 @@ impl UNet2DConditionModel {
             cfg.in_channels,
             boc[0],
             cfg.conv_in_kernel,
-            Conv2dConfig { padding: (cfg.conv_in_kernel - 1) / 2, stride: 1 },
+            Conv2dConfig {
+                padding: (cfg.conv_in_kernel - 1) / 2,
+                stride: 1,
+            },
         )?;
-        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), boc[0], r.time_embed_dim)?;
+        let time_embedding =
+            TimestepEmbedding::new(vb.pp("time_embedding"), boc[0], r.time_embed_dim)?;
         let attn = |i: usize| CrossAttnSettings {
             heads: r.heads[i],
             depth: r.transformer_layers[i],
@@ -103,7 +120,14 @@ impl UNet2DConditionModel {
                 &mut index,
             )?);
         }
-        let mid_block = MidBlock::new(vb.pp("mid_block"), boc[n - 1], attn(n - 1), cfg.mid_block_scale_factor, &common, &mut index)?;
+        let mid_block = MidBlock::new(
+            vb.pp("mid_block"),
+            boc[n - 1],
+            attn(n - 1),
+            cfg.mid_block_scale_factor,
+            &common,
+            &mut index,
+        )?;
         let mut up_blocks = Vec::with_capacity(n);
         let mut out_c = boc[n - 1];
         for i in 0..n {
@@ -130,7 +154,10 @@ impl UNet2DConditionModel {
             boc[0],
             cfg.out_channels,
             cfg.conv_out_kernel,
-            Conv2dConfig { padding: (cfg.conv_out_kernel - 1) / 2, stride: 1 },
+            Conv2dConfig {
+                padding: (cfg.conv_out_kernel - 1) / 2,
+                stride: 1,
+            },
         )?;
         Ok(Self {
             conv_in,
@@ -155,23 +182,47 @@ impl UNet2DConditionModel {
 
     /// Predicts noise (or v) for `sample [B, C, h, w]` at `timesteps` (`[B]` or `[]`, any numeric
     /// dtype) given the text conditioning.
-    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, cond: TextConditioning) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        cond: TextConditioning,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = sample.dims4()?;
         if c != self.config.in_channels {
-            bail!("unet: sample has {c} channels, the model expects {}", self.config.in_channels)
+            bail!(
+                "unet: sample has {c} channels, the model expects {}",
+                self.config.in_channels
+            )
         }
         let timesteps = match timesteps.rank() {
             0 => timesteps.unsqueeze(0)?.broadcast_as(b)?,
             1 if timesteps.dim(0)? == b => timesteps.clone(),
             1 if timesteps.dim(0)? == 1 => timesteps.broadcast_as(b)?,
-            _ => bail!("unet: timestep shape {:?} does not match batch {b}", timesteps.dims()),
+            _ => bail!(
+                "unet: timestep shape {:?} does not match batch {b}",
+                timesteps.dims()
+            ),
         };
-        let sample = if self.config.center_input_sample { sample.affine(2.0, -1.0)? } else { sample.clone() };
-        let t_features = timestep_features(&timesteps, self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift)?
-            .to_dtype(sample.dtype())?;
+        let sample = if self.config.center_input_sample {
+            sample.affine(2.0, -1.0)?
+        } else {
+            sample.clone()
+        };
+        let t_features = timestep_features(
+            &timesteps,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )?
+        .to_dtype(sample.dtype())?;
         let temb = self.time_embedding.forward(&t_features)?;
 
-        let n_up = self.up_blocks.iter().filter(|u| u.upsampler.is_some()).count();
+        let n_up = self
+            .up_blocks
+            .iter()
+            .filter(|u| u.upsampler.is_some())
+            .count();
         let factor = 1usize << n_up;
         let forward_upsample_size = h % factor != 0 || w % factor != 0;
 
