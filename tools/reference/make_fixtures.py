@@ -85,7 +85,7 @@ def fixtures_for(config, imprint, out_root, work):
         "transformers": __import__("transformers").__version__}}
 
     # A fingerprint of the weights: the tests check that `model init` still writes these.
-    manifest["unet_weight_abs_sum"] = float(sum(p.double().abs().sum() for p in unet.parameters()))
+    manifest["unet_weight_abs_sum"] = float(sum(p.detach().double().abs().sum() for p in unet.parameters()))
 
     with torch.no_grad():
         ids = tokenizer(PROMPTS, padding="max_length", max_length=tokenizer.model_max_length,
