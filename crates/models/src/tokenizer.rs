@@ -6,10 +6,13 @@
 //! extracted from a `tokenizer.json`, whose own normalizer / pre-tokenizer are ignored):
 //!
 //! 1. **Added tokens** are cut out first, leftmost-longest (tokenizers' `AddedVocabulary`):
-//!    the special tokens (bos, eos, unk, pad: `normalized: false`) are matched on the raw text,
-//!    then the remaining pieces are normalized and tokens registered with `add_tokens`
-//!    (`normalized: true`, e.g. a textual-inversion placeholder) are matched on the normalized text.
-//!    They match anywhere, even inside words (`"tasks"` with an added `"sks"` gives `ta</w>`, `sks`).
+//!    those with `normalized: false` (special tokens given as strings; `<|endoftext|>` and an SD 2.x
+//!    `!` pad in the SD repos) are matched on the raw text, then the remaining pieces are normalized
+//!    and those with `normalized: true` (`<|startoftext|>` in the SD repos, and tokens registered
+//!    with `add_tokens`, e.g. a textual-inversion placeholder) are matched on the normalized text,
+//!    so `<|STARTOFTEXT|>` is BOS but `<|ENDOFTEXT|>` is BPE'd. They match anywhere, even inside
+//!    words (`"tasks"` with an added `"sks"` gives `ta</w>`, `sks`). How the flags come out of the
+//!    config files is described at [`ClipTokenizer::from_dir`].
 //! 2. **Normalizer**: `NFC`, then `Replace(\s+, " ")`, then `Lowercase` (char by char, so a final
 //!    `Σ` becomes `σ`, not `ς`, and `İ` becomes `i` + U+0307 which is not re-composed).
 //!    There is no ftfy and no BasicTokenizer fallback in transformers 5 (the slow tokenizer is gone),
@@ -332,7 +335,7 @@ pub fn write_clip_tokenizer(dir: &Path, pad_token: &str) -> Result<()> {
         specials
             .iter()
             .find(|t| t.0 == content)
-            .map_or(false, |t| t.1)
+            .is_some_and(|t| t.1)
     };
     let special = serde_json::json!({
         "bos_token": added_token_json(BOS_TOKEN, flags(BOS_TOKEN)),
@@ -697,6 +700,25 @@ impl ClipTokenizer {
             tok.merges.entry(key).or_insert((rank as u32, merged));
         }
 
+        // Stripping neighbouring spaces / whole-word matching are not implemented: no SD
+        // tokenizer uses them, so refuse rather than tokenize differently.
+        for setting in flagged.values().chain(settings.iter().map(|(_, s)| s)) {
+            if let TokenSetting::Token {
+                lstrip,
+                rstrip,
+                single_word,
+                content,
+                ..
+            } = setting
+            {
+                if *lstrip || *rstrip || *single_word {
+                    bail!(
+                        "{}: added token {content:?} uses lstrip/rstrip/single_word, which imprint's CLIP tokenizer does not support",
+                        dir.display()
+                    );
+                }
+            }
+        }
         // As transformers adds them: the flagged tokens in id order, then the special-token
         // settings whose content is not among them, an exact repeat skipped.
         let flagged_contents: Vec<String> =
@@ -1066,6 +1088,17 @@ mod tests {
         std::fs::write(dir.path().join("vocab.json"), "{").unwrap();
         let err = format!("{:#}", ClipTokenizer::from_dir(dir.path()).unwrap_err());
         assert!(err.contains("vocab.json: invalid JSON"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_added_token_flags_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_clip_tokenizer(dir.path(), EOS_TOKEN).unwrap();
+        let config = serde_json::json!({"added_tokens_decoder": {"49408": {"content": "<x>",
+            "lstrip": true, "normalized": true, "rstrip": false, "single_word": false, "special": false}}});
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        let err = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("lstrip"), "{err}");
     }
 
     #[test]
