@@ -11,9 +11,14 @@ for both SD 1.x (pad "<|endoftext|>") and SD 2.x (pad "!") settings, and every p
 the way the diffusers pipelines call the tokenizer:
 `tokenizer(text, padding="max_length", max_length=77, truncation=True)`.
 
-The script also checks that the vocabulary and merges transformers' `save_pretrained` writes (it
-writes only tokenizer.json + tokenizer_config.json in v5) are the ones built here, and stores a
-digest of them in the fixture so the Rust test can check its writer produces the same content.
+The folders get `tokenizer_config.json` / `special_tokens_map.json` as the SD repos ship them, in
+the current format (`added_tokens_decoder`, what the Rust writer writes) and in the legacy format
+of the original uploads (stored in the fixture; ids recorded only where they differ), since these
+files decide whether a special token is matched before or after lowercasing.
+
+The script also checks that what transformers' `save_pretrained` writes (only tokenizer.json +
+tokenizer_config.json in v5) has the vocabulary and merges built here and reloads to the same ids,
+and stores a digest of vocabulary + merges so the Rust test can check its writer's content.
 
 Usage: /work/refvenv/bin/python tools/reference/tokenizer.py   (writes tests/fixtures/tokenizer.json)
        /work/refvenv/bin/python tools/reference/tokenizer.py --check-rust DIR
@@ -25,6 +30,7 @@ Usage: /work/refvenv/bin/python tools/reference/tokenizer.py   (writes tests/fix
 import gzip
 import json
 import os
+import shutil
 import tempfile
 
 from transformers import CLIPTokenizer
@@ -93,6 +99,7 @@ PROMPTS = [
     "!!! wow!! great !",
     "a<|endoftext|>b <|startoftext|>",
     "<|ENDOFTEXT|> uppercase special",
+    "<|StartOfText|>hi<|EndOfText|>",
     "trending on artstation, 8k, octane render, highly detailed",
     "masterpiece, (best quality:1.2), [ugly], {blue|red}",
     "snake_case-and-kebab/slashes\\back",
@@ -120,51 +127,134 @@ ADDED_PROMPTS = [
 ]
 
 
+def added(content, normalized, special=True, type_field=False):
+    d = {"content": content, "lstrip": False, "normalized": normalized, "rstrip": False, "single_word": False}
+    if special is not None:
+        d["special"] = special
+    return {"__type": "AddedToken", **d} if type_field else d
+
+
+def configs(pad):
+    """`tokenizer_config.json` + `special_tokens_map.json` as the SD repos ship them.
+
+    Current format (SD 1.x/2.x repos re-saved by transformers 4.3x, and what
+    `write_clip_tokenizer` writes): an `added_tokens_decoder` in which `<|startoftext|>` is
+    normalized and `<|endoftext|>` is not (the result of transformers' rules on the original files).
+    Legacy format (the original runwayml / stabilityai uploads): special tokens as AddedToken dicts
+    with `normalized: true` and the pad token as a string; transformers then resolves the flags.
+    """
+    decoder = {"49406": added("<|startoftext|>", True), "49407": added("<|endoftext|>", False)}
+    if pad == "!":
+        decoder = {"0": added("!", False), **decoder}
+    current = {
+        "add_prefix_space": False,
+        "added_tokens_decoder": decoder,
+        "bos_token": "<|startoftext|>",
+        "clean_up_tokenization_spaces": True,
+        "do_lower_case": True,
+        "eos_token": "<|endoftext|>",
+        "errors": "replace",
+        "model_max_length": 77,
+        "pad_token": pad,
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": "<|endoftext|>",
+    }
+    current_map = {
+        "bos_token": added("<|startoftext|>", True, None),
+        "eos_token": added("<|endoftext|>", False, None),
+        "pad_token": pad,
+        "unk_token": added("<|endoftext|>", False, None),
+    }
+    legacy = {
+        "add_prefix_space": False,
+        "bos_token": added("<|startoftext|>", True, None, True),
+        "do_lower_case": True,
+        "eos_token": added("<|endoftext|>", True, None, True),
+        "errors": "replace",
+        "model_max_length": 77,
+        "name_or_path": "openai/clip-vit-large-patch14",
+        "pad_token": pad,
+        "special_tokens_map_file": "./special_tokens_map.json",
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": added("<|endoftext|>", True, None, True),
+    }
+    legacy_map = {
+        "bos_token": added("<|startoftext|>", True, None),
+        "eos_token": added("<|endoftext|>", True, None),
+        "pad_token": pad,
+        "unk_token": added("<|endoftext|>", True, None),
+    }
+    return (current, current_map), (legacy, legacy_map)
+
+
+def write_configs(d, config, special_map):
+    with open(os.path.join(d, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(d, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump(special_map, f, indent=2)
+
+
+def encode(t, p):
+    return t(p, padding="max_length", max_length=77, truncation=True)["input_ids"]
+
+
 def main():
     cases = []
-    with tempfile.TemporaryDirectory() as d:
-        vocab, merges = build_files(d)
-        toks = {}
+    legacy_configs = {}
+    with tempfile.TemporaryDirectory() as root:
+        base = os.path.join(root, "base")
+        os.makedirs(base)
+        vocab, merges = build_files(base)
+        toks, fast = {}, {}
         for key, pad in (("sd1", "<|endoftext|>"), ("sd2", "!")):
-            t = CLIPTokenizer.from_pretrained(d, pad_token=pad, model_max_length=77)
-            assert len(t) == 49408 and t.bos_token_id == 49406 and t.eos_token_id == 49407
-            toks[key] = t
-        # What transformers itself would save: the same vocabulary and merges.
-        saved = os.path.join(d, "saved")
-        toks["sd1"].save_pretrained(saved)
-        with open(os.path.join(saved, "tokenizer.json"), encoding="utf-8") as f:
-            model = json.load(f)["model"]
-        assert model["vocab"] == {v: i for i, v in enumerate(vocab)}
-        assert [tuple(m) for m in model["merges"]] == merges
+            current, legacy = configs(pad)
+            legacy_configs[key] = {"tokenizer_config": legacy[0], "special_tokens_map": legacy[1]}
+            for name, (config, special_map) in ((key, current), (key + "_legacy", legacy)):
+                d = os.path.join(root, name)
+                shutil.copytree(base, d)
+                write_configs(d, config, special_map)
+                t = CLIPTokenizer.from_pretrained(d)
+                assert len(t) == 49408 and t.bos_token_id == 49406 and t.eos_token_id == 49407
+                assert t.model_max_length == 77 and t.pad_token == pad
+                toks[name] = t
+            # transformers 5's own save (tokenizer.json + tokenizer_config.json only) reloads the same.
+            saved = os.path.join(root, key + "_saved")
+            toks[key].save_pretrained(saved)
+            assert sorted(os.listdir(saved)) == ["tokenizer.json", "tokenizer_config.json"]
+            with open(os.path.join(saved, "tokenizer.json"), encoding="utf-8") as f:
+                saved_json = json.load(f)
+            # The same vocabulary and merges as built here.
+            assert saved_json["model"]["vocab"] == {v: i for i, v in enumerate(vocab)}
+            assert [tuple(m) for m in saved_json["model"]["merges"]] == merges
+            print(key, "saved added_tokens:", [(a["id"], a["content"], a["normalized"]) for a in saved_json["added_tokens"]])
+            fast[key] = CLIPTokenizer.from_pretrained(saved)
 
-        def run(prompts, added):
+        def run(prompts, added_tokens):
             for p in prompts:
-                case = {"text": p, "added": added}
-                for key, t in toks.items():
-                    case[key] = t(p, padding="max_length", max_length=77, truncation=True)["input_ids"]
+                case = {"text": p, "added": added_tokens}
+                for key in ("sd1", "sd2"):
+                    case[key] = encode(toks[key], p)
+                    assert encode(fast[key], p) == case[key], (key, p)
                 case["unpadded"] = toks["sd1"](p)["input_ids"]
-                assert case["unpadded"] == toks["sd2"](p)["input_ids"] or "!" in p
+                for key in ("sd1_legacy", "sd2_legacy"):
+                    ids = toks[key](p)["input_ids"]
+                    if ids != (case["unpadded"] if key == "sd1_legacy" else toks["sd2"](p)["input_ids"]):
+                        case[key + "_unpadded"] = ids
                 cases.append(case)
 
         run(PROMPTS, [])
-        for t in toks.values():
+        for t in list(toks.values()) + list(fast.values()):
             assert t.add_tokens(ADDED) == len(ADDED)
         run(ADDED_PROMPTS, ADDED)
         added_ids = toks["sd1"].convert_tokens_to_ids(ADDED)
 
-    fixture = {
-        "versions": {"transformers": "5.24.0", "tokenizers": "0.23.3"},
-        "vocab_merges_fnv1a64": digest(vocab, merges),
-        "added_ids": added_ids,
-        "cases": cases,
-    }
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w", encoding="utf-8") as f:
-        f.write('{"versions": ' + json.dumps(fixture["versions"]) + ',\n')
-        f.write('"vocab_merges_fnv1a64": "' + fixture["vocab_merges_fnv1a64"] + '",\n')
-        f.write('"added_ids": ' + json.dumps(added_ids) + ',\n"cases": [\n')
-        f.write(",\n".join(json.dumps(c, ensure_ascii=False) for c in cases))
-        f.write("\n]}\n")
+        f.write('{"versions": {"transformers": "5.24.0", "tokenizers": "0.23.3"},\n')
+        f.write('"vocab_merges_fnv1a64": "' + digest(vocab, merges) + '",\n')
+        f.write('"added_ids": ' + json.dumps(added_ids) + ",\n")
+        f.write('"legacy_configs": ' + json.dumps(legacy_configs) + ",\n")
+        f.write('"cases": [\n' + ",\n".join(json.dumps(c, ensure_ascii=False) for c in cases) + "\n]}\n")
     print(f"wrote {len(cases)} cases to {OUT}")
 
 

@@ -6,10 +6,13 @@
 //! extracted from a `tokenizer.json`, whose own normalizer / pre-tokenizer are ignored):
 //!
 //! 1. **Added tokens** are cut out first, leftmost-longest (tokenizers' `AddedVocabulary`):
-//!    the special tokens (bos, eos, unk, pad: `normalized: false`) are matched on the raw text,
-//!    then the remaining pieces are normalized and tokens registered with `add_tokens`
-//!    (`normalized: true`, e.g. a textual-inversion placeholder) are matched on the normalized text.
-//!    They match anywhere, even inside words (`"tasks"` with an added `"sks"` gives `ta</w>`, `sks`).
+//!    those with `normalized: false` (special tokens given as strings; `<|endoftext|>` and an SD 2.x
+//!    `!` pad in the SD repos) are matched on the raw text, then the remaining pieces are normalized
+//!    and those with `normalized: true` (`<|startoftext|>` in the SD repos, and tokens registered
+//!    with `add_tokens`, e.g. a textual-inversion placeholder) are matched on the normalized text,
+//!    so `<|STARTOFTEXT|>` is BOS but `<|ENDOFTEXT|>` is BPE'd. They match anywhere, even inside
+//!    words (`"tasks"` with an added `"sks"` gives `ta</w>`, `sks`). How the flags come out of the
+//!    config files is described at [`ClipTokenizer::from_dir`].
 //! 2. **Normalizer**: `NFC`, then `Replace(\s+, " ")`, then `Lowercase` (char by char, so a final
 //!    `Σ` becomes `σ`, not `ς`, and `İ` becomes `i` + U+0307 which is not re-composed).
 //!    There is no ftfy and no BasicTokenizer fallback in transformers 5 (the slow tokenizer is gone),
@@ -70,6 +73,65 @@ pub struct AddedToken {
     /// Matched on the normalized (NFC, lowercased) text rather than the raw text.
     pub normalized: bool,
     pub special: bool,
+}
+
+/// A special or added token as transformers holds it before adding it to the backend: a plain
+/// string (added as special, not normalized) or an `AddedToken` with its flags. Equality is
+/// transformers' (strings by content, AddedTokens by content and every flag): it decides which
+/// repeated settings are skipped.
+#[derive(Debug, Clone, PartialEq)]
+enum TokenSetting {
+    Text(String),
+    Token {
+        content: String,
+        normalized: bool,
+        special: bool,
+        lstrip: bool,
+        rstrip: bool,
+        single_word: bool,
+    },
+}
+
+impl TokenSetting {
+    /// Parses a string or an AddedToken object (`special_tokens_map.json` values are made
+    /// special, as transformers does; `normalized` defaults to `!special`).
+    fn parse(v: &Value, force_special: bool) -> Option<Self> {
+        match v {
+            Value::String(s) => Some(TokenSetting::Text(s.clone())),
+            Value::Object(o) => {
+                let flag = |k: &str| o.get(k).and_then(Value::as_bool);
+                let special = force_special || flag("special").unwrap_or(false);
+                Some(TokenSetting::Token {
+                    content: o.get("content")?.as_str()?.to_string(),
+                    normalized: flag("normalized").unwrap_or(!special),
+                    special,
+                    lstrip: flag("lstrip").unwrap_or(false),
+                    rstrip: flag("rstrip").unwrap_or(false),
+                    single_word: flag("single_word").unwrap_or(false),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn content(&self) -> &str {
+        match self {
+            TokenSetting::Text(s) => s,
+            TokenSetting::Token { content, .. } => content,
+        }
+    }
+
+    /// (normalized, special) once added.
+    fn flags(&self) -> (bool, bool) {
+        match self {
+            TokenSetting::Text(_) => (false, true),
+            TokenSetting::Token {
+                normalized,
+                special,
+                ..
+            } => (*normalized, *special),
+        }
+    }
 }
 
 /// Where a piece of text stands after added tokens have been cut out.
@@ -170,10 +232,45 @@ pub fn clip_vocab_and_merges() -> Result<(Vec<String>, Vec<Merge>)> {
     Ok((vocab, merges))
 }
 
-fn tokenizer_config_json(pad_token: &str) -> Value {
-    serde_json::json!({
+/// The special tokens of a CLIP tokenizer with their `normalized` flag and id, as the SD repos
+/// record them: `<|startoftext|>` is matched after normalization (so also `<|STARTOFTEXT|>`),
+/// `<|endoftext|>` and an SD 2.x `!` pad on the raw text. These flags are what transformers' rules
+/// make of the original SD uploads' files (see [`ClipTokenizer::from_dir`]); the repos re-saved
+/// since carry them explicitly.
+fn clip_special_tokens(vocab: &[String], pad_token: &str) -> Result<Vec<(String, bool, usize)>> {
+    let mut tokens = Vec::new();
+    if pad_token != EOS_TOKEN {
+        let id = vocab
+            .iter()
+            .position(|t| t == pad_token)
+            .ok_or_else(|| anyhow!("pad token {pad_token:?} is not in the CLIP vocabulary"))?;
+        tokens.push((pad_token.to_string(), false, id));
+    }
+    tokens.push((BOS_TOKEN.to_string(), true, vocab.len() - 2));
+    tokens.push((EOS_TOKEN.to_string(), false, vocab.len() - 1));
+    Ok(tokens)
+}
+
+fn added_token_json(content: &str, normalized: bool) -> serde_json::Map<String, Value> {
+    let Value::Object(map) = serde_json::json!({"content": content, "lstrip": false,
+        "normalized": normalized, "rstrip": false, "single_word": false})
+    else {
+        unreachable!()
+    };
+    map
+}
+
+/// `tokenizer_config.json` as the SD repos have it; with `added_tokens_decoder` (the tokens'
+/// flags) unless `with_decoder` is false, as transformers 5's `save_pretrained` writes it.
+fn tokenizer_config_json(
+    specials: &[(String, bool, usize)],
+    pad_token: &str,
+    with_decoder: bool,
+) -> Value {
+    let mut config = serde_json::json!({
         "add_prefix_space": false,
         "bos_token": BOS_TOKEN,
+        "clean_up_tokenization_spaces": true,
         "do_lower_case": true,
         "eos_token": EOS_TOKEN,
         "errors": "replace",
@@ -181,7 +278,19 @@ fn tokenizer_config_json(pad_token: &str) -> Value {
         "pad_token": pad_token,
         "tokenizer_class": "CLIPTokenizer",
         "unk_token": EOS_TOKEN,
-    })
+    });
+    if with_decoder {
+        let decoder: serde_json::Map<String, Value> = specials
+            .iter()
+            .map(|(content, normalized, id)| {
+                let mut token = added_token_json(content, *normalized);
+                token.insert("special".into(), Value::Bool(true));
+                (id.to_string(), Value::Object(token))
+            })
+            .collect();
+        config["added_tokens_decoder"] = Value::Object(decoder);
+    }
+    config
 }
 
 fn write_file(path: &Path, contents: &[u8]) -> Result<()> {
@@ -214,12 +323,25 @@ pub fn write_clip_tokenizer(dir: &Path, pad_token: &str) -> Result<()> {
         text.push('\n');
     }
     write_file(&dir.join("merges.txt"), text.as_bytes())?;
+    let specials = clip_special_tokens(&vocab, pad_token)?;
     write_file(
         &dir.join("tokenizer_config.json"),
-        serde_json::to_string_pretty(&tokenizer_config_json(pad_token))?.as_bytes(),
+        serde_json::to_string_pretty(&tokenizer_config_json(&specials, pad_token, true))?
+            .as_bytes(),
     )?;
+    // For readers of the older format; transformers ignores it when the config has
+    // `added_tokens_decoder`.
+    let flags = |content: &str| {
+        specials
+            .iter()
+            .find(|t| t.0 == content)
+            .is_some_and(|t| t.1)
+    };
     let special = serde_json::json!({
-        "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": pad_token, "unk_token": EOS_TOKEN,
+        "bos_token": added_token_json(BOS_TOKEN, flags(BOS_TOKEN)),
+        "eos_token": added_token_json(EOS_TOKEN, flags(EOS_TOKEN)),
+        "pad_token": pad_token,
+        "unk_token": added_token_json(EOS_TOKEN, flags(EOS_TOKEN)),
     });
     write_file(
         &dir.join("special_tokens_map.json"),
@@ -242,20 +364,14 @@ pub fn write_clip_tokenizer_fast(dir: &Path, pad_token: &str) -> Result<()> {
         .iter()
         .map(|(a, b)| serde_json::json!([a, b]))
         .collect();
-    let special = |content: &str, id: usize| {
-        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let mut added = Vec::new();
-    if pad_token != EOS_TOKEN {
-        let id = vocab
-            .iter()
-            .position(|t| t == pad_token)
-            .ok_or_else(|| anyhow!("pad token {pad_token:?} is not in the CLIP vocabulary"))?;
-        added.push(special(pad_token, id));
-    }
-    added.push(special(BOS_TOKEN, vocab.len() - 2));
-    added.push(special(EOS_TOKEN, vocab.len() - 1));
+    let specials = clip_special_tokens(&vocab, pad_token)?;
+    let added: Vec<Value> = specials
+        .iter()
+        .map(|(content, normalized, id)| {
+            serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": normalized, "special": true})
+        })
+        .collect();
     let tokenizer = serde_json::json!({
         "version": "1.0",
         "truncation": null,
@@ -281,7 +397,8 @@ pub fn write_clip_tokenizer_fast(dir: &Path, pad_token: &str) -> Result<()> {
     )?;
     write_file(
         &dir.join("tokenizer_config.json"),
-        serde_json::to_string_pretty(&tokenizer_config_json(pad_token))?.as_bytes(),
+        serde_json::to_string_pretty(&tokenizer_config_json(&specials, pad_token, false))?
+            .as_bytes(),
     )?;
     Ok(())
 }
@@ -297,15 +414,6 @@ fn read_json_optional(path: &Path) -> Result<Option<Value>> {
         read_json(path).map(Some)
     } else {
         Ok(None)
-    }
-}
-
-/// A special token entry is either a string or an `AddedToken` object with a `content`.
-fn token_content(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
-        _ => None,
     }
 }
 
@@ -377,11 +485,18 @@ fn parse_merges_json(v: &Value, path: &Path) -> Result<Vec<(String, String)>> {
 }
 
 impl ClipTokenizer {
-    /// Loads a diffusers `tokenizer/` folder: `tokenizer.json` when present (as transformers
-    /// prefers it; only its vocabulary, merges and added tokens are used, as `CLIPTokenizer` does),
-    /// else `vocab.json` + `merges.txt`. `tokenizer_config.json` / `special_tokens_map.json`, when
-    /// present, give the bos/eos/unk/pad tokens, `model_max_length` (default 77) and added tokens
-    /// (`added_tokens_decoder`, or an older `added_tokens.json`).
+    /// Loads a diffusers `tokenizer/` folder as transformers 5's `CLIPTokenizer.from_pretrained`
+    /// does: `tokenizer.json` when present (only its vocabulary, merges and added tokens are used,
+    /// the pipeline being fixed), else `vocab.json` + `merges.txt`; `tokenizer_config.json` and
+    /// `special_tokens_map.json`, when present, give bos/eos/unk/pad (defaults: CLIP's),
+    /// `model_max_length` (default 77) and the added tokens.
+    ///
+    /// Which special tokens are matched before or after normalization follows transformers' rules:
+    /// with an `added_tokens_decoder` in `tokenizer_config.json`, its flags; otherwise (legacy
+    /// files) the special-token settings (`special_tokens_map.json` over `tokenizer_config.json`,
+    /// a plain string meaning "not normalized") are taken in the order bos, eos, unk, pad, an
+    /// exact repeat of an earlier setting skipped, and for one content the last setting wins.
+    /// (So the original SD 2.x files, pad `"!"`, match `<|ENDOFTEXT|>` as EOS; SD 1.x's don't.)
     pub fn from_dir(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             bail!("{}: tokenizer folder not found", dir.display());
@@ -389,8 +504,27 @@ impl ClipTokenizer {
         let tokenizer_json = dir.join("tokenizer.json");
         let vocab_path = dir.join("vocab.json");
         let merges_path = dir.join("merges.txt");
-        let mut added: Vec<AddedToken> = Vec::new();
-        let (encoder, merges) = if tokenizer_json.is_file() {
+        let config_path = dir.join("tokenizer_config.json");
+        let special_map_path = dir.join("special_tokens_map.json");
+        let config = read_json_optional(&config_path)?;
+        let special_map = read_json_optional(&special_map_path)?;
+        let saved_decoder = config
+            .as_ref()
+            .and_then(|c| c.get("added_tokens_decoder"))
+            .map(|d| {
+                d.as_object().ok_or_else(|| {
+                    anyhow!(
+                        "{}: added_tokens_decoder is not an object",
+                        config_path.display()
+                    )
+                })
+            })
+            .transpose()?;
+        let legacy = saved_decoder.is_none();
+
+        // Tokens with explicit flags, by id: the config's decoder, or (legacy) tokenizer.json's.
+        let mut flagged: std::collections::BTreeMap<u32, TokenSetting> = Default::default();
+        let (encoder, merges, merges_source) = if tokenizer_json.is_file() {
             let json = read_json(&tokenizer_json)?;
             let model = json
                 .get("model")
@@ -414,31 +548,25 @@ impl ClipTokenizer {
                     .ok_or_else(|| anyhow!("{}: no model.merges", tokenizer_json.display()))?,
                 &tokenizer_json,
             )?;
-            for t in json
-                .get("added_tokens")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let (Some(content), Some(id)) = (
-                    t.get("content").and_then(Value::as_str),
-                    t.get("id").and_then(Value::as_u64),
-                ) else {
-                    bail!("{}: malformed added token {t}", tokenizer_json.display());
-                };
-                let special = t.get("special").and_then(Value::as_bool).unwrap_or(false);
-                let normalized = t
-                    .get("normalized")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(!special);
-                added.push(AddedToken {
-                    content: content.to_string(),
-                    id: id as u32,
-                    normalized,
-                    special,
-                });
+            if legacy {
+                for t in json
+                    .get("added_tokens")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let (Some(setting), Some(id)) = (
+                        TokenSetting::parse(t, false),
+                        t.get("id")
+                            .and_then(Value::as_u64)
+                            .and_then(|i| u32::try_from(i).ok()),
+                    ) else {
+                        bail!("{}: malformed added token {t}", tokenizer_json.display());
+                    };
+                    flagged.insert(id, setting);
+                }
             }
-            (vocab, merges)
+            (vocab, merges, tokenizer_json.clone())
         } else if vocab_path.is_file() {
             if !merges_path.is_file() {
                 bail!(
@@ -450,40 +578,79 @@ impl ClipTokenizer {
             let vocab = parse_vocab(&read_json(&vocab_path)?, &vocab_path)?;
             let text = std::fs::read_to_string(&merges_path)
                 .with_context(|| format!("{}: cannot read", merges_path.display()))?;
-            (vocab, parse_merges_txt(&text, &merges_path)?)
+            (
+                vocab,
+                parse_merges_txt(&text, &merges_path)?,
+                merges_path.clone(),
+            )
         } else {
             bail!(
                 "{}: no tokenizer.json nor vocab.json + merges.txt",
                 dir.display()
             );
         };
-        let merges_source = if tokenizer_json.is_file() {
-            &tokenizer_json
-        } else {
-            &merges_path
-        };
 
-        let config_path = dir.join("tokenizer_config.json");
-        let special_map_path = dir.join("special_tokens_map.json");
-        let config = read_json_optional(&config_path)?;
-        let special_map = read_json_optional(&special_map_path)?;
-        let special_token = |key: &str, default: &str| -> String {
-            special_map
+        // The special-token settings; in legacy files special_tokens_map.json overrides.
+        let settings: Vec<(&str, TokenSetting)> = [
+            ("bos_token", BOS_TOKEN),
+            ("eos_token", EOS_TOKEN),
+            ("unk_token", EOS_TOKEN),
+            ("pad_token", EOS_TOKEN),
+        ]
+        .into_iter()
+        .map(|(key, default)| {
+            let from_config = config
                 .as_ref()
-                .and_then(|m| m.get(key))
-                .and_then(token_content)
-                .or_else(|| {
-                    config
-                        .as_ref()
-                        .and_then(|c| c.get(key))
-                        .and_then(token_content)
-                })
-                .unwrap_or_else(|| default.to_string())
-        };
-        let bos = special_token("bos_token", BOS_TOKEN);
-        let eos = special_token("eos_token", EOS_TOKEN);
-        let unk = special_token("unk_token", EOS_TOKEN);
-        let pad = special_token("pad_token", EOS_TOKEN);
+                .and_then(|c| c.get(key))
+                .and_then(|v| TokenSetting::parse(v, false));
+            let from_map = if legacy {
+                special_map
+                    .as_ref()
+                    .and_then(|m| m.get(key))
+                    .and_then(|v| TokenSetting::parse(v, true))
+            } else {
+                None
+            };
+            let setting = from_map
+                .or(from_config)
+                .unwrap_or_else(|| TokenSetting::Text(default.to_string()));
+            (key, setting)
+        })
+        .collect();
+
+        if let Some(decoder) = saved_decoder {
+            for (id, t) in decoder {
+                let id: u32 = id.parse().with_context(|| {
+                    format!(
+                        "{}: added_tokens_decoder key {id:?} is not an id",
+                        config_path.display()
+                    )
+                })?;
+                let setting = TokenSetting::parse(t, false)
+                    .filter(|s| matches!(s, TokenSetting::Token { .. }));
+                let setting = setting.ok_or_else(|| {
+                    anyhow!("{}: malformed added token {t}", config_path.display())
+                })?;
+                flagged.insert(id, setting);
+            }
+        } else {
+            // Older saves (transformers 4, diffusers textual inversion) keep user tokens here.
+            let added_tokens_path = dir.join("added_tokens.json");
+            if let Some(v) = read_json_optional(&added_tokens_path)? {
+                for (content, id) in parse_vocab(&v, &added_tokens_path)? {
+                    let special = settings.iter().any(|(_, s)| s.content() == content);
+                    flagged.entry(id).or_insert(TokenSetting::Token {
+                        content,
+                        normalized: !special,
+                        special,
+                        lstrip: false,
+                        rstrip: false,
+                        single_word: false,
+                    });
+                }
+            }
+        }
+
         // A missing or "unbounded" (transformers writes 1e30) model_max_length means CLIP's 77.
         let model_max_length = config
             .as_ref()
@@ -497,46 +664,6 @@ impl ClipTokenizer {
                 "{}: model_max_length {model_max_length} leaves no room for bos and eos",
                 config_path.display()
             );
-        }
-        if let Some(decoder) = config
-            .as_ref()
-            .and_then(|c| c.get("added_tokens_decoder"))
-            .and_then(Value::as_object)
-        {
-            for (id, t) in decoder {
-                let id: u32 = id.parse().with_context(|| {
-                    format!(
-                        "{}: added_tokens_decoder key {id:?} is not an id",
-                        config_path.display()
-                    )
-                })?;
-                let content = token_content(t).ok_or_else(|| {
-                    anyhow!("{}: malformed added token {t}", config_path.display())
-                })?;
-                let special = t.get("special").and_then(Value::as_bool).unwrap_or(false);
-                let normalized = t
-                    .get("normalized")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(!special);
-                added.push(AddedToken {
-                    content,
-                    id,
-                    normalized,
-                    special,
-                });
-            }
-        }
-        // Older saves (transformers 4, diffusers textual inversion) keep user tokens here.
-        let added_tokens_path = dir.join("added_tokens.json");
-        if let Some(v) = read_json_optional(&added_tokens_path)? {
-            for (content, id) in parse_vocab(&v, &added_tokens_path)? {
-                added.push(AddedToken {
-                    content,
-                    id,
-                    normalized: true,
-                    special: false,
-                });
-            }
         }
 
         let mut tok = ClipTokenizer {
@@ -572,37 +699,60 @@ impl ClipTokenizer {
             // The first occurrence of a pair defines its rank, as in tokenizers.
             tok.merges.entry(key).or_insert((rank as u32, merged));
         }
-        // Tokens listed in the files keep their ids (including ones beyond the vocabulary).
-        for t in added {
-            tok.register_added(t);
+
+        // Stripping neighbouring spaces / whole-word matching are not implemented: no SD
+        // tokenizer uses them, so refuse rather than tokenize differently.
+        for setting in flagged.values().chain(settings.iter().map(|(_, s)| s)) {
+            if let TokenSetting::Token {
+                lstrip,
+                rstrip,
+                single_word,
+                content,
+                ..
+            } = setting
+            {
+                if *lstrip || *rstrip || *single_word {
+                    bail!(
+                        "{}: added token {content:?} uses lstrip/rstrip/single_word, which imprint's CLIP tokenizer does not support",
+                        dir.display()
+                    );
+                }
+            }
         }
-        // Special tokens are matched whole on the raw text, with the id the vocabulary gives them.
-        let mut special_id = |content: &str, key: &str| -> Result<u32> {
-            let id = tok.token_id(content).ok_or_else(|| {
-                let source = if special_map_path.is_file() {
-                    &special_map_path
-                } else {
-                    &config_path
-                };
+        // As transformers adds them: the flagged tokens in id order, then the special-token
+        // settings whose content is not among them, an exact repeat skipped.
+        let flagged_contents: Vec<String> =
+            flagged.values().map(|s| s.content().to_string()).collect();
+        for setting in flagged.into_values() {
+            tok.upsert_added(&setting);
+        }
+        let mut pending: Vec<&TokenSetting> = Vec::new();
+        for (_, setting) in &settings {
+            if !flagged_contents.iter().any(|c| c == setting.content())
+                && !pending.contains(&setting)
+            {
+                pending.push(setting);
+            }
+        }
+        for setting in pending {
+            tok.upsert_added(setting);
+        }
+        let source = if legacy && special_map_path.is_file() {
+            &special_map_path
+        } else {
+            &config_path
+        };
+        let mut ids = [0u32; 4];
+        for (slot, (key, setting)) in ids.iter_mut().zip(&settings) {
+            *slot = tok.token_id(setting.content()).ok_or_else(|| {
                 anyhow!(
-                    "{}: {key} {content:?} is not in the vocabulary",
-                    source.display()
+                    "{}: {key} {:?} is not in the vocabulary",
+                    source.display(),
+                    setting.content()
                 )
             })?;
-            if !tok.added.iter().any(|t| t.content == content) {
-                tok.register_added(AddedToken {
-                    content: content.to_string(),
-                    id,
-                    normalized: false,
-                    special: true,
-                });
-            }
-            Ok(id)
-        };
-        let bos_id = special_id(&bos, "bos_token")?;
-        let eos_id = special_id(&eos, "eos_token")?;
-        let unk_id = special_id(&unk, "unk_token")?;
-        let pad_id = special_id(&pad, "pad_token")?;
+        }
+        let [bos_id, eos_id, unk_id, pad_id] = ids;
         Ok(ClipTokenizer {
             bos_id,
             eos_id,
@@ -612,22 +762,48 @@ impl ClipTokenizer {
         })
     }
 
-    fn register_added(&mut self, token: AddedToken) {
-        if token.content.is_empty() || self.added.iter().any(|t| t.content == token.content) {
+    /// Adds a token as tokenizers' `add_tokens` does: a content already added keeps its id and
+    /// takes the new flags (the last setting wins); a new one takes its vocabulary id if it has one,
+    /// else the next free id.
+    fn upsert_added(&mut self, setting: &TokenSetting) {
+        let content = setting.content();
+        if content.is_empty() {
             return;
         }
-        self.decoder
-            .entry(token.id)
-            .or_insert_with(|| token.content.clone());
+        let (normalized, special) = setting.flags();
+        if let Some(existing) = self.added.iter_mut().find(|t| t.content == content) {
+            existing.normalized = normalized;
+            existing.special = special;
+        } else {
+            let id = self
+                .encoder
+                .get(content)
+                .copied()
+                .unwrap_or(self.vocab_size() as u32);
+            self.decoder
+                .entry(id)
+                .or_insert_with(|| content.to_string());
+            self.added.push(AddedToken {
+                content: content.to_string(),
+                id,
+                normalized,
+                special,
+            });
+        }
+        self.rebuild_patterns();
+    }
+
+    fn rebuild_patterns(&mut self) {
         // A normalized token is matched on normalized text, so its own content is normalized
         // first (tokenizers does the same): "<My-Toy>" then matches "<my-toy>" and "<MY-TOY>".
-        if token.normalized {
-            self.normalized_patterns
-                .push((self.normalize(&token.content), token.id));
-        } else {
-            self.raw_patterns.push((token.content.clone(), token.id));
-        }
-        self.added.push(token);
+        let (normalized, raw): (Vec<_>, Vec<_>) = self.added.iter().partition(|t| t.normalized);
+        let normalized: Vec<(String, u32)> = normalized
+            .iter()
+            .map(|t| (self.normalize(&t.content), t.id))
+            .collect();
+        let raw: Vec<(String, u32)> = raw.iter().map(|t| (t.content.clone(), t.id)).collect();
+        self.normalized_patterns = normalized;
+        self.raw_patterns = raw;
     }
 
     /// Registers a new token (a textual-inversion placeholder such as `"<my-toy>"`) as
@@ -640,14 +816,16 @@ impl ClipTokenizer {
         if self.token_id(token).is_some() {
             bail!("token {token:?} already exists in the tokenizer; choose another placeholder");
         }
-        let id = u32::try_from(self.vocab_size())?;
-        self.register_added(AddedToken {
+        self.upsert_added(&TokenSetting::Token {
             content: token.to_string(),
-            id,
             normalized: true,
             special: false,
+            lstrip: false,
+            rstrip: false,
+            single_word: false,
         });
-        Ok(id)
+        self.token_id(token)
+            .ok_or_else(|| anyhow!("token {token:?} was not added"))
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
@@ -910,6 +1088,17 @@ mod tests {
         std::fs::write(dir.path().join("vocab.json"), "{").unwrap();
         let err = format!("{:#}", ClipTokenizer::from_dir(dir.path()).unwrap_err());
         assert!(err.contains("vocab.json: invalid JSON"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_added_token_flags_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_clip_tokenizer(dir.path(), EOS_TOKEN).unwrap();
+        let config = serde_json::json!({"added_tokens_decoder": {"49408": {"content": "<x>",
+            "lstrip": true, "normalized": true, "rstrip": false, "single_word": false, "special": false}}});
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        let err = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("lstrip"), "{err}");
     }
 
     #[test]

@@ -151,3 +151,65 @@ fn tokenizer_added_tokens_from_config() {
         vec![49406, 320, 49408, 267, 525, 320, 2175, 49407]
     );
 }
+
+/// The original SD uploads' legacy config files (special tokens as AddedToken dicts with
+/// `normalized: true`): transformers' precedence rules decide how `<|ENDOFTEXT|>` etc. tokenize.
+fn legacy(key: &str, pad: &str) {
+    let fixture = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    write_clip_tokenizer(dir.path(), pad).unwrap();
+    let configs = &fixture["legacy_configs"][key];
+    for (name, file) in [
+        ("tokenizer_config", "tokenizer_config.json"),
+        ("special_tokens_map", "special_tokens_map.json"),
+    ] {
+        std::fs::write(dir.path().join(file), configs[name].to_string()).unwrap();
+    }
+    let base = ClipTokenizer::from_dir(dir.path()).unwrap();
+    assert_eq!(base.pad_id(), if pad == "!" { 0 } else { 49407 });
+    let mut with_added = ClipTokenizer::from_dir(dir.path()).unwrap();
+    for token in added_list(&fixture) {
+        with_added.add_token(&token).unwrap();
+    }
+    let mut failures = Vec::new();
+    for case in fixture["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let tok = if case["added"].as_array().unwrap().is_empty() {
+            &base
+        } else {
+            &with_added
+        };
+        let (got, expected) = match case.get(format!("{key}_legacy_unpadded")) {
+            Some(unpadded) => (tok.encode_unpadded(text).unwrap(), ids(unpadded)),
+            None => (tok.encode(text).unwrap(), ids(&case[key])),
+        };
+        if got != expected {
+            failures.push(format!(
+                "{key} legacy {text:?}:\n  got      {got:?}\n  expected {expected:?}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn added_list(fixture: &Value) -> Vec<String> {
+    let cases = fixture["cases"].as_array().unwrap();
+    let list = cases
+        .iter()
+        .map(|c| c["added"].as_array().unwrap())
+        .max_by_key(|a| a.len())
+        .unwrap();
+    list.iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn tokenizer_legacy_configs_sd1() {
+    legacy("sd1", "<|endoftext|>");
+}
+
+#[test]
+fn tokenizer_legacy_configs_sd2() {
+    legacy("sd2", "!");
+}
