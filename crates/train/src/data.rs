@@ -1,0 +1,1 @@
+//! Training images: loading, orientation, crops, flips (see the module docs once written).
