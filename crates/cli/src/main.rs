@@ -17,6 +17,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a concept (textual-inversion / ti).
+    #[command(subcommand)]
+    Train(commands::train::TrainCommand),
     /// Generate images from a prompt (txt2img, or img2img with --init-image).
     Generate(commands::generate::GenerateArgs),
     /// Parity and inspection commands (tokenize, forward, sample).
@@ -33,6 +36,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => commands::generate::run(a),
+        Command::Train(c) => commands::train::run(c),
         Command::Debug(c) => commands::debug::run(c),
         Command::Model(c) => commands::model::run(c),
         Command::Bench(a) => commands::bench::run(a),

@@ -172,6 +172,17 @@ impl StableDiffusion {
         schedulers::build(kind, &self.scheduler_config, steps, karras)
     }
 
+    /// The text states the denoising loop attends to: `[negative; prompt]` when guided.
+    pub fn prompt_context(&self, opts: &SampleOptions) -> Result<Tensor> {
+        let cond = self.encode_prompt(&opts.prompt, opts.clip_skip)?;
+        if opts.guidance > 1.0 {
+            let uncond = self.encode_prompt(opts.negative_prompt.as_deref().unwrap_or(""), opts.clip_skip)?;
+            Ok(Tensor::cat(&[uncond, cond], 0)?)
+        } else {
+            Ok(cond)
+        }
+    }
+
     /// The guided denoising loop from `latents` (already at the noise level of step `begin`) to
     /// the final latents.
     pub fn denoise(
@@ -182,17 +193,22 @@ impl StableDiffusion {
         begin: usize,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        let cond = self.encode_prompt(&opts.prompt, opts.clip_skip)?;
+        let context = self.prompt_context(opts)?;
+        self.denoise_with_context(opts, scheduler, latents, begin, noise, &context)
+    }
+
+    /// [`Self::denoise`] with the text states given (`[uncond; cond]` when `opts.guidance > 1`):
+    /// training validation passes states computed through trainable embeddings.
+    pub fn denoise_with_context(
+        &self,
+        opts: &SampleOptions,
+        scheduler: &mut dyn Scheduler,
+        latents: Tensor,
+        begin: usize,
+        noise: &mut dyn NoiseSource,
+        context: &Tensor,
+    ) -> Result<Tensor> {
         let guided = opts.guidance > 1.0;
-        let context = if guided {
-            let uncond = self.encode_prompt(
-                opts.negative_prompt.as_deref().unwrap_or(""),
-                opts.clip_skip,
-            )?;
-            Tensor::cat(&[uncond, cond], 0)?
-        } else {
-            cond
-        };
         let timesteps = scheduler.timesteps().to_vec();
         let bar = if opts.progress {
             ProgressBar::new((timesteps.len() - begin) as u64)
@@ -214,7 +230,7 @@ impl StableDiffusion {
             let t_tensor = Tensor::new(t as f32, &self.device)?;
             let pred =
                 self.unet
-                    .forward(&model_in, &t_tensor, TextConditioning::Shared(&context))?;
+                    .forward(&model_in, &t_tensor, TextConditioning::Shared(context))?;
             let pred = if guided {
                 let uncond = pred.narrow(0, 0, 1)?;
                 let text = pred.narrow(0, 1, 1)?;

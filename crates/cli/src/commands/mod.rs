@@ -2,6 +2,7 @@ pub mod bench;
 pub mod debug;
 pub mod generate;
 pub mod model;
+pub mod train;
 
 use anyhow::{bail, Result};
 use candle_core::Device;

@@ -1,0 +1,145 @@
+//! `imprint train <method>`.
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use imprint_train::config::{resolve, textual_inversion_defaults, TextualInversionConfig};
+use imprint_train::trainer::{train_textual_inversion, Hooks, Outcome};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+#[derive(Subcommand)]
+pub enum TrainCommand {
+    /// Textual Inversion: learn a new word's embedding from a few images.
+    #[command(name = "textual-inversion", alias = "ti")]
+    TextualInversion(TiArgs),
+}
+
+/// Options every method shares; each one is also a key of `--config FILE.toml`.
+#[derive(Args, Debug)]
+pub struct TrainerArgs {
+    /// A TOML file with the same keys as these flags (flags win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Diffusers model folder.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Folder of training images (JPEG/PNG/WebP).
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// The concept file to write (.safetensors).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Multiply the learning rate by batch size × accumulation (true|false).
+    #[arg(long)]
+    scale_lr: Option<bool>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    resolution: Option<usize>,
+    /// constant, warmup or cosine.
+    #[arg(long)]
+    lr_schedule: Option<String>,
+    #[arg(long)]
+    lr_warmup_steps: Option<usize>,
+    /// center or random.
+    #[arg(long)]
+    crop: Option<String>,
+    /// Random horizontal flips (true|false).
+    #[arg(long)]
+    flip: Option<bool>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Checkpoint every N steps.
+    #[arg(long)]
+    save_every: Option<usize>,
+    /// A checkpoint file, or a NAME.checkpoints folder (its latest checkpoint).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[arg(long)]
+    validation_prompt: Option<String>,
+    #[arg(long)]
+    validation_every: Option<usize>,
+    #[arg(long)]
+    num_validation_images: Option<usize>,
+    #[arg(long)]
+    validation_steps: Option<usize>,
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long)]
+    device: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct TiArgs {
+    /// The new word, e.g. "<my-toy>".
+    #[arg(long)]
+    token: Option<String>,
+    /// A single-token word the vectors start from, e.g. "toy".
+    #[arg(long)]
+    init_word: Option<String>,
+    /// How many vectors the token stands for.
+    #[arg(long)]
+    num_vectors: Option<usize>,
+    /// object or style caption templates.
+    #[arg(long)]
+    templates: Option<String>,
+    #[command(flatten)]
+    trainer: TrainerArgs,
+}
+
+/// Inserts `key = value` for every flag given.
+macro_rules! flags {
+    ($table:ident, $src:expr, [$($field:ident => $key:literal),* $(,)?]) => {
+        $(if let Some(v) = &$src.$field { $table.insert($key.to_string(), toml::Value::try_from(v)?); })*
+    };
+}
+
+fn trainer_flags(a: &TrainerArgs, t: &mut toml::Table) -> Result<()> {
+    flags!(t, a, [model => "model", images => "images", out => "out", steps => "steps", lr => "lr",
+        scale_lr => "scale-lr", batch_size => "batch-size", grad_accum => "grad-accum", resolution => "resolution",
+        lr_schedule => "lr-schedule", lr_warmup_steps => "lr-warmup-steps", crop => "crop", flip => "flip",
+        seed => "seed", save_every => "save-every", resume => "resume", validation_prompt => "validation-prompt",
+        validation_every => "validation-every", num_validation_images => "num-validation-images",
+        validation_steps => "validation-steps", max_grad_norm => "max-grad-norm", device => "device"]);
+    Ok(())
+}
+
+pub fn run(c: TrainCommand) -> Result<()> {
+    match c {
+        TrainCommand::TextualInversion(a) => {
+            let mut flags = toml::Table::new();
+            flags!(flags, a, [token => "token", init_word => "init-word", num_vectors => "num-vectors", templates => "templates"]);
+            trainer_flags(&a.trainer, &mut flags)?;
+            for required in ["model", "images", "out", "token", "init-word"] {
+                let in_file = a.trainer.config.is_some();
+                if !flags.contains_key(required) && !in_file {
+                    anyhow::bail!("--{required} is required (or give it in --config FILE.toml)")
+                }
+            }
+            let cfg: TextualInversionConfig = resolve(textual_inversion_defaults(), a.trainer.config.as_deref(), flags)?;
+            let hooks = Hooks { progress: true, ..Default::default() };
+            let flag = hooks.interrupt.clone();
+            // First Ctrl-C: finish the step, checkpoint, stop. (A second one kills as usual.)
+            let _ = ctrlc::set_handler(move || {
+                if flag.swap(true, Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+                eprintln!("\ninterrupt: stopping after this step with a checkpoint (Ctrl-C again to abort)");
+            });
+            match train_textual_inversion(&cfg, &hooks)? {
+                Outcome::Finished { steps } => println!("{} ({steps} steps)", cfg.trainer.out.display()),
+                Outcome::Interrupted { step, checkpoint } => {
+                    println!("stopped at step {step}; resume with --resume {}", checkpoint.display());
+                    std::process::exit(130);
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Run configuration: every training run is described by one of these, read from `--config
+//! FILE.toml` (keys spelled as the command-line flags) with flags on top, and written beside the
+//! output as the configuration actually used.
+
+use crate::lr_schedule::LrSchedule;
+use crate::methods::textual_inversion as ti;
+use crate::optim::AdamWConfig;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Options every method's trainer shares.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct TrainerOptions {
+    pub model: PathBuf,
+    pub images: PathBuf,
+    pub out: PathBuf,
+    pub steps: usize,
+    pub lr: f64,
+    /// Multiply `lr` by batch size × accumulation (diffusers' `--scale_lr`, on by default there).
+    pub scale_lr: bool,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub resolution: usize,
+    pub lr_schedule: LrSchedule,
+    pub lr_warmup_steps: usize,
+    /// `center` or `random` crop of the resized image.
+    pub crop: String,
+    /// Random horizontal flips.
+    pub flip: bool,
+    pub seed: u64,
+    /// Write a resumable checkpoint every this many steps (0: only at the end or on interrupt).
+    pub save_every: usize,
+    pub resume: Option<PathBuf>,
+    pub validation_prompt: Option<String>,
+    pub validation_every: usize,
+    pub num_validation_images: usize,
+    pub validation_steps: usize,
+    pub max_grad_norm: Option<f64>,
+    pub adam: AdamWConfig,
+    /// cpu, cuda, cuda:N or metal.
+    pub device: String,
+}
+
+/// `imprint train textual-inversion`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct TextualInversionConfig {
+    pub token: String,
+    pub init_word: String,
+    pub num_vectors: usize,
+    /// `object` or `style` caption templates.
+    pub templates: String,
+    #[serde(flatten)]
+    pub trainer: TrainerOptions,
+}
+
+/// The defaults of a textual-inversion run, as a TOML table (merged under the user's values).
+pub fn textual_inversion_defaults() -> toml::Table {
+    let text = format!(
+        r#"
+num-vectors = 1
+templates = "object"
+steps = {steps}
+lr = {lr:e}
+scale-lr = true
+batch-size = {batch}
+grad-accum = {accum}
+resolution = {res}
+lr-schedule = "constant"
+lr-warmup-steps = 0
+crop = "center"
+flip = true
+seed = 0
+save-every = 500
+validation-every = 100
+num-validation-images = 4
+validation-steps = 25
+device = "cpu"
+[adam]
+beta1 = 0.9
+beta2 = 0.999
+eps = 1e-8
+weight_decay = 1e-2
+"#,
+        steps = ti::DEFAULT_STEPS,
+        lr = ti::DEFAULT_LR,
+        batch = ti::DEFAULT_BATCH,
+        accum = ti::DEFAULT_GRAD_ACCUM,
+        res = ti::DEFAULT_RESOLUTION
+    );
+    text.parse().expect("valid defaults")
+}
+
+/// Keys that are absent unless set (so they do not appear when a config is written back).
+const OPTIONAL_KEYS: &[&str] = &["resume", "validation-prompt", "max-grad-norm"];
+
+/// Defaults, then the config file, then the flags given on the command line. An unknown key in the
+/// file is an error naming it (a typo must not silently train with a default).
+pub fn resolve<T: serde::de::DeserializeOwned + Serialize>(defaults: toml::Table, file: Option<&Path>, flags: toml::Table) -> Result<T> {
+    let mut table = defaults;
+    let mut user_keys = vec![];
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let user: toml::Table = text.parse().with_context(|| format!("{}: invalid TOML", path.display()))?;
+        user_keys.extend(user.keys().cloned());
+        merge(&mut table, user);
+    }
+    merge(&mut table, flags);
+    let what = file.map(|p| p.display().to_string()).unwrap_or_else(|| "command line".into());
+    let cfg: T = toml::Value::Table(table).try_into().with_context(|| format!("{what}: invalid training configuration"))?;
+    let known = toml::Table::try_from(&cfg)?;
+    if let Some(k) = user_keys.iter().find(|k| !known.contains_key(*k) && !OPTIONAL_KEYS.contains(&k.as_str())) {
+        bail!("{what}: unknown key '{k}'")
+    }
+    Ok(cfg)
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+impl TrainerOptions {
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
+            bail!("steps, batch-size and grad-accum must be at least 1")
+        }
+        if self.resolution % 8 != 0 || self.resolution < 8 {
+            bail!("resolution must be a positive multiple of 8 (got {})", self.resolution)
+        }
+        if !matches!(self.crop.as_str(), "center" | "random") {
+            bail!("crop must be 'center' or 'random' (got '{}')", self.crop)
+        }
+        if !(self.lr > 0.0) {
+            bail!("lr must be positive")
+        }
+        Ok(())
+    }
+
+    /// The learning rate the optimizer starts from.
+    pub fn base_lr(&self) -> f64 {
+        if self.scale_lr {
+            self.lr * (self.batch_size * self.grad_accum) as f64
+        } else {
+            self.lr
+        }
+    }
+}
+
+/// Where a run writes, all beside `out`: `NAME.config.toml`, `NAME.log.jsonl`,
+/// `NAME.checkpoints/`, `NAME.validation/`.
+pub struct OutputPaths {
+    pub concept: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub checkpoints: PathBuf,
+    pub validation: PathBuf,
+}
+
+impl OutputPaths {
+    pub fn new(out: &Path) -> Result<Self> {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            bail!("{}: output folder {} does not exist", out.display(), parent.display())
+        }
+        let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "concept".into());
+        let beside = |suffix: &str| parent.join(format!("{stem}{suffix}"));
+        Ok(Self {
+            concept: out.to_path_buf(),
+            config: beside(".config.toml"),
+            log: beside(".log.jsonl"),
+            checkpoints: beside(".checkpoints"),
+            validation: beside(".validation"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_override_defaults() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("run.toml");
+        std::fs::write(&file, "model = \"m\"\nimages = \"i\"\nout = \"o.safetensors\"\ntoken = \"<t>\"\ninit-word = \"toy\"\nsteps = 7\nlr = 0.1\n[adam]\neps = 1e-6\n")?;
+        let flags: toml::Table = "steps = 9".parse()?;
+        let cfg: TextualInversionConfig = resolve(textual_inversion_defaults(), Some(&file), flags)?;
+        assert_eq!(cfg.trainer.steps, 9);
+        assert_eq!(cfg.trainer.lr, 0.1);
+        assert_eq!(cfg.trainer.adam.eps, 1e-6);
+        assert_eq!(cfg.trainer.adam.beta2, 0.999);
+        assert_eq!(cfg.num_vectors, 1);
+        let back: TextualInversionConfig = toml::from_str(&toml::to_string(&cfg)?)?;
+        assert_eq!(back, cfg);
+        std::fs::write(&file, "stepz = 3\n")?;
+        assert!(resolve::<TextualInversionConfig>(textual_inversion_defaults(), Some(&file), toml::Table::new()).is_err());
+        Ok(())
+    }
+}

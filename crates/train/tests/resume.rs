@@ -1,0 +1,87 @@
+//! A run interrupted and resumed ends with exactly the embedding of an uninterrupted run (CPU).
+
+use candle_core::Device;
+use imprint_models::init::{write_random_model, KnownConfig};
+use imprint_train::config::{resolve, textual_inversion_defaults, TextualInversionConfig};
+use imprint_train::trainer::{train_textual_inversion, Hooks, Outcome};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+fn config(model: &Path, out: &Path) -> TextualInversionConfig {
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy");
+    let flags: toml::Table = toml::toml! {
+        token = "<my-toy>"
+        init-word = "toy"
+        num-vectors = 2
+        steps = 6
+        batch-size = 2
+        grad-accum = 2
+        resolution = 64
+        lr = 0.01
+        crop = "random"
+        save-every = 4
+        seed = 5
+    };
+    let mut flags = flags;
+    flags.insert("model".into(), model.display().to_string().into());
+    flags.insert("images".into(), images.display().to_string().into());
+    flags.insert("out".into(), out.display().to_string().into());
+    resolve(textual_inversion_defaults(), None, flags).unwrap()
+}
+
+fn vectors(path: &Path) -> Vec<Vec<f32>> {
+    let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    t["text_encoder.token_embeddings"].to_vec2().unwrap()
+}
+
+#[test]
+fn interrupted_and_resumed_equals_uninterrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_random_model(KnownConfig::Tiny, &model, 0).unwrap();
+
+    let straight = dir.path().join("straight.safetensors");
+    let outcome = train_textual_inversion(&config(&model, &straight), &Hooks::default()).unwrap();
+    assert!(matches!(outcome, Outcome::Finished { steps: 6 }));
+
+    let resumed = dir.path().join("resumed.safetensors");
+    let hooks = Hooks::default();
+    let flag = hooks.interrupt.clone();
+    let hooks = Hooks { after_step: Some(Arc::new(move |step| if step == 3 { flag.store(true, Ordering::SeqCst) })), ..hooks };
+    let Outcome::Interrupted { step, checkpoint } = train_textual_inversion(&config(&model, &resumed), &hooks).unwrap() else {
+        panic!("the run should stop at the interrupt")
+    };
+    assert_eq!(step, 3);
+    assert!(!resumed.exists(), "no concept file before the run finishes");
+    let mut cfg = config(&model, &resumed);
+    cfg.trainer.resume = Some(checkpoint.parent().unwrap().to_path_buf()); // the folder: its latest
+    train_textual_inversion(&cfg, &Hooks::default()).unwrap();
+
+    assert_eq!(vectors(&straight), vectors(&resumed), "resumed run must end bit-identical");
+    let log = std::fs::read_to_string(dir.path().join("resumed.log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 6);
+    assert!(dir.path().join("resumed.config.toml").exists());
+    assert!(dir.path().join("straight.checkpoints/step-000004.safetensors").exists());
+}
+
+#[test]
+fn bad_training_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_random_model(KnownConfig::Tiny, &model, 0).unwrap();
+    let out = dir.path().join("c.safetensors");
+    let mut cfg = config(&model, &out);
+    cfg.token = "toy".into();
+    let err = format!("{:#}", train_textual_inversion(&cfg, &Hooks::default()).unwrap_err());
+    assert!(err.contains("already exists"), "{err}");
+    let mut cfg = config(&model, &out);
+    cfg.init_word = "stuffed animal".into();
+    let err = format!("{:#}", train_textual_inversion(&cfg, &Hooks::default()).unwrap_err());
+    assert!(err.contains("single token"), "{err}");
+    let mut cfg = config(&model, &out);
+    cfg.trainer.images = dir.path().join("empty");
+    std::fs::create_dir_all(&cfg.trainer.images).unwrap();
+    assert!(train_textual_inversion(&cfg, &Hooks::default()).is_err());
+    assert!(!out.exists());
+}
