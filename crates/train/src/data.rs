@@ -469,6 +469,8 @@ where
 /// all. Random crops have up to `2 × (long − short + 1)` variants per image after resizing, and
 /// most are seen rarely; bound the cache with [`LatentCache::with_max_entries`] there (the oldest
 /// entry is evicted first).
+///
+/// One cache serves one image list at one resolution: a [`Variant`] records neither.
 #[derive(Default)]
 pub struct LatentCache {
     entries: HashMap<Variant, LatentDistribution>,
