@@ -16,7 +16,8 @@ pub fn read_rgb(path: &Path) -> Result<RgbImage> {
     Ok(flatten_alpha(img))
 }
 
-fn flatten_alpha(img: DynamicImage) -> RgbImage {
+/// Composites an image with alpha over white (opaque images are only converted to 8-bit RGB).
+pub fn flatten_alpha(img: DynamicImage) -> RgbImage {
     if !img.color().has_alpha() {
         return img.to_rgb8();
     }
