@@ -20,7 +20,7 @@ def main():
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--mode", choices=["forward", "ti", "lora", "dreambooth"], default="forward")
+    ap.add_argument("--mode", choices=["forward", "ti", "ti-step", "lora", "dreambooth"], default="forward")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
@@ -47,6 +47,9 @@ def main():
     cross = unet.config.cross_attention_dim
     text = torch.randn(a.batch, 77, cross, generator=g).to(dev)
 
+    if a.mode == "ti-step":
+        return ti_step(a, unet, dev, sample, t)
+
     def step():
         if a.mode == "forward":
             with torch.no_grad():
@@ -63,6 +66,10 @@ def main():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    timed(a, step)
+
+
+def timed(a, step):
     step()  # warm-up
     iter_s = []
     for _ in range(a.iters):
@@ -74,6 +81,46 @@ def main():
     print(json.dumps({"impl": "pytorch", "mode": a.mode, "resolution": a.resolution, "batch": a.batch,
                       "gradient_checkpointing": a.gradient_checkpointing, "iter_s": iter_s,
                       "median_s": median, "peak_rss_bytes": peak}))
+
+
+def ti_step(a, unet, dev, latents, t):
+    """One step of diffusers' examples/textual_inversion/textual_inversion.py with cached latents:
+    the whole embedding table is the optimizer's parameter, other rows restored after the step."""
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(a.model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(a.model, subfolder="text_encoder").to(dev)
+    noise_scheduler = DDPMScheduler.from_pretrained(a.model, subfolder="scheduler")
+    tokenizer.add_tokens(["<bench-token>"])
+    new_id = tokenizer.convert_tokens_to_ids("<bench-token>")
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.requires_grad_(False)
+    embeddings = text_encoder.get_input_embeddings()
+    embeddings.requires_grad_(True)
+    original = embeddings.weight.data.clone()
+    optimizer = torch.optim.AdamW(embeddings.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    ids = tokenizer(["a photo of a <bench-token>"] * a.batch, padding="max_length", truncation=True,
+                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(dev)
+    noise = torch.randn_like(latents)
+    timesteps = torch.full((a.batch,), 500, dtype=torch.int64, device=dev)
+    keep = torch.ones(len(tokenizer), dtype=torch.bool)
+    keep[new_id] = False
+
+    def step():
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        states = text_encoder(ids)[0]
+        pred = unet(noisy, timesteps, states).sample
+        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            embeddings.weight[keep] = original[keep]
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    timed(a, step)
 
 
 if __name__ == "__main__":

@@ -302,13 +302,19 @@ impl SafetensorsReader {
     /// Reads one tensor as stored.
     pub fn read(&self, name: &str) -> candle_core::Result<Tensor> {
         use std::os::unix::fs::FileExt;
-        let Some(e) = self.entries.get(name) else {
-            candle_core::bail!("cannot find tensor {name}")
-        };
-        let mut bytes = vec![0u8; (e.end - e.start) as usize];
-        e.file
-            .read_exact_at(&mut bytes, e.start)
-            .map_err(|err| candle_core::Error::Msg(format!("reading {name}: {err}")))?;
+        let Some(e) = self.entries.get(name) else { candle_core::bail!("cannot find tensor {name}") };
+        let io_err = |err: std::io::Error| candle_core::Error::Msg(format!("reading {name}: {err}"));
+        let len = (e.end - e.start) as usize;
+        if e.dtype == DType::F32 && cfg!(target_endian = "little") {
+            // Read straight into the tensor's buffer: one copy instead of two for the common case.
+            let mut v = vec![0f32; len / 4];
+            // SAFETY: any byte pattern is a valid f32; the slice covers exactly v's memory.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, len) };
+            e.file.read_exact_at(bytes, e.start).map_err(io_err)?;
+            return Tensor::from_vec(v, e.shape.as_slice(), &Device::Cpu);
+        }
+        let mut bytes = vec![0u8; len];
+        e.file.read_exact_at(&mut bytes, e.start).map_err(io_err)?;
         Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, &Device::Cpu)
     }
 }

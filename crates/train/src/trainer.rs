@@ -75,10 +75,12 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
     let prediction = sd.scheduler_config.prediction()?;
     let schedule = NoiseSchedule::new(&sd.scheduler_config)?;
 
-    let (images, warnings) = data::load_image_folder(&t.images, (t.resolution / 2) as u32)?;
-    for w in &warnings {
+    let folder = data::load_image_folder(&t.images, (t.resolution / 2) as u32)?;
+    for w in &folder.warnings {
         eprintln!("warning: {w}");
     }
+    // Shrink each photo once to its training size: renders are then only crops.
+    let images: Vec<_> = folder.images.iter().map(|i| i.resized_for(t.resolution as u32)).collect();
     let augment = Augment {
         resolution: t.resolution as u32,
         crop: if t.crop == "random" { Crop::Random } else { Crop::Center },

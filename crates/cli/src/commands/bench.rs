@@ -16,6 +16,9 @@ pub enum Mode {
     Forward,
     /// Forward + backward to the text states (what textual inversion differentiates).
     Ti,
+    /// A whole textual-inversion training step with cached latents: text encoder with the new
+    /// token's vectors, UNet, backward to the vectors, AdamW.
+    TiStep,
     /// Forward + backward to rank-4 LoRA deltas on the attention projections.
     Lora,
     /// Forward + backward to every UNet weight.
@@ -51,6 +54,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.mode {
         Mode::Forward | Mode::Ti => {}
+        Mode::TiStep => return ti_step(&a),
         Mode::Lora | Mode::Dreambooth => {
             bail!(
                 "bench mode {:?} needs weight training, which imprint does not have yet",
@@ -102,10 +106,52 @@ pub fn run(a: BenchArgs) -> Result<()> {
         step()?;
         iter_s.push(start.elapsed().as_secs_f64());
     }
+    report(&a, &format!("{:?}", a.mode).to_lowercase(), iter_s);
+    Ok(())
+}
+
+/// `--mode ti-step`: one textual-inversion step as the trainer runs it (latents cached).
+fn ti_step(a: &BenchArgs) -> Result<()> {
+    use imprint_models::schedulers::ddpm::NoiseSchedule;
+    use imprint_train::methods::{diffusion_loss, textual_inversion::TextualInversion};
+    use imprint_train::optim::{AdamW, AdamWConfig};
+    let device = super::parse_device(&a.device)?;
+    let mut sd = imprint_pipeline::StableDiffusion::load(&a.model, DType::F32, &device)?;
+    let ti = TextualInversion::new(&mut sd.tokenizer, &sd.text_encoder, "<bench-token>", "toy", 1)?;
+    let ids = sd.tokenize("a photo of a <bench-token>")?;
+    let schedule = NoiseSchedule::new(&sd.scheduler_config)?;
+    let prediction = sd.scheduler_config.prediction()?;
+    let mut adam = AdamW::new(vec![ti.vectors.clone()], AdamWConfig::default())?;
+    let mut rng = SeededNoise::new(0);
+    let h = a.resolution / 8;
+    let latents = rng.randn((a.batch, 4, h, h), &device)?;
+    let noise = rng.randn((a.batch, 4, h, h), &device)?;
+    let ids = ids.repeat((a.batch, 1))?;
+    let timesteps = vec![500usize; a.batch];
+    let mut step = || -> Result<()> {
+        let text = ti.encode(&sd.text_encoder, &ids)?;
+        let loss = diffusion_loss(&sd.unet, &schedule, prediction, &latents, &noise, &timesteps, TextConditioning::Shared(&text))?;
+        let grads = loss.backward()?;
+        let g = grads.get(ti.vectors.as_tensor()).cloned().ok_or_else(|| anyhow::anyhow!("no gradient"))?;
+        adam.step(&[g], 1e-3)?;
+        device.synchronize()?;
+        Ok(())
+    };
+    step()?;
+    let mut iter_s = vec![];
+    for _ in 0..a.iters {
+        let start = Instant::now();
+        step()?;
+        iter_s.push(start.elapsed().as_secs_f64());
+    }
+    report(a, "ti-step", iter_s);
+    Ok(())
+}
+
+fn report(a: &BenchArgs, mode: &str, iter_s: Vec<f64>) {
     let mut sorted = iter_s.clone();
     sorted.sort_by(|x, y| x.total_cmp(y));
     let median = sorted[sorted.len() / 2];
-    let mode = format!("{:?}", a.mode).to_lowercase();
     println!(
         "{}",
         serde_json::json!({
@@ -114,5 +160,4 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "iter_s": iter_s, "median_s": median, "peak_rss_bytes": peak_rss_bytes(),
         })
     );
-    Ok(())
 }

@@ -1,0 +1,75 @@
+//! `imprint train textual-inversion` end to end on the tiny model and the shipped example images,
+//! then generation with the trained concept.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+fn examples() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy")
+}
+
+#[test]
+fn train_textual_inversion_then_generate_with_the_concept() {
+    let model = tiny_model("tiny");
+    let dir = scratch("train");
+    let out = dir.join("toy.safetensors");
+    let config = dir.join("run.toml");
+    std::fs::write(&config, "num-vectors = 2\nresolution = 64\nbatch-size = 1\ngrad-accum = 1\nsave-every = 2\n").unwrap();
+    run_ok(
+        imprint()
+            .args(["train", "ti", "--token", "<my-toy>", "--init-word", "toy", "--steps", "3", "--model"])
+            .arg(&model)
+            .arg("--images")
+            .arg(examples())
+            .arg("--out")
+            .arg(&out)
+            .arg("--config")
+            .arg(&config)
+            .args(["--validation-prompt", "a photo of <my-toy>", "--validation-every", "2"])
+            .args(["--num-validation-images", "2", "--validation-steps", "2"]),
+    );
+    assert!(out.exists());
+    let used = std::fs::read_to_string(dir.join("toy.config.toml")).unwrap();
+    assert!(used.contains("num-vectors = 2") && used.contains("steps = 3"), "{used}");
+    let log = std::fs::read_to_string(dir.join("toy.log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 3);
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert!(first["loss"].as_f64().unwrap().is_finite());
+    let grid = image::open(dir.join("toy.validation/step-000002.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (128, 64));
+    assert!(dir.join("toy.validation/step-000003.png").exists());
+
+    let image = dir.join("moon.png");
+    run_ok(
+        imprint()
+            .args(["generate", "--prompt", "a photo of <my-toy> on the moon", "--steps", "3", "--model"])
+            .arg(&model)
+            .arg("--concept")
+            .arg(&out)
+            .arg("--out")
+            .arg(&image),
+    );
+    assert!(image.exists());
+}
+
+#[test]
+fn training_refuses_an_existing_token() {
+    let model = tiny_model("tiny");
+    let dir = scratch("train-bad");
+    let out = dir.join("x.safetensors");
+    let o = imprint()
+        .args(["train", "ti", "--token", "dog", "--init-word", "toy", "--steps", "1", "--resolution", "64", "--model"])
+        .arg(&model)
+        .arg("--images")
+        .arg(examples())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("already exists") && !err.contains("panicked"), "{err}");
+    assert!(!out.exists());
+}
