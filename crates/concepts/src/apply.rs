@@ -137,6 +137,82 @@ mod tests {
         assert_eq!(expand_prompt("a photo", &applied), "a photo");
     }
 
+    use candle_core::{DType, Device};
+    use imprint_models::init::{write_random_model, KnownConfig};
+    use imprint_models::loading::ModelFolder;
+
+    fn tiny() -> (tempfile::TempDir, ClipTokenizer, ClipTextTransformer) {
+        let dir = tempfile::tempdir().unwrap();
+        write_random_model(KnownConfig::Tiny, dir.path(), 0).unwrap();
+        let folder = ModelFolder::open(dir.path()).unwrap();
+        let te = folder.load_text_encoder(DType::F32, &Device::Cpu).unwrap();
+        let tok = folder.tokenizer().unwrap();
+        (dir, tok, te)
+    }
+
+    fn concept(trigger: &str, n: usize, dim: usize) -> Concept {
+        let v: Vec<f32> = (0..n * dim).map(|i| i as f32 * 0.01).collect();
+        Concept::textual_inversion(
+            trigger,
+            Tensor::from_vec(v, (n, dim), &Device::Cpu).unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn applying_adds_tokens_and_rows() {
+        let (_dir, mut tok, mut te) = tiny();
+        let vocab = tok.vocab_size();
+        let dim = te.token_embedding.dim(1).unwrap();
+        let c = concept("<toy>", 2, dim);
+        let names = apply_textual_inversion(&mut tok, &mut te, &c, 2.0).unwrap();
+        assert_eq!(names, ["<toy>", "<toy>_1"]);
+        assert_eq!(tok.token_id("<toy>_1"), Some(vocab as u32 + 1));
+        assert_eq!(te.token_embedding.dim(0).unwrap(), vocab + 2);
+        let row = te
+            .token_embedding
+            .get(vocab + 1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want: Vec<f32> = (dim..2 * dim).map(|i| i as f32 * 0.01 * 2.0).collect();
+        assert_eq!(row, want);
+        // The expanded prompt tokenizes to the new ids, in order.
+        let ids = tok.tokenize(&expand_prompt("a <toy>", &[("<toy>".into(), 2)]));
+        assert_eq!(&ids[ids.len() - 2..], &[vocab as u32, vocab as u32 + 1]);
+    }
+
+    #[test]
+    fn clashes_and_mismatches_are_refused_unchanged() {
+        let (_dir, mut tok, mut te) = tiny();
+        let vocab = tok.vocab_size();
+        let dim = te.token_embedding.dim(1).unwrap();
+        let e = apply_textual_inversion(&mut tok, &mut te, &concept("<x>", 1, dim + 8), 1.0)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!("concept '<x>' has {}-dim vectors; this text encoder takes {dim} (was it trained for another base model?)", dim + 8)
+        );
+        let e = apply_textual_inversion(&mut tok, &mut te, &concept("cat", 1, dim), 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already in the tokenizer"), "{e}");
+        apply_textual_inversion(&mut tok, &mut te, &concept("<y>", 1, dim), 1.0).unwrap();
+        let e = apply_textual_inversion(&mut tok, &mut te, &concept("<y>", 1, dim), 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'<y>'"), "{e}");
+        assert_eq!(tok.vocab_size(), vocab + 1);
+        assert_eq!(te.token_embedding.dim(0).unwrap(), vocab + 1);
+        let mut xl = concept("<z>", 1, dim);
+        xl.embeddings[0].encoder = crate::TEXT_ENCODER_2.into();
+        let e = apply_textual_inversion(&mut tok, &mut te, &xl, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no embedding for text_encoder"), "{e}");
+    }
+
     #[test]
     fn warning_when_no_trigger_is_used() {
         let applied = vec![("<cat>".to_string(), 2)];
