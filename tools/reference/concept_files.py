@@ -9,6 +9,8 @@ Writes under tests/fixtures/concepts/:
   `{"format": "pt"}`;
 - `pt-toy.pt`: an Automatic1111 embedding (torch.save of A1111's dict, 1 vector), and
   `pt-toy-emb-params.safetensors`, the same vector as kohya/A1111 `emb_params`;
+- `old-style.pt` (`string_to_param` as a `torch.nn.ParameterDict`, as the original textual
+  inversion code saved it) and `old-style-expected.safetensors`;
 - `strided.pt` (`emb_params` saved as a strided view of a larger storage) and
   `strided-expected.safetensors`;
 - `malicious.pt`: a pickle whose `__reduce__` calls `os.system` to create
@@ -78,6 +80,14 @@ def a1111_files(dim, out):
                 "step": 500, "sd_checkpoint": "0123abcd", "sd_checkpoint_name": "tiny"},
                os.path.join(out, "pt-toy.pt"))
     save_file({"emb_params": vec.detach().contiguous()}, os.path.join(out, "pt-toy-emb-params.safetensors"))
+
+    # The original textual-inversion code (rinongal/textual_inversion), and so early A1111 files,
+    # saved string_to_param as a torch.nn.ParameterDict module.
+    old = torch.randn(2, dim)
+    torch.save({"string_to_token": {"*": 265},
+                "string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(old.clone())})},
+               os.path.join(out, "old-style.pt"))
+    save_file({"emb_params": old.contiguous()}, os.path.join(out, "old-style-expected.safetensors"))
 
     base = torch.randn(dim + 8, 3)
     view = base[4:4 + dim].t()  # [3, dim], stride (1, 3), storage offset 12

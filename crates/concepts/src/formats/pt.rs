@@ -280,27 +280,37 @@ fn reduce(callable: Object, args: Object, ar: &mut Archive, d: usize) -> Result<
 }
 
 /// `obj.__setstate__(state)`: allowed only for the `torch.nn.ParameterDict` that the original
-/// textual-inversion code (and so old A1111 embeddings) saved as `string_to_param`; its
-/// parameters are the `_parameters` entry of the state.
+/// textual-inversion code (and so old A1111 embeddings) saved as `string_to_param`. Only the
+/// `_parameters` entry of its state is read; the module's other state (hooks, sets, ...) is never
+/// interpreted.
 fn build(obj: Object, state: Object, ar: &mut Archive, d: usize) -> Result<Value> {
     if let Object::Reduce { callable, args } = &obj {
-        if class_name(callable) == Some(("copyreg", "_reconstructor")) {
-            if let Object::Tuple(items) = args.as_ref() {
-                let cls = items.first().and_then(class_name);
-                if cls == Some(("torch.nn.modules.container", "ParameterDict")) {
-                    let state = to_value(state, ar, d)?;
-                    return state
-                        .get("_parameters")
-                        .cloned()
-                        .context("malformed ParameterDict: no _parameters");
-                }
-                if let Some((m, n)) = cls {
-                    return Err(refuse(&format!("the Python object {m}.{n}")));
-                }
+        // Protocol 2 pickles an object as `cls.__new__(cls)` (NEWOBJ, which candle records as a
+        // call of the class); older code goes through `copyreg._reconstructor(cls, object, None)`.
+        let cls = match class_name(callable) {
+            Some(("copyreg", "_reconstructor")) => match args.as_ref() {
+                Object::Tuple(items) => items.first().and_then(class_name),
+                _ => None,
+            },
+            other => other,
+        };
+        match cls {
+            Some(("torch.nn.modules.container", "ParameterDict")) => {
+                let Object::Dict(items) = state else {
+                    bail!("malformed ParameterDict: its state is not a dict")
+                };
+                let params = items
+                    .into_iter()
+                    .find(|(k, _)| matches!(k, Object::Unicode(k) if k == "_parameters"))
+                    .map(|(_, v)| v)
+                    .context("malformed ParameterDict: no _parameters")?;
+                return to_value(params, ar, d);
             }
+            Some((m, n)) => return Err(refuse(&format!("the Python object {m}.{n}"))),
+            None => {}
         }
     }
-    // A tensor given extra state (e.g. `requires_grad` hooks): the tensor itself is what we keep.
+    // A tensor given extra state: the tensor itself is what we keep.
     match to_value(obj, ar, d)? {
         t @ Value::Tensor(_) => Ok(t),
         other => bail!("malformed pickle: state set on a {}", other.kind()),

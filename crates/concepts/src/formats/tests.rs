@@ -199,6 +199,17 @@ fn pt_with_emb_params_and_strided_storage() {
 }
 
 #[test]
+fn old_parameter_dict_embeddings_are_read() {
+    let c = load_any(&fixture("old-style.pt")).unwrap();
+    let reference = load_any(&fixture("old-style-expected.safetensors")).unwrap();
+    assert_eq!((c.trigger.as_str(), c.num_vectors()), ("old-style", 2));
+    assert!(same(
+        &c.embeddings[0].vectors,
+        &reference.embeddings[0].vectors
+    ));
+}
+
+#[test]
 fn diffusers_bin_is_read() {
     let c = load_any(&fixture("learned_embeds.bin")).unwrap();
     let reference = load_any(&fixture("learned_embeds.safetensors")).unwrap();
