@@ -27,6 +27,9 @@ enum Command {
     Debug(commands::debug::DebugCommand),
     /// Time one UNet step of a mode (forward, ti, ...) and print one JSON line.
     Bench(commands::bench::BenchArgs),
+    /// Concept files: inspect, convert between formats.
+    #[command(subcommand)]
+    Concept(commands::concept::ConceptCommand),
     /// Model folders (init: random weights in a real architecture).
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
@@ -39,6 +42,7 @@ fn main() {
         Command::Train(c) => commands::train::run(c),
         Command::Debug(c) => commands::debug::run(c),
         Command::Model(c) => commands::model::run(c),
+        Command::Concept(c) => commands::concept::run(c),
         Command::Bench(a) => commands::bench::run(a),
     };
     if let Err(e) = result {

@@ -6,6 +6,7 @@ use crate::noise::SeededNoise;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
+use imprint_concepts::apply::{apply_textual_inversion, expand_prompt, missing_trigger_warning};
 use imprint_models::clip::ClipTextTransformer;
 use imprint_models::loading::ModelFolder;
 use imprint_models::schedulers::{self, NoiseSource, Scheduler, SchedulerConfig, SchedulerKind};
@@ -26,6 +27,9 @@ pub struct StableDiffusion {
     pub device: Device,
     pub dtype: DType,
     pub folder: ModelFolder,
+    /// The applied concepts' `(trigger, number of vectors)`, in order: prompts are rewritten for
+    /// them before tokenizing.
+    pub concepts: Vec<(String, usize)>,
 }
 
 /// What the denoising loop needs besides the initial latents.
@@ -125,7 +129,32 @@ impl StableDiffusion {
             device: device.clone(),
             dtype,
             folder,
+            concepts: Vec::new(),
         })
+    }
+
+    /// Loads a concept file (any supported format) and applies it at `scale` (1 = as trained):
+    /// its trigger becomes new tokens of the tokenizer and text encoder, and later prompts are
+    /// rewritten for it as diffusers' `maybe_convert_prompt` does.
+    pub fn apply_concept(&mut self, path: &Path, scale: f64) -> Result<()> {
+        let concept = imprint_concepts::formats::load_any(path)?;
+        if concept.method != imprint_concepts::TEXTUAL_INVERSION {
+            bail!(
+                "{}: concepts made by '{}' cannot be applied yet (only textual inversion)",
+                path.display(),
+                concept.method
+            )
+        }
+        let tokens =
+            apply_textual_inversion(&mut self.tokenizer, &mut self.text_encoder, &concept, scale)
+                .with_context(|| path.display().to_string())?;
+        self.concepts.push((concept.trigger, tokens.len()));
+        Ok(())
+    }
+
+    /// A warning when concepts are applied but `prompt` uses none of their triggers.
+    pub fn trigger_warning(&self, prompt: &str) -> Option<String> {
+        missing_trigger_warning(prompt, &self.concepts)
     }
 
     /// Pixels per latent cell: 2^(VAE blocks − 1), 8 for Stable Diffusion.
@@ -140,7 +169,10 @@ impl StableDiffusion {
 
     /// Token ids `[1, 77]` for a prompt; a prompt longer than the text encoder takes is an error
     /// (rather than silently cut, as the reference does with a warning).
+    /// Multi-vector concept triggers are expanded first (`<t>` → `<t> <t>_1 …`).
     pub fn tokenize(&self, prompt: &str) -> Result<Tensor> {
+        let expanded = expand_prompt(prompt, &self.concepts);
+        let prompt = expanded.as_str();
         let max = self.tokenizer.model_max_length();
         let n = self.tokenizer.encode_unpadded(prompt)?.len();
         if n > max {

@@ -69,6 +69,9 @@ pub enum DebugCommand {
         seed: u64,
         #[arg(long, default_value_t = 0)]
         clip_skip: usize,
+        /// Apply a concept file at an optional scale (`FILE[:SCALE]`). Repeatable.
+        #[arg(long, value_name = "FILE[:SCALE]", value_parser = super::parse_concept_arg)]
+        concept: Vec<super::ConceptArg>,
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -187,13 +190,15 @@ pub fn run(c: DebugCommand) -> Result<()> {
             output,
             seed,
             clip_skip,
+            concept,
             device,
         } => {
             let device = super::parse_device(&device)?;
             let inputs = load_inputs(&latents, &device)?;
             let initial = take(&inputs, "latents", &latents)?.to_dtype(DType::F32)?;
             expect_rank(&initial, 4, "latents", &latents)?;
-            let sd = StableDiffusion::load(&model, DType::F32, &device)?;
+            let mut sd = StableDiffusion::load(&model, DType::F32, &device)?;
+            super::apply_concepts(&mut sd, &concept, &prompt)?;
             let opts = SampleOptions {
                 prompt,
                 negative_prompt,

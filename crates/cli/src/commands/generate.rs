@@ -47,6 +47,10 @@ pub struct GenerateArgs {
     /// Use the text encoder's output this many layers before the last.
     #[arg(long, default_value_t = 0)]
     clip_skip: usize,
+    /// Apply a concept file (textual inversion: native, diffusers or A1111/kohya), optionally at a
+    /// scale: `--concept toy.safetensors:0.8`. Repeatable.
+    #[arg(long, value_name = "FILE[:SCALE]", value_parser = super::parse_concept_arg)]
+    concept: Vec<super::ConceptArg>,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -61,7 +65,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         bail!("{}: --out must be a .png file", a.out.display())
     }
     let device = super::parse_device(&a.device)?;
-    let sd = StableDiffusion::load(&a.model, DType::F32, &device)?;
+    let mut sd = StableDiffusion::load(&a.model, DType::F32, &device)?;
+    super::apply_concepts(&mut sd, &a.concept, &a.prompt)?;
     let opts = GenerateOptions {
         prompt: a.prompt,
         negative_prompt: a.negative_prompt,

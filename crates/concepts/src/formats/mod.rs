@@ -1,0 +1,196 @@
+//! Concept files: one translator per ecosystem, all to and from [`Concept`].
+//!
+//! [`detect`] recognises a file by its content (never by its extension alone), [`load_any`] reads
+//! any supported file, and [`save`] writes one format atomically (a temporary sibling, then a
+//! rename), so an interrupted write never leaves a half-written concept under the requested name.
+
+pub mod a1111;
+pub mod diffusers;
+pub mod native;
+pub mod pt;
+
+use crate::Concept;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// The concept file formats imprint reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// imprint's own `.safetensors` with metadata ([`native`]).
+    Native,
+    /// diffusers' `learned_embeds.safetensors` / `.bin`: `{"<token>": [n, dim]}` ([`diffusers`]).
+    Diffusers,
+    /// Automatic1111 / kohya embeddings: `emb_params`, SDXL `clip_l`/`clip_g`, pickled `.pt`
+    /// ([`a1111`]).
+    A1111,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Native => "native",
+            Format::Diffusers => "diffusers",
+            Format::A1111 => "a1111",
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "native" | "imprint" => Format::Native,
+            "diffusers" => Format::Diffusers,
+            "a1111" | "kohya" => Format::A1111,
+            other => {
+                bail!("unknown concept format '{other}' (expected native, diffusers or a1111)")
+            }
+        })
+    }
+}
+
+/// The content of a concept file before interpretation: its tensors (converted to candle) and
+/// string metadata (safetensors' `__metadata__`, or a pickle's string/number fields).
+#[derive(Debug, Default)]
+pub(crate) struct RawFile {
+    pub tensors: BTreeMap<String, Tensor>,
+    pub metadata: HashMap<String, String>,
+    /// The file is a pickled PyTorch archive rather than safetensors.
+    pub pickled: bool,
+    /// For pickled files: the top-level object, for formats that need nested fields.
+    pub pickle: Option<pt::Value>,
+}
+
+/// Cap on the size of a concept file read whole into memory: embeddings are kilobytes, and a
+/// multi-gigabyte file handed to `--concept` is almost certainly a model checkpoint.
+const MAX_FILE_BYTES: u64 = 1 << 30;
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("{}: cannot open", path.display()))?
+        .len();
+    if len > MAX_FILE_BYTES {
+        bail!(
+            "{}: {len} bytes is too large for a concept file (is it a model checkpoint?)",
+            path.display()
+        )
+    }
+    std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))
+}
+
+/// safetensors files start with an 8-byte little-endian header length followed by a JSON object.
+fn looks_like_safetensors(bytes: &[u8]) -> bool {
+    bytes.len() >= 9 && bytes[8] == b'{'
+}
+
+/// PyTorch's `torch.save` writes a zip archive (since torch 1.6).
+fn looks_like_zip(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"PK\x03\x04")
+}
+
+pub(crate) fn read_safetensors(bytes: &[u8]) -> Result<RawFile> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| anyhow::anyhow!("not a valid safetensors file ({e}); is it truncated?"))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| anyhow::anyhow!("not a valid safetensors file ({e})"))?;
+    let mut tensors = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
+            .with_context(|| format!("tensor '{name}'"))?;
+        tensors.insert(name, t);
+    }
+    Ok(RawFile {
+        tensors,
+        metadata: meta.metadata().clone().unwrap_or_default(),
+        pickled: false,
+        pickle: None,
+    })
+}
+
+/// Reads the tensors and metadata of a safetensors or pickled PyTorch file.
+pub(crate) fn read_raw(path: &Path) -> Result<RawFile> {
+    let bytes = read_bytes(path)?;
+    let raw = (|| -> Result<RawFile> {
+        if looks_like_safetensors(&bytes) {
+            read_safetensors(&bytes)
+        } else if looks_like_zip(&bytes) {
+            pt::read_archive(&bytes)
+        } else if bytes.starts_with(&[0x80]) {
+            // A pickle protocol header at offset 0: torch.save's pre-1.6 ("legacy") layout.
+            bail!("a PyTorch file in the legacy (pre-1.6) format, which imprint does not read; re-save it with a current torch.save or convert it to safetensors")
+        } else {
+            bail!("not a concept file: neither safetensors nor a PyTorch archive")
+        }
+    })();
+    raw.with_context(|| path.display().to_string())
+}
+
+/// Which format a file is in, by content: native metadata, A1111's key names, or diffusers'
+/// single tensor. A file that matches none is an error naming what it holds.
+pub fn detect(path: &Path) -> Result<Format> {
+    let raw = read_raw(path)?;
+    detect_raw(&raw).with_context(|| path.display().to_string())
+}
+
+fn detect_raw(raw: &RawFile) -> Result<Format> {
+    if native::is_native(raw) {
+        return Ok(Format::Native);
+    }
+    if a1111::is_a1111(raw) {
+        return Ok(Format::A1111);
+    }
+    if diffusers::is_diffusers(raw) {
+        return Ok(Format::Diffusers);
+    }
+    let names: Vec<&str> = raw.tensors.keys().map(String::as_str).take(8).collect();
+    bail!(
+        "not a concept file: expected imprint metadata, A1111 `emb_params`/`string_to_param`/`clip_l`+`clip_g`, or one diffusers token tensor; found {} tensors ({}{})",
+        raw.tensors.len(),
+        names.join(", "),
+        if raw.tensors.len() > names.len() { ", ..." } else { "" }
+    )
+}
+
+/// Loads a concept from any supported file, recognised by content.
+pub fn load_any(path: &Path) -> Result<Concept> {
+    Ok(load_with_format(path)?.0)
+}
+
+/// [`load_any`], also saying which format the file was in.
+pub fn load_with_format(path: &Path) -> Result<(Concept, Format)> {
+    let raw = read_raw(path)?;
+    let result = (|| -> Result<(Concept, Format)> {
+        let format = detect_raw(&raw)?;
+        let concept = match format {
+            Format::Native => native::from_raw(raw)?,
+            Format::Diffusers => diffusers::from_raw(raw)?,
+            Format::A1111 => a1111::from_raw(raw, path)?,
+        };
+        concept.validate()?;
+        Ok((concept, format))
+    })();
+    result.with_context(|| path.display().to_string())
+}
+
+/// Writes `concept` to `path` in `format`, atomically.
+pub fn save(concept: &Concept, path: &Path, format: Format) -> Result<()> {
+    concept
+        .validate()
+        .with_context(|| format!("{}: cannot save", path.display()))?;
+    match format {
+        Format::Native => native::save(concept, path),
+        Format::Diffusers => diffusers::save(concept, path),
+        Format::A1111 => a1111::save(concept, path),
+    }
+}
+
+#[cfg(test)]
+mod tests;

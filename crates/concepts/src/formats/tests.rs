@@ -1,0 +1,234 @@
+//! Round trips, detection, and refusal of corrupt, foreign and malicious files. The pickled
+//! fixtures come from tools/reference/concept_files.py (torch.save, as A1111 and diffusers write).
+
+use super::*;
+use crate::{TokenEmbedding, TEXT_ENCODER_2};
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/concepts")
+        .join(name)
+}
+
+fn vectors(n: usize, dim: usize, seed: f32) -> Tensor {
+    let data: Vec<f32> = (0..n * dim)
+        .map(|i| ((i as f32 + seed) * 0.37).sin())
+        .collect();
+    Tensor::from_vec(data, (n, dim), &Device::Cpu).unwrap()
+}
+
+fn same(a: &Tensor, b: &Tensor) -> bool {
+    a.dims() == b.dims()
+        && a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn error_text(r: Result<impl std::fmt::Debug>) -> String {
+    format!("{:#}", r.expect_err("should fail"))
+}
+
+#[test]
+fn native_round_trip_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("toy.safetensors");
+    let mut c = Concept::textual_inversion("<toy>", vectors(3, 8, 0.0)).unwrap();
+    c.embeddings
+        .push(TokenEmbedding::new(TEXT_ENCODER_2, vectors(3, 12, 1.0)).unwrap());
+    c.base_model = Some("sd15:abc".into());
+    c.metadata.insert("steps".into(), "3000".into());
+    save(&c, &path, Format::Native).unwrap();
+    assert_eq!(detect(&path).unwrap(), Format::Native);
+    let back = load_any(&path).unwrap();
+    assert_eq!(back.trigger, "<toy>");
+    assert_eq!(back.method, "textual-inversion");
+    assert_eq!(back.base_model.as_deref(), Some("sd15:abc"));
+    assert_eq!(back.metadata.get("steps").map(String::as_str), Some("3000"));
+    for e in &c.embeddings {
+        assert!(same(
+            &e.vectors,
+            &back.embedding(&e.encoder).unwrap().vectors
+        ));
+    }
+}
+
+#[test]
+fn diffusers_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("learned_embeds.safetensors");
+    let c = Concept::textual_inversion("<cat-toy>", vectors(2, 8, 0.0)).unwrap();
+    save(&c, &path, Format::Diffusers).unwrap();
+    assert_eq!(detect(&path).unwrap(), Format::Diffusers);
+    let back = load_any(&path).unwrap();
+    assert_eq!(back.trigger, "<cat-toy>");
+    assert!(same(&c.embeddings[0].vectors, &back.embeddings[0].vectors));
+    // A folder resolves to its learned_embeds.safetensors, as in diffusers.
+    save(&c, dir.path(), Format::Diffusers).unwrap();
+}
+
+#[test]
+fn a1111_round_trip_names_by_file_stem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cat-toy.safetensors");
+    let c = Concept::textual_inversion("<something>", vectors(4, 8, 2.0)).unwrap();
+    save(&c, &path, Format::A1111).unwrap();
+    assert_eq!(detect(&path).unwrap(), Format::A1111);
+    let back = load_any(&path).unwrap();
+    assert_eq!(back.trigger, "cat-toy");
+    assert!(same(&c.embeddings[0].vectors, &back.embeddings[0].vectors));
+
+    let sdxl = dir.path().join("xl.safetensors");
+    let mut c2 = c.clone();
+    c2.embeddings
+        .push(TokenEmbedding::new(TEXT_ENCODER_2, vectors(4, 12, 3.0)).unwrap());
+    save(&c2, &sdxl, Format::A1111).unwrap();
+    let names: Vec<String> = read_raw(&sdxl).unwrap().tensors.into_keys().collect();
+    assert_eq!(names, ["clip_g", "clip_l"]);
+    let back = load_any(&sdxl).unwrap();
+    assert!(same(
+        &c2.embeddings[1].vectors,
+        &back.embedding(TEXT_ENCODER_2).unwrap().vectors
+    ));
+}
+
+#[test]
+fn diffusers_cannot_hold_a_second_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Concept::textual_inversion("<x>", vectors(1, 8, 0.0)).unwrap();
+    c.embeddings
+        .push(TokenEmbedding::new(TEXT_ENCODER_2, vectors(1, 12, 0.0)).unwrap());
+    let e = error_text(save(
+        &c,
+        &dir.path().join("a.safetensors"),
+        Format::Diffusers,
+    ));
+    assert!(e.contains("second text encoder"), "{e}");
+}
+
+#[test]
+fn truncated_safetensors_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("learned_embeds.safetensors");
+    let c = Concept::textual_inversion("<x>", vectors(2, 64, 0.0)).unwrap();
+    save(&c, &path, Format::Diffusers).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let e = error_text(load_any(&path));
+    assert!(
+        e.contains("learned_embeds.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unrelated_safetensors_is_not_a_concept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("unet.safetensors");
+    let tensors = HashMap::from([
+        ("conv_in.weight".to_string(), vectors(2, 2, 0.0)),
+        ("conv_in.bias".to_string(), vectors(1, 2, 0.0)),
+    ]);
+    imprint_models::io::save_safetensors_atomic(&path, &tensors, None).unwrap();
+    let e = error_text(load_any(&path));
+    assert!(
+        e.contains("unet.safetensors")
+            && e.contains("not a concept file")
+            && e.contains("conv_in.bias"),
+        "{e}"
+    );
+}
+
+#[test]
+fn random_bytes_are_not_a_concept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("noise.pt");
+    let bytes: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&path, bytes).unwrap();
+    let e = error_text(load_any(&path));
+    assert!(
+        e.contains("noise.pt") && e.contains("not a concept file"),
+        "{e}"
+    );
+    // A zip header followed by garbage.
+    std::fs::write(&path, b"PK\x03\x04garbage").unwrap();
+    let e = error_text(load_any(&path));
+    assert!(
+        e.contains("noise.pt") && e.contains("PyTorch archive"),
+        "{e}"
+    );
+}
+
+#[test]
+fn format_names_parse() {
+    assert_eq!("a1111".parse::<Format>().unwrap(), Format::A1111);
+    assert_eq!("Diffusers".parse::<Format>().unwrap(), Format::Diffusers);
+    assert!("ckpt".parse::<Format>().is_err());
+}
+
+// --- Pickled files written by torch.save (fixtures) ---
+
+#[test]
+fn a1111_pt_is_read_without_unpickling() {
+    let path = fixture("pt-toy.pt");
+    assert_eq!(detect(&path).unwrap(), Format::A1111);
+    let c = load_any(&path).unwrap();
+    assert_eq!(c.trigger, "pt-toy");
+    assert_eq!((c.num_vectors(), c.dim()), (1, 32));
+    assert_eq!(
+        c.metadata.get("a1111.step").map(String::as_str),
+        Some("500")
+    );
+    // Same vectors as the safetensors the fixture script saved alongside.
+    let reference = load_any(&fixture("pt-toy-emb-params.safetensors")).unwrap();
+    assert!(same(
+        &c.embeddings[0].vectors,
+        &reference.embeddings[0].vectors
+    ));
+}
+
+#[test]
+fn pt_with_emb_params_and_strided_storage() {
+    // `emb_params` saved as a view (a transposed slice of a larger storage).
+    let c = load_any(&fixture("strided.pt")).unwrap();
+    let reference = load_any(&fixture("strided-expected.safetensors")).unwrap();
+    assert!(same(
+        &c.embeddings[0].vectors,
+        &reference.embeddings[0].vectors
+    ));
+}
+
+#[test]
+fn old_parameter_dict_embeddings_are_read() {
+    let c = load_any(&fixture("old-style.pt")).unwrap();
+    let reference = load_any(&fixture("old-style-expected.safetensors")).unwrap();
+    assert_eq!((c.trigger.as_str(), c.num_vectors()), ("old-style", 2));
+    assert!(same(
+        &c.embeddings[0].vectors,
+        &reference.embeddings[0].vectors
+    ));
+}
+
+#[test]
+fn diffusers_bin_is_read() {
+    let c = load_any(&fixture("learned_embeds.bin")).unwrap();
+    let reference = load_any(&fixture("learned_embeds.safetensors")).unwrap();
+    assert_eq!(c.trigger, reference.trigger);
+    assert!(same(
+        &c.embeddings[0].vectors,
+        &reference.embeddings[0].vectors
+    ));
+}
+
+#[test]
+fn malicious_pickle_is_refused_without_running() {
+    let path = fixture("malicious.pt");
+    let marker = Path::new("/tmp/imprint-pickle-marker");
+    let _ = std::fs::remove_file(marker);
+    let e = error_text(load_any(&path));
+    assert!(
+        e.contains("malicious.pt") && e.contains("refusing to load") && e.contains("system"),
+        "{e}"
+    );
+    assert!(!marker.exists(), "the pickle's payload ran");
+}
