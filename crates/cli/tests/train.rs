@@ -16,10 +16,24 @@ fn train_textual_inversion_then_generate_with_the_concept() {
     let dir = scratch("train");
     let out = dir.join("toy.safetensors");
     let config = dir.join("run.toml");
-    std::fs::write(&config, "num-vectors = 2\nresolution = 64\nbatch-size = 1\ngrad-accum = 1\nsave-every = 2\n").unwrap();
+    std::fs::write(
+        &config,
+        "num-vectors = 2\nresolution = 64\nbatch-size = 1\ngrad-accum = 1\nsave-every = 2\n",
+    )
+    .unwrap();
     run_ok(
         imprint()
-            .args(["train", "ti", "--token", "<my-toy>", "--init-word", "toy", "--steps", "3", "--model"])
+            .args([
+                "train",
+                "ti",
+                "--token",
+                "<my-toy>",
+                "--init-word",
+                "toy",
+                "--steps",
+                "3",
+                "--model",
+            ])
             .arg(&model)
             .arg("--images")
             .arg(examples())
@@ -27,12 +41,20 @@ fn train_textual_inversion_then_generate_with_the_concept() {
             .arg(&out)
             .arg("--config")
             .arg(&config)
-            .args(["--validation-prompt", "a photo of <my-toy>", "--validation-every", "2"])
+            .args([
+                "--validation-prompt",
+                "a photo of <my-toy>",
+                "--validation-every",
+                "2",
+            ])
             .args(["--num-validation-images", "2", "--validation-steps", "2"]),
     );
     assert!(out.exists());
     let used = std::fs::read_to_string(dir.join("toy.config.toml")).unwrap();
-    assert!(used.contains("num-vectors = 2") && used.contains("steps = 3"), "{used}");
+    assert!(
+        used.contains("num-vectors = 2") && used.contains("steps = 3"),
+        "{used}"
+    );
     let log = std::fs::read_to_string(dir.join("toy.log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 3);
     let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
@@ -44,7 +66,14 @@ fn train_textual_inversion_then_generate_with_the_concept() {
     let image = dir.join("moon.png");
     run_ok(
         imprint()
-            .args(["generate", "--prompt", "a photo of <my-toy> on the moon", "--steps", "3", "--model"])
+            .args([
+                "generate",
+                "--prompt",
+                "a photo of <my-toy> on the moon",
+                "--steps",
+                "3",
+                "--model",
+            ])
             .arg(&model)
             .arg("--concept")
             .arg(&out)
@@ -60,7 +89,19 @@ fn training_refuses_an_existing_token() {
     let dir = scratch("train-bad");
     let out = dir.join("x.safetensors");
     let o = imprint()
-        .args(["train", "ti", "--token", "dog", "--init-word", "toy", "--steps", "1", "--resolution", "64", "--model"])
+        .args([
+            "train",
+            "ti",
+            "--token",
+            "dog",
+            "--init-word",
+            "toy",
+            "--steps",
+            "1",
+            "--resolution",
+            "64",
+            "--model",
+        ])
         .arg(&model)
         .arg("--images")
         .arg(examples())
@@ -70,6 +111,9 @@ fn training_refuses_an_existing_token() {
         .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("already exists") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("already exists") && !err.contains("panicked"),
+        "{err}"
+    );
     assert!(!out.exists());
 }

@@ -302,8 +302,11 @@ impl SafetensorsReader {
     /// Reads one tensor as stored.
     pub fn read(&self, name: &str) -> candle_core::Result<Tensor> {
         use std::os::unix::fs::FileExt;
-        let Some(e) = self.entries.get(name) else { candle_core::bail!("cannot find tensor {name}") };
-        let io_err = |err: std::io::Error| candle_core::Error::Msg(format!("reading {name}: {err}"));
+        let Some(e) = self.entries.get(name) else {
+            candle_core::bail!("cannot find tensor {name}")
+        };
+        let io_err =
+            |err: std::io::Error| candle_core::Error::Msg(format!("reading {name}: {err}"));
         let len = (e.end - e.start) as usize;
         if e.dtype == DType::F32 && cfg!(target_endian = "little") {
             // Read straight into the tensor's buffer: one copy instead of two for the common case.

@@ -9,13 +9,31 @@ use rand_chacha::ChaCha20Rng;
 /// any machine and thread count.
 pub struct SeededNoise {
     rng: ChaCha20Rng,
+    seed: u64,
 }
 
 impl SeededNoise {
     pub fn new(seed: u64) -> Self {
         Self {
             rng: ChaCha20Rng::seed_from_u64(seed),
+            seed,
         }
+    }
+
+    /// The seed and stream position, which restore the generator exactly (training resume).
+    pub fn state(&self) -> (u64, u128) {
+        (self.seed, self.rng.get_word_pos())
+    }
+
+    pub fn from_state(seed: u64, word_pos: u128) -> Self {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        rng.set_word_pos(word_pos);
+        Self { rng, seed }
+    }
+
+    /// The underlying generator, for other random choices drawn from the same stream.
+    pub fn rng(&mut self) -> &mut ChaCha20Rng {
+        &mut self.rng
     }
 
     pub fn randn(&mut self, shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
@@ -81,6 +99,16 @@ mod tests {
         assert!(
             mean.abs() < 0.05 && (var - 1.0).abs() < 0.1,
             "mean {mean} var {var}"
+        );
+        let mut c = SeededNoise::new(9);
+        c.randn(5, &Device::Cpu)?;
+        let (seed, pos) = c.state();
+        let next = c.randn(3, &Device::Cpu)?.to_vec1::<f32>()?;
+        assert_eq!(
+            SeededNoise::from_state(seed, pos)
+                .randn(3, &Device::Cpu)?
+                .to_vec1::<f32>()?,
+            next
         );
         Ok(())
     }

@@ -208,7 +208,10 @@ impl StableDiffusion {
     pub fn prompt_context(&self, opts: &SampleOptions) -> Result<Tensor> {
         let cond = self.encode_prompt(&opts.prompt, opts.clip_skip)?;
         if opts.guidance > 1.0 {
-            let uncond = self.encode_prompt(opts.negative_prompt.as_deref().unwrap_or(""), opts.clip_skip)?;
+            let uncond = self.encode_prompt(
+                opts.negative_prompt.as_deref().unwrap_or(""),
+                opts.clip_skip,
+            )?;
             Ok(Tensor::cat(&[uncond, cond], 0)?)
         } else {
             Ok(cond)

@@ -31,13 +31,20 @@ impl Checkpoint {
     }
 
     pub fn save(&self, dir: &Path) -> Result<PathBuf> {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
         let mut tensors = HashMap::new();
         let mut order = vec![];
         for (i, (name, t)) in self.params.iter().enumerate() {
             tensors.insert(format!("{PARAM}{name}"), t.to_device(&Device::Cpu)?);
-            tensors.insert(format!("{M}{name}"), self.exp_avg[i].to_device(&Device::Cpu)?);
-            tensors.insert(format!("{V}{name}"), self.exp_avg_sq[i].to_device(&Device::Cpu)?);
+            tensors.insert(
+                format!("{M}{name}"),
+                self.exp_avg[i].to_device(&Device::Cpu)?,
+            );
+            tensors.insert(
+                format!("{V}{name}"),
+                self.exp_avg_sq[i].to_device(&Device::Cpu)?,
+            );
             order.push(name.clone());
         }
         let meta = HashMap::from([
@@ -55,7 +62,12 @@ impl Checkpoint {
 
     /// Loads a checkpoint file, or the latest checkpoint of a checkpoints folder.
     pub fn load(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() { latest(path)?.with_context(|| format!("{}: no checkpoint in this folder", path.display()))? } else { path.to_path_buf() };
+        let file = if path.is_dir() {
+            latest(path)?
+                .with_context(|| format!("{}: no checkpoint in this folder", path.display()))?
+        } else {
+            path.to_path_buf()
+        };
         let ctx = || file.display().to_string();
         imprint_models::loading::check_safetensors(&file).with_context(ctx)?;
         let bytes = std::fs::read(&file).with_context(ctx)?;
@@ -64,9 +76,19 @@ impl Checkpoint {
         if meta.get("imprint.format").map(String::as_str) != Some("checkpoint") {
             bail!("{}: not an imprint training checkpoint", ctx())
         }
-        let get = |k: &str| meta.get(k).cloned().with_context(|| format!("{}: checkpoint lacks '{k}'", ctx()));
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).with_context(ctx)?;
-        let take = |k: String| tensors.get(&k).cloned().with_context(|| format!("{}: missing tensor {k}", ctx()));
+        let get = |k: &str| {
+            meta.get(k)
+                .cloned()
+                .with_context(|| format!("{}: checkpoint lacks '{k}'", ctx()))
+        };
+        let tensors =
+            candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).with_context(ctx)?;
+        let take = |k: String| {
+            tensors
+                .get(&k)
+                .cloned()
+                .with_context(|| format!("{}: missing tensor {k}", ctx()))
+        };
         let names: Vec<String> = get("params")?.split(',').map(str::to_string).collect();
         let mut params = vec![];
         let (mut m, mut v) = (vec![], vec![]);
@@ -92,8 +114,15 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
     let mut best: Option<(usize, PathBuf)> = None;
     for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read", dir.display()))? {
         let p = e?.path();
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.strip_suffix(".safetensors")).and_then(|s| s.parse().ok()) {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.strip_suffix(".safetensors"))
+            .and_then(|s| s.parse().ok())
+        {
             if best.as_ref().is_none_or(|(b, _)| step > *b) {
                 best = Some((step, p));
             }

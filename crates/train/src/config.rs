@@ -98,20 +98,34 @@ const OPTIONAL_KEYS: &[&str] = &["resume", "validation-prompt", "max-grad-norm"]
 
 /// Defaults, then the config file, then the flags given on the command line. An unknown key in the
 /// file is an error naming it (a typo must not silently train with a default).
-pub fn resolve<T: serde::de::DeserializeOwned + Serialize>(defaults: toml::Table, file: Option<&Path>, flags: toml::Table) -> Result<T> {
+pub fn resolve<T: serde::de::DeserializeOwned + Serialize>(
+    defaults: toml::Table,
+    file: Option<&Path>,
+    flags: toml::Table,
+) -> Result<T> {
     let mut table = defaults;
     let mut user_keys = vec![];
     if let Some(path) = file {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let user: toml::Table = text.parse().with_context(|| format!("{}: invalid TOML", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let user: toml::Table = text
+            .parse()
+            .with_context(|| format!("{}: invalid TOML", path.display()))?;
         user_keys.extend(user.keys().cloned());
         merge(&mut table, user);
     }
     merge(&mut table, flags);
-    let what = file.map(|p| p.display().to_string()).unwrap_or_else(|| "command line".into());
-    let cfg: T = toml::Value::Table(table).try_into().with_context(|| format!("{what}: invalid training configuration"))?;
+    let what = file
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "command line".into());
+    let cfg: T = toml::Value::Table(table)
+        .try_into()
+        .with_context(|| format!("{what}: invalid training configuration"))?;
     let known = toml::Table::try_from(&cfg)?;
-    if let Some(k) = user_keys.iter().find(|k| !known.contains_key(*k) && !OPTIONAL_KEYS.contains(&k.as_str())) {
+    if let Some(k) = user_keys
+        .iter()
+        .find(|k| !known.contains_key(*k) && !OPTIONAL_KEYS.contains(&k.as_str()))
+    {
         bail!("{what}: unknown key '{k}'")
     }
     Ok(cfg)
@@ -134,7 +148,10 @@ impl TrainerOptions {
             bail!("steps, batch-size and grad-accum must be at least 1")
         }
         if self.resolution % 8 != 0 || self.resolution < 8 {
-            bail!("resolution must be a positive multiple of 8 (got {})", self.resolution)
+            bail!(
+                "resolution must be a positive multiple of 8 (got {})",
+                self.resolution
+            )
         }
         if !matches!(self.crop.as_str(), "center" | "random") {
             bail!("crop must be 'center' or 'random' (got '{}')", self.crop)
@@ -167,11 +184,21 @@ pub struct OutputPaths {
 
 impl OutputPaths {
     pub fn new(out: &Path) -> Result<Self> {
-        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         if !parent.is_dir() {
-            bail!("{}: output folder {} does not exist", out.display(), parent.display())
+            bail!(
+                "{}: output folder {} does not exist",
+                out.display(),
+                parent.display()
+            )
         }
-        let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "concept".into());
+        let stem = out
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "concept".into());
         let beside = |suffix: &str| parent.join(format!("{stem}{suffix}"));
         Ok(Self {
             concept: out.to_path_buf(),
@@ -193,7 +220,8 @@ mod tests {
         let file = dir.path().join("run.toml");
         std::fs::write(&file, "model = \"m\"\nimages = \"i\"\nout = \"o.safetensors\"\ntoken = \"<t>\"\ninit-word = \"toy\"\nsteps = 7\nlr = 0.1\n[adam]\neps = 1e-6\n")?;
         let flags: toml::Table = "steps = 9".parse()?;
-        let cfg: TextualInversionConfig = resolve(textual_inversion_defaults(), Some(&file), flags)?;
+        let cfg: TextualInversionConfig =
+            resolve(textual_inversion_defaults(), Some(&file), flags)?;
         assert_eq!(cfg.trainer.steps, 9);
         assert_eq!(cfg.trainer.lr, 0.1);
         assert_eq!(cfg.trainer.adam.eps, 1e-6);
@@ -202,7 +230,12 @@ mod tests {
         let back: TextualInversionConfig = toml::from_str(&toml::to_string(&cfg)?)?;
         assert_eq!(back, cfg);
         std::fs::write(&file, "stepz = 3\n")?;
-        assert!(resolve::<TextualInversionConfig>(textual_inversion_defaults(), Some(&file), toml::Table::new()).is_err());
+        assert!(resolve::<TextualInversionConfig>(
+            textual_inversion_defaults(),
+            Some(&file),
+            toml::Table::new()
+        )
+        .is_err());
         Ok(())
     }
 }

@@ -19,7 +19,9 @@ impl std::str::FromStr for LrSchedule {
             "constant" => Self::Constant,
             "warmup" | "constant_with_warmup" => Self::Warmup,
             "cosine" => Self::Cosine,
-            other => anyhow::bail!("unknown learning-rate schedule '{other}' (expected constant, warmup or cosine)"),
+            other => anyhow::bail!(
+                "unknown learning-rate schedule '{other}' (expected constant, warmup or cosine)"
+            ),
         })
     }
 }
@@ -28,7 +30,13 @@ impl LrSchedule {
     /// The multiplier of the base learning rate at optimizer step `step` (0-based), as the
     /// `LambdaLR` of diffusers' `get_scheduler`.
     pub fn factor(&self, step: usize, warmup_steps: usize, total_steps: usize) -> f64 {
-        let warm = |s: usize| if s < warmup_steps { s as f64 / warmup_steps.max(1) as f64 } else { 1.0 };
+        let warm = |s: usize| {
+            if s < warmup_steps {
+                s as f64 / warmup_steps.max(1) as f64
+            } else {
+                1.0
+            }
+        };
         match self {
             LrSchedule::Constant => 1.0,
             LrSchedule::Warmup => warm(step),
@@ -36,7 +44,8 @@ impl LrSchedule {
                 if step < warmup_steps {
                     return warm(step);
                 }
-                let progress = (step - warmup_steps) as f64 / (total_steps.saturating_sub(warmup_steps)).max(1) as f64;
+                let progress = (step - warmup_steps) as f64
+                    / (total_steps.saturating_sub(warmup_steps)).max(1) as f64;
                 (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
             }
         }

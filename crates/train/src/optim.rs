@@ -14,7 +14,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+        }
     }
 }
 
@@ -31,16 +36,32 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vars: Vec<Var>, config: AdamWConfig) -> Result<Self> {
-        let exp_avg = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        let exp_avg_sq = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { config, vars, exp_avg, exp_avg_sq, step: 0 })
+        let exp_avg = vars
+            .iter()
+            .map(|v| v.zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let exp_avg_sq = vars
+            .iter()
+            .map(|v| v.zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            config,
+            vars,
+            exp_avg,
+            exp_avg_sq,
+            step: 0,
+        })
     }
 
     /// One update with learning rate `lr`, following `torch.optim.adamw` (single-tensor path):
     /// decoupled decay `p ← p·(1 − lr·wd)`, moments, then `p ← p − lr/bc1 · m / (√v/√bc2 + eps)`.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         if grads.len() != self.vars.len() {
-            bail!("AdamW: {} gradients for {} variables", grads.len(), self.vars.len())
+            bail!(
+                "AdamW: {} gradients for {} variables",
+                grads.len(),
+                self.vars.len()
+            )
         }
         self.step += 1;
         let c = self.config;
@@ -48,7 +69,9 @@ impl AdamW {
         let bc2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt();
         for i in 0..self.vars.len() {
             let g = grads[i].to_dtype(self.vars[i].dtype())?;
-            let p = self.vars[i].as_tensor().affine(1.0 - lr * c.weight_decay, 0.0)?;
+            let p = self.vars[i]
+                .as_tensor()
+                .affine(1.0 - lr * c.weight_decay, 0.0)?;
             // torch's lerp_: m + (1 − β1)(g − m)
             let m = (&self.exp_avg[i] + ((&g - &self.exp_avg[i])? * (1.0 - c.beta1))?)?;
             let v = ((&self.exp_avg_sq[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
@@ -67,7 +90,11 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: Option<f64>) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.iter() {
-        total += g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        total += g
+            .to_dtype(candle_core::DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
     }
     let norm = total.sqrt();
     if let Some(max) = max_norm {

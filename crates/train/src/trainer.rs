@@ -40,7 +40,10 @@ pub enum Outcome {
     /// All steps done; the concept was written.
     Finished { steps: usize },
     /// Stopped early; `checkpoint` resumes it.
-    Interrupted { step: usize, checkpoint: std::path::PathBuf },
+    Interrupted {
+        step: usize,
+        checkpoint: std::path::PathBuf,
+    },
 }
 
 /// One line of the JSONL log.
@@ -80,10 +83,18 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
         eprintln!("warning: {w}");
     }
     // Shrink each photo once to its training size: renders are then only crops.
-    let images: Vec<_> = folder.images.iter().map(|i| i.resized_for(t.resolution as u32)).collect();
+    let images: Vec<_> = folder
+        .images
+        .iter()
+        .map(|i| i.resized_for(t.resolution as u32))
+        .collect();
     let augment = Augment {
         resolution: t.resolution as u32,
-        crop: if t.crop == "random" { Crop::Random } else { Crop::Center },
+        crop: if t.crop == "random" {
+            Crop::Random
+        } else {
+            Crop::Center
+        },
         flip: t.flip,
     };
 
@@ -93,25 +104,50 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
         None => None,
     };
     let method = match &resume {
-        None => TextualInversion::new(&mut sd.tokenizer, &sd.text_encoder, &cfg.token, &cfg.init_word, cfg.num_vectors)?,
+        None => TextualInversion::new(
+            &mut sd.tokenizer,
+            &sd.text_encoder,
+            &cfg.token,
+            &cfg.init_word,
+            cfg.num_vectors,
+        )?,
         Some(ck) => {
             check_resumable(&ck.config, cfg)?;
             let vectors = &ck.params.first().context("checkpoint holds no vectors")?.1;
-            TextualInversion::with_vectors(&mut sd.tokenizer, &sd.text_encoder, &cfg.token, vectors)?
+            TextualInversion::with_vectors(
+                &mut sd.tokenizer,
+                &sd.text_encoder,
+                &cfg.token,
+                vectors,
+            )?
         }
     };
     let mut adam = AdamW::new(vec![method.vectors.clone()], t.adam)?;
     let (mut rng, start) = match &resume {
         None => (SeededNoise::new(t.seed), 0),
         Some(ck) => {
-            adam.exp_avg = ck.exp_avg.iter().map(|x| x.to_device(&device)).collect::<candle_core::Result<_>>()?;
-            adam.exp_avg_sq = ck.exp_avg_sq.iter().map(|x| x.to_device(&device)).collect::<candle_core::Result<_>>()?;
+            adam.exp_avg = ck
+                .exp_avg
+                .iter()
+                .map(|x| x.to_device(&device))
+                .collect::<candle_core::Result<_>>()?;
+            adam.exp_avg_sq = ck
+                .exp_avg_sq
+                .iter()
+                .map(|x| x.to_device(&device))
+                .collect::<candle_core::Result<_>>()?;
             adam.step = ck.step;
-            (SeededNoise::from_state(ck.rng_seed, ck.rng_word_pos), ck.step)
+            (
+                SeededNoise::from_state(ck.rng_seed, ck.rng_word_pos),
+                ck.step,
+            )
         }
     };
     if start >= t.steps {
-        bail!("the checkpoint is at step {start}, the run has only {} steps", t.steps)
+        bail!(
+            "the checkpoint is at step {start}, the run has only {} steps",
+            t.steps
+        )
     }
     imprint_models::io::write_atomic(&paths.config, config_text.as_bytes())?;
     let mut log = std::fs::OpenOptions::new()
@@ -124,14 +160,23 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
     let template_list = templates::templates(templates_set);
     let mut cache = LatentCache::default();
     let base_lr = t.base_lr();
-    let bar = if hooks.progress { ProgressBar::new(t.steps as u64) } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta}")?);
+    let bar = if hooks.progress {
+        ProgressBar::new(t.steps as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(ProgressStyle::with_template(
+        "{msg} [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta}",
+    )?);
     bar.set_position(start as u64);
     let save = |adam: &AdamW, rng: &SeededNoise, step: usize| -> Result<std::path::PathBuf> {
         let (seed, pos) = rng.state();
         Checkpoint {
             step,
-            params: vec![("token_embeddings".to_string(), method.vectors.as_tensor().clone())],
+            params: vec![(
+                "token_embeddings".to_string(),
+                method.vectors.as_tensor().clone(),
+            )],
             exp_avg: adam.exp_avg.clone(),
             exp_avg_sq: adam.exp_avg_sq.clone(),
             rng_seed: seed,
@@ -152,29 +197,55 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
                 let index = rng.rng().gen_range(0..images.len());
                 let variant = augment.sample_variant(&images, index, rng.rng());
                 let dist = cache.get_or_encode(&variant, || {
-                    let pixels = data::render(&images[index], &variant, t.resolution as u32)?.unsqueeze(0)?.to_device(&device)?;
+                    let pixels = data::render(&images[index], &variant, t.resolution as u32)?
+                        .unsqueeze(0)?
+                        .to_device(&device)?;
                     sd.vae.encode(&pixels)
                 })?;
                 let eps = rng.randn(dist.mean.shape().clone(), &device)?;
-                let on_device = imprint_models::vae::LatentDistribution { mean: dist.mean.to_device(&device)?, logvar: dist.logvar.to_device(&device)? };
+                let on_device = imprint_models::vae::LatentDistribution {
+                    mean: dist.mean.to_device(&device)?,
+                    logvar: dist.logvar.to_device(&device)?,
+                };
                 latents.push(sd.vae.scale_latents(&on_device.sample(&eps)?)?);
                 let template = template_list[rng.rng().gen_range(0..template_list.len())];
                 captions.push(templates::caption(template, &placeholder));
             }
             let latents = Tensor::cat(&latents, 0)?;
             let noise = rng.randn(latents.shape().clone(), &device)?;
-            let timesteps: Vec<usize> =
-                (0..t.batch_size).map(|_| rng.rng().gen_range(0..schedule.num_train_timesteps())).collect();
+            let timesteps: Vec<usize> = (0..t.batch_size)
+                .map(|_| rng.rng().gen_range(0..schedule.num_train_timesteps()))
+                .collect();
             let ids = captions
                 .iter()
-                .map(|c| Ok(Tensor::new(sd.tokenizer.encode(c)?.iter().map(|&i| i as i64).collect::<Vec<_>>(), &device)?))
+                .map(|c| {
+                    Ok(Tensor::new(
+                        sd.tokenizer
+                            .encode(c)?
+                            .iter()
+                            .map(|&i| i as i64)
+                            .collect::<Vec<_>>(),
+                        &device,
+                    )?)
+                })
                 .collect::<Result<Vec<_>>>()?;
             let ids = Tensor::stack(&ids, 0)?;
             let text = method.encode(&sd.text_encoder, &ids)?;
-            let loss = diffusion_loss(&sd.unet, &schedule, prediction, &latents, &noise, &timesteps, TextConditioning::Shared(&text))?;
+            let loss = diffusion_loss(
+                &sd.unet,
+                &schedule,
+                prediction,
+                &latents,
+                &noise,
+                &timesteps,
+                TextConditioning::Shared(&text),
+            )?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             let grads = (loss / t.grad_accum as f64)?.backward()?;
-            let g = grads.get(method.vectors.as_tensor()).context("no gradient reached the token vectors")?.clone();
+            let g = grads
+                .get(method.vectors.as_tensor())
+                .context("no gradient reached the token vectors")?
+                .clone();
             grad_sum = Some(match grad_sum {
                 None => g,
                 Some(s) => (s + g)?,
@@ -186,7 +257,13 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
         adam.step(&grads, lr)?;
         let done = step + 1;
         let loss = loss_sum / t.grad_accum as f64;
-        let line = LogLine { step: done, loss, lr, grad_norm, seconds: started.elapsed().as_secs_f64() };
+        let line = LogLine {
+            step: done,
+            loss,
+            lr,
+            grad_norm,
+            seconds: started.elapsed().as_secs_f64(),
+        };
         writeln!(log, "{}", serde_json::to_string(&line)?)?;
         bar.set_message(format!("loss {loss:.4}"));
         bar.inc(1);
@@ -196,14 +273,20 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
         if let Some(prompt) = &t.validation_prompt {
             if t.validation_every > 0 && done % t.validation_every == 0 && done < t.steps {
                 let grid = validate(&sd, &method, prompt, t)?;
-                bar.println(format!("validation grid: {}", save_grid(&paths.validation, done, &grid)?.display()));
+                bar.println(format!(
+                    "validation grid: {}",
+                    save_grid(&paths.validation, done, &grid)?.display()
+                ));
             }
         }
         let last = done == t.steps;
         if hooks.interrupt.load(Ordering::SeqCst) && !last {
             let checkpoint = save(&adam, &rng, done)?;
             bar.abandon_with_message(format!("interrupted at step {done}"));
-            return Ok(Outcome::Interrupted { step: done, checkpoint });
+            return Ok(Outcome::Interrupted {
+                step: done,
+                checkpoint,
+            });
         }
         if t.save_every > 0 && done % t.save_every == 0 && !last {
             save(&adam, &rng, done)?;
@@ -213,11 +296,22 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
     let concept = Concept {
         trigger: cfg.token.clone(),
         method: "textual-inversion".into(),
-        embeddings: vec![TokenEmbedding { encoder: "text_encoder".into(), vectors: method.vectors.as_tensor().to_device(&Device::Cpu)? }],
+        embeddings: vec![TokenEmbedding {
+            encoder: "text_encoder".into(),
+            vectors: method.vectors.as_tensor().to_device(&Device::Cpu)?,
+        }],
         base_model: Some(base_model_name(&t.model)),
-        metadata: [("steps".to_string(), t.steps.to_string()), ("init_word".to_string(), cfg.init_word.clone())].into(),
+        metadata: [
+            ("steps".to_string(), t.steps.to_string()),
+            ("init_word".to_string(), cfg.init_word.clone()),
+        ]
+        .into(),
     };
-    imprint_concepts::formats::native::save(&concept, &paths.concept)?;
+    imprint_concepts::formats::save(
+        &concept,
+        &paths.concept,
+        imprint_concepts::formats::Format::Native,
+    )?;
     if let Some(prompt) = &t.validation_prompt {
         let grid = validate(&sd, &method, prompt, t)?;
         save_grid(&paths.validation, t.steps, &grid)?;
@@ -228,12 +322,16 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
 /// The base model's folder name, recorded in the concept (where it was trained).
 fn base_model_name(model: &std::path::Path) -> String {
     let canonical = model.canonicalize().unwrap_or_else(|_| model.to_path_buf());
-    canonical.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    canonical
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// A checkpoint resumes only the same run: same model, images, token and vectors.
 fn check_resumable(saved: &str, cfg: &TextualInversionConfig) -> Result<()> {
-    let saved: TextualInversionConfig = toml::from_str(saved).context("the checkpoint's configuration is unreadable")?;
+    let saved: TextualInversionConfig =
+        toml::from_str(saved).context("the checkpoint's configuration is unreadable")?;
     let same = saved.token == cfg.token
         && saved.num_vectors == cfg.num_vectors
         && saved.trainer.model == cfg.trainer.model
@@ -255,7 +353,12 @@ fn validate(
     t: &crate::config::TrainerOptions,
 ) -> Result<image::RgbImage> {
     let prompt = prompt.replace(&method.token, &method.placeholder_string());
-    let opts = SampleOptions { prompt: prompt.clone(), steps: t.validation_steps, guidance: 7.5, ..Default::default() };
+    let opts = SampleOptions {
+        prompt: prompt.clone(),
+        steps: t.validation_steps,
+        guidance: 7.5,
+        ..Default::default()
+    };
     let ids = sd.tokenize(&prompt)?;
     let cond = method.encode(&sd.text_encoder, &ids)?.detach();
     let uncond = sd.encode_prompt("", 0)?;
@@ -267,14 +370,20 @@ fn validate(
         // Validation has its own seeds: it must not shift the training stream.
         let mut noise = SeededNoise::new(t.seed.wrapping_add(1_000_003).wrapping_add(i as u64));
         let mut scheduler = sd.build_scheduler(opts.scheduler, opts.steps, false)?;
-        let init = (noise.randn((1, sd.unet.config.in_channels, size, size), &sd.device)? * scheduler.init_noise_sigma())?;
-        let latents = sd.denoise_with_context(&opts, scheduler.as_mut(), init, 0, &mut noise, &context)?;
+        let init = (noise.randn((1, sd.unet.config.in_channels, size, size), &sd.device)?
+            * scheduler.init_noise_sigma())?;
+        let latents =
+            sd.denoise_with_context(&opts, scheduler.as_mut(), init, 0, &mut noise, &context)?;
         images.push(image_io::tensor_to_rgb(&sd.decode(&latents)?)?);
     }
     image_io::grid(&images)
 }
 
-fn save_grid(dir: &std::path::Path, step: usize, grid: &image::RgbImage) -> Result<std::path::PathBuf> {
+fn save_grid(
+    dir: &std::path::Path,
+    step: usize,
+    grid: &image::RgbImage,
+) -> Result<std::path::PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let path = dir.join(format!("step-{step:06}.png"));
     image_io::save_png(grid, &path)?;

@@ -48,8 +48,17 @@ fn interrupted_and_resumed_equals_uninterrupted() {
     let resumed = dir.path().join("resumed.safetensors");
     let hooks = Hooks::default();
     let flag = hooks.interrupt.clone();
-    let hooks = Hooks { after_step: Some(Arc::new(move |step| if step == 3 { flag.store(true, Ordering::SeqCst) })), ..hooks };
-    let Outcome::Interrupted { step, checkpoint } = train_textual_inversion(&config(&model, &resumed), &hooks).unwrap() else {
+    let hooks = Hooks {
+        after_step: Some(Arc::new(move |step| {
+            if step == 3 {
+                flag.store(true, Ordering::SeqCst)
+            }
+        })),
+        ..hooks
+    };
+    let Outcome::Interrupted { step, checkpoint } =
+        train_textual_inversion(&config(&model, &resumed), &hooks).unwrap()
+    else {
         panic!("the run should stop at the interrupt")
     };
     assert_eq!(step, 3);
@@ -58,11 +67,18 @@ fn interrupted_and_resumed_equals_uninterrupted() {
     cfg.trainer.resume = Some(checkpoint.parent().unwrap().to_path_buf()); // the folder: its latest
     train_textual_inversion(&cfg, &Hooks::default()).unwrap();
 
-    assert_eq!(vectors(&straight), vectors(&resumed), "resumed run must end bit-identical");
+    assert_eq!(
+        vectors(&straight),
+        vectors(&resumed),
+        "resumed run must end bit-identical"
+    );
     let log = std::fs::read_to_string(dir.path().join("resumed.log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 6);
     assert!(dir.path().join("resumed.config.toml").exists());
-    assert!(dir.path().join("straight.checkpoints/step-000004.safetensors").exists());
+    assert!(dir
+        .path()
+        .join("straight.checkpoints/step-000004.safetensors")
+        .exists());
 }
 
 #[test]
@@ -73,11 +89,17 @@ fn bad_training_input_is_refused() {
     let out = dir.path().join("c.safetensors");
     let mut cfg = config(&model, &out);
     cfg.token = "toy".into();
-    let err = format!("{:#}", train_textual_inversion(&cfg, &Hooks::default()).unwrap_err());
+    let err = format!(
+        "{:#}",
+        train_textual_inversion(&cfg, &Hooks::default()).unwrap_err()
+    );
     assert!(err.contains("already exists"), "{err}");
     let mut cfg = config(&model, &out);
     cfg.init_word = "stuffed animal".into();
-    let err = format!("{:#}", train_textual_inversion(&cfg, &Hooks::default()).unwrap_err());
+    let err = format!(
+        "{:#}",
+        train_textual_inversion(&cfg, &Hooks::default()).unwrap_err()
+    );
     assert!(err.contains("single token"), "{err}");
     let mut cfg = config(&model, &out);
     cfg.trainer.images = dir.path().join("empty");

@@ -117,7 +117,13 @@ fn ti_step(a: &BenchArgs) -> Result<()> {
     use imprint_train::optim::{AdamW, AdamWConfig};
     let device = super::parse_device(&a.device)?;
     let mut sd = imprint_pipeline::StableDiffusion::load(&a.model, DType::F32, &device)?;
-    let ti = TextualInversion::new(&mut sd.tokenizer, &sd.text_encoder, "<bench-token>", "toy", 1)?;
+    let ti = TextualInversion::new(
+        &mut sd.tokenizer,
+        &sd.text_encoder,
+        "<bench-token>",
+        "toy",
+        1,
+    )?;
     let ids = sd.tokenize("a photo of a <bench-token>")?;
     let schedule = NoiseSchedule::new(&sd.scheduler_config)?;
     let prediction = sd.scheduler_config.prediction()?;
@@ -130,9 +136,20 @@ fn ti_step(a: &BenchArgs) -> Result<()> {
     let timesteps = vec![500usize; a.batch];
     let mut step = || -> Result<()> {
         let text = ti.encode(&sd.text_encoder, &ids)?;
-        let loss = diffusion_loss(&sd.unet, &schedule, prediction, &latents, &noise, &timesteps, TextConditioning::Shared(&text))?;
+        let loss = diffusion_loss(
+            &sd.unet,
+            &schedule,
+            prediction,
+            &latents,
+            &noise,
+            &timesteps,
+            TextConditioning::Shared(&text),
+        )?;
         let grads = loss.backward()?;
-        let g = grads.get(ti.vectors.as_tensor()).cloned().ok_or_else(|| anyhow::anyhow!("no gradient"))?;
+        let g = grads
+            .get(ti.vectors.as_tensor())
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no gradient"))?;
         adam.step(&[g], 1e-3)?;
         device.synchronize()?;
         Ok(())

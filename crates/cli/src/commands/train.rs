@@ -122,8 +122,15 @@ pub fn run(c: TrainCommand) -> Result<()> {
                     anyhow::bail!("--{required} is required (or give it in --config FILE.toml)")
                 }
             }
-            let cfg: TextualInversionConfig = resolve(textual_inversion_defaults(), a.trainer.config.as_deref(), flags)?;
-            let hooks = Hooks { progress: true, ..Default::default() };
+            let cfg: TextualInversionConfig = resolve(
+                textual_inversion_defaults(),
+                a.trainer.config.as_deref(),
+                flags,
+            )?;
+            let hooks = Hooks {
+                progress: true,
+                ..Default::default()
+            };
             let flag = hooks.interrupt.clone();
             // First Ctrl-C: finish the step, checkpoint, stop. (A second one kills as usual.)
             let _ = ctrlc::set_handler(move || {
@@ -133,9 +140,14 @@ pub fn run(c: TrainCommand) -> Result<()> {
                 eprintln!("\ninterrupt: stopping after this step with a checkpoint (Ctrl-C again to abort)");
             });
             match train_textual_inversion(&cfg, &hooks)? {
-                Outcome::Finished { steps } => println!("{} ({steps} steps)", cfg.trainer.out.display()),
+                Outcome::Finished { steps } => {
+                    println!("{} ({steps} steps)", cfg.trainer.out.display())
+                }
                 Outcome::Interrupted { step, checkpoint } => {
-                    println!("stopped at step {step}; resume with --resume {}", checkpoint.display());
+                    println!(
+                        "stopped at step {step}; resume with --resume {}",
+                        checkpoint.display()
+                    );
                     std::process::exit(130);
                 }
             }

@@ -24,8 +24,13 @@ pub fn diffusion_loss(
     text_states: TextConditioning,
 ) -> Result<Tensor> {
     let noisy = schedule.add_noise(latents, noise, timesteps)?;
-    let t = Tensor::new(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), latents.device())?;
+    let t = Tensor::new(
+        timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+        latents.device(),
+    )?;
     let pred = unet.forward(&noisy, &t, text_states)?;
     let target = schedule.target(prediction, latents, noise, timesteps)?;
-    Ok((pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?.sqr()?.mean_all()?)
+    Ok((pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?
+        .sqr()?
+        .mean_all()?)
 }

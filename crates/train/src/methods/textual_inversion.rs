@@ -33,18 +33,32 @@ pub struct TextualInversion {
 
 impl TextualInversion {
     /// Registers the new token(s) and initializes every vector to the init word's embedding.
-    pub fn new(tokenizer: &mut ClipTokenizer, te: &ClipTextTransformer, token: &str, init_word: &str, num_vectors: usize) -> Result<Self> {
+    pub fn new(
+        tokenizer: &mut ClipTokenizer,
+        te: &ClipTextTransformer,
+        token: &str,
+        init_word: &str,
+        num_vectors: usize,
+    ) -> Result<Self> {
         let init_ids = tokenizer.tokenize(init_word);
         if init_ids.len() != 1 {
             bail!("init word '{init_word}' is {} tokens; choose a word that is a single token (e.g. 'toy', 'dog', 'painting')", init_ids.len())
         }
-        let row = te.token_embedding.get(init_ids[0] as usize)?.to_dtype(DType::F32)?;
+        let row = te
+            .token_embedding
+            .get(init_ids[0] as usize)?
+            .to_dtype(DType::F32)?;
         let vectors = row.unsqueeze(0)?.repeat((num_vectors.max(1), 1))?;
         Self::with_vectors(tokenizer, te, token, &vectors)
     }
 
     /// Registers the token(s) for given vectors `[n, dim]` (resume).
-    pub fn with_vectors(tokenizer: &mut ClipTokenizer, te: &ClipTextTransformer, token: &str, vectors: &Tensor) -> Result<Self> {
+    pub fn with_vectors(
+        tokenizer: &mut ClipTokenizer,
+        te: &ClipTextTransformer,
+        token: &str,
+        vectors: &Tensor,
+    ) -> Result<Self> {
         let (n, dim) = vectors.dims2()?;
         if n == 0 {
             bail!("--num-vectors must be at least 1")
@@ -53,17 +67,33 @@ impl TextualInversion {
         if dim != te_dim {
             bail!("the vectors are {dim}-dimensional; this text encoder takes {te_dim}")
         }
-        let token_names: Vec<String> =
-            (0..n).map(|i| if i == 0 { token.to_string() } else { format!("{token}_{i}") }).collect();
+        let token_names: Vec<String> = (0..n)
+            .map(|i| {
+                if i == 0 {
+                    token.to_string()
+                } else {
+                    format!("{token}_{i}")
+                }
+            })
+            .collect();
         let mut token_ids = vec![];
         for name in &token_names {
             if tokenizer.token_id(name).is_some() {
                 bail!("token '{name}' already exists in the vocabulary; choose a new word such as '<my-{}>'", name.trim_matches(|c| c == '<' || c == '>'))
             }
-            token_ids.push(tokenizer.add_token(name).with_context(|| format!("registering '{name}'"))?);
+            token_ids.push(
+                tokenizer
+                    .add_token(name)
+                    .with_context(|| format!("registering '{name}'"))?,
+            );
         }
         let vectors = Var::from_tensor(&vectors.to_dtype(DType::F32)?.to_device(te.device())?)?;
-        Ok(Self { token: token.to_string(), token_names, token_ids, vectors })
+        Ok(Self {
+            token: token.to_string(),
+            token_names,
+            token_ids,
+            vectors,
+        })
     }
 
     /// What stands for the concept in captions: the registered tokens separated by spaces.
