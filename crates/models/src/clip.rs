@@ -41,14 +41,18 @@ fn default_act() -> String {
 fn default_eps() -> f64 {
     1e-5
 }
+/// `CLIPTextConfig`'s default; SD 1.x/2.x configs still carry the legacy 2.
 fn default_eos() -> u32 {
-    2
+    49407
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
     QuickGelu,
     Gelu,
+    GeluTanh,
+    Relu,
+    Silu,
 }
 
 impl Activation {
@@ -56,7 +60,12 @@ impl Activation {
         match s {
             "quick_gelu" => Ok(Self::QuickGelu),
             "gelu" => Ok(Self::Gelu),
-            other => bail!("text_encoder/config.json: unsupported hidden_act '{other}' (expected quick_gelu or gelu)"),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
+            "relu" => Ok(Self::Relu),
+            "silu" | "swish" => Ok(Self::Silu),
+            other => bail!(
+                "text_encoder/config.json: unsupported hidden_act '{other}' (expected quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, relu or silu)"
+            ),
         }
     }
 
@@ -65,6 +74,9 @@ impl Activation {
             // x · σ(1.702 x), CLIP's original approximation.
             Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
             Self::Gelu => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+            Self::Relu => x.relu(),
+            Self::Silu => x.silu(),
         }
     }
 }
@@ -172,7 +184,12 @@ impl ClipTextTransformer {
     /// Builds from the `text_encoder` weights; `vb` is the root (names start with `text_model.`).
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         let activation = Activation::parse(&cfg.hidden_act)?;
-        let vb = vb.pp("text_model");
+        // transformers < 5 saves `text_model.…`; transformers 5 saves the same modules at the root.
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
         let emb = vb.pp("embeddings");
         let token_embedding = emb
             .pp("token_embedding")
@@ -208,14 +225,21 @@ impl ClipTextTransformer {
     /// Looks up token embeddings `[B, S, D]` for `input_ids [B, S]`.
     pub fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
+        if b == 0 || s == 0 {
+            bail!(
+                "text encoder: input_ids of shape {:?} hold no tokens",
+                input_ids.dims()
+            )
+        }
         let vocab = self.token_embedding.dim(0)?;
-        let max_id = input_ids
-            .flatten_all()?
-            .to_dtype(DType::I64)?
-            .max(0)?
-            .to_scalar::<i64>()?;
-        if max_id < 0 || max_id as usize >= vocab {
-            bail!("text encoder: token id {max_id} is outside the embedding table ({vocab} rows)")
+        let flat_ids = input_ids.flatten_all()?.to_dtype(DType::I64)?;
+        let (min_id, max_id) = (
+            flat_ids.min(0)?.to_scalar::<i64>()?,
+            flat_ids.max(0)?.to_scalar::<i64>()?,
+        );
+        if min_id < 0 || max_id as usize >= vocab {
+            let bad = if min_id < 0 { min_id } else { max_id };
+            bail!("text encoder: token id {bad} is outside the embedding table ({vocab} rows)")
         }
         let flat = input_ids.flatten_all()?.to_dtype(DType::U32)?;
         Ok(self

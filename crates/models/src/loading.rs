@@ -272,7 +272,12 @@ impl SafetensorsReader {
                     .and_then(|o| o.as_array())
                     .with_context(ctx)?;
                 let (a, b) = (off[0].as_u64().unwrap_or(0), off[1].as_u64().unwrap_or(0));
-                let expected = shape.iter().product::<usize>() * dtype.size_in_bytes();
+                let expected = shape
+                    .iter()
+                    .try_fold(dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d))
+                    .with_context(|| {
+                        format!("{}: malformed safetensors header (shape overflows)", ctx())
+                    })?;
                 if b < a || (b - a) as usize != expected {
                     bail!(
                         "{}: byte range of {} does not match its shape {shape:?}",

@@ -30,6 +30,9 @@ pub struct StableDiffusion {
     /// The applied concepts' `(trigger, number of vectors)`, in order: prompts are rewritten for
     /// them before tokenizing.
     pub concepts: Vec<(String, usize)>,
+    /// Cut prompts longer than the text encoder takes, with a warning, as the reference pipelines
+    /// do (`imprint debug sample`); otherwise such a prompt is an error.
+    pub truncate_long_prompts: bool,
 }
 
 /// What the denoising loop needs besides the initial latents.
@@ -112,14 +115,6 @@ impl StableDiffusion {
         let folder = ModelFolder::open(dir)?;
         let text_encoder = folder.load_text_encoder(dtype, device)?;
         let tokenizer = folder.tokenizer()?;
-        if tokenizer.vocab_size() > text_encoder.token_embedding.dim(0)? {
-            bail!(
-                "{}: the tokenizer has {} tokens but the text encoder only {} embeddings",
-                folder.root.display(),
-                tokenizer.vocab_size(),
-                text_encoder.token_embedding.dim(0)?
-            )
-        }
         Ok(Self {
             tokenizer,
             text_encoder,
@@ -130,6 +125,7 @@ impl StableDiffusion {
             dtype,
             folder,
             concepts: Vec::new(),
+            truncate_long_prompts: false,
         })
     }
 
@@ -176,7 +172,10 @@ impl StableDiffusion {
         let max = self.tokenizer.model_max_length();
         let n = self.tokenizer.encode_unpadded(prompt)?.len();
         if n > max {
-            bail!("prompt is {n} tokens long; the text encoder takes at most {max} (including start and end): shorten it")
+            if !self.truncate_long_prompts {
+                bail!("prompt is {n} tokens long; the text encoder takes at most {max} (including start and end): shorten it")
+            }
+            eprintln!("warning: prompt is {n} tokens long; only the first {max} (including start and end) are used");
         }
         let ids = self.tokenizer.encode(prompt)?;
         Ok(Tensor::from_vec(
@@ -208,10 +207,8 @@ impl StableDiffusion {
     pub fn prompt_context(&self, opts: &SampleOptions) -> Result<Tensor> {
         let cond = self.encode_prompt(&opts.prompt, opts.clip_skip)?;
         if opts.guidance > 1.0 {
-            let uncond = self.encode_prompt(
-                opts.negative_prompt.as_deref().unwrap_or(""),
-                opts.clip_skip,
-            )?;
+            // diffusers applies clip skip to the prompt only; the negative prompt takes the last layer.
+            let uncond = self.encode_prompt(opts.negative_prompt.as_deref().unwrap_or(""), 0)?;
             Ok(Tensor::cat(&[uncond, cond], 0)?)
         } else {
             Ok(cond)
@@ -301,27 +298,39 @@ impl StableDiffusion {
     /// Generates `num_images` images; image `i` uses seed `seed + i`, so each is reproducible alone.
     pub fn generate(&self, o: &GenerateOptions) -> Result<Vec<RgbImage>> {
         let f = self.vae_scale_factor();
-        let width = o.width.unwrap_or(self.default_size());
-        let height = o.height.unwrap_or(self.default_size());
+        let init_rgb = match &o.init_image {
+            Some(init) => Some(image_io::read_rgb(&init.path)?),
+            None => None,
+        };
+        // Default size: the init image's, rounded down to the latent grid (diffusers'
+        // `get_default_height_width`), else the model's native size.
+        let (default_w, default_h) = match &init_rgb {
+            Some(img) => (
+                (img.width() as usize / f) * f,
+                (img.height() as usize / f) * f,
+            ),
+            None => (self.default_size(), self.default_size()),
+        };
+        let width = o.width.unwrap_or(default_w);
+        let height = o.height.unwrap_or(default_h);
         if width % f != 0 || height % f != 0 || width == 0 || height == 0 {
             bail!("width and height must be positive multiples of {f} (got {width}×{height})")
         }
         if o.num_images == 0 {
             bail!("--num-images must be at least 1")
         }
-        let init = match &o.init_image {
-            Some(init) => {
+        let init = match (&o.init_image, &init_rgb) {
+            (Some(init), Some(rgb)) => {
                 if !(0.0..=1.0).contains(&init.strength) {
                     bail!("--strength must be within [0, 1] (got {})", init.strength)
                 }
-                let rgb = image_io::read_rgb(&init.path)?;
                 Some((
-                    image_io::rgb_to_tensor(&rgb, width, height, &self.device)?
+                    image_io::rgb_to_tensor(rgb, width, height, &self.device)?
                         .to_dtype(self.dtype)?,
                     init.strength,
                 ))
             }
-            None => None,
+            _ => None,
         };
         let opts = SampleOptions {
             prompt: o.prompt.clone(),

@@ -198,6 +198,7 @@ pub fn run(c: DebugCommand) -> Result<()> {
             let initial = take(&inputs, "latents", &latents)?.to_dtype(DType::F32)?;
             expect_rank(&initial, 4, "latents", &latents)?;
             let mut sd = StableDiffusion::load(&model, DType::F32, &device)?;
+            sd.truncate_long_prompts = true; // as the reference pipeline, for parity checks
             super::apply_concepts(&mut sd, &concept, &prompt)?;
             let opts = SampleOptions {
                 prompt,
@@ -211,6 +212,22 @@ pub fn run(c: DebugCommand) -> Result<()> {
             };
             let result = match inputs.get("noise") {
                 Some(noise) => {
+                    if noise.rank() != 5
+                        || noise.dim(0)? == 0
+                        || noise.dims()[1..] != *initial.dims()
+                    {
+                        bail!(
+                            "{}: 'noise' must be [N, {}] with N ≥ 1, got {:?}",
+                            latents.display(),
+                            initial
+                                .dims()
+                                .iter()
+                                .map(|d| d.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            noise.dims()
+                        )
+                    }
                     let draws = noise.chunk(noise.dim(0)?, 0)?;
                     sd.sample(&opts, &initial, &mut QueuedNoise::new(draws))?
                 }

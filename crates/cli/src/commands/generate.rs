@@ -64,6 +64,16 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     {
         bail!("{}: --out must be a .png file", a.out.display())
     }
+    // Refuse an unwritable destination before minutes of generation, not after.
+    if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            bail!(
+                "{}: output folder {} does not exist",
+                a.out.display(),
+                parent.display()
+            )
+        }
+    }
     let device = super::parse_device(&a.device)?;
     let mut sd = StableDiffusion::load(&a.model, DType::F32, &device)?;
     super::apply_concepts(&mut sd, &a.concept, &a.prompt)?;

@@ -50,6 +50,55 @@ pub struct SchedulerConfig {
     pub use_karras_sigmas: bool,
     #[serde(default)]
     pub rescale_betas_zero_snr: bool,
+    /// Every other field, kept to refuse math-changing values imprint does not implement.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Config fields that change the math, which imprint computes only at diffusers' default value:
+/// `(field, default as JSON, schedulers it applies to)`.
+const FIXED_FIELDS: &[(&str, &str, &[SchedulerKind])] = {
+    use SchedulerKind::*;
+    const ALL: &[SchedulerKind] = &[Ddim, Euler, EulerAncestral, DpmPlusPlus2M, Ddpm];
+    &[
+        ("thresholding", "false", ALL),
+        ("use_exponential_sigmas", "false", &[Euler, DpmPlusPlus2M]),
+        ("use_beta_sigmas", "false", &[Euler, DpmPlusPlus2M]),
+        ("algorithm_type", "\"dpmsolver++\"", &[DpmPlusPlus2M]),
+        ("solver_order", "2", &[DpmPlusPlus2M]),
+        ("solver_type", "\"midpoint\"", &[DpmPlusPlus2M]),
+        ("lower_order_final", "true", &[DpmPlusPlus2M]),
+        ("euler_at_final", "false", &[DpmPlusPlus2M]),
+        ("use_lu_lambdas", "false", &[DpmPlusPlus2M]),
+        ("variance_type", "null", &[DpmPlusPlus2M]),
+        ("final_sigmas_type", "\"zero\"", &[Euler, DpmPlusPlus2M]),
+        ("timestep_type", "\"discrete\"", &[Euler]),
+        ("interpolation_type", "\"linear\"", &[Euler]),
+        ("sigma_min", "null", &[Euler]),
+        ("sigma_max", "null", &[Euler]),
+        ("variance_type", "\"fixed_small\"", &[Ddpm]),
+    ]
+};
+
+impl SchedulerConfig {
+    /// Refuses a field value `kind` would compute differently from diffusers.
+    fn check_supported(&self, kind: SchedulerKind) -> anyhow::Result<()> {
+        for (field, default, kinds) in FIXED_FIELDS {
+            if !kinds.contains(&kind) {
+                continue;
+            }
+            if let Some(v) = self.other.get(*field) {
+                let default: serde_json::Value =
+                    serde_json::from_str(default).expect("valid JSON default");
+                let same =
+                    v == &default || (v.as_f64().is_some() && v.as_f64() == default.as_f64());
+                if !same {
+                    anyhow::bail!("scheduler_config.json: unsupported {field} {v} for {kind:?} (imprint implements {default})")
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_train_timesteps() -> usize {
@@ -162,6 +211,7 @@ pub fn build(
     if num_inference_steps == 0 {
         anyhow::bail!("the number of inference steps must be at least 1")
     }
+    config.check_supported(kind)?;
     let karras = karras || config.use_karras_sigmas;
     Ok(match kind {
         SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(config, num_inference_steps)?),

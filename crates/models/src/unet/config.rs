@@ -271,10 +271,12 @@ impl UNet2DConditionConfig {
         };
         // diffusers' naming quirk: `attention_head_dim` holds the number of heads unless
         // `num_attention_heads` is given.
-        let heads = match &self.num_attention_heads {
-            Some(h) => h.expand(n, "num_attention_heads")?,
-            None => self.attention_head_dim.expand(n, "attention_head_dim")?,
-        };
+        // diffusers refuses `num_attention_heads` for this model (a naming issue, diffusers#2011):
+        // `attention_head_dim` holds the number of heads.
+        if self.num_attention_heads.is_some() {
+            bail!("unet/config.json: num_attention_heads is not supported by UNet2DConditionModel (diffusers refuses it too); set attention_head_dim")
+        }
+        let heads = self.attention_head_dim.expand(n, "attention_head_dim")?;
         for (i, (&c, &h)) in self.block_out_channels.iter().zip(&heads).enumerate() {
             if h == 0 || c % h != 0 {
                 bail!("unet/config.json: block {i} has {c} channels, not divisible into {h} attention heads")
