@@ -62,7 +62,9 @@ fn diffusers_round_trip() {
     assert_eq!(back.trigger, "<cat-toy>");
     assert!(same(&c.embeddings[0].vectors, &back.embeddings[0].vectors));
     // A folder resolves to its learned_embeds.safetensors, as in diffusers.
+    std::fs::remove_file(&path).unwrap();
     save(&c, dir.path(), Format::Diffusers).unwrap();
+    assert_eq!(load_any(dir.path()).unwrap().trigger, "<cat-toy>");
 }
 
 #[test]
