@@ -129,6 +129,39 @@ fn a_concept_changes_the_result() {
 }
 
 #[test]
+fn a_prompt_without_the_trigger_is_warned_about() {
+    let model = tiny_model("tiny");
+    let run = &manifest()["sampling"][0];
+    let input = concepts_dir().join(run["file"].as_str().unwrap());
+    let out = run_ok(
+        imprint()
+            .args([
+                "debug",
+                "sample",
+                "--scheduler",
+                "ddim",
+                "--steps",
+                "1",
+                "--guidance",
+                "1",
+            ])
+            .args(["--prompt", "a photo of a dog", "--concept"])
+            .arg(concepts_dir().join("pt-toy.pt"))
+            .arg("--model")
+            .arg(&model)
+            .arg("--latents")
+            .arg(&input)
+            .arg("--output")
+            .arg(scratch("concept-warning").join("out.safetensors")),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning:") && stderr.contains("pt-toy"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn inspect_reports_trigger_vectors_and_format() {
     let v = inspect(&concepts_dir().join("learned_embeds.safetensors"));
     assert_eq!(v["format"], "diffusers");

@@ -115,8 +115,10 @@ pub(crate) fn read_safetensors(bytes: &[u8]) -> Result<RawFile> {
     })
 }
 
-/// Reads the tensors and metadata of a safetensors or pickled PyTorch file.
+/// Reads the tensors and metadata of a safetensors or pickled PyTorch file. A folder stands for
+/// the `learned_embeds.safetensors` in it, as diffusers' `load_textual_inversion` resolves it.
 pub(crate) fn read_raw(path: &Path) -> Result<RawFile> {
+    let path = &diffusers::resolve(path);
     let bytes = read_bytes(path)?;
     let raw = (|| -> Result<RawFile> {
         if looks_like_safetensors(&bytes) {
@@ -136,6 +138,7 @@ pub(crate) fn read_raw(path: &Path) -> Result<RawFile> {
 /// Which format a file is in, by content: native metadata, A1111's key names, or diffusers'
 /// single tensor. A file that matches none is an error naming what it holds.
 pub fn detect(path: &Path) -> Result<Format> {
+    let path = &diffusers::resolve(path);
     let raw = read_raw(path)?;
     detect_raw(&raw).with_context(|| path.display().to_string())
 }
@@ -166,6 +169,7 @@ pub fn load_any(path: &Path) -> Result<Concept> {
 
 /// [`load_any`], also saying which format the file was in.
 pub fn load_with_format(path: &Path) -> Result<(Concept, Format)> {
+    let path = &diffusers::resolve(path);
     let raw = read_raw(path)?;
     let result = (|| -> Result<(Concept, Format)> {
         let format = detect_raw(&raw)?;

@@ -61,9 +61,13 @@ impl Value {
 }
 
 /// Upper bounds that keep a hostile archive from exhausting memory or the stack.
-const MAX_PICKLE_BYTES: u64 = 64 << 20;
+const MAX_PICKLE_BYTES: u64 = 16 << 20;
 const MAX_STORAGE_BYTES: u64 = 1 << 30;
 const MAX_DEPTH: usize = 64;
+/// Bounds on the object tree the interpreter may build (nodes, including the copies memo
+/// references make), checked before interpreting: a few kilobytes of pickle can otherwise describe
+/// an exponentially large or deeply nested tree.
+const MAX_NODES: u64 = 4_000_000;
 
 struct Archive<'a> {
     zip: zip::ZipArchive<Cursor<&'a [u8]>>,
@@ -126,13 +130,17 @@ pub(crate) fn read_archive(bytes: &[u8]) -> Result<RawFile> {
         entry.take(MAX_PICKLE_BYTES).read_to_end(&mut data)?;
         data
     };
-    let mut stack = Stack::empty();
-    stack
-        .read_loop(&mut Cursor::new(&pickle))
-        .map_err(|e| anyhow!("cannot parse the pickle in {pkl_name}: {e}"))?;
-    let object = stack
-        .finalize()
-        .map_err(|e| anyhow!("cannot parse the pickle in {pkl_name}: {e}"))?;
+    check_budget(&pickle).with_context(|| format!("cannot parse the pickle in {pkl_name}"))?;
+    let parsed = std::panic::catch_unwind(|| -> candle_core::Result<Object> {
+        let mut stack = Stack::empty();
+        stack.read_loop(&mut Cursor::new(&pickle))?;
+        stack.finalize()
+    });
+    let object = match parsed {
+        Ok(Ok(object)) => object,
+        Ok(Err(e)) => bail!("cannot parse the pickle in {pkl_name}: {e}"),
+        Err(_) => bail!("cannot parse the pickle in {pkl_name}: malformed"),
+    };
     let mut archive = Archive {
         zip,
         prefix,
@@ -168,6 +176,179 @@ pub(crate) fn read_archive(bytes: &[u8]) -> Result<RawFile> {
         pickled: true,
         pickle: Some(value),
     })
+}
+
+/// Walks the opcodes without building anything, tracking for each stack entry the size and depth
+/// of the tree candle's interpreter would build (memo gets copy their entry, as candle does), and
+/// refuses pickles over [`MAX_NODES`] / [`MAX_DEPTH`] or with opcodes outside the set torch's
+/// protocol-2 pickles use.
+fn check_budget(pickle: &[u8]) -> Result<()> {
+    #[derive(Clone, Copy)]
+    struct Entry {
+        nodes: u64,
+        depth: usize,
+    }
+    const LEAF: Entry = Entry { nodes: 1, depth: 1 };
+    fn join(items: &[Option<Entry>]) -> Entry {
+        items.iter().flatten().fold(LEAF, |acc, e| Entry {
+            nodes: acc.nodes.saturating_add(e.nodes),
+            depth: acc.depth.max(e.depth + 1),
+        })
+    }
+    let mut stack: Vec<Option<Entry>> = Vec::new(); // None is a MARK
+    let mut memo: HashMap<u32, Entry> = HashMap::new();
+    let mut built: u64 = 0;
+    let byte = |r: &mut Cursor<&[u8]>| -> Result<u8> {
+        let mut b = [0u8; 1];
+        r.read_exact(&mut b).context("truncated pickle")?;
+        Ok(b[0])
+    };
+    let skip = |r: &mut Cursor<&[u8]>, n: u64| -> Result<()> {
+        let end = r.position().saturating_add(n);
+        if end > r.get_ref().len() as u64 {
+            bail!("truncated pickle")
+        }
+        r.set_position(end);
+        Ok(())
+    };
+    let u32le = |r: &mut Cursor<&[u8]>| -> Result<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).context("truncated pickle")?;
+        Ok(u32::from_le_bytes(b))
+    };
+    let mut cursor = Cursor::new(pickle);
+    let r = &mut cursor;
+    let pop = |stack: &mut Vec<Option<Entry>>| -> Result<Entry> {
+        stack
+            .pop()
+            .flatten()
+            .context("malformed pickle (stack underflow)")
+    };
+    let pop_mark = |stack: &mut Vec<Option<Entry>>| -> Result<Vec<Option<Entry>>> {
+        let at = stack
+            .iter()
+            .rposition(Option::is_none)
+            .context("malformed pickle (no MARK)")?;
+        let items = stack.split_off(at + 1);
+        stack.pop();
+        Ok(items)
+    };
+    loop {
+        let op = byte(r)?;
+        let pushed = match op {
+            0x80 => {
+                skip(r, 1)?;
+                continue;
+            }
+            b'c' => {
+                for _ in 0..2 {
+                    let rest = &r.get_ref()[r.position() as usize..];
+                    let n = rest
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .context("truncated pickle")?;
+                    skip(r, n as u64 + 1)?;
+                }
+                LEAF
+            }
+            b'q' | b'r' => {
+                let id = if op == b'q' {
+                    byte(r)? as u32
+                } else {
+                    u32le(r)?
+                };
+                let top = stack
+                    .last()
+                    .copied()
+                    .flatten()
+                    .context("malformed pickle (memo put on an empty stack)")?;
+                built = built.saturating_add(top.nodes);
+                memo.insert(id, top);
+                continue;
+            }
+            b'h' | b'j' => {
+                let id = if op == b'h' {
+                    byte(r)? as u32
+                } else {
+                    u32le(r)?
+                };
+                let e = *memo
+                    .get(&id)
+                    .context("malformed pickle (memo get of a missing entry)")?;
+                built = built.saturating_add(e.nodes);
+                e
+            }
+            b')' | b'}' | b']' | b'N' | 0x88 | 0x89 | b'd' => LEAF,
+            b'(' => {
+                stack.push(None);
+                continue;
+            }
+            b'X' => {
+                let n = u32le(r)?;
+                skip(r, n as u64)?;
+                LEAF
+            }
+            b'J' => {
+                skip(r, 4)?;
+                LEAF
+            }
+            b'K' => {
+                skip(r, 1)?;
+                LEAF
+            }
+            b'M' => {
+                skip(r, 2)?;
+                LEAF
+            }
+            b'G' => {
+                skip(r, 8)?;
+                LEAF
+            }
+            0x8a => {
+                let n = byte(r)?;
+                if n > 8 {
+                    bail!("integer of {n} bytes is not supported")
+                }
+                skip(r, n as u64)?;
+                LEAF
+            }
+            b't' => join(&pop_mark(&mut stack)?),
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                let items = (0..n)
+                    .map(|_| pop(&mut stack).map(Some))
+                    .collect::<Result<Vec<_>>>()?;
+                join(&items)
+            }
+            b'Q' => join(&[Some(pop(&mut stack)?)]),
+            b'R' | 0x81 | b'b' => {
+                let a = pop(&mut stack)?;
+                let b = pop(&mut stack)?;
+                join(&[Some(a), Some(b)])
+            }
+            b's' | b'a' => {
+                let v = pop(&mut stack)?;
+                let mut items = vec![Some(v)];
+                if op == b's' {
+                    items.push(Some(pop(&mut stack)?));
+                }
+                items.push(Some(pop(&mut stack)?));
+                join(&items)
+            }
+            b'u' | b'e' => {
+                let mut items = pop_mark(&mut stack)?;
+                items.push(Some(pop(&mut stack)?));
+                join(&items)
+            }
+            b'.' => return Ok(()),
+            other => bail!("pickle opcode 0x{other:02x} is not one torch.save uses"),
+        };
+        if pushed.depth > MAX_DEPTH || built.saturating_add(pushed.nodes) > MAX_NODES {
+            bail!("the pickle describes an object tree too large or too deeply nested for an embedding file")
+        }
+        built = built.saturating_add(1);
+        stack.push(Some(pushed));
+    }
 }
 
 fn refuse(what: &str) -> anyhow::Error {

@@ -62,7 +62,9 @@ fn diffusers_round_trip() {
     assert_eq!(back.trigger, "<cat-toy>");
     assert!(same(&c.embeddings[0].vectors, &back.embeddings[0].vectors));
     // A folder resolves to its learned_embeds.safetensors, as in diffusers.
+    std::fs::remove_file(&path).unwrap();
     save(&c, dir.path(), Format::Diffusers).unwrap();
+    assert_eq!(load_any(dir.path()).unwrap().trigger, "<cat-toy>");
 }
 
 #[test]
@@ -231,4 +233,68 @@ fn malicious_pickle_is_refused_without_running() {
         "{e}"
     );
     assert!(!marker.exists(), "the pickle's payload ran");
+}
+
+// --- Hostile pickles, built by hand: refused with an error, never a panic or a blow-up ---
+
+fn archive_with_pickle(pickle: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", opts).unwrap();
+    zip.write_all(pickle).unwrap();
+    zip.finish().unwrap().into_inner()
+}
+
+fn pickle_error(body: &[u8]) -> String {
+    let mut pickle = vec![0x80, 2];
+    pickle.extend_from_slice(body);
+    let bytes = archive_with_pickle(&pickle);
+    format!(
+        "{:#}",
+        pt::read_archive(&bytes).expect_err("should be refused")
+    )
+}
+
+#[test]
+fn exponential_memo_copies_are_refused() {
+    // l = []; 64 times: l = (l, l) — 2^64 nodes once copied out.
+    let mut body = vec![b']', b'q', 0];
+    for _ in 0..64 {
+        body.extend_from_slice(&[b'h', 0, b'h', 0, 0x86, b'q', 0]);
+    }
+    body.push(b'.');
+    let e = pickle_error(&body);
+    assert!(e.contains("too large"), "{e}");
+}
+
+#[test]
+fn deep_nesting_is_refused() {
+    let mut body = vec![b')'];
+    body.extend(std::iter::repeat_n(0x85, 200_000));
+    body.push(b'.');
+    let e = pickle_error(&body);
+    assert!(e.contains("too deeply nested"), "{e}");
+}
+
+#[test]
+fn malformed_pickles_are_errors() {
+    // An integer longer than 8 bytes (would overflow a shift in the interpreter).
+    let mut body = vec![0x8a, 200];
+    body.extend(std::iter::repeat_n(0xff, 200));
+    body.push(b'.');
+    assert!(pickle_error(&body).contains("not supported"));
+    // Truncated: a string longer than the data.
+    assert!(pickle_error(&[b'X', 0xff, 0, 0, 0, b'a']).contains("truncated"));
+    // Stack underflow, unknown opcode, and a top-level object that is not a dict.
+    assert!(pickle_error(b"R.").contains("malformed"));
+    assert!(pickle_error(b"\xfe.").contains("opcode"));
+    assert!(pickle_error(b"N.").contains("not a dict"));
+    // A call of anything but tensor rebuilding.
+    let e = pickle_error(b"cbuiltins\neval\nX\x01\x00\x00\x00x\x85R.");
+    assert!(
+        e.contains("refusing to load") && e.contains("builtins.eval"),
+        "{e}"
+    );
 }
