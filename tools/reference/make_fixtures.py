@@ -69,11 +69,63 @@ class QueuedRandn:
         return t.to(dtype=dtype or torch.float32)
 
 
+def small_clip_vocab(folder, size=1000):
+    """A CLIP BPE vocabulary of `size` tokens (the real one's first merges), as small test models
+    ship: byte tokens, byte+</w> tokens, the first merges, then the two special tokens."""
+    import gzip
+    import json as js
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    gz = os.path.join(os.path.dirname(__file__), "../../crates/models/assets/bpe_simple_vocab_16e6.txt.gz")
+    merges = gzip.open(gz).read().decode("utf-8").split("\n")[1:]
+    n_merges = size - 512 - 2
+    merges = [tuple(m.split()) for m in merges[:n_merges]]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        js.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77)
+
+
+def build_diffusers_made(model):
+    """A tiny pipeline written entirely by diffusers/transformers (not by imprint): other widths,
+    depths and head counts, two transformer layers in a block, a 1000-token vocabulary, gelu, the
+    modern eos id, a factor-2 VAE, trailing DDIM spacing and v-prediction."""
+    from transformers import CLIPTextConfig
+    torch.manual_seed(99)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=(2, 4), transformer_layers_per_block=(2, 1),
+        norm_num_groups=8, upcast_attention=True, flip_sin_to_cos=False, freq_shift=1)
+    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=16, scaling_factor=0.13025)
+    work_tok = os.path.join(model + "-tok")
+    tokenizer = small_clip_vocab(work_tok)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=1000, hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        hidden_act="gelu", bos_token_id=998, eos_token_id=999, pad_token_id=999, max_position_embeddings=77))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing",
+                              prediction_type="v_prediction")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(model)
+
+
 def fixtures_for(config, imprint, out_root, work):
-    model = os.path.join(work, config)
-    subprocess.run([imprint, "model", "init", "--config", config, "--out", model, "--seed", "0"], check=True)
     out = os.path.join(out_root, config)
     os.makedirs(out, exist_ok=True)
+    if config == "diffusers-made":
+        model = os.path.join(out, "model")
+        build_diffusers_made(model)
+    else:
+        model = os.path.join(work, config)
+        subprocess.run([imprint, "model", "init", "--config", config, "--out", model, "--seed", "0"], check=True)
     torch.manual_seed(1234)
 
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
@@ -157,7 +209,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--imprint", default="target/debug/imprint")
     ap.add_argument("--out", default="tests/fixtures")
-    ap.add_argument("--configs", nargs="+", default=["tiny", "tiny-sd2"])
+    ap.add_argument("--configs", nargs="+", default=["tiny", "tiny-sd2", "diffusers-made"])
     a = ap.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as work:

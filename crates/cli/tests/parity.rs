@@ -10,6 +10,17 @@ use std::path::Path;
 const COMPONENT_TOL: f64 = 1e-4;
 const SAMPLING_TOL: f64 = 1e-3;
 
+/// The model a fixture was computed on: committed beside it when diffusers wrote it, else the
+/// folder `imprint model init` writes for that config.
+fn model_for(config: &str) -> std::path::PathBuf {
+    let committed = fixtures().join(config).join("model");
+    if committed.is_dir() {
+        committed
+    } else {
+        tiny_model(config)
+    }
+}
+
 fn manifest(config: &str) -> Value {
     let p = fixtures().join(config).join("manifest.json");
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
@@ -42,7 +53,7 @@ fn check_fingerprint(config: &str, model: &Path) {
 }
 
 fn forward_case(config: &str, component: &str, fixture: &str, outputs: &[(&str, &str)]) {
-    let model = tiny_model(config);
+    let model = model_for(config);
     check_fingerprint(config, &model);
     let input = fixtures().join(config).join(fixture);
     let out = scratch("forward").join(format!("{config}-{fixture}"));
@@ -67,7 +78,7 @@ fn forward_case(config: &str, component: &str, fixture: &str, outputs: &[(&str, 
 }
 
 fn tokenize_case(config: &str) {
-    let model = tiny_model(config);
+    let model = model_for(config);
     let m = manifest(config);
     for (prompt, ids) in m["prompts"]
         .as_array()
@@ -87,7 +98,7 @@ fn tokenize_case(config: &str) {
 }
 
 fn sampling_case(config: &str) {
-    let model = tiny_model(config);
+    let model = model_for(config);
     let m = manifest(config);
     for run in m["sampling"].as_array().unwrap() {
         let input = fixtures().join(config).join(run["file"].as_str().unwrap());
@@ -191,3 +202,4 @@ macro_rules! parity_tests {
 
 parity_tests!(sd1, "tiny");
 parity_tests!(sd2, "tiny-sd2");
+parity_tests!(diffusers_made, "diffusers-made");

@@ -185,10 +185,10 @@ impl ClipTextTransformer {
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         let activation = Activation::parse(&cfg.hidden_act)?;
         // transformers < 5 saves `text_model.…`; transformers 5 saves the same modules at the root.
-        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
-            vb.pp("text_model")
-        } else {
+        let vb = if vb.contains_tensor("embeddings.token_embedding.weight") {
             vb
+        } else {
+            vb.pp("text_model")
         };
         let emb = vb.pp("embeddings");
         let token_embedding = emb
