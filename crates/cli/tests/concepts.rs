@@ -269,6 +269,7 @@ fn generate_with_a_mismatched_concept_fails_cleanly() {
 #[test]
 fn a_missing_concept_file_is_named() {
     let model = tiny_model("tiny");
+    let out_png = scratch("missing-concept").join("x.png");
     let out = imprint()
         .args([
             "generate",
@@ -277,8 +278,8 @@ fn a_missing_concept_file_is_named() {
             "--steps",
             "1",
             "--out",
-            "/nonexistent/x.png",
         ])
+        .arg(&out_png)
         .arg("--model")
         .arg(&model)
         .args(["--concept", "no-such-concept.safetensors"])
