@@ -271,14 +271,7 @@ fn a_missing_concept_file_is_named() {
     let model = tiny_model("tiny");
     let out_png = scratch("missing-concept").join("x.png");
     let out = imprint()
-        .args([
-            "generate",
-            "--prompt",
-            "x",
-            "--steps",
-            "1",
-            "--out",
-        ])
+        .args(["generate", "--prompt", "x", "--steps", "1", "--out"])
         .arg(&out_png)
         .arg("--model")
         .arg(&model)
