@@ -32,6 +32,9 @@
 
 pub mod apply;
 pub mod formats;
+pub mod lora;
+
+pub use lora::{LoraModule, LoraWeights, LORA, UNET};
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -111,6 +114,8 @@ pub struct Concept {
     pub method: String,
     /// Token embeddings, at most one per text encoder.
     pub embeddings: Vec<TokenEmbedding>,
+    /// Low-rank deltas on the networks' projections (LoRA); empty for Textual Inversion.
+    pub lora: LoraWeights,
     /// The base model it was trained on, when known (a name or a fingerprint).
     pub base_model: Option<String>,
     /// Free-form notes carried through the native format (training steps, source file, ...).
@@ -124,6 +129,7 @@ impl Concept {
             trigger: trigger.to_string(),
             method: TEXTUAL_INVERSION.to_string(),
             embeddings: vec![TokenEmbedding::new(TEXT_ENCODER, vectors)?],
+            lora: LoraWeights::default(),
             base_model: None,
             metadata: BTreeMap::new(),
         })
@@ -144,9 +150,32 @@ impl Concept {
         self.embeddings.first().map_or(0, |e| e.dim())
     }
 
-    /// Checks what every format and the applier rely on: a usable trigger, at least one embedding,
-    /// at most one per encoder, and the same vector count in each.
+    /// A LoRA concept. LoRA files name no trigger: `trigger` may be empty.
+    pub fn lora(trigger: &str, lora: LoraWeights) -> Self {
+        Self {
+            trigger: trigger.to_string(),
+            method: LORA.to_string(),
+            embeddings: Vec::new(),
+            lora,
+            base_model: None,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    /// Checks what every format and the applier rely on: at least one part; token embeddings need
+    /// a usable trigger, at most one per encoder, and the same vector count in each; LoRA modules
+    /// appear once each.
     pub fn validate(&self) -> Result<()> {
+        self.lora.validate()?;
+        if self.embeddings.is_empty() {
+            if self.lora.is_empty() {
+                bail!("concept '{}' holds neither token embeddings nor LoRA weights", self.trigger)
+            }
+            if self.trigger.chars().any(char::is_whitespace) {
+                bail!("trigger {:?} contains whitespace; a trigger must be one word", self.trigger)
+            }
+            return Ok(());
+        }
         if self.trigger.trim().is_empty() {
             bail!("the concept has an empty trigger word")
         }
