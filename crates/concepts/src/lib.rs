@@ -33,6 +33,7 @@
 pub mod apply;
 pub mod formats;
 pub mod lora;
+pub mod merge;
 
 pub use lora::{LoraModule, LoraWeights, LORA, UNET};
 

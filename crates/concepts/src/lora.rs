@@ -287,6 +287,54 @@ pub fn apply_lora(
     if !scale.is_finite() {
         bail!("LoRA scale {scale} is not a finite number")
     }
+    let prepared = prepare_lora(model, network, lora)?;
+    Ok(prepared.attach(model, scale))
+}
+
+/// Adapters checked against a model and ready to attach ([`prepare_lora`]): lets a caller check
+/// several networks before changing any.
+pub struct PreparedLora {
+    /// By the model's projection name.
+    adapters: HashMap<String, LoraAdapter>,
+}
+
+impl PreparedLora {
+    pub fn len(&self) -> usize {
+        self.adapters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.adapters.is_empty()
+    }
+
+    /// Adds the adapters to their projections at `scale`; returns how many were attached.
+    pub fn attach(mut self, model: &mut dyn VisitProjections, scale: f64) -> usize {
+        let mut n = 0;
+        model.visit_projections(&mut |p| {
+            let (name, list) = match p {
+                Projection::Linear(l) => (l.name.clone(), &mut l.adapters),
+                Projection::Conv2d(c) => (c.name.clone(), &mut c.adapters),
+            };
+            if let Some(a) = self.adapters.remove(&name) {
+                list.push(ScaledAdapter {
+                    adapter: Arc::new(a),
+                    scale,
+                });
+                n += 1;
+            }
+        });
+        n
+    }
+}
+
+/// Matches every module of `lora` on `network` with a projection of `model` by kohya's flat name
+/// (the model's names with '.' → '_'), and checks kinds and shapes. A module that is none of the
+/// model's projections is an error naming it: a LoRA for another architecture.
+pub fn prepare_lora(
+    model: &mut dyn VisitProjections,
+    network: &str,
+    lora: &LoraWeights,
+) -> Result<PreparedLora> {
     let mut slots: HashMap<String, Slot> = HashMap::new();
     let mut device_dtype = None;
     model.visit_projections(&mut |p| {
@@ -318,20 +366,7 @@ pub fn apply_lora(
             LoraAdapter::new(m, slot.conv, &device, dtype)?,
         );
     }
-    let n = adapters.len();
-    model.visit_projections(&mut |p| {
-        let (name, list) = match p {
-            Projection::Linear(l) => (l.name.clone(), &mut l.adapters),
-            Projection::Conv2d(c) => (c.name.clone(), &mut c.adapters),
-        };
-        if let Some(a) = adapters.remove(&name) {
-            list.push(ScaledAdapter {
-                adapter: Arc::new(a),
-                scale,
-            });
-        }
-    });
-    Ok(n)
+    Ok(PreparedLora { adapters })
 }
 
 fn check_fits(m: &LoraModule, slot: &Slot) -> Result<()> {
