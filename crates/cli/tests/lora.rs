@@ -19,7 +19,12 @@ fn lora_dir() -> PathBuf {
 }
 
 /// Runs `debug forward` on the tiny model with optional `--concept` arguments.
-fn forward(model: &Path, component: &str, concepts: &[String], out: &Path) -> HashMap<String, Tensor> {
+fn forward(
+    model: &Path,
+    component: &str,
+    concepts: &[String],
+    out: &Path,
+) -> HashMap<String, Tensor> {
     let input = match component {
         "unet" => "unet_in.safetensors",
         _ => "text_encoder_in.safetensors",
@@ -71,7 +76,12 @@ fn unet_and_text_encoder_with_lora_match_diffusers() {
     // Two LoRAs add up, each at its scale: 0.25 + 0.25 of the same LoRA is 0.5 of it.
     let half = concept_arg(&lora_dir().join("peft.safetensors"), Some("0.25"));
     let quarter_twice = concept_arg(&lora_dir().join("kohya.safetensors"), Some("0.25"));
-    let out = forward(&model, "unet", &[half, quarter_twice], &dir.join("u2.safetensors"));
+    let out = forward(
+        &model,
+        "unet",
+        &[half, quarter_twice],
+        &dir.join("u2.safetensors"),
+    );
     assert!(rel_err(&out["sample"], &unet_ref["sample_05"]) <= TOL);
 }
 
@@ -104,13 +114,14 @@ fn conversions_keep_keys_and_values() {
     // same values as its file.
     let ours = dir.join("diffusers.safetensors");
     convert(&kohya, &ours, "diffusers");
-    let expected: BTreeMap<String, Vec<usize>> = serde_json::from_str(
-        &std::fs::read_to_string(lora_dir().join("keys.json")).unwrap(),
-    )
-    .unwrap();
+    let expected: BTreeMap<String, Vec<usize>> =
+        serde_json::from_str(&std::fs::read_to_string(lora_dir().join("keys.json")).unwrap())
+            .unwrap();
     let written = load(&ours);
-    let shapes: BTreeMap<String, Vec<usize>> =
-        written.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
+    let shapes: BTreeMap<String, Vec<usize>> = written
+        .iter()
+        .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+        .collect();
     assert_eq!(shapes, expected);
     assert_eq!(sorted(written), sorted(load(&peft)));
 
@@ -145,10 +156,10 @@ fn conversions_keep_keys_and_values() {
     let lora = v["lora"].as_array().unwrap();
     assert_eq!(lora.len(), expected.len() / 2);
     assert!(lora.iter().all(|m| m["rank"] == 4 && m["alpha"] == 8.0));
-    assert!(lora
-        .iter()
-        .any(|m| m["module"] == "text_model.encoder.layers.0.self_attn.q_proj"
-            && m["network"] == "text_encoder"));
+    assert!(lora.iter().any(
+        |m| m["module"] == "text_model.encoder.layers.0.self_attn.q_proj"
+            && m["network"] == "text_encoder"
+    ));
 }
 
 fn safetensors_metadata(path: &Path) -> HashMap<String, String> {
@@ -195,8 +206,14 @@ fn merged_model_matches_the_applied_lora() {
 fn kohya_file(path: &Path, name: &str, inp: usize, out: usize) {
     let dev = Device::Cpu;
     let tensors = HashMap::from([
-        (format!("{name}.lora_down.weight"), Tensor::ones((2, inp), candle_core::DType::F32, &dev).unwrap()),
-        (format!("{name}.lora_up.weight"), Tensor::ones((out, 2), candle_core::DType::F32, &dev).unwrap()),
+        (
+            format!("{name}.lora_down.weight"),
+            Tensor::ones((2, inp), candle_core::DType::F32, &dev).unwrap(),
+        ),
+        (
+            format!("{name}.lora_up.weight"),
+            Tensor::ones((out, 2), candle_core::DType::F32, &dev).unwrap(),
+        ),
         (format!("{name}.alpha"), Tensor::new(2f32, &dev).unwrap()),
     ]);
     candle_core::safetensors::save(&tensors, path).unwrap();
@@ -208,11 +225,26 @@ fn lora_for_another_architecture_fails_with_one_clear_line() {
     let dir = scratch("lora-foreign");
     let cases = [
         // SDXL's kohya names (the original SGM blocks).
-        ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", 32, 32, "another architecture"),
+        (
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+            32,
+            32,
+            "another architecture",
+        ),
         // A module this model does not have.
-        ("lora_unet_down_blocks_7_attentions_0_transformer_blocks_0_attn1_to_q", 32, 32, "another architecture"),
+        (
+            "lora_unet_down_blocks_7_attentions_0_transformer_blocks_0_attn1_to_q",
+            32,
+            32,
+            "another architecture",
+        ),
         // The right module with SD 1.5's width.
-        ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 320, 320, "another architecture"),
+        (
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+            320,
+            320,
+            "another architecture",
+        ),
     ];
     for (i, (name, inp, out, needle)) in cases.into_iter().enumerate() {
         let file = dir.join(format!("foreign{i}.safetensors"));
@@ -231,13 +263,81 @@ fn lora_for_another_architecture_fails_with_one_clear_line() {
         assert!(!o.status.success());
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
-        assert!(stderr.contains(needle) && stderr.contains("to_q"), "{stderr}");
+        assert!(
+            stderr.contains(needle) && stderr.contains("to_q"),
+            "{stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
     // A rank larger than the layer is refused when the file is read.
     let file = dir.join("rank.safetensors");
-    kohya_file(&file, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 1, 32);
-    let o = imprint().args(["concept", "inspect"]).arg(&file).output().unwrap();
+    kohya_file(
+        &file,
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+        1,
+        32,
+    );
+    let o = imprint()
+        .args(["concept", "inspect"])
+        .arg(&file)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && stderr.contains("rank 2 is larger"), "{stderr}");
+    assert!(
+        !o.status.success() && stderr.contains("rank 2 is larger"),
+        "{stderr}"
+    );
+}
+
+/// `debug sample` with a LoRA on both networks equals sampling with the merged model: the
+/// pipeline's `apply_concept` attaches the same deltas `model merge` bakes in.
+#[test]
+fn sampling_with_a_lora_equals_sampling_the_merged_model() {
+    let model = tiny_model("tiny");
+    let dir = scratch("lora-sample");
+    let merged = dir.join("merged");
+    let _ = std::fs::remove_dir_all(&merged);
+    let arg = concept_arg(&lora_dir().join("peft.safetensors"), Some("0.7"));
+    run_ok(
+        imprint()
+            .args(["model", "merge", "--model"])
+            .arg(&model)
+            .args(["--concept", &arg, "--out"])
+            .arg(&merged),
+    );
+    let latents = dir.join("latents.safetensors");
+    let noise = Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&HashMap::from([("latents".to_string(), noise)]), &latents)
+        .unwrap();
+    let sample = |model: &Path, concepts: &[&str], out: &Path| {
+        let mut cmd = imprint();
+        cmd.args([
+            "debug",
+            "sample",
+            "--prompt",
+            "a photo of a cat",
+            "--scheduler",
+            "ddim",
+        ])
+        .args(["--steps", "2", "--guidance", "5", "--model"])
+        .arg(model)
+        .arg("--latents")
+        .arg(&latents)
+        .arg("--output")
+        .arg(out);
+        for c in concepts {
+            cmd.args(["--concept", c]);
+        }
+        run_ok(&mut cmd);
+        load(out)["latents"].clone()
+    };
+    let applied = sample(&model, &[&arg], &dir.join("a.safetensors"));
+    let baked = sample(&merged, &[], &dir.join("b.safetensors"));
+    let plain = sample(&model, &[], &dir.join("c.safetensors"));
+    assert!(
+        rel_err(&applied, &baked) <= 1e-3,
+        "{}",
+        rel_err(&applied, &baked)
+    );
+    assert!(rel_err(&applied, &plain) > 1e-3);
 }

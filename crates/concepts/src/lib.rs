@@ -1,9 +1,11 @@
 //! Concepts: what personalization produces, how it is stored, and how it is applied to a model.
 //!
 //! Every personalization method in imprint produces a [`Concept`]: a small bundle bound to a
-//! trigger word. Textual Inversion, the first method, learns only token embeddings: one or more
-//! vectors per text encoder, held as [`TokenEmbedding`]s. Later methods (LoRA deltas, per-layer
-//! embeddings, ...) add parts to the same type rather than inventing their own.
+//! trigger word. Textual Inversion learns only token embeddings: one or more vectors per text
+//! encoder, held as [`TokenEmbedding`]s. LoRA learns low-rank deltas on the UNet's and text
+//! encoder's projections, held as [`LoraWeights`] ([`lora`]). One concept may hold both (hybrid
+//! methods); later methods (per-layer embeddings, ...) add parts to the same type rather than
+//! inventing their own.
 //!
 //! This crate is responsible for
 //!
@@ -11,10 +13,13 @@
 //! - reading and writing the files users exchange, one module per ecosystem under [`formats`]:
 //!   our native `.safetensors` ([`formats::native`]), diffusers' `learned_embeds.safetensors`
 //!   ([`formats::diffusers`]) and Automatic1111/kohya embeddings, `.safetensors` and pickled `.pt`
-//!   ([`formats::a1111`]). [`formats::load_any`] recognises a file by its content;
+//!   ([`formats::a1111`]); kohya LoRA ([`formats::kohya`]) and diffusers/PEFT LoRA
+//!   ([`formats::diffusers_lora`]). [`formats::load_any`] recognises a file by its content;
 //!   [`formats::save`] writes one atomically;
 //! - applying a concept to a loaded tokenizer and text encoder ([`apply`]): new tokens, new rows
-//!   of the embedding table, and the prompt rewriting that multi-vector triggers need.
+//!   of the embedding table, and the prompt rewriting that multi-vector triggers need; attaching
+//!   LoRA adapters to the networks' projections ([`lora::apply_lora`]) through the models'
+//!   adapter hook; baking LoRA deltas into a model folder ([`merge`]).
 //!
 //! It delegates the networks and the tokenizer to `imprint-models`, and generation to
 //! `imprint-pipeline`, which calls [`apply::apply_textual_inversion`] and
@@ -170,10 +175,16 @@ impl Concept {
         self.lora.validate()?;
         if self.embeddings.is_empty() {
             if self.lora.is_empty() {
-                bail!("concept '{}' holds neither token embeddings nor LoRA weights", self.trigger)
+                bail!(
+                    "concept '{}' holds neither token embeddings nor LoRA weights",
+                    self.trigger
+                )
             }
             if self.trigger.chars().any(char::is_whitespace) {
-                bail!("trigger {:?} contains whitespace; a trigger must be one word", self.trigger)
+                bail!(
+                    "trigger {:?} contains whitespace; a trigger must be one word",
+                    self.trigger
+                )
             }
             return Ok(());
         }

@@ -372,8 +372,14 @@ pub fn prepare_lora(
 fn check_fits(m: &LoraModule, slot: &Slot) -> Result<()> {
     let w = &slot.weight_dims;
     match (m.is_conv(), slot.conv.is_some()) {
-        (true, false) => bail!("a convolution LoRA for a linear layer {w:?}: is it a LoRA for another architecture?"),
-        (false, true) if w[2] != 1 || w[3] != 1 => bail!("a linear LoRA for a {}×{} convolution: is it a LoRA for another architecture?", w[2], w[3]),
+        (true, false) => bail!(
+            "a convolution LoRA for a linear layer {w:?}: is it a LoRA for another architecture?"
+        ),
+        (false, true) if w[2] != 1 || w[3] != 1 => bail!(
+            "a linear LoRA for a {}×{} convolution: is it a LoRA for another architecture?",
+            w[2],
+            w[3]
+        ),
         _ => {}
     }
     if m.out_dim() != w[0] || m.in_dim() != w[1] || (m.is_conv() && m.kernel() != w[2]) {
@@ -431,19 +437,44 @@ mod tests {
         let lora = LoraWeights {
             modules: vec![
                 LoraModule::new(UNET, "a.to_q", t(&[2, 5], 3), t(&[6, 2], 4), 3.0, "q").unwrap(),
-                LoraModule::new(UNET, "b.conv1", t(&[2, 3, 3, 3], 5), t(&[4, 2, 1, 1], 6), 1.0, "c")
-                    .unwrap(),
+                LoraModule::new(
+                    UNET,
+                    "b.conv1",
+                    t(&[2, 3, 3, 3], 5),
+                    t(&[4, 2, 1, 1], 6),
+                    1.0,
+                    "c",
+                )
+                .unwrap(),
             ],
         };
         assert_eq!(apply_lora(&mut n, UNET, &lora, 0.7).unwrap(), 2);
         let x = t(&[2, 5], 7);
-        let merged = (&n.0.weight + (lora.modules[0].delta_weight().unwrap() * 0.7).unwrap()).unwrap();
+        let merged =
+            (&n.0.weight + (lora.modules[0].delta_weight().unwrap() * 0.7).unwrap()).unwrap();
         let d = (n.0.forward(&x).unwrap() - x.matmul(&merged.t().unwrap()).unwrap()).unwrap();
-        assert!(d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(
+            d.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                < 1e-5
+        );
         let x = t(&[1, 3, 6, 6], 8);
-        let merged = (&n.1.weight + (lora.modules[1].delta_weight().unwrap() * 0.7).unwrap()).unwrap();
+        let merged =
+            (&n.1.weight + (lora.modules[1].delta_weight().unwrap() * 0.7).unwrap()).unwrap();
         let d = (n.1.forward(&x).unwrap() - x.conv2d(&merged, 1, 2, 1, 1).unwrap()).unwrap();
-        assert!(d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(
+            d.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                < 1e-5
+        );
     }
 
     #[test]
@@ -454,12 +485,18 @@ mod tests {
         assert!(e.to_string().contains("rank 7 is larger"), "{e}");
         let mut n = net();
         let lora = LoraWeights {
-            modules: vec![LoraModule::new(UNET, "x.to_k", t(&[2, 5], 3), t(&[6, 2], 4), 2.0, "k").unwrap()],
+            modules: vec![
+                LoraModule::new(UNET, "x.to_k", t(&[2, 5], 3), t(&[6, 2], 4), 2.0, "k").unwrap(),
+            ],
         };
-        let e = apply_lora(&mut n, UNET, &lora, 1.0).unwrap_err().to_string();
+        let e = apply_lora(&mut n, UNET, &lora, 1.0)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("another architecture"), "{e}");
         let lora = LoraWeights {
-            modules: vec![LoraModule::new(UNET, "a.to_q", t(&[2, 4], 3), t(&[6, 2], 4), 2.0, "k").unwrap()],
+            modules: vec![
+                LoraModule::new(UNET, "a.to_q", t(&[2, 4], 3), t(&[6, 2], 4), 2.0, "k").unwrap(),
+            ],
         };
         assert!(apply_lora(&mut n, UNET, &lora, 1.0).is_err());
         assert!(n.0.adapters.is_empty());

@@ -42,7 +42,10 @@ pub fn merge_into_folder(model: &Path, concepts: &[(Concept, f64)], out: &Path) 
         bail!("{}: already exists; choose a new --out", out.display())
     }
     if !model.join("model_index.json").is_file() {
-        bail!("{}: not a diffusers model folder (no model_index.json)", model.display())
+        bail!(
+            "{}: not a diffusers model folder (no model_index.json)",
+            model.display()
+        )
     }
     // Every delta, grouped by network, checked before anything is written.
     let mut by_network: HashMap<&'static str, Vec<(&LoraModule, f64)>> = HashMap::new();
@@ -51,7 +54,10 @@ pub fn merge_into_folder(model: &Path, concepts: &[(Concept, f64)], out: &Path) 
             bail!("scale {scale} is not a finite number")
         }
         if concept.lora.is_empty() {
-            bail!("concept '{}' holds no LoRA weights to merge", concept.trigger)
+            bail!(
+                "concept '{}' holds no LoRA weights to merge",
+                concept.trigger
+            )
         }
         for m in &concept.lora.modules {
             let (sub, _) = component(&m.network)?;
@@ -61,7 +67,9 @@ pub fn merge_into_folder(model: &Path, concepts: &[(Concept, f64)], out: &Path) 
     }
     let tmp = out.with_file_name(format!(
         ".{}.tmp-{}",
-        out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        out.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let result = (|| -> Result<usize> {
@@ -71,8 +79,9 @@ pub fn merge_into_folder(model: &Path, concepts: &[(Concept, f64)], out: &Path) 
             let (sub, stem) = component(net)?;
             changed += merge_component(&model.join(sub), &tmp.join(sub), stem, net, deltas)?;
         }
-        std::fs::rename(&tmp, out)
-            .with_context(|| format!("{}: cannot move the merged model into place", out.display()))?;
+        std::fs::rename(&tmp, out).with_context(|| {
+            format!("{}: cannot move the merged model into place", out.display())
+        })?;
         Ok(changed)
     })();
     if result.is_err() {
@@ -83,14 +92,15 @@ pub fn merge_into_folder(model: &Path, concepts: &[(Concept, f64)], out: &Path) 
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("{}: cannot create", to.display()))?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("{}: cannot read", from.display()))? {
+    for entry in
+        std::fs::read_dir(from).with_context(|| format!("{}: cannot read", from.display()))?
+    {
         let entry = entry?;
         let (src, dst) = (entry.path(), to.join(entry.file_name()));
         if entry.file_type()?.is_dir() {
             copy_dir(&src, &dst)?;
         } else {
-            std::fs::copy(&src, &dst)
-                .with_context(|| format!("{}: cannot copy", src.display()))?;
+            std::fs::copy(&src, &dst).with_context(|| format!("{}: cannot copy", src.display()))?;
         }
     }
     Ok(())
@@ -107,9 +117,10 @@ fn merge_component(
     let mut pending: Vec<(&LoraModule, f64)> = deltas.to_vec();
     let mut changed = 0;
     for file in &files {
-        let bytes = std::fs::read(file).with_context(|| format!("{}: cannot read", file.display()))?;
-        let raw = crate::formats::read_safetensors(&bytes)
-            .with_context(|| file.display().to_string())?;
+        let bytes =
+            std::fs::read(file).with_context(|| format!("{}: cannot read", file.display()))?;
+        let raw =
+            crate::formats::read_safetensors(&bytes).with_context(|| file.display().to_string())?;
         let mut tensors = raw.tensors;
         let mut touched = false;
         let mut rest = Vec::new();
@@ -120,7 +131,10 @@ fn merge_component(
             };
             let w = &tensors[&key];
             let delta = m.delta_weight()?;
-            let delta = if delta.dims() != w.dims() && delta.elem_count() == w.elem_count() && w.rank() == 4 {
+            let delta = if delta.dims() != w.dims()
+                && delta.elem_count() == w.elem_count()
+                && w.rank() == 4
+            {
                 // A linear-shaped pair on a 1×1 convolution.
                 delta.reshape(w.dims())?
             } else {
@@ -143,12 +157,17 @@ fn merge_component(
         }
         pending = rest;
         if touched {
-            let dst: PathBuf = dst_dir.join(file.file_name().context("weight file without a name")?);
+            let dst: PathBuf =
+                dst_dir.join(file.file_name().context("weight file without a name")?);
             let tensors: HashMap<String, Tensor> = tensors
                 .into_iter()
                 .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?)))
                 .collect::<Result<_>>()?;
-            let meta = if raw.metadata.is_empty() { None } else { Some(raw.metadata.clone()) };
+            let meta = if raw.metadata.is_empty() {
+                None
+            } else {
+                Some(raw.metadata.clone())
+            };
             imprint_models::io::save_safetensors_atomic(&dst, &tensors, meta)?;
         }
     }

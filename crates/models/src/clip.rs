@@ -6,10 +6,10 @@
 //! [`ClipTextTransformer::forward_embeds`] takes token embeddings directly, which is how textual
 //! inversion substitutes learned vectors for new tokens.
 
+use crate::visit::{Projection, VisitProjections};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use crate::visit::{Projection, VisitProjections};
 use imprint_ops::{scaled_dot_product_attention, LayerNorm, Linear};
 use serde::Deserialize;
 

@@ -114,7 +114,11 @@ fn inspect(file: &Path, json: bool) -> Result<()> {
                 if m.is_conv() { "conv" } else { "linear" },
                 m.in_dim(),
                 m.out_dim(),
-                if m.is_conv() { format!(", {}×{}", m.kernel(), m.kernel()) } else { String::new() }
+                if m.is_conv() {
+                    format!(", {}×{}", m.kernel(), m.kernel())
+                } else {
+                    String::new()
+                }
             );
         }
     }

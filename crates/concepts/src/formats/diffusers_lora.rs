@@ -113,9 +113,9 @@ fn adapter_configs(raw: &RawFile) -> Result<HashMap<String, AdapterConfig>> {
             "alpha_pattern" => {
                 if let Some(p) = value.as_object() {
                     for (k, v) in p {
-                        let v = v.as_f64().with_context(|| {
-                            format!("metadata {key}: '{k}' is not a number")
-                        })?;
+                        let v = v
+                            .as_f64()
+                            .with_context(|| format!("metadata {key}: '{k}' is not a number"))?;
                         cfg.alpha_pattern.push((k.clone(), v));
                     }
                 }
@@ -147,7 +147,9 @@ pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
             .filter(|p| p.ends_with("_lora"))
         {
             (processor_module(p), rest.ends_with(".up.weight") as usize)
-        } else if rest.ends_with(".lora_magnitude_vector") || rest.contains(".lora_magnitude_vector.") {
+        } else if rest.ends_with(".lora_magnitude_vector")
+            || rest.contains(".lora_magnitude_vector.")
+        {
             bail!("key '{key}': DoRA (lora_magnitude_vector) is not supported")
         } else if rest.contains(".lora_A.") || rest.contains(".lora_B.") {
             bail!("key '{key}': LoRA biases and named adapters are not supported (expected lora_A.weight / lora_B.weight)")

@@ -46,13 +46,47 @@ const PREFIXES: [(&str, &str); 4] = [
 /// are split greedily into the longest of these (so `proj_in` stays one word) and numbers.
 const WORDS: &[&str] = &[
     // UNet2DConditionModel
-    "down_blocks", "up_blocks", "mid_block", "attentions", "resnets", "transformer_blocks",
-    "attn1", "attn2", "to_q", "to_k", "to_v", "to_out", "ff", "net", "proj", "proj_in",
-    "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers", "upsamplers",
-    "conv", "conv_in", "conv_out", "time_embedding", "linear_1", "linear_2",
+    "down_blocks",
+    "up_blocks",
+    "mid_block",
+    "attentions",
+    "resnets",
+    "transformer_blocks",
+    "attn1",
+    "attn2",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out",
+    "ff",
+    "net",
+    "proj",
+    "proj_in",
+    "proj_out",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+    "downsamplers",
+    "upsamplers",
+    "conv",
+    "conv_in",
+    "conv_out",
+    "time_embedding",
+    "linear_1",
+    "linear_2",
     // CLIPTextModel
-    "text_model", "encoder", "layers", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
-    "mlp", "fc1", "fc2",
+    "text_model",
+    "encoder",
+    "layers",
+    "self_attn",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "mlp",
+    "fc1",
+    "fc2",
 ];
 
 pub(crate) fn is_kohya(raw: &RawFile) -> bool {
@@ -91,7 +125,9 @@ pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
                 Some((n, "clip_g")) => (n, TEXT_ENCODER_2),
                 _ => match rest.split_once(".string_to_param.") {
                     Some((n, _)) => (n, TEXT_ENCODER),
-                    None => bail!("bundled embedding '{key}' is neither string_to_param nor clip_l/clip_g"),
+                    None => bail!(
+                        "bundled embedding '{key}' is neither string_to_param nor clip_l/clip_g"
+                    ),
                 },
             };
             bundled
@@ -115,10 +151,20 @@ pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
     }
     let mut lora = LoraWeights::default();
     for ((network, flat), [down, up, alpha]) in pairs {
-        let prefix = PREFIXES.iter().find(|(_, n)| *n == network).map_or("", |(p, _)| p);
+        let prefix = PREFIXES
+            .iter()
+            .find(|(_, n)| *n == network)
+            .map_or("", |(p, _)| p);
         let key = format!("{prefix}{flat}");
         let (Some(down), Some(up)) = (down, up) else {
-            bail!("kohya LoRA '{key}' lacks its {} tensor", if alpha.is_some() { "lora_down/lora_up" } else { "lora_up" })
+            bail!(
+                "kohya LoRA '{key}' lacks its {} tensor",
+                if alpha.is_some() {
+                    "lora_down/lora_up"
+                } else {
+                    "lora_up"
+                }
+            )
         };
         let Some(module) = unflatten(&flat) else {
             bail!("kohya key '{key}{DOWN}' names no {network} module imprint knows: is it a LoRA for another architecture (SDXL's input_blocks, a DiT, ...)?")
@@ -134,7 +180,11 @@ pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
     }
     let mut concept = Concept::lora("", lora);
     if bundled.len() > 1 {
-        bail!("kohya file bundles {} embeddings ({}); imprint concepts hold one trigger", bundled.len(), bundled.keys().cloned().collect::<Vec<_>>().join(", "))
+        bail!(
+            "kohya file bundles {} embeddings ({}); imprint concepts hold one trigger",
+            bundled.len(),
+            bundled.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
     }
     if let Some((name, embeddings)) = bundled.into_iter().next() {
         concept.trigger = name;
@@ -173,7 +223,10 @@ pub(crate) fn save(concept: &Concept, path: &Path) -> Result<()> {
             TEXT_ENCODER if concept.lora.networks().contains(&TEXT_ENCODER_2) => "lora_te1_",
             TEXT_ENCODER => "lora_te_",
             TEXT_ENCODER_2 => "lora_te2_",
-            other => bail!("{}: kohya LoRA files have no place for network '{other}'", path.display()),
+            other => bail!(
+                "{}: kohya LoRA files have no place for network '{other}'",
+                path.display()
+            ),
         };
         let mut module = m.module.clone();
         if m.network != UNET && !module.starts_with("text_model.") {
@@ -182,7 +235,10 @@ pub(crate) fn save(concept: &Concept, path: &Path) -> Result<()> {
         let key = format!("{prefix}{}", flat_name(&module));
         tensors.insert(format!("{key}{DOWN}"), m.down.clone());
         tensors.insert(format!("{key}{UP}"), m.up.clone());
-        tensors.insert(format!("{key}{ALPHA}"), Tensor::new(m.alpha as f32, &Device::Cpu)?);
+        tensors.insert(
+            format!("{key}{ALPHA}"),
+            Tensor::new(m.alpha as f32, &Device::Cpu)?,
+        );
     }
     if !concept.embeddings.is_empty() {
         let sdxl = concept.embedding(TEXT_ENCODER_2).is_some();
@@ -210,7 +266,8 @@ pub(crate) fn save(concept: &Concept, path: &Path) -> Result<()> {
         meta.insert("ss_base_model_version".into(), v.into());
     }
     if let Some(b) = &concept.base_model {
-        meta.entry("ss_sd_model_name".into()).or_insert_with(|| b.clone());
+        meta.entry("ss_sd_model_name".into())
+            .or_insert_with(|| b.clone());
     }
     save_safetensors_atomic(path, &tensors, Some(meta))
 }

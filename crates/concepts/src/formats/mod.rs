@@ -61,7 +61,9 @@ impl std::str::FromStr for Format {
             "a1111" => Format::A1111,
             "kohya" => Format::Kohya,
             other => {
-                bail!("unknown concept format '{other}' (expected native, diffusers, a1111 or kohya)")
+                bail!(
+                    "unknown concept format '{other}' (expected native, diffusers, a1111 or kohya)"
+                )
             }
         })
     }

@@ -14,8 +14,8 @@
 use super::RawFile;
 use crate::lora::{LoraModule, LoraWeights};
 use crate::{Concept, TokenEmbedding};
-use candle_core::{Device, Tensor};
 use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
 use imprint_models::io::save_safetensors_atomic;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -50,9 +50,8 @@ pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
     let mut pairs: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
     for (name, t) in raw.tensors {
         if let Some(encoder) = name.strip_suffix(SUFFIX) {
-            embeddings.push(
-                TokenEmbedding::new(encoder, t).with_context(|| format!("tensor '{name}'"))?,
-            );
+            embeddings
+                .push(TokenEmbedding::new(encoder, t).with_context(|| format!("tensor '{name}'"))?);
             continue;
         }
         let slot = [DOWN, UP, ALPHA]

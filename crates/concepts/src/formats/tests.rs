@@ -299,7 +299,14 @@ fn malformed_pickles_are_errors() {
     );
 }
 
-fn lora_module(network: &str, module: &str, r: usize, inp: usize, out: usize, alpha: f64) -> crate::LoraModule {
+fn lora_module(
+    network: &str,
+    module: &str,
+    r: usize,
+    inp: usize,
+    out: usize,
+    alpha: f64,
+) -> crate::LoraModule {
     let down = vectors(r, inp, 2.0);
     let up = vectors(out, r, 3.0);
     crate::LoraModule::new(network, module, down, up, alpha, module).unwrap()
@@ -308,9 +315,23 @@ fn lora_module(network: &str, module: &str, r: usize, inp: usize, out: usize, al
 fn hybrid() -> Concept {
     let mut c = Concept::textual_inversion("<toy>", vectors(2, 8, 0.0)).unwrap();
     c.lora.modules = vec![
-        lora_module(crate::UNET, "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 4, 8, 6, 8.0),
+        lora_module(
+            crate::UNET,
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+            4,
+            8,
+            6,
+            8.0,
+        ),
         lora_module(crate::UNET, "mid_block.attentions.0.proj_in", 2, 6, 6, 1.0),
-        lora_module(TEXT_ENCODER, "text_model.encoder.layers.1.mlp.fc1", 3, 8, 10, 3.0),
+        lora_module(
+            TEXT_ENCODER,
+            "text_model.encoder.layers.1.mlp.fc1",
+            3,
+            8,
+            10,
+            3.0,
+        ),
     ];
     c
 }
@@ -324,7 +345,11 @@ fn same_lora(a: &Concept, b: &Concept) {
             .iter()
             .find(|o| o.network == m.network && o.module == m.module)
             .unwrap_or_else(|| panic!("{} lost", m.module));
-        assert!(same(&m.down, &o.down) && same(&m.up, &o.up) && m.alpha == o.alpha, "{}", m.module);
+        assert!(
+            same(&m.down, &o.down) && same(&m.up, &o.up) && m.alpha == o.alpha,
+            "{}",
+            m.module
+        );
     }
 }
 
@@ -332,7 +357,10 @@ fn same_lora(a: &Concept, b: &Concept) {
 fn hybrid_concepts_round_trip_through_native_and_kohya() {
     let dir = tempfile::tempdir().unwrap();
     let c = hybrid();
-    for (format, name) in [(Format::Native, "n.safetensors"), (Format::Kohya, "k.safetensors")] {
+    for (format, name) in [
+        (Format::Native, "n.safetensors"),
+        (Format::Kohya, "k.safetensors"),
+    ] {
         let path = dir.path().join(name);
         save(&c, &path, format).unwrap();
         let (back, detected) = load_with_format(&path).unwrap();
@@ -342,7 +370,11 @@ fn hybrid_concepts_round_trip_through_native_and_kohya() {
         same_lora(&c, &back);
     }
     // diffusers keeps embeddings and LoRA apart, A1111 has no LoRA.
-    let e = error_text(save(&c, &dir.path().join("d.safetensors"), Format::Diffusers));
+    let e = error_text(save(
+        &c,
+        &dir.path().join("d.safetensors"),
+        Format::Diffusers,
+    ));
     assert!(e.contains("separate files"), "{e}");
     let e = error_text(save(&c, &dir.path().join("a.safetensors"), Format::A1111));
     assert!(e.contains("no LoRA"), "{e}");
@@ -356,7 +388,10 @@ fn hybrid_concepts_round_trip_through_native_and_kohya() {
 }
 
 fn write(path: &Path, tensors: Vec<(&str, Tensor)>, meta: Option<HashMap<String, String>>) {
-    let tensors: HashMap<String, Tensor> = tensors.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let tensors: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     imprint_models::io::save_safetensors_atomic(path, &tensors, meta).unwrap();
 }
 
@@ -380,7 +415,10 @@ fn older_diffusers_spellings_and_alpha_sources() {
     let c = load_any(&path).unwrap();
     let find = |m: &str| c.lora.modules.iter().find(|x| x.module == m).unwrap().alpha;
     // No alpha anywhere: alpha = rank (scale 1), as diffusers' get_peft_kwargs.
-    assert_eq!(find("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"), 2.0);
+    assert_eq!(
+        find("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"),
+        2.0
+    );
     assert_eq!(find("mid_block.attentions.0.proj_out"), 1.0);
     assert_eq!(find("text_model.encoder.layers.0.self_attn.q_proj"), 2.0);
 
@@ -400,15 +438,36 @@ fn older_diffusers_spellings_and_alpha_sources() {
         Some(meta),
     );
     let c = load_any(&path).unwrap();
-    let scale = |m: &str| c.lora.modules.iter().find(|x| x.module == m).unwrap().scale();
+    let scale = |m: &str| {
+        c.lora
+            .modules
+            .iter()
+            .find(|x| x.module == m)
+            .unwrap()
+            .scale()
+    };
     assert!((scale("a.attn1.to_k") - 8.0 / 2.0).abs() < 1e-12); // 8 / √4
     assert!((scale("a.attn2.to_k") - 2.0 / 2.0).abs() < 1e-12);
 
     // LyCORIS variants and half pairs are refused by name.
-    write(&path, vec![("lora_unet_a_to_q.hada_w1_a", vectors(2, 2, 0.0))], None);
+    write(
+        &path,
+        vec![("lora_unet_a_to_q.hada_w1_a", vectors(2, 2, 0.0))],
+        None,
+    );
     let e = error_text(load_any(&path));
-    assert!(e.contains("hada_w1_a") && e.contains("not supported"), "{e}");
-    write(&path, vec![("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight", vectors(2, 8, 0.0))], None);
+    assert!(
+        e.contains("hada_w1_a") && e.contains("not supported"),
+        "{e}"
+    );
+    write(
+        &path,
+        vec![(
+            "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight",
+            vectors(2, 8, 0.0),
+        )],
+        None,
+    );
     let e = error_text(load_any(&path));
     assert!(e.contains("lacks its lora_up"), "{e}");
 }
