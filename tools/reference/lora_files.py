@@ -13,7 +13,12 @@ On the `tiny` model (`imprint model init --config tiny --seed 0`, as make_fixtur
 3. on a fresh pipeline, loads each file with `pipe.load_lora_weights` and saves the UNet and text
    encoder outputs at scale 1.0 and, via `set_adapters(..., adapter_weights=0.5)`, at 0.5, on fixed
    inputs -> `unet_lora.safetensors`, `text_encoder_lora.safetensors`;
-4. writes `keys.json`: the key names and shapes diffusers' `save_lora_weights` produced.
+4. writes `keys.json`: the key names and shapes diffusers' `save_lora_weights` produced;
+5. does the same for a LoCon-style UNet LoRA on convolutions (rank 2, alpha 3) ->
+   `conv_peft.safetensors`, `conv_kohya.safetensors`, `unet_conv_lora.safetensors`.
+
+transformers 5.24 asks for peft >= 0.22, which PyPI does not have; its version check is bypassed
+(see below) and peft 0.21.2 is pinned.
 
 Pinned versions: tools/reference/requirements.txt. Usage:
     python tools/reference/lora_files.py --imprint target/debug/imprint
@@ -43,6 +48,10 @@ _tf_peft.check_peft_version = lambda min_version: None
 RANK, ALPHA = 4, 8
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# A LoCon-style LoRA on convolutions (3x3, the stride-2 downsampler, 1x1 proj_in) and the
+# feed-forward output: rank 2, alpha 3 (a non-integer scale).
+CONV_RANK, CONV_ALPHA = 2, 3
+CONV_TARGETS = ["conv1", "conv2", "conv", "proj_in", "ff.net.2"]
 
 
 def load_pipe(model):
@@ -67,7 +76,7 @@ def module_path(key):
     return network, path, kind
 
 
-def to_kohya(peft_file, out):
+def to_kohya(peft_file, out, alpha=ALPHA, rank=RANK):
     """kohya's names for the same weights: lora_down = lora_A, lora_up = lora_B, alpha per module."""
     tensors = {}
     with safe_open(peft_file, "pt") as f:
@@ -78,8 +87,8 @@ def to_kohya(peft_file, out):
                 path = "text_model." + path
             prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[network] + path.replace(".", "_")
             tensors[f"{prefix}.{ {'lora_A': 'lora_down', 'lora_B': 'lora_up'}[kind] }.weight"] = f.get_tensor(key)
-            tensors[f"{prefix}.alpha"] = torch.tensor(float(ALPHA))
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(RANK), "ss_network_alpha": str(ALPHA)}
+            tensors[f"{prefix}.alpha"] = torch.tensor(float(alpha))
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha)}
     save_file(tensors, out, metadata=meta)
 
 
@@ -157,9 +166,31 @@ def main():
               os.path.join(args.out, "unet_lora.safetensors"))
     save_file({"last_hidden_state_1": h1, "pooler_output_1": p1, "last_hidden_state_05": h05,
                "pooler_output_05": p05}, os.path.join(args.out, "text_encoder_lora.safetensors"))
+    # 5. the conv LoRA: saved by diffusers, converted to kohya names, outputs at scale 1.
+    pipe = load_pipe(model)
+    pipe.unet.add_adapter(LoraConfig(r=CONV_RANK, lora_alpha=CONV_ALPHA, target_modules=CONV_TARGETS))
+    randomize_lora(pipe.unet, torch.Generator().manual_seed(2))
+    StableDiffusionPipeline.save_lora_weights(
+        args.out,
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
+        weight_name="conv_peft.safetensors",
+    )
+    to_kohya(os.path.join(args.out, "conv_peft.safetensors"), os.path.join(args.out, "conv_kohya.safetensors"),
+             alpha=CONV_ALPHA, rank=CONV_RANK)
+    conv = []
+    for name in ["conv_peft", "conv_kohya"]:
+        pipe = load_pipe(model)
+        pipe.load_lora_weights(os.path.join(args.out, name + ".safetensors"), adapter_name="c")
+        conv.append(outputs(pipe, inputs)[0])
+    assert torch.allclose(conv[0], conv[1], atol=1e-6), "diffusers reads the conv kohya file differently"
+    assert (conv[0] - base[0]).abs().max() > 1e-3, "the conv LoRA does not change the UNet output"
+    save_file({"sample_1": conv[0]}, os.path.join(args.out, "unet_conv_lora.safetensors"))
+
     import diffusers, peft, transformers
     with open(os.path.join(args.out, "manifest.json"), "w") as f:
         json.dump({"rank": RANK, "alpha": ALPHA, "unet_targets": UNET_TARGETS, "te_targets": TE_TARGETS,
+                   "conv_rank": CONV_RANK, "conv_alpha": CONV_ALPHA, "conv_targets": CONV_TARGETS,
                    "torch": torch.__version__, "diffusers": diffusers.__version__,
                    "transformers": transformers.__version__, "peft": peft.__version__}, f, indent=1)
 

@@ -148,6 +148,28 @@ fn conversions_keep_keys_and_values() {
     assert_eq!(adapter["unet.lora_alpha"], 8);
     assert_eq!(adapter["unet.r"], 4);
 
+    // The conv LoRA too: 4-D pairs keep diffusers' shapes, and come back to the kohya file.
+    let conv = dir.join("conv.safetensors");
+    convert(
+        &lora_dir().join("conv_kohya.safetensors"),
+        &conv,
+        "diffusers",
+    );
+    let conv_ref = load(&lora_dir().join("conv_peft.safetensors"));
+    let shapes = |t: &HashMap<String, Tensor>| -> BTreeMap<String, Vec<usize>> {
+        t.iter()
+            .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+            .collect()
+    };
+    assert_eq!(shapes(&load(&conv)), shapes(&conv_ref));
+    assert_eq!(sorted(load(&conv)), sorted(conv_ref));
+    let conv_back = dir.join("conv_kohya.safetensors");
+    convert(&conv, &conv_back, "kohya");
+    assert_eq!(
+        sorted(load(&conv_back)),
+        sorted(load(&lora_dir().join("conv_kohya.safetensors")))
+    );
+
     // inspect shows targets, ranks and alpha.
     let out = run_ok(imprint().args(["concept", "inspect", "--json"]).arg(&peft));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -340,4 +362,33 @@ fn sampling_with_a_lora_equals_sampling_the_merged_model() {
         rel_err(&applied, &baked)
     );
     assert!(rel_err(&applied, &plain) > 1e-3);
+}
+
+/// A LoCon-style LoRA on 3×3 convolutions (the stride-2 downsampler included), 1×1 `proj_in` and
+/// the feed-forward output, rank 2, alpha 3: applied, and merged, it matches diffusers.
+#[test]
+fn conv_lora_matches_diffusers_applied_and_merged() {
+    let model = tiny_model("tiny");
+    let dir = scratch("lora-conv");
+    let reference = load(&lora_dir().join("unet_conv_lora.safetensors"));
+    for file in ["conv_peft.safetensors", "conv_kohya.safetensors"] {
+        let arg = concept_arg(&lora_dir().join(file), None);
+        let out = forward(&model, "unet", &[arg], &dir.join("u.safetensors"));
+        let err = rel_err(&out["sample"], &reference["sample_1"]);
+        assert!(err <= TOL, "{file}: unet rel err {err}");
+    }
+    let merged = dir.join("merged");
+    let _ = std::fs::remove_dir_all(&merged);
+    run_ok(
+        imprint()
+            .args(["model", "merge", "--model"])
+            .arg(&model)
+            .arg("--concept")
+            .arg(lora_dir().join("conv_kohya.safetensors"))
+            .arg("--out")
+            .arg(&merged),
+    );
+    let out = forward(&merged, "unet", &[], &dir.join("m.safetensors"));
+    let err = rel_err(&out["sample"], &reference["sample_1"]);
+    assert!(err <= TOL, "merged conv LoRA rel err {err}");
 }
