@@ -1,9 +1,11 @@
 //! Concepts: what personalization produces, how it is stored, and how it is applied to a model.
 //!
 //! Every personalization method in imprint produces a [`Concept`]: a small bundle bound to a
-//! trigger word. Textual Inversion, the first method, learns only token embeddings: one or more
-//! vectors per text encoder, held as [`TokenEmbedding`]s. Later methods (LoRA deltas, per-layer
-//! embeddings, ...) add parts to the same type rather than inventing their own.
+//! trigger word. Textual Inversion learns only token embeddings: one or more vectors per text
+//! encoder, held as [`TokenEmbedding`]s. LoRA learns low-rank deltas on the UNet's and text
+//! encoder's projections, held as [`LoraWeights`] ([`lora`]). One concept may hold both (hybrid
+//! methods); later methods (per-layer embeddings, ...) add parts to the same type rather than
+//! inventing their own.
 //!
 //! This crate is responsible for
 //!
@@ -11,10 +13,13 @@
 //! - reading and writing the files users exchange, one module per ecosystem under [`formats`]:
 //!   our native `.safetensors` ([`formats::native`]), diffusers' `learned_embeds.safetensors`
 //!   ([`formats::diffusers`]) and Automatic1111/kohya embeddings, `.safetensors` and pickled `.pt`
-//!   ([`formats::a1111`]). [`formats::load_any`] recognises a file by its content;
+//!   ([`formats::a1111`]); kohya LoRA ([`formats::kohya`]) and diffusers/PEFT LoRA
+//!   ([`formats::diffusers_lora`]). [`formats::load_any`] recognises a file by its content;
 //!   [`formats::save`] writes one atomically;
 //! - applying a concept to a loaded tokenizer and text encoder ([`apply`]): new tokens, new rows
-//!   of the embedding table, and the prompt rewriting that multi-vector triggers need.
+//!   of the embedding table, and the prompt rewriting that multi-vector triggers need; attaching
+//!   LoRA adapters to the networks' projections ([`lora::apply_lora`]) through the models'
+//!   adapter hook; baking LoRA deltas into a model folder ([`merge`]).
 //!
 //! It delegates the networks and the tokenizer to `imprint-models`, and generation to
 //! `imprint-pipeline`, which calls [`apply::apply_textual_inversion`] and
@@ -32,6 +37,10 @@
 
 pub mod apply;
 pub mod formats;
+pub mod lora;
+pub mod merge;
+
+pub use lora::{LoraModule, LoraWeights, LORA, UNET};
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -111,6 +120,8 @@ pub struct Concept {
     pub method: String,
     /// Token embeddings, at most one per text encoder.
     pub embeddings: Vec<TokenEmbedding>,
+    /// Low-rank deltas on the networks' projections (LoRA); empty for Textual Inversion.
+    pub lora: LoraWeights,
     /// The base model it was trained on, when known (a name or a fingerprint).
     pub base_model: Option<String>,
     /// Free-form notes carried through the native format (training steps, source file, ...).
@@ -124,6 +135,7 @@ impl Concept {
             trigger: trigger.to_string(),
             method: TEXTUAL_INVERSION.to_string(),
             embeddings: vec![TokenEmbedding::new(TEXT_ENCODER, vectors)?],
+            lora: LoraWeights::default(),
             base_model: None,
             metadata: BTreeMap::new(),
         })
@@ -144,9 +156,38 @@ impl Concept {
         self.embeddings.first().map_or(0, |e| e.dim())
     }
 
-    /// Checks what every format and the applier rely on: a usable trigger, at least one embedding,
-    /// at most one per encoder, and the same vector count in each.
+    /// A LoRA concept. LoRA files name no trigger: `trigger` may be empty.
+    pub fn lora(trigger: &str, lora: LoraWeights) -> Self {
+        Self {
+            trigger: trigger.to_string(),
+            method: LORA.to_string(),
+            embeddings: Vec::new(),
+            lora,
+            base_model: None,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    /// Checks what every format and the applier rely on: at least one part; token embeddings need
+    /// a usable trigger, at most one per encoder, and the same vector count in each; LoRA modules
+    /// appear once each.
     pub fn validate(&self) -> Result<()> {
+        self.lora.validate()?;
+        if self.embeddings.is_empty() {
+            if self.lora.is_empty() {
+                bail!(
+                    "concept '{}' holds neither token embeddings nor LoRA weights",
+                    self.trigger
+                )
+            }
+            if self.trigger.chars().any(char::is_whitespace) {
+                bail!(
+                    "trigger {:?} contains whitespace; a trigger must be one word",
+                    self.trigger
+                )
+            }
+            return Ok(());
+        }
         if self.trigger.trim().is_empty() {
             bail!("the concept has an empty trigger word")
         }

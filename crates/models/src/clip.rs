@@ -6,6 +6,7 @@
 //! [`ClipTextTransformer::forward_embeds`] takes token embeddings directly, which is how textual
 //! inversion substitutes learned vectors for new tokens.
 
+use crate::visit::{Projection, VisitProjections};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -185,11 +186,8 @@ impl ClipTextTransformer {
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         let activation = Activation::parse(&cfg.hidden_act)?;
         // transformers < 5 saves `text_model.…`; transformers 5 saves the same modules at the root.
-        let vb = if vb.contains_tensor("embeddings.token_embedding.weight") {
-            vb
-        } else {
-            vb.pp("text_model")
-        };
+        let unprefixed = vb.contains_tensor("embeddings.token_embedding.weight");
+        let vb = if unprefixed { vb } else { vb.pp("text_model") };
         let emb = vb.pp("embeddings");
         let token_embedding = emb
             .pp("token_embedding")
@@ -205,13 +203,22 @@ impl ClipTextTransformer {
             cfg.hidden_size,
             cfg.layer_norm_eps,
         )?;
-        Ok(Self {
+        let mut model = Self {
             token_embedding,
             position_embedding,
             layers,
             final_layer_norm,
             config: cfg.clone(),
-        })
+        };
+        // Adapters address projections as transformers < 5 and kohya name them, whichever layout
+        // the weights came in.
+        if unprefixed {
+            model.visit_projections(&mut |p| match p {
+                Projection::Linear(l) => l.name = format!("text_model.{}", l.name),
+                Projection::Conv2d(c) => c.name = format!("text_model.{}", c.name),
+            });
+        }
+        Ok(model)
     }
 
     pub fn device(&self) -> &Device {
@@ -307,6 +314,35 @@ impl ClipTextTransformer {
             rows.push(hidden.get(i)?.get(pos)?);
         }
         Ok(Tensor::stack(&rows, 0)?)
+    }
+}
+
+impl VisitProjections for ClipAttention {
+    fn visit_projections(&mut self, f: &mut dyn FnMut(Projection<'_>)) {
+        for l in [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.out_proj,
+        ] {
+            f(Projection::Linear(l));
+        }
+    }
+}
+
+impl VisitProjections for ClipEncoderLayer {
+    fn visit_projections(&mut self, f: &mut dyn FnMut(Projection<'_>)) {
+        self.self_attn.visit_projections(f);
+        f(Projection::Linear(&mut self.fc1));
+        f(Projection::Linear(&mut self.fc2));
+    }
+}
+
+/// Every projection of the text model, named `text_model.encoder.layers.N.self_attn.q_proj`,
+/// `….mlp.fc1` and so on.
+impl VisitProjections for ClipTextTransformer {
+    fn visit_projections(&mut self, f: &mut dyn FnMut(Projection<'_>)) {
+        self.layers.visit_projections(f);
     }
 }
 

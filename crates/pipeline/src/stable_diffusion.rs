@@ -7,6 +7,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use imprint_concepts::apply::{apply_textual_inversion, expand_prompt, missing_trigger_warning};
+use imprint_concepts::lora::prepare_lora;
+use imprint_concepts::{Concept, TEXT_ENCODER, UNET};
 use imprint_models::clip::ClipTextTransformer;
 use imprint_models::loading::ModelFolder;
 use imprint_models::schedulers::{self, NoiseSource, Scheduler, SchedulerConfig, SchedulerKind};
@@ -130,21 +132,51 @@ impl StableDiffusion {
     }
 
     /// Loads a concept file (any supported format) and applies it at `scale` (1 = as trained):
-    /// its trigger becomes new tokens of the tokenizer and text encoder, and later prompts are
-    /// rewritten for it as diffusers' `maybe_convert_prompt` does.
+    /// its token embeddings become new tokens of the tokenizer and text encoder (later prompts are
+    /// rewritten for them as diffusers' `maybe_convert_prompt` does), and its LoRA deltas are
+    /// attached to the UNet's and text encoder's projections, scaled like diffusers'
+    /// `set_adapters(.., adapter_weights=scale)`. Everything is checked before anything changes.
     pub fn apply_concept(&mut self, path: &Path, scale: f64) -> Result<()> {
         let concept = imprint_concepts::formats::load_any(path)?;
-        if concept.method != imprint_concepts::TEXTUAL_INVERSION {
-            bail!(
-                "{}: concepts made by '{}' cannot be applied yet (only textual inversion)",
-                path.display(),
-                concept.method
-            )
+        self.apply_loaded_concept(&concept, scale)
+            .with_context(|| path.display().to_string())
+    }
+
+    /// [`apply_concept`](Self::apply_concept) for a concept already in memory.
+    pub fn apply_loaded_concept(&mut self, concept: &Concept, scale: f64) -> Result<()> {
+        if !scale.is_finite() {
+            bail!("scale {scale} is not a finite number")
         }
-        let tokens =
-            apply_textual_inversion(&mut self.tokenizer, &mut self.text_encoder, &concept, scale)
-                .with_context(|| path.display().to_string())?;
-        self.concepts.push((concept.trigger, tokens.len()));
+        let mut unet_lora = None;
+        let mut te_lora = None;
+        for net in concept.lora.networks() {
+            match net {
+                UNET => unet_lora = Some(prepare_lora(&mut self.unet, UNET, &concept.lora)?),
+                TEXT_ENCODER => {
+                    te_lora = Some(prepare_lora(
+                        &mut self.text_encoder,
+                        TEXT_ENCODER,
+                        &concept.lora,
+                    )?)
+                }
+                other => bail!("the LoRA has weights for '{other}', which Stable Diffusion 1.x/2.x does not have: is it a LoRA for another architecture (SDXL)?"),
+            }
+        }
+        if !concept.embeddings.is_empty() {
+            let tokens = apply_textual_inversion(
+                &mut self.tokenizer,
+                &mut self.text_encoder,
+                concept,
+                scale,
+            )?;
+            self.concepts.push((concept.trigger.clone(), tokens.len()));
+        }
+        if let Some(p) = unet_lora {
+            p.attach(&mut self.unet, scale);
+        }
+        if let Some(p) = te_lora {
+            p.attach(&mut self.text_encoder, scale);
+        }
         Ok(())
     }
 

@@ -300,6 +300,7 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
             encoder: "text_encoder".into(),
             vectors: method.vectors.as_tensor().to_device(&Device::Cpu)?,
         }],
+        lora: Default::default(),
         base_model: Some(base_model_name(&t.model)),
         metadata: [
             ("steps".to_string(), t.steps.to_string()),

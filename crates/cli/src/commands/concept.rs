@@ -9,20 +9,22 @@ use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
 pub enum ConceptCommand {
-    /// Show a concept file's trigger, method, vectors (count, dimension, norms), base model and
-    /// format.
+    /// Show a concept file's trigger, method, vectors (count, dimension, norms), LoRA targets
+    /// (network, module, rank, alpha), base model and format.
     Inspect {
         file: PathBuf,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Convert a concept file to another format (native, diffusers or a1111).
+    /// Convert a concept file to another format (native, diffusers, a1111 or kohya).
     Convert {
         input: PathBuf,
         output: PathBuf,
-        /// native (imprint .safetensors with metadata), diffusers (learned_embeds.safetensors) or
-        /// a1111 (emb_params .safetensors, also read by kohya; A1111 names it by file name).
+        /// native (imprint .safetensors with metadata), diffusers (learned_embeds.safetensors for
+        /// embeddings, pytorch_lora_weights.safetensors with lora_A/lora_B keys for LoRA), a1111
+        /// (emb_params .safetensors; A1111 names it by file name) or kohya (lora_unet_…/lora_te_…
+        /// LoRA; embeddings alone are written as a1111, which kohya reads).
         #[arg(long)]
         format: Format,
         /// Rename the trigger word.
@@ -41,8 +43,25 @@ fn describe(path: &Path, concept: &Concept, format: Format) -> Result<serde_json
             "norms": e.norms().with_context(|| path.display().to_string())?,
         }));
     }
+    let lora: Vec<serde_json::Value> = concept
+        .lora
+        .modules
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "network": m.network,
+                "module": m.module,
+                "rank": m.rank(),
+                "alpha": m.alpha,
+                "kind": if m.is_conv() { "conv" } else { "linear" },
+                "in": m.in_dim(),
+                "out": m.out_dim(),
+            })
+        })
+        .collect();
     Ok(serde_json::json!({
         "file": path.display().to_string(),
+        "lora": lora,
         "format": format.name(),
         "trigger": concept.trigger,
         "method": concept.method,
@@ -62,7 +81,11 @@ fn inspect(file: &Path, json: bool) -> Result<()> {
     }
     println!("file:       {}", file.display());
     println!("format:     {format}");
-    println!("trigger:    {}", concept.trigger);
+    if concept.trigger.is_empty() {
+        println!("trigger:    (none recorded)");
+    } else {
+        println!("trigger:    {}", concept.trigger);
+    }
     println!("method:     {}", concept.method);
     println!(
         "base model: {}",
@@ -79,6 +102,26 @@ fn inspect(file: &Path, json: bool) -> Result<()> {
             norms.join(", ")
         );
     }
+    for net in concept.lora.networks() {
+        let modules: Vec<_> = concept.lora.on(net).collect();
+        println!("{net}: LoRA on {} modules", modules.len());
+        for m in modules {
+            println!(
+                "  {}  rank {}  alpha {}  ({} {}→{}{})",
+                m.module,
+                m.rank(),
+                m.alpha,
+                if m.is_conv() { "conv" } else { "linear" },
+                m.in_dim(),
+                m.out_dim(),
+                if m.is_conv() {
+                    format!(", {}×{}", m.kernel(), m.kernel())
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
     for (k, v) in &concept.metadata {
         println!("  {k} = {v}");
     }
@@ -91,7 +134,7 @@ fn convert(input: &Path, output: &Path, format: Format, trigger: Option<String>)
         concept.trigger = t;
     }
     formats::save(&concept, output, format)?;
-    if format == Format::A1111 {
+    if format == Format::A1111 || (format == Format::Kohya && concept.lora.is_empty()) {
         let stem = output
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -105,6 +148,7 @@ fn convert(input: &Path, output: &Path, format: Format, trigger: Option<String>)
         }
     }
     let written = match format {
+        Format::Diffusers if !concept.lora.is_empty() => formats::diffusers_lora::resolve(output),
         Format::Diffusers => formats::diffusers::resolve(output),
         _ => output.to_path_buf(),
     };

@@ -3,9 +3,12 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Subcommand, ValueEnum};
+use imprint_concepts::lora::apply_lora;
+use imprint_concepts::{TEXT_ENCODER, UNET};
 use imprint_models::io::save_safetensors_atomic;
 use imprint_models::loading::ModelFolder;
 use imprint_models::schedulers::SchedulerKind;
+use imprint_models::visit::VisitProjections;
 use imprint_models::TextConditioning;
 use imprint_pipeline::noise::{QueuedNoise, SeededNoise};
 use imprint_pipeline::{SampleOptions, StableDiffusion};
@@ -39,6 +42,10 @@ pub enum DebugCommand {
         input: PathBuf,
         #[arg(long)]
         output: PathBuf,
+        /// Apply a concept's LoRA weights for this component at an optional scale
+        /// (`FILE[:SCALE]`, unet and text-encoder only). Repeatable.
+        #[arg(long, value_name = "FILE[:SCALE]", value_parser = super::parse_concept_arg)]
+        concept: Vec<super::ConceptArg>,
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -101,14 +108,38 @@ fn expect_rank(t: &Tensor, rank: usize, name: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Attaches each concept's LoRA modules on `network` to `model`.
+fn apply_loras(
+    model: &mut dyn VisitProjections,
+    network: &str,
+    concepts: &[super::ConceptArg],
+) -> Result<()> {
+    for c in concepts {
+        let concept = imprint_concepts::formats::load_any(&c.path)?;
+        let n = apply_lora(model, network, &concept.lora, c.scale)
+            .with_context(|| c.path.display().to_string())?;
+        if n == 0 {
+            eprintln!(
+                "warning: {}: no LoRA weights for the {network}",
+                c.path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn forward(
     model: &Path,
     component: Component,
     input: &Path,
     output: &Path,
+    concepts: &[super::ConceptArg],
     device: &Device,
 ) -> Result<()> {
     let folder = ModelFolder::open(model)?;
+    if !concepts.is_empty() && matches!(component, Component::VaeEncoder | Component::VaeDecoder) {
+        bail!("--concept applies to the unet and text-encoder components only")
+    }
     let inputs = load_inputs(input, device)?;
     let f32 = |t: Tensor| t.to_dtype(DType::F32);
     let mut out = HashMap::new();
@@ -116,7 +147,8 @@ fn forward(
         Component::TextEncoder => {
             let ids = take(&inputs, "input_ids", input)?;
             expect_rank(&ids, 2, "input_ids", input)?;
-            let te = folder.load_text_encoder(DType::F32, device)?;
+            let mut te = folder.load_text_encoder(DType::F32, device)?;
+            apply_loras(&mut te, TEXT_ENCODER, concepts)?;
             let o = te.forward(&ids.to_dtype(DType::I64)?, 0)?;
             out.insert("last_hidden_state".to_string(), o.last_hidden_state);
             out.insert("pooler_output".to_string(), o.pooler_output);
@@ -127,7 +159,8 @@ fn forward(
             let t = take(&inputs, "timestep", input)?;
             let ehs = f32(take(&inputs, "encoder_hidden_states", input)?)?;
             expect_rank(&ehs, 3, "encoder_hidden_states", input)?;
-            let unet = folder.load_unet(DType::F32, device)?;
+            let mut unet = folder.load_unet(DType::F32, device)?;
+            apply_loras(&mut unet, UNET, concepts)?;
             let y = unet.forward(
                 &sample,
                 &t.to_dtype(DType::F32)?,
@@ -170,12 +203,14 @@ pub fn run(c: DebugCommand) -> Result<()> {
             component,
             input,
             output,
+            concept,
             device,
         } => forward(
             &model,
             component,
             &input,
             &output,
+            &concept,
             &super::parse_device(&device)?,
         ),
         DebugCommand::Sample {

@@ -47,8 +47,9 @@ pub struct GenerateArgs {
     /// Use the text encoder's output this many layers before the last.
     #[arg(long, default_value_t = 0)]
     clip_skip: usize,
-    /// Apply a concept file (textual inversion: native, diffusers or A1111/kohya), optionally at a
-    /// scale: `--concept toy.safetensors:0.8`. Repeatable.
+    /// Apply a concept file (textual inversion: native, diffusers or A1111; LoRA: kohya,
+    /// diffusers/PEFT or native), optionally at a scale: `--concept toy.safetensors:0.8`.
+    /// Repeatable; several LoRAs add up, each at its own scale.
     #[arg(long, value_name = "FILE[:SCALE]", value_parser = super::parse_concept_arg)]
     concept: Vec<super::ConceptArg>,
     #[arg(long, default_value = "cpu")]

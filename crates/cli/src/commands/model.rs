@@ -1,6 +1,6 @@
-//! `imprint model init`.
+//! `imprint model init | merge`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Subcommand;
 use imprint_models::init::{write_random_model, KnownConfig};
 use std::path::PathBuf;
@@ -17,12 +17,45 @@ pub enum ModelCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Write a new diffusers folder with LoRA deltas baked into the UNet and text encoder weights.
+    Merge {
+        #[arg(long)]
+        model: PathBuf,
+        /// A LoRA concept file (kohya, diffusers/PEFT or native) at an optional scale. Repeatable.
+        #[arg(long, required = true, value_name = "FILE[:SCALE]", value_parser = super::parse_concept_arg)]
+        concept: Vec<super::ConceptArg>,
+        /// The new folder; must not exist.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 pub fn run(c: ModelCommand) -> Result<()> {
     match c {
         ModelCommand::Init { config, out, seed } => {
             write_random_model(config, &out, seed)?;
+            println!("{}", out.display());
+            Ok(())
+        }
+        ModelCommand::Merge {
+            model,
+            concept,
+            out,
+        } => {
+            let mut concepts = Vec::new();
+            for c in &concept {
+                let loaded = imprint_concepts::formats::load_any(&c.path)?;
+                if !loaded.embeddings.is_empty() {
+                    eprintln!(
+                        "warning: {}: its token embeddings are not merged (only LoRA weights are); apply them with --concept when generating",
+                        c.path.display()
+                    );
+                }
+                concepts.push((loaded, c.scale));
+            }
+            let n = imprint_concepts::merge::merge_into_folder(&model, &concepts, &out)
+                .with_context(|| format!("merging into {}", out.display()))?;
+            eprintln!("merged {n} LoRA deltas");
             println!("{}", out.display());
             Ok(())
         }

@@ -84,6 +84,7 @@ pub(crate) fn from_raw(raw: RawFile, path: &Path) -> Result<Concept> {
         trigger,
         method: TEXTUAL_INVERSION.to_string(),
         embeddings,
+        lora: Default::default(),
         base_model: raw.metadata.get("sd_checkpoint_name").cloned(),
         metadata,
     })

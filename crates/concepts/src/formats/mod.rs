@@ -6,6 +6,8 @@
 
 pub mod a1111;
 pub mod diffusers;
+pub mod diffusers_lora;
+pub mod kohya;
 pub mod native;
 pub mod pt;
 
@@ -20,11 +22,17 @@ use std::path::Path;
 pub enum Format {
     /// imprint's own `.safetensors` with metadata ([`native`]).
     Native,
-    /// diffusers' `learned_embeds.safetensors` / `.bin`: `{"<token>": [n, dim]}` ([`diffusers`]).
+    /// diffusers' files: `learned_embeds.safetensors` / `.bin`, `{"<token>": [n, dim]}`
+    /// ([`diffusers`]) for token embeddings, `pytorch_lora_weights.safetensors` with PEFT's
+    /// `lora_A`/`lora_B` keys ([`diffusers_lora`]) for LoRA.
     Diffusers,
     /// Automatic1111 / kohya embeddings: `emb_params`, SDXL `clip_l`/`clip_g`, pickled `.pt`
     /// ([`a1111`]).
     A1111,
+    /// kohya-ss LoRA: `lora_unet_…`/`lora_te_…` keys, optionally with bundled embeddings
+    /// ([`kohya`]). A concept with only token embeddings is written as [`Format::A1111`], which
+    /// kohya's scripts also read.
+    Kohya,
 }
 
 impl Format {
@@ -33,6 +41,7 @@ impl Format {
             Format::Native => "native",
             Format::Diffusers => "diffusers",
             Format::A1111 => "a1111",
+            Format::Kohya => "kohya",
         }
     }
 }
@@ -49,9 +58,12 @@ impl std::str::FromStr for Format {
         Ok(match s.to_ascii_lowercase().as_str() {
             "native" | "imprint" => Format::Native,
             "diffusers" => Format::Diffusers,
-            "a1111" | "kohya" => Format::A1111,
+            "a1111" => Format::A1111,
+            "kohya" => Format::Kohya,
             other => {
-                bail!("unknown concept format '{other}' (expected native, diffusers or a1111)")
+                bail!(
+                    "unknown concept format '{other}' (expected native, diffusers, a1111 or kohya)"
+                )
             }
         })
     }
@@ -86,6 +98,21 @@ fn read_bytes(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))
 }
 
+/// The value of a one-element tensor (kohya's `.alpha`: 0-d, f32, f16 or an integer).
+pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
+    if t.elem_count() != 1 {
+        bail!("expected one number, got shape {:?}", t.dims())
+    }
+    let v = t
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1::<f64>()?[0];
+    if !v.is_finite() {
+        bail!("{v} is not a finite number")
+    }
+    Ok(v)
+}
+
 /// safetensors files start with an 8-byte little-endian header length followed by a JSON object.
 fn looks_like_safetensors(bytes: &[u8]) -> bool {
     bytes.len() >= 9 && bytes[8] == b'{'
@@ -115,10 +142,20 @@ pub(crate) fn read_safetensors(bytes: &[u8]) -> Result<RawFile> {
     })
 }
 
-/// Reads the tensors and metadata of a safetensors or pickled PyTorch file. A folder stands for
-/// the `learned_embeds.safetensors` in it, as diffusers' `load_textual_inversion` resolves it.
+/// A folder stands for the concept file diffusers would look for in it: `learned_embeds.safetensors`
+/// (`load_textual_inversion`), or else `pytorch_lora_weights.safetensors` (`load_lora_weights`).
+pub fn resolve(path: &Path) -> std::path::PathBuf {
+    let ti = diffusers::resolve(path);
+    if path.is_dir() && !ti.exists() && diffusers_lora::resolve(path).exists() {
+        return diffusers_lora::resolve(path);
+    }
+    ti
+}
+
+/// Reads the tensors and metadata of a safetensors or pickled PyTorch file (a folder: see
+/// [`resolve`]).
 pub(crate) fn read_raw(path: &Path) -> Result<RawFile> {
-    let path = &diffusers::resolve(path);
+    let path = &resolve(path);
     let bytes = read_bytes(path)?;
     let raw = (|| -> Result<RawFile> {
         if looks_like_safetensors(&bytes) {
@@ -138,7 +175,7 @@ pub(crate) fn read_raw(path: &Path) -> Result<RawFile> {
 /// Which format a file is in, by content: native metadata, A1111's key names, or diffusers'
 /// single tensor. A file that matches none is an error naming what it holds.
 pub fn detect(path: &Path) -> Result<Format> {
-    let path = &diffusers::resolve(path);
+    let path = &resolve(path);
     let raw = read_raw(path)?;
     detect_raw(&raw).with_context(|| path.display().to_string())
 }
@@ -146,6 +183,12 @@ pub fn detect(path: &Path) -> Result<Format> {
 fn detect_raw(raw: &RawFile) -> Result<Format> {
     if native::is_native(raw) {
         return Ok(Format::Native);
+    }
+    if kohya::is_kohya(raw) {
+        return Ok(Format::Kohya);
+    }
+    if diffusers_lora::is_diffusers_lora(raw) {
+        return Ok(Format::Diffusers);
     }
     if a1111::is_a1111(raw) {
         return Ok(Format::A1111);
@@ -155,7 +198,7 @@ fn detect_raw(raw: &RawFile) -> Result<Format> {
     }
     let names: Vec<&str> = raw.tensors.keys().map(String::as_str).take(8).collect();
     bail!(
-        "not a concept file: expected imprint metadata, A1111 `emb_params`/`string_to_param`/`clip_l`+`clip_g`, or one diffusers token tensor; found {} tensors ({}{})",
+        "not a concept file: expected imprint metadata, kohya `lora_unet_…`/`lora_te_…` or diffusers `….lora_A.weight` LoRA keys, A1111 `emb_params`/`string_to_param`/`clip_l`+`clip_g`, or one diffusers token tensor; found {} tensors ({}{})",
         raw.tensors.len(),
         names.join(", "),
         if raw.tensors.len() > names.len() { ", ..." } else { "" }
@@ -169,14 +212,18 @@ pub fn load_any(path: &Path) -> Result<Concept> {
 
 /// [`load_any`], also saying which format the file was in.
 pub fn load_with_format(path: &Path) -> Result<(Concept, Format)> {
-    let path = &diffusers::resolve(path);
+    let path = &resolve(path);
     let raw = read_raw(path)?;
     let result = (|| -> Result<(Concept, Format)> {
         let format = detect_raw(&raw)?;
         let concept = match format {
             Format::Native => native::from_raw(raw)?,
+            Format::Diffusers if diffusers_lora::is_diffusers_lora(&raw) => {
+                diffusers_lora::from_raw(raw)?
+            }
             Format::Diffusers => diffusers::from_raw(raw)?,
             Format::A1111 => a1111::from_raw(raw, path)?,
+            Format::Kohya => kohya::from_raw(raw)?,
         };
         concept.validate()?;
         Ok((concept, format))
@@ -189,10 +236,18 @@ pub fn save(concept: &Concept, path: &Path, format: Format) -> Result<()> {
     concept
         .validate()
         .with_context(|| format!("{}: cannot save", path.display()))?;
+    let has_lora = !concept.lora.is_empty();
     match format {
         Format::Native => native::save(concept, path),
+        Format::Diffusers if has_lora => diffusers_lora::save(concept, path),
         Format::Diffusers => diffusers::save(concept, path),
+        Format::A1111 if has_lora => bail!(
+            "{}: A1111 embedding files hold no LoRA weights; use --format kohya (A1111 loads kohya LoRAs), diffusers or native",
+            path.display()
+        ),
         Format::A1111 => a1111::save(concept, path),
+        Format::Kohya if has_lora => kohya::save(concept, path),
+        Format::Kohya => a1111::save(concept, path),
     }
 }
 

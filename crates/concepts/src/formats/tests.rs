@@ -2,7 +2,7 @@
 //! fixtures come from tools/reference/concept_files.py (torch.save, as A1111 and diffusers write).
 
 use super::*;
-use crate::{TokenEmbedding, TEXT_ENCODER_2};
+use crate::{TokenEmbedding, TEXT_ENCODER, TEXT_ENCODER_2};
 
 fn fixture(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -297,4 +297,177 @@ fn malformed_pickles_are_errors() {
         e.contains("refusing to load") && e.contains("builtins.eval"),
         "{e}"
     );
+}
+
+fn lora_module(
+    network: &str,
+    module: &str,
+    r: usize,
+    inp: usize,
+    out: usize,
+    alpha: f64,
+) -> crate::LoraModule {
+    let down = vectors(r, inp, 2.0);
+    let up = vectors(out, r, 3.0);
+    crate::LoraModule::new(network, module, down, up, alpha, module).unwrap()
+}
+
+fn hybrid() -> Concept {
+    let mut c = Concept::textual_inversion("<toy>", vectors(2, 8, 0.0)).unwrap();
+    c.lora.modules = vec![
+        lora_module(
+            crate::UNET,
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+            4,
+            8,
+            6,
+            8.0,
+        ),
+        lora_module(crate::UNET, "mid_block.attentions.0.proj_in", 2, 6, 6, 1.0),
+        lora_module(
+            TEXT_ENCODER,
+            "text_model.encoder.layers.1.mlp.fc1",
+            3,
+            8,
+            10,
+            3.0,
+        ),
+    ];
+    c
+}
+
+fn same_lora(a: &Concept, b: &Concept) {
+    assert_eq!(a.lora.modules.len(), b.lora.modules.len());
+    for m in &a.lora.modules {
+        let o = b
+            .lora
+            .modules
+            .iter()
+            .find(|o| o.network == m.network && o.module == m.module)
+            .unwrap_or_else(|| panic!("{} lost", m.module));
+        assert!(
+            same(&m.down, &o.down) && same(&m.up, &o.up) && m.alpha == o.alpha,
+            "{}",
+            m.module
+        );
+    }
+}
+
+#[test]
+fn hybrid_concepts_round_trip_through_native_and_kohya() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = hybrid();
+    for (format, name) in [
+        (Format::Native, "n.safetensors"),
+        (Format::Kohya, "k.safetensors"),
+    ] {
+        let path = dir.path().join(name);
+        save(&c, &path, format).unwrap();
+        let (back, detected) = load_with_format(&path).unwrap();
+        assert_eq!(detected, format);
+        assert_eq!(back.trigger, "<toy>");
+        assert!(same(&back.embeddings[0].vectors, &c.embeddings[0].vectors));
+        same_lora(&c, &back);
+    }
+    // diffusers keeps embeddings and LoRA apart, A1111 has no LoRA.
+    let e = error_text(save(
+        &c,
+        &dir.path().join("d.safetensors"),
+        Format::Diffusers,
+    ));
+    assert!(e.contains("separate files"), "{e}");
+    let e = error_text(save(&c, &dir.path().join("a.safetensors"), Format::A1111));
+    assert!(e.contains("no LoRA"), "{e}");
+    // Different ranks and alphas per module survive diffusers' rank/alpha patterns.
+    let mut lora_only = c.clone();
+    lora_only.embeddings.clear();
+    let path = dir.path().join("pytorch_lora_weights.safetensors");
+    save(&lora_only, &path, Format::Diffusers).unwrap();
+    let back = load_any(dir.path()).unwrap();
+    same_lora(&lora_only, &back);
+}
+
+fn write(path: &Path, tensors: Vec<(&str, Tensor)>, meta: Option<HashMap<String, String>>) {
+    let tensors: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    imprint_models::io::save_safetensors_atomic(path, &tensors, meta).unwrap();
+}
+
+#[test]
+fn older_diffusers_spellings_and_alpha_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.safetensors");
+    write(
+        &path,
+        vec![
+            ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight", vectors(2, 8, 0.0)),
+            ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight", vectors(8, 2, 1.0)),
+            ("unet.mid_block.attentions.0.proj_out.lora.down.weight", vectors(2, 8, 0.0)),
+            ("unet.mid_block.attentions.0.proj_out.lora.up.weight", vectors(8, 2, 1.0)),
+            ("unet.mid_block.attentions.0.proj_out.alpha", Tensor::new(1f32, &Device::Cpu).unwrap()),
+            ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight", vectors(2, 8, 0.0)),
+            ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight", vectors(8, 2, 1.0)),
+        ],
+        None,
+    );
+    let c = load_any(&path).unwrap();
+    let find = |m: &str| c.lora.modules.iter().find(|x| x.module == m).unwrap().alpha;
+    // No alpha anywhere: alpha = rank (scale 1), as diffusers' get_peft_kwargs.
+    assert_eq!(
+        find("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"),
+        2.0
+    );
+    assert_eq!(find("mid_block.attentions.0.proj_out"), 1.0);
+    assert_eq!(find("text_model.encoder.layers.0.self_attn.q_proj"), 2.0);
+
+    // PEFT metadata: lora_alpha, alpha_pattern by module suffix, rsLoRA.
+    let meta = HashMap::from([(
+        "lora_adapter_metadata".to_string(),
+        r#"{"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {"attn2.to_k": 2}, "unet.use_rslora": true}"#.to_string(),
+    )]);
+    write(
+        &path,
+        vec![
+            ("unet.a.attn1.to_k.lora_A.weight", vectors(4, 8, 0.0)),
+            ("unet.a.attn1.to_k.lora_B.weight", vectors(8, 4, 1.0)),
+            ("unet.a.attn2.to_k.lora_A.weight", vectors(4, 8, 0.0)),
+            ("unet.a.attn2.to_k.lora_B.weight", vectors(8, 4, 1.0)),
+        ],
+        Some(meta),
+    );
+    let c = load_any(&path).unwrap();
+    let scale = |m: &str| {
+        c.lora
+            .modules
+            .iter()
+            .find(|x| x.module == m)
+            .unwrap()
+            .scale()
+    };
+    assert!((scale("a.attn1.to_k") - 8.0 / 2.0).abs() < 1e-12); // 8 / √4
+    assert!((scale("a.attn2.to_k") - 2.0 / 2.0).abs() < 1e-12);
+
+    // LyCORIS variants and half pairs are refused by name.
+    write(
+        &path,
+        vec![("lora_unet_a_to_q.hada_w1_a", vectors(2, 2, 0.0))],
+        None,
+    );
+    let e = error_text(load_any(&path));
+    assert!(
+        e.contains("hada_w1_a") && e.contains("not supported"),
+        "{e}"
+    );
+    write(
+        &path,
+        vec![(
+            "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight",
+            vectors(2, 8, 0.0),
+        )],
+        None,
+    );
+    let e = error_text(load_any(&path));
+    assert!(e.contains("lacks its lora_up"), "{e}");
 }

@@ -1,0 +1,182 @@
+//! Baking LoRA deltas into a model folder (`imprint model merge`), as diffusers' `fuse_lora` then
+//! `save_pretrained` would: `W ← W + scale · (alpha / r) · up · down` for every target, the other
+//! files copied unchanged.
+//!
+//! The result is a complete diffusers folder that needs no LoRA support to load. It is built in a
+//! temporary sibling of the output and renamed into place at the end, so a failure leaves no
+//! half-written model under the requested name.
+
+use crate::lora::{LoraModule, UNET};
+use crate::{Concept, TEXT_ENCODER};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use imprint_models::loading::weight_files;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Where a network's weights live in a diffusers folder: `(subfolder, file stem)`.
+fn component(network: &str) -> Result<(&'static str, &'static str)> {
+    Ok(match network {
+        UNET => ("unet", "diffusion_pytorch_model"),
+        TEXT_ENCODER => ("text_encoder", "model"),
+        other => bail!("the LoRA has weights for '{other}', which Stable Diffusion 1.x/2.x does not have: is it a LoRA for another architecture (SDXL)?"),
+    })
+}
+
+/// The weight names a module's `.weight` may have: the text encoder's with or without the
+/// `text_model.` level (transformers < 5 and 5 save it differently).
+fn weight_keys(m: &LoraModule) -> Vec<String> {
+    let mut keys = vec![format!("{}.weight", m.module)];
+    if m.network != UNET {
+        if let Some(rest) = m.module.strip_prefix("text_model.") {
+            keys.push(format!("{rest}.weight"));
+        }
+    }
+    keys
+}
+
+/// Copies `model` to `out` with every concept's LoRA (at its scale) added into the weights.
+/// Refuses an existing `out`. Returns the number of weights changed.
+pub fn merge_into_folder(model: &Path, concepts: &[(Concept, f64)], out: &Path) -> Result<usize> {
+    if out.exists() {
+        bail!("{}: already exists; choose a new --out", out.display())
+    }
+    if !model.join("model_index.json").is_file() {
+        bail!(
+            "{}: not a diffusers model folder (no model_index.json)",
+            model.display()
+        )
+    }
+    // Every delta, grouped by network, checked before anything is written.
+    let mut by_network: HashMap<&'static str, Vec<(&LoraModule, f64)>> = HashMap::new();
+    for (concept, scale) in concepts {
+        if !scale.is_finite() {
+            bail!("scale {scale} is not a finite number")
+        }
+        if concept.lora.is_empty() {
+            bail!(
+                "concept '{}' holds no LoRA weights to merge",
+                concept.trigger
+            )
+        }
+        for m in &concept.lora.modules {
+            let (sub, _) = component(&m.network)?;
+            let net = if sub == "unet" { UNET } else { TEXT_ENCODER };
+            by_network.entry(net).or_default().push((m, *scale));
+        }
+    }
+    let tmp = out.with_file_name(format!(
+        ".{}.tmp-{}",
+        out.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let result = (|| -> Result<usize> {
+        copy_dir(model, &tmp)?;
+        let mut changed = 0;
+        for (net, deltas) in &by_network {
+            let (sub, stem) = component(net)?;
+            changed += merge_component(&model.join(sub), &tmp.join(sub), stem, net, deltas)?;
+        }
+        std::fs::rename(&tmp, out).with_context(|| {
+            format!("{}: cannot move the merged model into place", out.display())
+        })?;
+        Ok(changed)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("{}: cannot create", to.display()))?;
+    for entry in
+        std::fs::read_dir(from).with_context(|| format!("{}: cannot read", from.display()))?
+    {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_type()?.is_dir() {
+            copy_dir(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst).with_context(|| format!("{}: cannot copy", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn merge_component(
+    src_dir: &Path,
+    dst_dir: &Path,
+    stem: &str,
+    network: &str,
+    deltas: &[(&LoraModule, f64)],
+) -> Result<usize> {
+    let files = weight_files(src_dir, stem)?;
+    let mut pending: Vec<(&LoraModule, f64)> = deltas.to_vec();
+    let mut changed = 0;
+    for file in &files {
+        let bytes =
+            std::fs::read(file).with_context(|| format!("{}: cannot read", file.display()))?;
+        let raw =
+            crate::formats::read_safetensors(&bytes).with_context(|| file.display().to_string())?;
+        let mut tensors = raw.tensors;
+        let mut touched = false;
+        let mut rest = Vec::new();
+        for (m, scale) in pending {
+            let Some(key) = weight_keys(m).into_iter().find(|k| tensors.contains_key(k)) else {
+                rest.push((m, scale));
+                continue;
+            };
+            let w = &tensors[&key];
+            let delta = m.delta_weight()?;
+            let delta = if delta.dims() != w.dims()
+                && delta.elem_count() == w.elem_count()
+                && w.rank() == 4
+            {
+                // A linear-shaped pair on a 1×1 convolution.
+                delta.reshape(w.dims())?
+            } else {
+                delta
+            };
+            if delta.dims() != w.dims() {
+                bail!(
+                    "LoRA module '{}': its delta {:?} does not fit the weight '{key}' {:?} in {}: is it a LoRA for another architecture?",
+                    m.module,
+                    delta.dims(),
+                    w.dims(),
+                    file.display()
+                )
+            }
+            let dtype = w.dtype();
+            let merged = (w.to_dtype(DType::F32)? + (delta * scale)?)?.to_dtype(dtype)?;
+            tensors.insert(key, merged);
+            touched = true;
+            changed += 1;
+        }
+        pending = rest;
+        if touched {
+            let dst: PathBuf =
+                dst_dir.join(file.file_name().context("weight file without a name")?);
+            let tensors: HashMap<String, Tensor> = tensors
+                .into_iter()
+                .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?)))
+                .collect::<Result<_>>()?;
+            let meta = if raw.metadata.is_empty() {
+                None
+            } else {
+                Some(raw.metadata.clone())
+            };
+            imprint_models::io::save_safetensors_atomic(&dst, &tensors, meta)?;
+        }
+    }
+    if let Some((m, _)) = pending.first() {
+        bail!(
+            "LoRA module '{}' has no weight in this model's {network} ({}): is it a LoRA for another architecture?",
+            m.module,
+            src_dir.display()
+        )
+    }
+    Ok(changed)
+}
