@@ -56,16 +56,6 @@ struct LogLine {
     seconds: f64,
 }
 
-fn device_of(name: &str) -> Result<Device> {
-    Ok(match name {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        "metal" => Device::new_metal(0)?,
-        s if s.starts_with("cuda:") => Device::new_cuda(s[5..].parse()?)?,
-        other => bail!("unknown device '{other}'"),
-    })
-}
-
 /// Trains a textual-inversion concept as `cfg` says; see the crate docs for the files it writes.
 pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> Result<Outcome> {
     let t = &cfg.trainer;
@@ -73,7 +63,7 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
     let templates_set: TemplateSet = cfg.templates.parse()?;
     let paths = OutputPaths::new(&t.out)?;
     let config_text = toml::to_string(cfg)?;
-    let device = device_of(&t.device)?;
+    let device = imprint_pipeline::parse_device(&t.device)?;
     let mut sd = StableDiffusion::load(&t.model, DType::F32, &device)?;
     let prediction = sd.scheduler_config.prediction()?;
     let schedule = NoiseSchedule::new(&sd.scheduler_config)?;

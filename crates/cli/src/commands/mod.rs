@@ -5,21 +5,11 @@ pub mod generate;
 pub mod model;
 pub mod train;
 
-use anyhow::{bail, Result};
-use candle_core::Device;
+use anyhow::Result;
 use imprint_pipeline::StableDiffusion;
 use std::path::PathBuf;
 
-/// `--device cpu|cuda|metal` (`cuda:N` picks a GPU).
-pub fn parse_device(s: &str) -> Result<Device> {
-    Ok(match s {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        "metal" => Device::new_metal(0)?,
-        s if s.starts_with("cuda:") => Device::new_cuda(s[5..].parse()?)?,
-        other => bail!("unknown device '{other}' (expected cpu, cuda, cuda:N or metal)"),
-    })
-}
+pub use imprint_pipeline::parse_device;
 
 /// `--concept FILE[:SCALE]`: a concept file and the scale its vectors are applied at.
 #[derive(Clone, Debug)]
