@@ -117,3 +117,74 @@ fn training_refuses_an_existing_token() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn train_lora_then_generate_and_export() {
+    let model = tiny_model("tiny");
+    let dir = scratch("train-lora");
+    let out = dir.join("sks.safetensors");
+    run_ok(
+        imprint()
+            .args([
+                "train",
+                "lora",
+                "--instance-prompt",
+                "a photo of sks toy",
+                "--rank",
+                "2",
+                "--steps",
+                "3",
+            ])
+            .args([
+                "--resolution",
+                "64",
+                "--lr",
+                "1e-3",
+                "--train-text-encoder",
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--images")
+            .arg(examples())
+            .arg("--out")
+            .arg(&out),
+    );
+    let used = std::fs::read_to_string(dir.join("sks.config.toml")).unwrap();
+    assert!(
+        used.contains("rank = 2") && used.contains("train-text-encoder = true"),
+        "{used}"
+    );
+    let image = dir.join("sks.png");
+    run_ok(
+        imprint()
+            .args([
+                "generate",
+                "--prompt",
+                "a photo of sks toy",
+                "--steps",
+                "2",
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--concept")
+            .arg(format!("{}:0.8", out.display()))
+            .arg("--out")
+            .arg(&image),
+    );
+    assert!(image.exists());
+    let kohya = dir.join("sks-kohya.safetensors");
+    run_ok(
+        imprint()
+            .args(["concept", "convert"])
+            .arg(&out)
+            .arg(&kohya)
+            .args(["--format", "kohya"]),
+    );
+    let keys = load(&kohya);
+    assert!(keys
+        .keys()
+        .any(|k| k.starts_with("lora_unet_") && k.ends_with(".lora_down.weight")));
+    assert!(keys.keys().any(|k| k.starts_with("lora_te_")));
+    let inspect = run_ok(imprint().args(["concept", "inspect"]).arg(&kohya));
+    assert!(String::from_utf8_lossy(&inspect.stdout).contains("lora"));
+}

@@ -56,18 +56,56 @@ pub struct TextualInversionConfig {
     pub trainer: TrainerOptions,
 }
 
-/// The defaults of a textual-inversion run, as a TOML table (merged under the user's values).
-pub fn textual_inversion_defaults() -> toml::Table {
-    let text = format!(
+/// `imprint train lora`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct LoraConfig {
+    /// The caption of every image without an `IMAGE.txt`, e.g. "a photo of sks dog".
+    pub instance_prompt: Option<String>,
+    pub rank: usize,
+    /// Defaults to the rank (a delta scale of 1).
+    pub alpha: Option<f64>,
+    /// Comma-separated module names (trailing paths) of the UNet projections to adapt.
+    pub targets: String,
+    /// Also adapt the text encoder's attention and MLP projections.
+    pub train_text_encoder: bool,
+    /// LoRA dropout on the adapter input (0 only, for now).
+    pub dropout: f64,
+    #[serde(flatten)]
+    pub trainer: TrainerOptions,
+}
+
+/// The defaults of a LoRA run (diffusers' `train_dreambooth_lora.py` recipe).
+pub fn lora_defaults() -> toml::Table {
+    use crate::methods::lora as l;
+    let mut t = common_defaults();
+    let own: toml::Table = format!(
         r#"
-num-vectors = 1
-templates = "object"
+rank = {rank}
+targets = "{targets}"
+train-text-encoder = false
+dropout = 0.0
 steps = {steps}
 lr = {lr:e}
-scale-lr = true
-batch-size = {batch}
-grad-accum = {accum}
-resolution = {res}
+scale-lr = false
+batch-size = 1
+grad-accum = 1
+"#,
+        rank = l::DEFAULT_RANK,
+        targets = l::DEFAULT_TARGETS,
+        steps = l::DEFAULT_STEPS,
+        lr = l::DEFAULT_LR
+    )
+    .parse()
+    .expect("valid defaults");
+    merge(&mut t, own);
+    t
+}
+
+/// What every method's defaults share.
+fn common_defaults() -> toml::Table {
+    r#"
+resolution = 512
 lr-schedule = "constant"
 lr-warmup-steps = 0
 crop = "center"
@@ -83,18 +121,45 @@ beta1 = 0.9
 beta2 = 0.999
 eps = 1e-8
 weight_decay = 1e-2
+"#
+    .parse()
+    .expect("valid defaults")
+}
+
+/// The defaults of a textual-inversion run, as a TOML table (merged under the user's values).
+pub fn textual_inversion_defaults() -> toml::Table {
+    let mut t = common_defaults();
+    let own: toml::Table = format!(
+        r#"
+num-vectors = 1
+templates = "object"
+steps = {steps}
+lr = {lr:e}
+scale-lr = true
+batch-size = {batch}
+grad-accum = {accum}
+resolution = {res}
 "#,
         steps = ti::DEFAULT_STEPS,
         lr = ti::DEFAULT_LR,
         batch = ti::DEFAULT_BATCH,
         accum = ti::DEFAULT_GRAD_ACCUM,
         res = ti::DEFAULT_RESOLUTION
-    );
-    text.parse().expect("valid defaults")
+    )
+    .parse()
+    .expect("valid defaults");
+    merge(&mut t, own);
+    t
 }
 
 /// Keys that are absent unless set (so they do not appear when a config is written back).
-const OPTIONAL_KEYS: &[&str] = &["resume", "validation-prompt", "max-grad-norm"];
+const OPTIONAL_KEYS: &[&str] = &[
+    "resume",
+    "validation-prompt",
+    "max-grad-norm",
+    "instance-prompt",
+    "alpha",
+];
 
 /// Defaults, then the config file, then the flags given on the command line. An unknown key in the
 /// file is an error naming it (a typo must not silently train with a default).

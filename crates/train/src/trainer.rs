@@ -1,17 +1,17 @@
 //! The training loop every method shares: batches of augmented images with captions, the
 //! denoising loss, gradient accumulation and clipping, AdamW with a learning-rate schedule,
 //! progress, a JSONL log, validation grids, and checkpoints that resume bit-exactly on CPU.
+//! [`train_textual_inversion`] and [`train_lora`] only set their method up and call [`run`].
 
 use crate::checkpoint::Checkpoint;
-use crate::config::{OutputPaths, TextualInversionConfig};
+use crate::config::{LoraConfig, OutputPaths, TextualInversionConfig, TrainerOptions};
 use crate::data::{self, Augment, Crop, LatentCache};
-use crate::methods::diffusion_loss;
-use crate::methods::textual_inversion::TextualInversion;
+use crate::methods::lora::LoraMethod;
+use crate::methods::textual_inversion::{TextualInversion, TextualInversionMethod};
+use crate::methods::{diffusion_loss, Method};
 use crate::optim::{clip_grad_norm, AdamW};
-use crate::templates::{self, TemplateSet};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use imprint_concepts::{Concept, TokenEmbedding};
+use candle_core::{DType, Tensor};
 use imprint_models::schedulers::ddpm::NoiseSchedule;
 use imprint_models::TextConditioning;
 use imprint_pipeline::noise::SeededNoise;
@@ -19,6 +19,7 @@ use imprint_pipeline::{image_io, SampleOptions, StableDiffusion};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,10 +41,7 @@ pub enum Outcome {
     /// All steps done; the concept was written.
     Finished { steps: usize },
     /// Stopped early; `checkpoint` resumes it.
-    Interrupted {
-        step: usize,
-        checkpoint: std::path::PathBuf,
-    },
+    Interrupted { step: usize, checkpoint: PathBuf },
 }
 
 /// One line of the JSONL log.
@@ -56,15 +54,77 @@ struct LogLine {
     seconds: f64,
 }
 
+fn load_model(t: &TrainerOptions) -> Result<StableDiffusion> {
+    t.validate()?;
+    OutputPaths::new(&t.out)?;
+    let device = imprint_pipeline::parse_device(&t.device)?;
+    StableDiffusion::load(&t.model, DType::F32, &device)
+}
+
+/// The checkpoint to resume from, refused if it belongs to another run.
+fn load_resume(t: &TrainerOptions, config_text: &str) -> Result<Option<Checkpoint>> {
+    let Some(path) = &t.resume else {
+        return Ok(None);
+    };
+    let ck = Checkpoint::load(path)?;
+    check_resumable(&ck.config, config_text).with_context(|| path.display().to_string())?;
+    Ok(Some(ck))
+}
+
 /// Trains a textual-inversion concept as `cfg` says; see the crate docs for the files it writes.
 pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> Result<Outcome> {
     let t = &cfg.trainer;
-    t.validate()?;
-    let templates_set: TemplateSet = cfg.templates.parse()?;
-    let paths = OutputPaths::new(&t.out)?;
+    let templates = cfg.templates.parse()?;
     let config_text = toml::to_string(cfg)?;
-    let device = imprint_pipeline::parse_device(&t.device)?;
-    let mut sd = StableDiffusion::load(&t.model, DType::F32, &device)?;
+    let mut sd = load_model(t)?;
+    let resume = load_resume(t, &config_text)?;
+    let ti = TextualInversion::new(
+        &mut sd.tokenizer,
+        &sd.text_encoder,
+        &cfg.token,
+        &cfg.init_word,
+        cfg.num_vectors,
+    )?;
+    let method = TextualInversionMethod {
+        ti,
+        templates,
+        init_word: cfg.init_word.clone(),
+    };
+    run(&sd, &method, t, &config_text, resume, hooks)
+}
+
+/// Trains a LoRA as `cfg` says.
+pub fn train_lora(cfg: &LoraConfig, hooks: &Hooks) -> Result<Outcome> {
+    let t = &cfg.trainer;
+    if cfg.dropout != 0.0 {
+        bail!("--dropout {} is not supported yet (LoRA dropout needs a seeded mask to keep resume exact); use 0", cfg.dropout)
+    }
+    let config_text = toml::to_string(cfg)?;
+    let mut sd = load_model(t)?;
+    let resume = load_resume(t, &config_text)?;
+    let method = LoraMethod::attach(
+        &mut sd,
+        &cfg.targets,
+        cfg.rank,
+        cfg.alpha,
+        cfg.train_text_encoder,
+        cfg.instance_prompt.clone(),
+        t.seed,
+    )?;
+    run(&sd, &method, t, &config_text, resume, hooks)
+}
+
+/// The shared loop: trains `method`'s tensors on `sd` and writes the concept and its companions.
+pub fn run(
+    sd: &StableDiffusion,
+    method: &dyn Method,
+    t: &TrainerOptions,
+    config_text: &str,
+    resume: Option<Checkpoint>,
+    hooks: &Hooks,
+) -> Result<Outcome> {
+    let paths = OutputPaths::new(&t.out)?;
+    let device = sd.device.clone();
     let prediction = sd.scheduler_config.prediction()?;
     let schedule = NoiseSchedule::new(&sd.scheduler_config)?;
 
@@ -88,44 +148,22 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
         flip: t.flip,
     };
 
-    // The method's trainable part, fresh or from the checkpoint.
-    let resume = match &t.resume {
-        Some(p) => Some(Checkpoint::load(p)?),
-        None => None,
-    };
-    let method = match &resume {
-        None => TextualInversion::new(
-            &mut sd.tokenizer,
-            &sd.text_encoder,
-            &cfg.token,
-            &cfg.init_word,
-            cfg.num_vectors,
-        )?,
-        Some(ck) => {
-            check_resumable(&ck.config, cfg)?;
-            let vectors = &ck.params.first().context("checkpoint holds no vectors")?.1;
-            TextualInversion::with_vectors(
-                &mut sd.tokenizer,
-                &sd.text_encoder,
-                &cfg.token,
-                vectors,
-            )?
-        }
-    };
-    let mut adam = AdamW::new(vec![method.vectors.clone()], t.adam)?;
+    let trainable = method.trainable();
+    let vars: Vec<_> = trainable.iter().map(|(_, v)| v.clone()).collect();
+    let mut adam = AdamW::new(vars, t.adam)?;
     let (mut rng, start) = match &resume {
         None => (SeededNoise::new(t.seed), 0),
         Some(ck) => {
-            adam.exp_avg = ck
-                .exp_avg
-                .iter()
-                .map(|x| x.to_device(&device))
-                .collect::<candle_core::Result<_>>()?;
-            adam.exp_avg_sq = ck
-                .exp_avg_sq
-                .iter()
-                .map(|x| x.to_device(&device))
-                .collect::<candle_core::Result<_>>()?;
+            for (i, (name, var)) in trainable.iter().enumerate() {
+                let j = ck
+                    .params
+                    .iter()
+                    .position(|(n, _)| n == name)
+                    .with_context(|| format!("the checkpoint lacks '{name}'"))?;
+                var.set(&ck.params[j].1.to_device(&device)?)?;
+                adam.exp_avg[i] = ck.exp_avg[j].to_device(&device)?;
+                adam.exp_avg_sq[i] = ck.exp_avg_sq[j].to_device(&device)?;
+            }
             adam.step = ck.step;
             (
                 SeededNoise::from_state(ck.rng_seed, ck.rng_word_pos),
@@ -146,8 +184,6 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
         .open(&paths.log)
         .with_context(|| format!("{}: cannot open log", paths.log.display()))?;
 
-    let placeholder = method.placeholder_string();
-    let template_list = templates::templates(templates_set);
     let mut cache = LatentCache::default();
     let base_lr = t.base_lr();
     let bar = if hooks.progress {
@@ -159,26 +195,26 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
         "{msg} [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta}",
     )?);
     bar.set_position(start as u64);
-    let save = |adam: &AdamW, rng: &SeededNoise, step: usize| -> Result<std::path::PathBuf> {
+    let save = |adam: &AdamW, rng: &SeededNoise, step: usize| -> Result<PathBuf> {
         let (seed, pos) = rng.state();
         Checkpoint {
             step,
-            params: vec![(
-                "token_embeddings".to_string(),
-                method.vectors.as_tensor().clone(),
-            )],
+            params: trainable
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect(),
             exp_avg: adam.exp_avg.clone(),
             exp_avg_sq: adam.exp_avg_sq.clone(),
             rng_seed: seed,
             rng_word_pos: pos,
-            config: config_text.clone(),
+            config: config_text.to_string(),
         }
         .save(&paths.checkpoints)
     };
 
     for step in start..t.steps {
         let started = Instant::now();
-        let mut grad_sum: Option<Tensor> = None;
+        let mut grad_sums: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0f64;
         for _ in 0..t.grad_accum {
             let mut latents = vec![];
@@ -198,8 +234,7 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
                     logvar: dist.logvar.to_device(&device)?,
                 };
                 latents.push(sd.vae.scale_latents(&on_device.sample(&eps)?)?);
-                let template = template_list[rng.rng().gen_range(0..template_list.len())];
-                captions.push(templates::caption(template, &placeholder));
+                captions.push(method.caption(&images[index], rng.rng()));
             }
             let latents = Tensor::cat(&latents, 0)?;
             let noise = rng.randn(latents.shape().clone(), &device)?;
@@ -208,19 +243,10 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
                 .collect();
             let ids = captions
                 .iter()
-                .map(|c| {
-                    Ok(Tensor::new(
-                        sd.tokenizer
-                            .encode(c)?
-                            .iter()
-                            .map(|&i| i as i64)
-                            .collect::<Vec<_>>(),
-                        &device,
-                    )?)
-                })
+                .map(|c| sd.tokenize(c))
                 .collect::<Result<Vec<_>>>()?;
-            let ids = Tensor::stack(&ids, 0)?;
-            let text = method.encode(&sd.text_encoder, &ids)?;
+            let ids = Tensor::cat(&ids, 0)?;
+            let text = method.text_states(sd, &ids)?;
             let loss = diffusion_loss(
                 &sd.unet,
                 &schedule,
@@ -232,16 +258,25 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
             )?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             let grads = (loss / t.grad_accum as f64)?.backward()?;
-            let g = grads
-                .get(method.vectors.as_tensor())
-                .context("no gradient reached the token vectors")?
-                .clone();
-            grad_sum = Some(match grad_sum {
-                None => g,
-                Some(s) => (s + g)?,
+            let mut these = vec![];
+            for (name, var) in &trainable {
+                // A parameter the loss does not reach yet (a LoRA up matrix starts at zero, so its
+                // down matrix gets no gradient on the first step) has a zero gradient.
+                these.push(match grads.get(var.as_tensor()) {
+                    Some(g) => g.clone(),
+                    None => var.zeros_like().with_context(|| name.clone())?,
+                });
+            }
+            grad_sums = Some(match grad_sums {
+                None => these,
+                Some(sums) => sums
+                    .iter()
+                    .zip(these)
+                    .map(|(s, g)| s + g)
+                    .collect::<candle_core::Result<_>>()?,
             });
         }
-        let mut grads = vec![grad_sum.expect("grad_accum ≥ 1")];
+        let mut grads = grad_sums.expect("grad_accum ≥ 1");
         let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
         let lr = base_lr * t.lr_schedule.factor(step, t.lr_warmup_steps, t.steps);
         adam.step(&grads, lr)?;
@@ -262,7 +297,7 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
         }
         if let Some(prompt) = &t.validation_prompt {
             if t.validation_every > 0 && done % t.validation_every == 0 && done < t.steps {
-                let grid = validate(&sd, &method, prompt, t)?;
+                let grid = validate(sd, method, prompt, t)?;
                 bar.println(format!(
                     "validation grid: {}",
                     save_grid(&paths.validation, done, &grid)?.display()
@@ -283,35 +318,24 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
         }
     }
     bar.finish_with_message("done");
-    let concept = Concept {
-        trigger: cfg.token.clone(),
-        method: "textual-inversion".into(),
-        embeddings: vec![TokenEmbedding {
-            encoder: "text_encoder".into(),
-            vectors: method.vectors.as_tensor().to_device(&Device::Cpu)?,
-        }],
-        lora: Default::default(),
-        base_model: Some(base_model_name(&t.model)),
-        metadata: [
-            ("steps".to_string(), t.steps.to_string()),
-            ("init_word".to_string(), cfg.init_word.clone()),
-        ]
-        .into(),
-    };
+    let mut concept = method.concept(Some(base_model_name(&t.model)))?;
+    concept
+        .metadata
+        .insert("steps".to_string(), t.steps.to_string());
     imprint_concepts::formats::save(
         &concept,
         &paths.concept,
         imprint_concepts::formats::Format::Native,
     )?;
     if let Some(prompt) = &t.validation_prompt {
-        let grid = validate(&sd, &method, prompt, t)?;
+        let grid = validate(sd, method, prompt, t)?;
         save_grid(&paths.validation, t.steps, &grid)?;
     }
     Ok(Outcome::Finished { steps: t.steps })
 }
 
 /// The base model's folder name, recorded in the concept (where it was trained).
-fn base_model_name(model: &std::path::Path) -> String {
+fn base_model_name(model: &Path) -> String {
     let canonical = model.canonicalize().unwrap_or_else(|_| model.to_path_buf());
     canonical
         .file_name()
@@ -319,43 +343,55 @@ fn base_model_name(model: &std::path::Path) -> String {
         .unwrap_or_default()
 }
 
-/// A checkpoint resumes only the same run: same model, images, token and vectors.
-fn check_resumable(saved: &str, cfg: &TextualInversionConfig) -> Result<()> {
-    let saved: TextualInversionConfig =
-        toml::from_str(saved).context("the checkpoint's configuration is unreadable")?;
-    let same = saved.token == cfg.token
-        && saved.num_vectors == cfg.num_vectors
-        && saved.trainer.model == cfg.trainer.model
-        && saved.trainer.images == cfg.trainer.images
-        && saved.trainer.batch_size == cfg.trainer.batch_size
-        && saved.trainer.grad_accum == cfg.trainer.grad_accum
-        && saved.trainer.resolution == cfg.trainer.resolution;
-    if !same {
-        bail!("the checkpoint belongs to another run (model, images, token, vectors, batch or resolution differ)")
+/// Keys that may change between an interrupted run and its resumption.
+const RESUMABLE_CHANGES: &[&str] = &[
+    "steps",
+    "resume",
+    "save-every",
+    "validation-prompt",
+    "validation-every",
+    "num-validation-images",
+    "validation-steps",
+    "device",
+];
+
+/// A checkpoint resumes only the same run: every setting but the ones above must match.
+fn check_resumable(saved: &str, current: &str) -> Result<()> {
+    let saved: toml::Table = saved
+        .parse()
+        .context("the checkpoint's configuration is unreadable")?;
+    let current: toml::Table = current.parse()?;
+    let keys: std::collections::BTreeSet<&String> = saved.keys().chain(current.keys()).collect();
+    for k in keys {
+        if !RESUMABLE_CHANGES.contains(&k.as_str()) && saved.get(k) != current.get(k) {
+            bail!(
+                "the checkpoint belongs to another run: '{k}' differs ({:?} then, {:?} now)",
+                saved.get(k),
+                current.get(k)
+            )
+        }
     }
     Ok(())
 }
 
-/// Images of the validation prompt with the current vectors, as one grid.
+/// Images of the validation prompt with the current trained tensors, as one grid.
 fn validate(
     sd: &StableDiffusion,
-    method: &TextualInversion,
+    method: &dyn Method,
     prompt: &str,
-    t: &crate::config::TrainerOptions,
+    t: &TrainerOptions,
 ) -> Result<image::RgbImage> {
-    let prompt = prompt.replace(&method.token, &method.placeholder_string());
+    let prompt = method.prompt(prompt);
     let opts = SampleOptions {
         prompt: prompt.clone(),
         steps: t.validation_steps,
         guidance: 7.5,
         ..Default::default()
     };
-    let ids = sd.tokenize(&prompt)?;
-    let cond = method.encode(&sd.text_encoder, &ids)?.detach();
-    let uncond = sd.encode_prompt("", 0)?;
+    let cond = method.text_states(sd, &sd.tokenize(&prompt)?)?.detach();
+    let uncond = method.text_states(sd, &sd.tokenize("")?)?.detach();
     let context = Tensor::cat(&[uncond, cond], 0)?;
-    let f = sd.vae_scale_factor();
-    let size = t.resolution / f;
+    let size = t.resolution / sd.vae_scale_factor();
     let mut images = vec![];
     for i in 0..t.num_validation_images.max(1) {
         // Validation has its own seeds: it must not shift the training stream.
@@ -370,11 +406,7 @@ fn validate(
     image_io::grid(&images)
 }
 
-fn save_grid(
-    dir: &std::path::Path,
-    step: usize,
-    grid: &image::RgbImage,
-) -> Result<std::path::PathBuf> {
+fn save_grid(dir: &Path, step: usize, grid: &image::RgbImage) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let path = dir.join(format!("step-{step:06}.png"));
     image_io::save_png(grid, &path)?;

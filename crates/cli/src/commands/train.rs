@@ -2,8 +2,10 @@
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use imprint_train::config::{resolve, textual_inversion_defaults, TextualInversionConfig};
-use imprint_train::trainer::{train_textual_inversion, Hooks, Outcome};
+use imprint_train::config::{
+    lora_defaults, resolve, textual_inversion_defaults, LoraConfig, TextualInversionConfig,
+};
+use imprint_train::trainer::{train_lora, train_textual_inversion, Hooks, Outcome};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
@@ -12,6 +14,31 @@ pub enum TrainCommand {
     /// Textual Inversion: learn a new word's embedding from a few images.
     #[command(name = "textual-inversion", alias = "ti")]
     TextualInversion(TiArgs),
+    /// LoRA: low-rank deltas on the UNet's (and optionally the text encoder's) projections.
+    Lora(LoraArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LoraArgs {
+    /// The caption of images without an IMAGE.txt, e.g. "a photo of sks dog".
+    #[arg(long)]
+    instance_prompt: Option<String>,
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Delta scale alpha/rank; defaults to the rank.
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Comma-separated UNet modules to adapt (default to_q,to_k,to_v,to_out.0; also proj_in,
+    /// proj_out, ff.net.0.proj, ff.net.2, conv1, conv2, ...).
+    #[arg(long)]
+    targets: Option<String>,
+    /// Also adapt the text encoder's attention and MLP projections.
+    #[arg(long)]
+    train_text_encoder: bool,
+    #[arg(long)]
+    dropout: Option<f64>,
+    #[command(flatten)]
+    trainer: TrainerArgs,
 }
 
 /// Options every method shares; each one is also a key of `--config FILE.toml`.
@@ -110,48 +137,74 @@ fn trainer_flags(a: &TrainerArgs, t: &mut toml::Table) -> Result<()> {
     Ok(())
 }
 
+/// Runs a configured training with Ctrl-C wired to a clean stop.
+fn launch(out: &std::path::Path, train: impl FnOnce(&Hooks) -> Result<Outcome>) -> Result<()> {
+    let hooks = Hooks {
+        progress: true,
+        ..Default::default()
+    };
+    let flag = hooks.interrupt.clone();
+    // First Ctrl-C: finish the step, checkpoint, stop. (A second one kills as usual.)
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupt: stopping after this step with a checkpoint (Ctrl-C again to abort)"
+        );
+    });
+    match train(&hooks)? {
+        Outcome::Finished { steps } => println!("{} ({steps} steps)", out.display()),
+        Outcome::Interrupted { step, checkpoint } => {
+            println!(
+                "stopped at step {step}; resume with --resume {}",
+                checkpoint.display()
+            );
+            std::process::exit(130);
+        }
+    }
+    Ok(())
+}
+
+fn require(flags: &toml::Table, config: &Option<PathBuf>, keys: &[&str]) -> Result<()> {
+    for required in keys {
+        if !flags.contains_key(*required) && config.is_none() {
+            anyhow::bail!("--{required} is required (or give it in --config FILE.toml)")
+        }
+    }
+    Ok(())
+}
+
 pub fn run(c: TrainCommand) -> Result<()> {
     match c {
+        TrainCommand::Lora(a) => {
+            let mut flags = toml::Table::new();
+            flags!(flags, a, [instance_prompt => "instance-prompt", rank => "rank", alpha => "alpha", targets => "targets", dropout => "dropout"]);
+            if a.train_text_encoder {
+                flags.insert("train-text-encoder".into(), toml::Value::Boolean(true));
+            }
+            trainer_flags(&a.trainer, &mut flags)?;
+            require(&flags, &a.trainer.config, &["model", "images", "out"])?;
+            let cfg: LoraConfig = resolve(lora_defaults(), a.trainer.config.as_deref(), flags)?;
+            launch(&cfg.trainer.out, |hooks| train_lora(&cfg, hooks))
+        }
         TrainCommand::TextualInversion(a) => {
             let mut flags = toml::Table::new();
             flags!(flags, a, [token => "token", init_word => "init-word", num_vectors => "num-vectors", templates => "templates"]);
             trainer_flags(&a.trainer, &mut flags)?;
-            for required in ["model", "images", "out", "token", "init-word"] {
-                let in_file = a.trainer.config.is_some();
-                if !flags.contains_key(required) && !in_file {
-                    anyhow::bail!("--{required} is required (or give it in --config FILE.toml)")
-                }
-            }
+            require(
+                &flags,
+                &a.trainer.config,
+                &["model", "images", "out", "token", "init-word"],
+            )?;
             let cfg: TextualInversionConfig = resolve(
                 textual_inversion_defaults(),
                 a.trainer.config.as_deref(),
                 flags,
             )?;
-            let hooks = Hooks {
-                progress: true,
-                ..Default::default()
-            };
-            let flag = hooks.interrupt.clone();
-            // First Ctrl-C: finish the step, checkpoint, stop. (A second one kills as usual.)
-            let _ = ctrlc::set_handler(move || {
-                if flag.swap(true, Ordering::SeqCst) {
-                    std::process::exit(130);
-                }
-                eprintln!("\ninterrupt: stopping after this step with a checkpoint (Ctrl-C again to abort)");
-            });
-            match train_textual_inversion(&cfg, &hooks)? {
-                Outcome::Finished { steps } => {
-                    println!("{} ({steps} steps)", cfg.trainer.out.display())
-                }
-                Outcome::Interrupted { step, checkpoint } => {
-                    println!(
-                        "stopped at step {step}; resume with --resume {}",
-                        checkpoint.display()
-                    );
-                    std::process::exit(130);
-                }
-            }
-            Ok(())
+            launch(&cfg.trainer.out, |hooks| {
+                train_textual_inversion(&cfg, hooks)
+            })
         }
     }
 }

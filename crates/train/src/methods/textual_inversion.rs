@@ -126,3 +126,53 @@ impl TextualInversion {
         Ok(te.forward_embeds(&embeds, ids, 0)?.last_hidden_state)
     }
 }
+
+/// Textual inversion in the shared loop: captions from the paper's templates.
+pub struct TextualInversionMethod {
+    pub ti: TextualInversion,
+    pub templates: crate::templates::TemplateSet,
+    pub init_word: String,
+}
+
+impl super::Method for TextualInversionMethod {
+    fn trainable(&self) -> Vec<(String, Var)> {
+        vec![("token_embeddings".to_string(), self.ti.vectors.clone())]
+    }
+
+    fn caption(
+        &self,
+        _image: &crate::data::TrainImage,
+        rng: &mut rand_chacha::ChaCha20Rng,
+    ) -> String {
+        use rand::Rng;
+        let list = crate::templates::templates(self.templates);
+        let template = list[rng.gen_range(0..list.len())];
+        crate::templates::caption(template, &self.ti.placeholder_string())
+    }
+
+    fn prompt(&self, prompt: &str) -> String {
+        prompt.replace(&self.ti.token, &self.ti.placeholder_string())
+    }
+
+    fn text_states(&self, sd: &imprint_pipeline::StableDiffusion, ids: &Tensor) -> Result<Tensor> {
+        self.ti.encode(&sd.text_encoder, ids)
+    }
+
+    fn concept(&self, base_model: Option<String>) -> Result<imprint_concepts::Concept> {
+        Ok(imprint_concepts::Concept {
+            trigger: self.ti.token.clone(),
+            method: imprint_concepts::TEXTUAL_INVERSION.into(),
+            embeddings: vec![imprint_concepts::TokenEmbedding {
+                encoder: imprint_concepts::TEXT_ENCODER.into(),
+                vectors: self
+                    .ti
+                    .vectors
+                    .as_tensor()
+                    .to_device(&candle_core::Device::Cpu)?,
+            }],
+            lora: Default::default(),
+            base_model,
+            metadata: [("init_word".to_string(), self.init_word.clone())].into(),
+        })
+    }
+}

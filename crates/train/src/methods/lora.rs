@@ -1,0 +1,261 @@
+//! LoRA (Hu et al. 2021, "Low-Rank Adaptation"): every targeted projection `W` of the frozen UNet
+//! (and optionally of the text encoder) gains a trainable delta `B·A · alpha/r`.
+//!
+//! * **Trainable**: the `A` (down, `[r, in]`) and `B` (up, `[out, r]`) of each targeted
+//!   projection; `A` starts Kaiming-uniform and `B` at zero, as PEFT initializes them, so training
+//!   starts from the base model exactly.
+//! * **Loss**: the shared denoising loss on the instance prompt, or on `IMAGE.txt` captions.
+//! * **Defaults**: diffusers' `examples/dreambooth/train_dreambooth_lora.py` recipe: rank 4,
+//!   alpha = rank, targets `to_q, to_k, to_v, to_out.0`, lr 1e-4 unscaled, batch 1, 500 steps,
+//!   512 px, constant schedule.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
+use imprint_concepts::lora::{LoraModule, LoraWeights, LORA, UNET};
+use imprint_concepts::{Concept, TEXT_ENCODER};
+use imprint_models::{Projection, VisitProjections};
+use imprint_ops::{Adapter, Conv2dConfig, ScaledAdapter};
+use imprint_pipeline::StableDiffusion;
+use rand::{Rng, SeedableRng};
+use std::sync::Arc;
+
+pub const DEFAULT_LR: f64 = 1e-4;
+pub const DEFAULT_STEPS: usize = 500;
+pub const DEFAULT_RANK: usize = 4;
+pub const DEFAULT_TARGETS: &str = "to_q,to_k,to_v,to_out.0";
+/// The text encoder's attention and MLP projections (`--train-text-encoder`).
+pub const TEXT_ENCODER_TARGETS: &[&str] = &["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"];
+
+/// One trainable low-rank delta.
+#[derive(Debug)]
+struct TrainableLora {
+    down: Var,
+    up: Var,
+    scale: f64,
+    conv: Option<Conv2dConfig>,
+}
+
+impl Adapter for TrainableLora {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = match self.conv {
+            None => x
+                .broadcast_matmul(&self.down.t()?)?
+                .broadcast_matmul(&self.up.t()?)?,
+            Some(c) => x
+                .conv2d(&self.down, c.padding, c.stride, 1, 1)?
+                .conv2d(&self.up, 0, 1, 1, 1)?,
+        };
+        y * self.scale
+    }
+}
+
+/// A module the run trains.
+pub struct LoraSlot {
+    pub network: &'static str,
+    pub module: String,
+    pub down: Var,
+    pub up: Var,
+    pub alpha: f64,
+}
+
+/// LoRA in the shared loop.
+pub struct LoraMethod {
+    pub slots: Vec<LoraSlot>,
+    pub instance_prompt: Option<String>,
+}
+
+/// Does projection `name` match one of `targets` (a trailing path, e.g. `to_out.0`)?
+fn targeted(name: &str, targets: &[String]) -> bool {
+    targets
+        .iter()
+        .any(|t| name == t || name.ends_with(&format!(".{t}")))
+}
+
+/// Attaches fresh trainable deltas of `rank` to every targeted projection of `model`.
+fn attach(
+    model: &mut dyn VisitProjections,
+    network: &'static str,
+    targets: &[String],
+    rank: usize,
+    alpha: f64,
+    rng: &mut rand_chacha::ChaCha8Rng,
+    device: &Device,
+    slots: &mut Vec<LoraSlot>,
+) -> Result<()> {
+    let mut err = None;
+    model.visit_projections(&mut |p| {
+        if err.is_some() || !targeted(p.name(), targets) {
+            return;
+        }
+        let made = (|| -> Result<(String, Var, Var, Option<Conv2dConfig>)> {
+            let (name, w, conv) = match &p {
+                Projection::Linear(l) => (l.name.clone(), l.weight.clone(), None),
+                Projection::Conv2d(c) => (c.name.clone(), c.weight.clone(), Some(c.config)),
+            };
+            let dims = w.dims().to_vec();
+            let (out_dim, in_dim) = (dims[0], dims[1]);
+            let k = if conv.is_some() { dims[2] } else { 1 };
+            if rank > in_dim.min(out_dim) {
+                bail!("rank {rank} is larger than {name} ({out_dim}×{in_dim})")
+            }
+            // PEFT's init: A ~ kaiming_uniform(a = √5) = U(±1/√fan_in), B = 0.
+            let bound = 1.0 / ((in_dim * k * k) as f32).sqrt();
+            let n = rank * in_dim * k * k;
+            let a: Vec<f32> = (0..n).map(|_| rng.gen_range(-bound..bound)).collect();
+            let (down_shape, up_shape): (Vec<usize>, Vec<usize>) = match conv {
+                None => (vec![rank, in_dim], vec![out_dim, rank]),
+                Some(_) => (vec![rank, in_dim, k, k], vec![out_dim, rank, 1, 1]),
+            };
+            let down = Var::from_tensor(&Tensor::from_vec(a, down_shape, device)?)?;
+            let up = Var::zeros(up_shape, candle_core::DType::F32, device)?;
+            Ok((name, down, up, conv))
+        })();
+        match made {
+            Err(e) => err = Some(e),
+            Ok((name, down, up, conv)) => {
+                let adapter = Arc::new(TrainableLora {
+                    down: down.clone(),
+                    up: up.clone(),
+                    scale: alpha / rank as f64,
+                    conv,
+                });
+                let scaled = ScaledAdapter {
+                    adapter,
+                    scale: 1.0,
+                };
+                match p {
+                    Projection::Linear(l) => l.adapters.push(scaled),
+                    Projection::Conv2d(c) => c.adapters.push(scaled),
+                }
+                slots.push(LoraSlot {
+                    network,
+                    module: name,
+                    down,
+                    up,
+                    alpha,
+                });
+            }
+        }
+    });
+    if let Some(e) = err {
+        return Err(e);
+    }
+    Ok(())
+}
+
+impl LoraMethod {
+    /// Attaches trainable deltas to `sd`'s UNet (and text encoder) projections named by `targets`.
+    pub fn attach(
+        sd: &mut StableDiffusion,
+        targets: &str,
+        rank: usize,
+        alpha: Option<f64>,
+        train_text_encoder: bool,
+        instance_prompt: Option<String>,
+        seed: u64,
+    ) -> Result<Self> {
+        if rank == 0 {
+            bail!("--rank must be at least 1")
+        }
+        let alpha = alpha.unwrap_or(rank as f64);
+        let targets: Vec<String> = targets
+            .split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x10ad);
+        let mut slots = vec![];
+        let device = sd.device.clone();
+        attach(
+            &mut sd.unet,
+            UNET,
+            &targets,
+            rank,
+            alpha,
+            &mut rng,
+            &device,
+            &mut slots,
+        )?;
+        if slots.is_empty() {
+            bail!("no UNet projection matches --targets '{}' (e.g. to_q, to_k, to_v, to_out.0, proj_in, ff.net.0.proj, conv1)", targets.join(","))
+        }
+        if train_text_encoder {
+            let te_targets: Vec<String> =
+                TEXT_ENCODER_TARGETS.iter().map(|s| s.to_string()).collect();
+            attach(
+                &mut sd.text_encoder,
+                TEXT_ENCODER,
+                &te_targets,
+                rank,
+                alpha,
+                &mut rng,
+                &device,
+                &mut slots,
+            )?;
+        }
+        Ok(Self {
+            slots,
+            instance_prompt,
+        })
+    }
+}
+
+impl super::Method for LoraMethod {
+    fn trainable(&self) -> Vec<(String, Var)> {
+        let mut out = vec![];
+        for s in &self.slots {
+            out.push((
+                format!("{}.{}.lora_down", s.network, s.module),
+                s.down.clone(),
+            ));
+            out.push((format!("{}.{}.lora_up", s.network, s.module), s.up.clone()));
+        }
+        out
+    }
+
+    fn caption(
+        &self,
+        image: &crate::data::TrainImage,
+        _rng: &mut rand_chacha::ChaCha20Rng,
+    ) -> String {
+        image
+            .caption
+            .clone()
+            .or_else(|| self.instance_prompt.clone())
+            .unwrap_or_default()
+    }
+
+    fn text_states(&self, sd: &StableDiffusion, ids: &Tensor) -> Result<Tensor> {
+        Ok(sd.text_encoder.forward(ids, 0)?.last_hidden_state)
+    }
+
+    fn concept(&self, base_model: Option<String>) -> Result<Concept> {
+        let mut modules = vec![];
+        for s in &self.slots {
+            let module = LoraModule::new(
+                s.network,
+                &s.module,
+                s.down.as_tensor().to_device(&Device::Cpu)?,
+                s.up.as_tensor().to_device(&Device::Cpu)?,
+                s.alpha,
+                &s.module,
+            )
+            .with_context(|| format!("saving the LoRA of {}", s.module))?;
+            modules.push(module);
+        }
+        // A LoRA has no trigger token of its own: the instance prompt says how to invoke it.
+        let metadata = self
+            .instance_prompt
+            .iter()
+            .map(|p| ("instance_prompt".to_string(), p.clone()))
+            .collect();
+        Ok(Concept {
+            trigger: String::new(),
+            method: LORA.into(),
+            embeddings: vec![],
+            lora: LoraWeights { modules },
+            base_model,
+            metadata,
+        })
+    }
+}
