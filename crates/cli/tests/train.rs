@@ -188,3 +188,76 @@ fn train_lora_then_generate_and_export() {
     let inspect = run_ok(imprint().args(["concept", "inspect"]).arg(&kohya));
     assert!(String::from_utf8_lossy(&inspect.stdout).contains("lora"));
 }
+
+#[test]
+fn lora_with_prior_preservation_masks_and_min_snr() {
+    let model = tiny_model("tiny-sd2");
+    let dir = scratch("train-prior");
+    // Instance images with a caption and a mask for one of them.
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for e in std::fs::read_dir(examples()).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, images.join(p.file_name().unwrap())).unwrap();
+    }
+    image::GrayImage::from_fn(160, 160, |x, _| {
+        image::Luma([if x > 40 && x < 120 { 255 } else { 0 }])
+    })
+    .save(images.join("toy-0.mask.png"))
+    .unwrap();
+    std::fs::write(
+        images.join("toy-2.txt"),
+        "a photo of sks toy on a blue table",
+    )
+    .unwrap();
+    let class = dir.join("class");
+    let out = dir.join("prior.safetensors");
+    let train = |steps: &str| {
+        run_ok(
+            imprint()
+                .args([
+                    "train",
+                    "lora",
+                    "--instance-prompt",
+                    "a photo of sks toy",
+                    "--steps",
+                    steps,
+                    "--resolution",
+                    "64",
+                ])
+                .args([
+                    "--class-prompt",
+                    "a photo of a toy",
+                    "--num-class-images",
+                    "3",
+                    "--prior-weight",
+                    "0.5",
+                ])
+                .args([
+                    "--snr-gamma",
+                    "5",
+                    "--noise-offset",
+                    "0.05",
+                    "--batch-size",
+                    "2",
+                    "--model",
+                ])
+                .arg(&model)
+                .arg("--images")
+                .arg(&images)
+                .arg("--class-images")
+                .arg(&class)
+                .arg("--out")
+                .arg(&out),
+        )
+    };
+    train("2");
+    let generated: Vec<_> = std::fs::read_dir(&class).unwrap().collect();
+    assert_eq!(generated.len(), 3, "missing class images are generated");
+    let first = std::fs::read(class.join("class-00000.png")).unwrap();
+    assert_eq!(image::load_from_memory(&first).unwrap().width(), 64);
+    train("1"); // reuses them
+    assert_eq!(std::fs::read(class.join("class-00000.png")).unwrap(), first);
+    assert_eq!(std::fs::read_dir(&class).unwrap().count(), 3);
+    assert!(out.exists());
+}

@@ -38,6 +38,19 @@ pub struct TrainerOptions {
     pub num_validation_images: usize,
     pub validation_steps: usize,
     pub max_grad_norm: Option<f64>,
+    /// Min-SNR loss weighting (Hang et al. 2023) with this γ (5 is the paper's choice).
+    pub snr_gamma: Option<f64>,
+    /// Adds `offset · N(0, 1)` per sample and channel to the noise (brighter/darker images).
+    pub noise_offset: f64,
+    /// Restrict the loss to the subject where an `IMAGE.mask.png` exists.
+    pub use_masks: bool,
+    /// Prior preservation (DreamBooth, Ruiz et al. 2023): the class prompt, e.g. "a photo of a dog".
+    pub class_prompt: Option<String>,
+    /// Folder of class images; missing ones are generated with the base model first.
+    pub class_images: Option<PathBuf>,
+    pub num_class_images: usize,
+    /// Weight of the class (prior) loss.
+    pub prior_weight: f64,
     pub adam: AdamWConfig,
     /// cpu, cuda, cuda:N or metal.
     pub device: String,
@@ -106,6 +119,10 @@ grad-accum = 1
 fn common_defaults() -> toml::Table {
     r#"
 resolution = 512
+noise-offset = 0.0
+use-masks = true
+num-class-images = 100
+prior-weight = 1.0
 lr-schedule = "constant"
 lr-warmup-steps = 0
 crop = "center"
@@ -159,6 +176,9 @@ const OPTIONAL_KEYS: &[&str] = &[
     "max-grad-norm",
     "instance-prompt",
     "alpha",
+    "snr-gamma",
+    "class-prompt",
+    "class-images",
 ];
 
 /// Defaults, then the config file, then the flags given on the command line. An unknown key in the
@@ -223,6 +243,15 @@ impl TrainerOptions {
         }
         if !(self.lr > 0.0) {
             bail!("lr must be positive")
+        }
+        if self.class_prompt.is_some() != self.class_images.is_some() {
+            bail!("prior preservation needs both --class-prompt and --class-images")
+        }
+        if self.class_prompt.is_some() && self.num_class_images == 0 {
+            bail!("--num-class-images must be at least 1 with prior preservation")
+        }
+        if self.snr_gamma.is_some_and(|g| !(g > 0.0)) {
+            bail!("--snr-gamma must be positive")
         }
         Ok(())
     }

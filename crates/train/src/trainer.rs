@@ -8,7 +8,7 @@ use crate::config::{LoraConfig, OutputPaths, TextualInversionConfig, TrainerOpti
 use crate::data::{self, Augment, Crop, LatentCache};
 use crate::methods::lora::LoraMethod;
 use crate::methods::textual_inversion::{TextualInversion, TextualInversionMethod};
-use crate::methods::{diffusion_loss, Method};
+use crate::methods::{diffusion_loss_with, LossTerms, Method};
 use crate::optim::{clip_grad_norm, AdamW};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
@@ -184,7 +184,18 @@ pub fn run(
         .open(&paths.log)
         .with_context(|| format!("{}: cannot open log", paths.log.display()))?;
 
-    let mut cache = LatentCache::default();
+    let class = match (&t.class_prompt, &t.class_images) {
+        (Some(prompt), Some(dir)) => Some((prompt.clone(), class_images(sd, dir, prompt, t)?)),
+        _ => None,
+    };
+    let batcher = Batcher {
+        sd,
+        t,
+        augment: &augment,
+        timesteps: schedule.num_train_timesteps(),
+    };
+    // Latent distributions per augmentation variant, one cache per image set.
+    let (mut cache, mut class_cache) = (LatentCache::default(), LatentCache::default());
     let base_lr = t.base_lr();
     let bar = if hooks.progress {
         ProgressBar::new(t.steps as u64)
@@ -217,45 +228,50 @@ pub fn run(
         let mut grad_sums: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0f64;
         for _ in 0..t.grad_accum {
-            let mut latents = vec![];
-            let mut captions = vec![];
-            for _ in 0..t.batch_size {
-                let index = rng.rng().gen_range(0..images.len());
-                let variant = augment.sample_variant(&images, index, rng.rng());
-                let dist = cache.get_or_encode(&variant, || {
-                    let pixels = data::render(&images[index], &variant, t.resolution as u32)?
-                        .unsqueeze(0)?
-                        .to_device(&device)?;
-                    sd.vae.encode(&pixels)
-                })?;
-                let eps = rng.randn(dist.mean.shape().clone(), &device)?;
-                let on_device = imprint_models::vae::LatentDistribution {
-                    mean: dist.mean.to_device(&device)?,
-                    logvar: dist.logvar.to_device(&device)?,
-                };
-                latents.push(sd.vae.scale_latents(&on_device.sample(&eps)?)?);
-                captions.push(method.caption(&images[index], rng.rng()));
-            }
-            let latents = Tensor::cat(&latents, 0)?;
-            let noise = rng.randn(latents.shape().clone(), &device)?;
-            let timesteps: Vec<usize> = (0..t.batch_size)
-                .map(|_| rng.rng().gen_range(0..schedule.num_train_timesteps()))
-                .collect();
-            let ids = captions
-                .iter()
-                .map(|c| sd.tokenize(c))
-                .collect::<Result<Vec<_>>>()?;
-            let ids = Tensor::cat(&ids, 0)?;
-            let text = method.text_states(sd, &ids)?;
-            let loss = diffusion_loss(
+            let batch = make_batch(&batcher, &mut cache, &images, &mut rng, &|img, rng| {
+                method.caption(img, rng)
+            })?;
+            let text = method.text_states(sd, &batch.ids)?;
+            let terms = LossTerms {
+                mask: batch.mask.as_ref(),
+                snr_gamma: t.snr_gamma,
+            };
+            let mut loss = diffusion_loss_with(
                 &sd.unet,
                 &schedule,
                 prediction,
-                &latents,
-                &noise,
-                &timesteps,
+                &batch.latents,
+                &batch.noise,
+                &batch.timesteps,
                 TextConditioning::Shared(&text),
+                terms,
             )?;
+            if let Some((prompt, class_images)) = &class {
+                // Prior preservation: the same loss on the model's own class images, weighted.
+                let batch = make_batch(
+                    &batcher,
+                    &mut class_cache,
+                    class_images,
+                    &mut rng,
+                    &|_, _| prompt.clone(),
+                )?;
+                let text = method.text_states(sd, &batch.ids)?;
+                let terms = LossTerms {
+                    mask: None,
+                    snr_gamma: t.snr_gamma,
+                };
+                let prior = diffusion_loss_with(
+                    &sd.unet,
+                    &schedule,
+                    prediction,
+                    &batch.latents,
+                    &batch.noise,
+                    &batch.timesteps,
+                    TextConditioning::Shared(&text),
+                    terms,
+                )?;
+                loss = (loss + (prior * t.prior_weight)?)?;
+            }
             loss_sum += loss.to_scalar::<f32>()? as f64;
             let grads = (loss / t.grad_accum as f64)?.backward()?;
             let mut these = vec![];
@@ -332,6 +348,137 @@ pub fn run(
         save_grid(&paths.validation, t.steps, &grid)?;
     }
     Ok(Outcome::Finished { steps: t.steps })
+}
+
+/// Draws training examples: images, augmentation, cached latents, noise, timesteps, token ids.
+struct Batcher<'a> {
+    sd: &'a StableDiffusion,
+    t: &'a TrainerOptions,
+    augment: &'a Augment,
+    timesteps: usize,
+}
+
+struct Batch {
+    latents: Tensor,
+    noise: Tensor,
+    timesteps: Vec<usize>,
+    ids: Tensor,
+    /// `[B, 1, h, w]` when every image of the batch has a mask and masks are on.
+    mask: Option<Tensor>,
+}
+
+/// One batch of `batch_size` examples from `images` (the instance or the class set).
+fn make_batch(
+    b: &Batcher,
+    cache: &mut LatentCache,
+    images: &[data::TrainImage],
+    rng: &mut SeededNoise,
+    caption: &dyn Fn(&data::TrainImage, &mut rand_chacha::ChaCha20Rng) -> String,
+) -> Result<Batch> {
+    let (sd, t) = (b.sd, b.t);
+    let device = &sd.device;
+    let mut latents = vec![];
+    let mut captions = vec![];
+    let mut masks = vec![];
+    for _ in 0..t.batch_size {
+        let index = rng.rng().gen_range(0..images.len());
+        let variant = b.augment.sample_variant(images, index, rng.rng());
+        let dist = cache.get_or_encode(&variant, || {
+            let pixels = data::render(&images[index], &variant, t.resolution as u32)?
+                .unsqueeze(0)?
+                .to_device(device)?;
+            sd.vae.encode(&pixels)
+        })?;
+        let eps = rng.randn(dist.mean.shape().clone(), device)?;
+        let on_device = imprint_models::vae::LatentDistribution {
+            mean: dist.mean.to_device(device)?,
+            logvar: dist.logvar.to_device(device)?,
+        };
+        latents.push(sd.vae.scale_latents(&on_device.sample(&eps)?)?);
+        captions.push(caption(&images[index], rng.rng()));
+        if t.use_masks {
+            masks.push(data::render_mask(
+                &images[index],
+                &variant,
+                t.resolution as u32,
+                sd.vae_scale_factor() as u32,
+            )?);
+        }
+    }
+    let latents = Tensor::cat(&latents, 0)?;
+    let mut noise = rng.randn(latents.shape().clone(), device)?;
+    if t.noise_offset != 0.0 {
+        // diffusers' noise offset: a per-sample, per-channel constant added to the noise.
+        let (n, c, _, _) = latents.dims4()?;
+        noise = noise.broadcast_add(&(rng.randn((n, c, 1, 1), device)? * t.noise_offset)?)?;
+    }
+    let timesteps: Vec<usize> = (0..t.batch_size)
+        .map(|_| rng.rng().gen_range(0..b.timesteps))
+        .collect();
+    let ids = captions
+        .iter()
+        .map(|c| sd.tokenize(c))
+        .collect::<Result<Vec<_>>>()?;
+    let mask = if !masks.is_empty() && masks.iter().all(Option::is_some) {
+        let m: Vec<Tensor> = masks.into_iter().flatten().collect();
+        Some(Tensor::stack(&m, 0)?.to_device(device)?)
+    } else {
+        None
+    };
+    Ok(Batch {
+        latents,
+        noise,
+        timesteps,
+        ids: Tensor::cat(&ids, 0)?,
+        mask,
+    })
+}
+
+/// The class images for prior preservation: those in `dir`, completed to `num_class_images` by
+/// generating with the base model (kept for the next run).
+fn class_images(
+    sd: &StableDiffusion,
+    dir: &Path,
+    prompt: &str,
+    t: &TrainerOptions,
+) -> Result<Vec<data::TrainImage>> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("{}: cannot create the class-images folder", dir.display()))?;
+    let existing = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .count();
+    if existing < t.num_class_images {
+        let missing = t.num_class_images - existing;
+        let bar = ProgressBar::new(missing as u64);
+        bar.set_style(ProgressStyle::with_template(
+            "generating class images [{bar:30}] {pos}/{len}, ETA {eta}",
+        )?);
+        for i in existing..t.num_class_images {
+            let opts = imprint_pipeline::GenerateOptions {
+                prompt: prompt.to_string(),
+                scheduler: imprint_models::schedulers::SchedulerKind::DpmPlusPlus2M,
+                steps: 25,
+                seed: t.seed.wrapping_add(7919).wrapping_add(i as u64),
+                width: Some(t.resolution),
+                height: Some(t.resolution),
+                ..Default::default()
+            };
+            let image = sd.generate(&opts)?.remove(0);
+            image_io::save_png(&image, &dir.join(format!("class-{i:05}.png")))?;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+    }
+    let folder = data::load_image_folder(dir, (t.resolution / 2) as u32)?;
+    for w in &folder.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(folder
+        .images
+        .iter()
+        .map(|i| i.resized_for(t.resolution as u32))
+        .collect())
 }
 
 /// The base model's folder name, recorded in the concept (where it was trained).

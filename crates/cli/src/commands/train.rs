@@ -98,6 +98,26 @@ pub struct TrainerArgs {
     validation_steps: Option<usize>,
     #[arg(long)]
     max_grad_norm: Option<f64>,
+    /// Min-SNR loss weighting with this gamma (e.g. 5).
+    #[arg(long)]
+    snr_gamma: Option<f64>,
+    /// Noise offset (e.g. 0.05).
+    #[arg(long)]
+    noise_offset: Option<f64>,
+    /// Restrict the loss to IMAGE.mask.png where present (true|false).
+    #[arg(long)]
+    use_masks: Option<bool>,
+    /// Prior preservation: the class prompt, e.g. "a photo of a dog".
+    #[arg(long)]
+    class_prompt: Option<String>,
+    /// Prior preservation: the class images folder (missing images are generated).
+    #[arg(long)]
+    class_images: Option<PathBuf>,
+    #[arg(long)]
+    num_class_images: Option<usize>,
+    /// Weight of the prior-preservation loss.
+    #[arg(long)]
+    prior_weight: Option<f64>,
     #[arg(long)]
     device: Option<String>,
 }
@@ -133,7 +153,10 @@ fn trainer_flags(a: &TrainerArgs, t: &mut toml::Table) -> Result<()> {
         lr_schedule => "lr-schedule", lr_warmup_steps => "lr-warmup-steps", crop => "crop", flip => "flip",
         seed => "seed", save_every => "save-every", resume => "resume", validation_prompt => "validation-prompt",
         validation_every => "validation-every", num_validation_images => "num-validation-images",
-        validation_steps => "validation-steps", max_grad_norm => "max-grad-norm", device => "device"]);
+        validation_steps => "validation-steps", max_grad_norm => "max-grad-norm", device => "device",
+        snr_gamma => "snr-gamma", noise_offset => "noise-offset", use_masks => "use-masks",
+        class_prompt => "class-prompt", class_images => "class-images", num_class_images => "num-class-images",
+        prior_weight => "prior-weight"]);
     Ok(())
 }
 

@@ -55,3 +55,70 @@ pub fn diffusion_loss(
         .sqr()?
         .mean_all()?)
 }
+
+/// What the loss adds to the plain denoising MSE.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LossTerms<'a> {
+    /// Per-pixel weights on the latent grid, `[B, 1, h, w]` (1 = subject): kohya's masked loss,
+    /// which multiplies the squared error by the mask before averaging.
+    pub mask: Option<&'a Tensor>,
+    /// Min-SNR-γ weighting (Hang et al. 2023, as diffusers' scripts): each sample's loss is scaled
+    /// by `min(SNR, γ) / SNR` for ε-prediction and `min(SNR, γ) / (SNR + 1)` for v-prediction.
+    pub snr_gamma: Option<f64>,
+}
+
+/// [`diffusion_loss`] with a mask and SNR weighting.
+#[allow(clippy::too_many_arguments)]
+pub fn diffusion_loss_with(
+    unet: &UNet2DConditionModel,
+    schedule: &NoiseSchedule,
+    prediction: PredictionType,
+    latents: &Tensor,
+    noise: &Tensor,
+    timesteps: &[usize],
+    text_states: TextConditioning,
+    terms: LossTerms,
+) -> Result<Tensor> {
+    if terms.mask.is_none() && terms.snr_gamma.is_none() {
+        return diffusion_loss(
+            unet,
+            schedule,
+            prediction,
+            latents,
+            noise,
+            timesteps,
+            text_states,
+        );
+    }
+    let noisy = schedule.add_noise(latents, noise, timesteps)?;
+    let t = Tensor::new(
+        timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+        latents.device(),
+    )?;
+    let pred = unet.forward(&noisy, &t, text_states)?;
+    let target = schedule.target(prediction, latents, noise, timesteps)?;
+    let mut se = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?.sqr()?;
+    if let Some(mask) = terms.mask {
+        se = se.broadcast_mul(&mask.to_dtype(DType::F32)?)?;
+    }
+    let b = se.dim(0)?;
+    let per_sample = se.reshape((b, ()))?.mean(1)?;
+    let per_sample = match terms.snr_gamma {
+        None => per_sample,
+        Some(gamma) => {
+            let weights: Vec<f32> = timesteps
+                .iter()
+                .map(|&t| {
+                    let snr = schedule.snr(t);
+                    let clipped = snr.min(gamma);
+                    (match prediction {
+                        PredictionType::VPrediction => clipped / (snr + 1.0),
+                        _ => clipped / snr,
+                    }) as f32
+                })
+                .collect();
+            (per_sample * Tensor::new(weights, latents.device())?)?
+        }
+    };
+    Ok(per_sample.mean_all()?)
+}
