@@ -93,6 +93,26 @@ impl ModelFolder {
         ))
     }
 
+    /// The UNet with every weight a trainable variable (full fine-tuning), and those variables.
+    pub fn load_unet_trainable(
+        &self,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(UNet2DConditionModel, Vec<(String, candle_core::Var)>)> {
+        let cfg = self.unet_config()?;
+        let files = weight_files(&self.component("unet"), "diffusion_pytorch_model")?;
+        let reader = SafetensorsReader::open(&files)?;
+        let vars = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let backend = TrainableBackend {
+            reader,
+            vars: vars.clone(),
+        };
+        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+        let unet = UNet2DConditionModel::new(vb, &cfg)?;
+        let vars = std::mem::take(&mut *vars.lock().map_err(|_| anyhow::anyhow!("poisoned lock"))?);
+        Ok((unet, vars))
+    }
+
     pub fn load_unet(&self, dtype: DType, device: &Device) -> Result<UNet2DConditionModel> {
         let cfg = self.unet_config()?;
         let (vb, label) = self.var_builder("unet", "diffusion_pytorch_model", dtype, device)?;
@@ -354,5 +374,39 @@ impl SimpleBackend for SafetensorsReader {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.entries.contains_key(name)
+    }
+}
+
+/// Reads weights as trainable variables, recording each.
+struct TrainableBackend {
+    reader: SafetensorsReader,
+    vars: Arc<std::sync::Mutex<Vec<(String, candle_core::Var)>>>,
+}
+
+impl SimpleBackend for TrainableBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.reader.get(s, name, h, dtype, dev)?;
+        let var = candle_core::Var::from_tensor(&t)?;
+        let mut vars = self
+            .vars
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+        vars.push((name.to_string(), var.clone()));
+        Ok(var.as_tensor().clone())
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.reader.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.reader.contains_tensor(name)
     }
 }

@@ -52,15 +52,8 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    match a.mode {
-        Mode::Forward | Mode::Ti => {}
-        Mode::TiStep => return ti_step(&a),
-        Mode::Lora | Mode::Dreambooth => {
-            bail!(
-                "bench mode {:?} needs weight training, which imprint does not have yet",
-                a.mode
-            )
-        }
+    if a.mode == Mode::TiStep {
+        return ti_step(&a);
     }
     if a.gradient_checkpointing {
         bail!("--gradient-checkpointing is not available yet")
@@ -70,11 +63,31 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let device = super::parse_device(&a.device)?;
     let folder = ModelFolder::open(&a.model)?;
-    let unet = folder.load_unet(DType::F32, &device)?;
+    // The trainable tensors of the mode: LoRA deltas, or every weight for DreamBooth.
+    let (unet, trained): (_, Vec<candle_core::Var>) = match a.mode {
+        Mode::Dreambooth => {
+            let (unet, vars) = folder.load_unet_trainable(DType::F32, &device)?;
+            (unet, vars.into_iter().map(|(_, v)| v).collect())
+        }
+        Mode::Lora => {
+            let mut unet = folder.load_unet(DType::F32, &device)?;
+            let slots = imprint_train::methods::lora::attach_to(
+                &mut unet,
+                "unet",
+                imprint_train::methods::lora::DEFAULT_TARGETS,
+                4,
+                0,
+                &device,
+            )?;
+            let vars = slots.into_iter().flat_map(|s| [s.down, s.up]).collect();
+            (unet, vars)
+        }
+        _ => (folder.load_unet(DType::F32, &device)?, vec![]),
+    };
     let cross = unet
         .config
         .cross_attention_dim
-        .expand(1, "cross_attention_dim")?[0];
+        .expand(unet.config.block_out_channels.len(), "cross_attention_dim")?[0];
     let mut rng = SeededNoise::new(0);
     let h = a.resolution / 8;
     let sample = rng.randn((a.batch, unet.config.in_channels, h, h), &device)?;
@@ -86,7 +99,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let y = unet.forward(&sample, &t, TextConditioning::Shared(&text))?;
                 y.sum_all()?.to_scalar::<f32>()?;
             }
-            _ => {
+            Mode::Ti => {
                 let text = Var::from_tensor(&text)?;
                 let y = unet.forward(&sample, &t, TextConditioning::Shared(text.as_tensor()))?;
                 let grads = y.sqr()?.mean_all()?.backward()?;
@@ -94,6 +107,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     bail!("no gradient reached the text states")
                 };
                 g.sum_all()?.to_scalar::<f32>()?;
+            }
+            _ => {
+                let y = unet.forward(&sample, &t, TextConditioning::Shared(&text))?;
+                let grads = y.sqr()?.mean_all()?.backward()?;
+                let reached = trained
+                    .iter()
+                    .filter(|v| grads.get(v.as_tensor()).is_some())
+                    .count();
+                if reached == 0 {
+                    bail!("no gradient reached the trained tensors")
+                }
             }
         }
         device.synchronize()?;

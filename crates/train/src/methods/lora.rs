@@ -143,6 +143,32 @@ fn attach(
     Ok(())
 }
 
+/// Attaches fresh trainable deltas of `rank` (alpha = rank) to the projections of `model` named
+/// by `targets` (comma-separated trailing paths); returns them.
+pub fn attach_to(
+    model: &mut dyn VisitProjections,
+    network: &'static str,
+    targets: &str,
+    rank: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<Vec<LoraSlot>> {
+    let targets: Vec<String> = targets.split(',').map(|t| t.trim().to_string()).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut slots = vec![];
+    attach(
+        model,
+        network,
+        &targets,
+        rank,
+        rank as f64,
+        &mut rng,
+        device,
+        &mut slots,
+    )?;
+    Ok(slots)
+}
+
 impl LoraMethod {
     /// Attaches trainable deltas to `sd`'s UNet (and text encoder) projections named by `targets`.
     pub fn attach(
