@@ -261,3 +261,117 @@ fn lora_with_prior_preservation_masks_and_min_snr() {
     assert_eq!(std::fs::read_dir(&class).unwrap().count(), 3);
     assert!(out.exists());
 }
+
+#[test]
+fn dreambooth_writes_a_model_folder_and_an_exact_lora_of_the_change() {
+    let model = tiny_model("tiny");
+    let dir = scratch("dreambooth");
+    let out = dir.join("tuned");
+    let train = || {
+        imprint()
+            .args([
+                "train",
+                "dreambooth",
+                "--instance-prompt",
+                "a photo of sks toy",
+                "--steps",
+                "2",
+                "--resolution",
+                "64",
+            ])
+            .args([
+                "--lr",
+                "1e-3",
+                "--train-text-encoder",
+                "--extract-lora",
+                "64",
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--images")
+            .arg(examples())
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = train();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.join("model_index.json").exists()
+            && out
+                .join("unet/diffusion_pytorch_model.safetensors")
+                .exists()
+    );
+    let base = load(&model.join("unet/diffusion_pytorch_model.safetensors"));
+    let tuned = load(&out.join("unet/diffusion_pytorch_model.safetensors"));
+    assert_eq!(base.len(), tuned.len());
+    assert!(
+        rel_err(&tuned["conv_in.weight"], &base["conv_in.weight"]) > 0.0,
+        "the UNet was trained"
+    );
+
+    // The extracted LoRA at full rank is exactly the change of every projection weight (biases
+    // and norms, which a LoRA cannot hold, are left out, as kohya's extraction does).
+    let lora = imprint_concepts::formats::load_any(&dir.join("tuned.lora.safetensors")).unwrap();
+    let unet_modules: Vec<_> = lora
+        .lora
+        .modules
+        .iter()
+        .filter(|m| m.network == "unet")
+        .collect();
+    assert!(
+        unet_modules.len() > 20
+            && lora
+                .lora
+                .modules
+                .iter()
+                .any(|m| m.network == "text_encoder")
+    );
+    for m in unet_modules {
+        let key = format!("{}.weight", m.module);
+        let change = (&tuned[&key] - &base[&key]).unwrap();
+        let err = rel_err(
+            &m.delta_weight().unwrap().reshape(change.shape()).unwrap(),
+            &change,
+        );
+        assert!(err < 1e-5, "{key}: extracted delta differs by {err:e}");
+    }
+    // Applied to the base model it runs (and changes the output).
+    let input = fixtures().join("tiny/unet.safetensors");
+    let applied = dir.join("lora-out.safetensors");
+    run_ok(
+        imprint()
+            .args(["debug", "forward", "--component", "unet", "--model"])
+            .arg(&model)
+            .arg("--concept")
+            .arg(dir.join("tuned.lora.safetensors"))
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&applied),
+    );
+    assert!(rel_err(&load(&applied)["sample"], &load(&input)["expected"]) > 1e-6);
+
+    let image = dir.join("tuned.png");
+    run_ok(
+        imprint()
+            .args([
+                "generate",
+                "--prompt",
+                "a photo of sks toy",
+                "--steps",
+                "2",
+                "--model",
+            ])
+            .arg(&out)
+            .arg("--out")
+            .arg(&image),
+    );
+    // The model folder is never overwritten.
+    let again = train();
+    assert!(
+        !again.status.success()
+            && String::from_utf8_lossy(&again.stderr).contains("already exists")
+    );
+}

@@ -76,7 +76,10 @@ impl LoraModule {
         if rank == 0 || d[1] == 0 || u[0] == 0 {
             bail!("LoRA {what}: empty weights (down {d:?}, up {u:?})")
         }
-        if rank > d[1] || rank > u[0] {
+        // The delta has at most min(out, in·k·k) independent directions (a convolution's input
+        // side is its whole receptive field, as LoCon counts it).
+        let fan_in: usize = d[1..].iter().product();
+        if rank > fan_in || rank > u[0] {
             bail!(
                 "LoRA {what}: rank {rank} is larger than the layer ({} in, {} out)",
                 d[1],

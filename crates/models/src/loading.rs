@@ -93,24 +93,49 @@ impl ModelFolder {
         ))
     }
 
-    /// The UNet with every weight a trainable variable (full fine-tuning), and those variables.
+    /// A `VarBuilder` that reads a component's weights as trainable variables (full fine-tuning),
+    /// and the variables it made, named as in the files.
+    pub fn trainable_var_builder(
+        &self,
+        component: &str,
+        stem: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(VarBuilder<'static>, TrainableVars)> {
+        let files = weight_files(&self.component(component), stem)?;
+        let reader = SafetensorsReader::open(&files)?;
+        let vars: TrainableVars = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let backend = TrainableBackend {
+            reader,
+            vars: vars.clone(),
+        };
+        Ok((
+            VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
+            vars,
+        ))
+    }
+
+    /// The UNet with every weight a trainable variable, and those variables.
     pub fn load_unet_trainable(
         &self,
         dtype: DType,
         device: &Device,
     ) -> Result<(UNet2DConditionModel, Vec<(String, candle_core::Var)>)> {
-        let cfg = self.unet_config()?;
-        let files = weight_files(&self.component("unet"), "diffusion_pytorch_model")?;
-        let reader = SafetensorsReader::open(&files)?;
-        let vars = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let backend = TrainableBackend {
-            reader,
-            vars: vars.clone(),
-        };
-        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-        let unet = UNet2DConditionModel::new(vb, &cfg)?;
-        let vars = std::mem::take(&mut *vars.lock().map_err(|_| anyhow::anyhow!("poisoned lock"))?);
-        Ok((unet, vars))
+        let (vb, vars) =
+            self.trainable_var_builder("unet", "diffusion_pytorch_model", dtype, device)?;
+        let unet = UNet2DConditionModel::new(vb, &self.unet_config()?)?;
+        Ok((unet, take_vars(&vars)?))
+    }
+
+    /// The text encoder with every weight a trainable variable, and those variables.
+    pub fn load_text_encoder_trainable(
+        &self,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(ClipTextTransformer, Vec<(String, candle_core::Var)>)> {
+        let (vb, vars) = self.trainable_var_builder("text_encoder", "model", dtype, device)?;
+        let te = ClipTextTransformer::new(vb, &self.text_encoder_config()?)?;
+        Ok((te, take_vars(&vars)?))
     }
 
     pub fn load_unet(&self, dtype: DType, device: &Device) -> Result<UNet2DConditionModel> {
@@ -377,10 +402,19 @@ impl SimpleBackend for SafetensorsReader {
     }
 }
 
+/// The variables a trainable `VarBuilder` made, by weight name.
+pub type TrainableVars = Arc<std::sync::Mutex<Vec<(String, candle_core::Var)>>>;
+
+fn take_vars(vars: &TrainableVars) -> Result<Vec<(String, candle_core::Var)>> {
+    Ok(std::mem::take(
+        &mut *vars.lock().map_err(|_| anyhow::anyhow!("poisoned lock"))?,
+    ))
+}
+
 /// Reads weights as trainable variables, recording each.
 struct TrainableBackend {
     reader: SafetensorsReader,
-    vars: Arc<std::sync::Mutex<Vec<(String, candle_core::Var)>>>,
+    vars: TrainableVars,
 }
 
 impl SimpleBackend for TrainableBackend {

@@ -115,6 +115,34 @@ grad-accum = 1
     t
 }
 
+/// `imprint train dreambooth`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct DreamBoothConfig {
+    /// The caption of every image without an `IMAGE.txt`, e.g. "a photo of sks dog".
+    pub instance_prompt: Option<String>,
+    pub train_text_encoder: bool,
+    /// Also write `OUT.lora.safetensors`: the change as a LoRA of this rank.
+    pub extract_lora: Option<usize>,
+    #[serde(flatten)]
+    pub trainer: TrainerOptions,
+}
+
+/// The defaults of a DreamBooth run (diffusers' `train_dreambooth.py`).
+pub fn dreambooth_defaults() -> toml::Table {
+    use crate::methods::dreambooth as d;
+    let mut t = common_defaults();
+    let own: toml::Table = format!(
+        "train-text-encoder = false\nsteps = {}\nlr = {:e}\nscale-lr = false\nbatch-size = 1\ngrad-accum = 1\n",
+        d::DEFAULT_STEPS,
+        d::DEFAULT_LR
+    )
+    .parse()
+    .expect("valid defaults");
+    merge(&mut t, own);
+    t
+}
+
 /// What every method's defaults share.
 fn common_defaults() -> toml::Table {
     r#"
@@ -179,6 +207,7 @@ const OPTIONAL_KEYS: &[&str] = &[
     "snr-gamma",
     "class-prompt",
     "class-images",
+    "extract-lora",
 ];
 
 /// Defaults, then the config file, then the flags given on the command line. An unknown key in the

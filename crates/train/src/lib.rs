@@ -16,5 +16,6 @@ pub mod data;
 pub mod lr_schedule;
 pub mod methods;
 pub mod optim;
+pub mod svd;
 pub mod templates;
 pub mod trainer;

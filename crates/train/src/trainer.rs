@@ -4,8 +4,11 @@
 //! [`train_textual_inversion`] and [`train_lora`] only set their method up and call [`run`].
 
 use crate::checkpoint::Checkpoint;
-use crate::config::{LoraConfig, OutputPaths, TextualInversionConfig, TrainerOptions};
+use crate::config::{
+    DreamBoothConfig, LoraConfig, OutputPaths, TextualInversionConfig, TrainerOptions,
+};
 use crate::data::{self, Augment, Crop, LatentCache};
+use crate::methods::dreambooth::DreamBoothMethod;
 use crate::methods::lora::LoraMethod;
 use crate::methods::textual_inversion::{TextualInversion, TextualInversionMethod};
 use crate::methods::{diffusion_loss_with, LossTerms, Method};
@@ -110,6 +113,27 @@ pub fn train_lora(cfg: &LoraConfig, hooks: &Hooks) -> Result<Outcome> {
         cfg.train_text_encoder,
         cfg.instance_prompt.clone(),
         t.seed,
+    )?;
+    run(&sd, &method, t, &config_text, resume, hooks)
+}
+
+/// Fine-tunes the whole UNet (and optionally the text encoder) as `cfg` says; writes a model folder.
+pub fn train_dreambooth(cfg: &DreamBoothConfig, hooks: &Hooks) -> Result<Outcome> {
+    let t = &cfg.trainer;
+    if t.out.exists() {
+        bail!(
+            "{}: already exists; DreamBooth writes a new model folder there",
+            t.out.display()
+        )
+    }
+    let config_text = toml::to_string(cfg)?;
+    let mut sd = load_model(t)?;
+    let resume = load_resume(t, &config_text)?;
+    let method = DreamBoothMethod::setup(
+        &mut sd,
+        cfg.train_text_encoder,
+        cfg.instance_prompt.clone(),
+        cfg.extract_lora,
     )?;
     run(&sd, &method, t, &config_text, resume, hooks)
 }
@@ -334,15 +358,7 @@ pub fn run(
         }
     }
     bar.finish_with_message("done");
-    let mut concept = method.concept(Some(base_model_name(&t.model)))?;
-    concept
-        .metadata
-        .insert("steps".to_string(), t.steps.to_string());
-    imprint_concepts::formats::save(
-        &concept,
-        &paths.concept,
-        imprint_concepts::formats::Format::Native,
-    )?;
+    method.save(&paths.concept, Some(base_model_name(&t.model)), t.steps)?;
     if let Some(prompt) = &t.validation_prompt {
         let grid = validate(sd, method, prompt, t)?;
         save_grid(&paths.validation, t.steps, &grid)?;

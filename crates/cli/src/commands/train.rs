@@ -3,9 +3,12 @@
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use imprint_train::config::{
-    lora_defaults, resolve, textual_inversion_defaults, LoraConfig, TextualInversionConfig,
+    dreambooth_defaults, lora_defaults, resolve, textual_inversion_defaults, DreamBoothConfig,
+    LoraConfig, TextualInversionConfig,
 };
-use imprint_train::trainer::{train_lora, train_textual_inversion, Hooks, Outcome};
+use imprint_train::trainer::{
+    train_dreambooth, train_lora, train_textual_inversion, Hooks, Outcome,
+};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
@@ -16,6 +19,23 @@ pub enum TrainCommand {
     TextualInversion(TiArgs),
     /// LoRA: low-rank deltas on the UNet's (and optionally the text encoder's) projections.
     Lora(LoraArgs),
+    /// DreamBooth: fine-tune the whole UNet (optionally the text encoder); writes a model folder.
+    Dreambooth(DreamBoothArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DreamBoothArgs {
+    /// The caption of images without an IMAGE.txt, e.g. "a photo of sks dog".
+    #[arg(long)]
+    instance_prompt: Option<String>,
+    /// Also fine-tune the text encoder.
+    #[arg(long)]
+    train_text_encoder: bool,
+    /// Also write OUT.lora.safetensors: the change as a LoRA of this rank (truncated SVD).
+    #[arg(long)]
+    extract_lora: Option<usize>,
+    #[command(flatten)]
+    trainer: TrainerArgs,
 }
 
 #[derive(Args, Debug)]
@@ -200,6 +220,18 @@ fn require(flags: &toml::Table, config: &Option<PathBuf>, keys: &[&str]) -> Resu
 
 pub fn run(c: TrainCommand) -> Result<()> {
     match c {
+        TrainCommand::Dreambooth(a) => {
+            let mut flags = toml::Table::new();
+            flags!(flags, a, [instance_prompt => "instance-prompt", extract_lora => "extract-lora"]);
+            if a.train_text_encoder {
+                flags.insert("train-text-encoder".into(), toml::Value::Boolean(true));
+            }
+            trainer_flags(&a.trainer, &mut flags)?;
+            require(&flags, &a.trainer.config, &["model", "images", "out"])?;
+            let cfg: DreamBoothConfig =
+                resolve(dreambooth_defaults(), a.trainer.config.as_deref(), flags)?;
+            launch(&cfg.trainer.out, |hooks| train_dreambooth(&cfg, hooks))
+        }
         TrainCommand::Lora(a) => {
             let mut flags = toml::Table::new();
             flags!(flags, a, [instance_prompt => "instance-prompt", rank => "rank", alpha => "alpha", targets => "targets", dropout => "dropout"]);

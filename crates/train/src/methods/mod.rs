@@ -2,6 +2,7 @@
 //! how token ids become text states through its trainable parts, and what concept it produces; the
 //! denoising loss ([`diffusion_loss`]) and the loop (`crate::trainer`) are shared.
 
+pub mod dreambooth;
 pub mod lora;
 pub mod textual_inversion;
 
@@ -30,6 +31,14 @@ pub trait Method {
     fn text_states(&self, sd: &StableDiffusion, ids: &Tensor) -> Result<Tensor>;
     /// The concept the trained tensors make.
     fn concept(&self, base_model: Option<String>) -> Result<Concept>;
+    /// Writes the result to `out`: by default the concept, in imprint's native format.
+    fn save(&self, out: &std::path::Path, base_model: Option<String>, steps: usize) -> Result<()> {
+        let mut concept = self.concept(base_model)?;
+        concept
+            .metadata
+            .insert("steps".to_string(), steps.to_string());
+        imprint_concepts::formats::save(&concept, out, imprint_concepts::formats::Format::Native)
+    }
 }
 
 /// The latent-diffusion training loss (DDPM, Ho et al. 2020; as diffusers' training scripts):
