@@ -5,8 +5,10 @@ use crate::visit::{Projection, VisitProjections};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use imprint_ops::{
-    scaled_dot_product_attention, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear,
+    checkpoint, scaled_dot_product_attention, BlockFn, Checkpointing, Conv2d, Conv2dConfig,
+    GroupNorm, LayerNorm, Linear,
 };
+use std::sync::Arc;
 
 /// The text states each cross-attention layer attends to: the first hook of DESIGN.md.
 ///
@@ -33,6 +35,7 @@ impl<'a> TextConditioning<'a> {
 }
 
 /// Multi-head attention `Attention` with `to_q`, `to_k`, `to_v`, `to_out.0`.
+#[derive(Clone)]
 pub struct Attention {
     pub to_q: Linear,
     pub to_k: Linear,
@@ -106,6 +109,7 @@ impl VisitProjections for Attention {
 }
 
 /// `FeedForward` with GEGLU: `net.0.proj` to twice the inner width, `h · gelu(gate)`, `net.2`.
+#[derive(Clone)]
 pub struct FeedForward {
     pub proj_in: Linear,
     pub proj_out: Linear,
@@ -140,6 +144,7 @@ impl VisitProjections for FeedForward {
 
 /// `BasicTransformerBlock`: self-attention, cross-attention to the text, GEGLU feed-forward, each
 /// pre-normed with a residual.
+#[derive(Clone)]
 pub struct BasicTransformerBlock {
     pub norm1: LayerNorm,
     pub attn1: Attention,
@@ -192,6 +197,7 @@ impl VisitProjections for BasicTransformerBlock {
 
 /// `proj_in` / `proj_out` of the spatial transformer: 1×1 conv, or linear with
 /// `use_linear_projection` (SD 2.x).
+#[derive(Clone)]
 pub enum SpatialProjection {
     Conv(Conv2d),
     Linear(Linear),
@@ -216,11 +222,15 @@ impl SpatialProjection {
 
 /// `Transformer2DModel` for image latents: group norm, projection in, transformer blocks,
 /// projection out, residual.
+#[derive(Clone)]
 pub struct Transformer2DModel {
     pub norm: GroupNorm,
     pub proj_in: SpatialProjection,
     pub transformer_blocks: Vec<BasicTransformerBlock>,
     pub proj_out: SpatialProjection,
+    /// Recompute this block in the backward pass instead of keeping its activations (with
+    /// shared conditioning).
+    pub checkpointing: Option<Checkpointing>,
 }
 
 pub struct Transformer2DConfig {
@@ -275,10 +285,23 @@ impl Transformer2DModel {
                 c.channels,
                 c.use_linear_projection,
             )?,
+            checkpointing: None,
         })
     }
 
     pub fn forward(&self, x: &Tensor, cond: TextConditioning) -> Result<Tensor> {
+        if let (Some(ckpt), TextConditioning::Shared(context)) = (&self.checkpointing, cond) {
+            let mut block = self.clone();
+            block.checkpointing = None;
+            let f: BlockFn = Arc::new(move |x: &Tensor, c: &Tensor| {
+                block.forward(x, TextConditioning::Shared(c))
+            });
+            return checkpoint(x, context, f, ckpt);
+        }
+        self.forward_inner(x, cond)
+    }
+
+    fn forward_inner(&self, x: &Tensor, cond: TextConditioning) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let residual = x;
         let x = self.norm.forward(x)?;

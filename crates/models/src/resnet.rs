@@ -4,9 +4,13 @@
 use crate::visit::{Projection, VisitProjections};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use imprint_ops::{upsample_nearest2x, Conv2d, Conv2dConfig, GroupNorm, Linear};
+use imprint_ops::{
+    checkpoint, upsample_nearest2x, BlockFn, Checkpointing, Conv2d, Conv2dConfig, GroupNorm, Linear,
+};
+use std::sync::Arc;
 
 /// `ResnetBlock2D` with `time_embedding_norm="default"`, SiLU, and an optional time embedding.
+#[derive(Clone)]
 pub struct ResnetBlock2D {
     pub norm1: GroupNorm,
     pub conv1: Conv2d,
@@ -15,6 +19,8 @@ pub struct ResnetBlock2D {
     pub conv2: Conv2d,
     pub conv_shortcut: Option<Conv2d>,
     output_scale_factor: f64,
+    /// Recompute this block in the backward pass instead of keeping its activations.
+    pub checkpointing: Option<Checkpointing>,
 }
 
 pub struct ResnetConfig {
@@ -59,11 +65,22 @@ impl ResnetBlock2D {
             conv2: Conv2d::new(vb.pp("conv2"), c.out_channels, c.out_channels, 3, conv3)?,
             conv_shortcut,
             output_scale_factor: c.output_scale_factor,
+            checkpointing: None,
         })
     }
 
     /// `temb` is the UNet's time embedding `[B, T]` (before the block's SiLU), or `None` in the VAE.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        if let (Some(ckpt), Some(temb)) = (&self.checkpointing, temb) {
+            let mut block = self.clone();
+            block.checkpointing = None;
+            let f: BlockFn = Arc::new(move |x: &Tensor, t: &Tensor| block.forward(x, Some(t)));
+            return checkpoint(x, temb, f, ckpt);
+        }
+        self.forward_inner(x, temb)
+    }
+
+    fn forward_inner(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {

@@ -178,3 +178,59 @@ fn per_layer_conditioning_reaches_each_layer() {
         .forward(&sample, &t, TextConditioning::PerLayer(&states[..n - 1]))
         .is_err());
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    let (_dir, folder) = tiny(KnownConfig::TinySd2, "ckpt");
+    let dev = Device::Cpu;
+    let sample = rand_tensor(&[1, 4, 8, 8], 1, &dev).unwrap();
+    let t = Tensor::new(&[700f64], &dev).unwrap();
+    let text = rand_tensor(&[1, 5, 48], 2, &dev).unwrap();
+    let run = |checkpointing: bool| {
+        let (mut unet, vars) = folder.load_unet_trainable(DType::F64, &dev).unwrap();
+        let side = if checkpointing {
+            Some(unet.enable_gradient_checkpointing().unwrap())
+        } else {
+            None
+        };
+        let text_var = Var::from_tensor(&text).unwrap();
+        let y = unet
+            .forward(&sample, &t, TextConditioning::Shared(text_var.as_tensor()))
+            .unwrap();
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let text_grad = grads.get(text_var.as_tensor()).unwrap().clone();
+        let weight_grads: Vec<(String, Tensor)> = vars
+            .iter()
+            .map(|(n, v)| {
+                let g = match (
+                    grads.get(v.as_tensor()),
+                    side.as_ref().and_then(|s| s.take(v.as_tensor())),
+                ) {
+                    (Some(g), Some(s)) => (g + s).unwrap(),
+                    (Some(g), None) => g.clone(),
+                    (None, Some(s)) => s,
+                    (None, None) => panic!("{n}: no gradient"),
+                };
+                (n.clone(), g)
+            })
+            .collect();
+        (text_grad, weight_grads)
+    };
+    let (plain_text, plain_w) = run(false);
+    let (ckpt_text, ckpt_w) = run(true);
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    assert!(diff(&plain_text, &ckpt_text) < 1e-10);
+    assert_eq!(plain_w.len(), ckpt_w.len());
+    for ((n, a), (_, b)) in plain_w.iter().zip(&ckpt_w) {
+        assert!(diff(a, b) < 1e-10, "{n}: checkpointed gradient differs");
+    }
+}

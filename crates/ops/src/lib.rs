@@ -25,6 +25,7 @@
 
 mod adapter;
 mod attention;
+mod checkpoint;
 mod conv;
 pub mod grad_check;
 mod linear;
@@ -35,6 +36,7 @@ mod storage;
 
 pub use adapter::{Adapter, ScaledAdapter};
 pub use attention::scaled_dot_product_attention;
+pub use checkpoint::{checkpoint, BlockFn, Checkpointing, SideGrads};
 pub use conv::{Conv2d, Conv2dConfig};
 pub use linear::Linear;
 pub use norm::{group_norm, layer_norm, GroupNorm, LayerNorm};

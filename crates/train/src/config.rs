@@ -38,6 +38,8 @@ pub struct TrainerOptions {
     pub num_validation_images: usize,
     pub validation_steps: usize,
     pub max_grad_norm: Option<f64>,
+    /// Recompute UNet blocks in the backward pass instead of keeping their activations.
+    pub gradient_checkpointing: bool,
     /// Min-SNR loss weighting (Hang et al. 2023) with this γ (5 is the paper's choice).
     pub snr_gamma: Option<f64>,
     /// Adds `offset · N(0, 1)` per sample and channel to the noise (brighter/darker images).
@@ -148,6 +150,7 @@ fn common_defaults() -> toml::Table {
     r#"
 resolution = 512
 noise-offset = 0.0
+gradient-checkpointing = false
 use-masks = true
 num-class-images = 100
 prior-weight = 1.0

@@ -93,6 +93,9 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
         templates,
         init_word: cfg.init_word.clone(),
     };
+    if t.gradient_checkpointing {
+        sd.unet.enable_gradient_checkpointing()?;
+    }
     run(&sd, &method, t, &config_text, resume, hooks)
 }
 
@@ -114,6 +117,9 @@ pub fn train_lora(cfg: &LoraConfig, hooks: &Hooks) -> Result<Outcome> {
         cfg.instance_prompt.clone(),
         t.seed,
     )?;
+    if t.gradient_checkpointing {
+        sd.unet.enable_gradient_checkpointing()?;
+    }
     run(&sd, &method, t, &config_text, resume, hooks)
 }
 
@@ -135,6 +141,9 @@ pub fn train_dreambooth(cfg: &DreamBoothConfig, hooks: &Hooks) -> Result<Outcome
         cfg.instance_prompt.clone(),
         cfg.extract_lora,
     )?;
+    if t.gradient_checkpointing {
+        sd.unet.enable_gradient_checkpointing()?;
+    }
     run(&sd, &method, t, &config_text, resume, hooks)
 }
 
@@ -300,12 +309,23 @@ pub fn run(
             let grads = (loss / t.grad_accum as f64)?.backward()?;
             let mut these = vec![];
             for (name, var) in &trainable {
+                // Inside recomputed blocks the gradient arrives through the checkpointing store.
+                let side = sd
+                    .unet
+                    .gradient_checkpointing
+                    .as_ref()
+                    .and_then(|s| s.take(var.as_tensor()));
                 // A parameter the loss does not reach yet (a LoRA up matrix starts at zero, so its
                 // down matrix gets no gradient on the first step) has a zero gradient.
-                these.push(match grads.get(var.as_tensor()) {
-                    Some(g) => g.clone(),
-                    None => var.zeros_like().with_context(|| name.clone())?,
+                these.push(match (grads.get(var.as_tensor()), side) {
+                    (Some(g), Some(s)) => (g + s)?,
+                    (Some(g), None) => g.clone(),
+                    (None, Some(s)) => s,
+                    (None, None) => var.zeros_like().with_context(|| name.clone())?,
                 });
+            }
+            if let Some(side) = &sd.unet.gradient_checkpointing {
+                side.clear();
             }
             grad_sums = Some(match grad_sums {
                 None => these,

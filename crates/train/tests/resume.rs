@@ -197,3 +197,36 @@ fn lora_trains_and_resumes_exactly() {
         "every up matrix trained"
     );
 }
+
+#[test]
+fn gradient_checkpointing_trains_the_same_lora() {
+    use imprint_train::trainer::train_lora;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_random_model(KnownConfig::Tiny, &model, 0).unwrap();
+    let plain = dir.path().join("plain.safetensors");
+    let mut cfg = lora_config(&model, &plain);
+    cfg.trainer.steps = 3;
+    train_lora(&cfg, &Hooks::default()).unwrap();
+    let ckpt = dir.path().join("ckpt.safetensors");
+    let mut cfg = lora_config(&model, &ckpt);
+    cfg.trainer.steps = 3;
+    cfg.trainer.gradient_checkpointing = true;
+    train_lora(&cfg, &Hooks::default()).unwrap();
+    let a = candle_core::safetensors::load(&plain, &Device::Cpu).unwrap();
+    let b = candle_core::safetensors::load(&ckpt, &Device::Cpu).unwrap();
+    for (k, t) in &a {
+        let diff = (t - &b[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff < 1e-5,
+            "{k}: differs by {diff} with gradient checkpointing"
+        );
+    }
+}

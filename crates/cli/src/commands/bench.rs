@@ -55,9 +55,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.mode == Mode::TiStep {
         return ti_step(&a);
     }
-    if a.gradient_checkpointing {
-        bail!("--gradient-checkpointing is not available yet")
-    }
     if a.resolution % 8 != 0 || a.iters == 0 {
         bail!("--resolution must be a multiple of 8 and --iters at least 1")
     }
@@ -83,6 +80,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             (unet, vars)
         }
         _ => (folder.load_unet(DType::F32, &device)?, vec![]),
+    };
+    let mut unet = unet;
+    let side = if a.gradient_checkpointing {
+        Some(unet.enable_gradient_checkpointing()?)
+    } else {
+        None
     };
     let cross = unet
         .config
@@ -111,9 +114,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             _ => {
                 let y = unet.forward(&sample, &t, TextConditioning::Shared(&text))?;
                 let grads = y.sqr()?.mean_all()?.backward()?;
+                let from_side =
+                    |v: &Var| side.as_ref().and_then(|s| s.take(v.as_tensor())).is_some();
                 let reached = trained
                     .iter()
-                    .filter(|v| grads.get(v.as_tensor()).is_some())
+                    .filter(|v| grads.get(v.as_tensor()).is_some() || from_side(v))
                     .count();
                 if reached == 0 {
                     bail!("no gradient reached the trained tensors")
@@ -141,6 +146,9 @@ fn ti_step(a: &BenchArgs) -> Result<()> {
     use imprint_train::optim::{AdamW, AdamWConfig};
     let device = super::parse_device(&a.device)?;
     let mut sd = imprint_pipeline::StableDiffusion::load(&a.model, DType::F32, &device)?;
+    if a.gradient_checkpointing {
+        sd.unet.enable_gradient_checkpointing()?;
+    }
     let ti = TextualInversion::new(
         &mut sd.tokenizer,
         &sd.text_encoder,

@@ -118,6 +118,9 @@ pub struct TrainerArgs {
     validation_steps: Option<usize>,
     #[arg(long)]
     max_grad_norm: Option<f64>,
+    /// Recompute UNet blocks in the backward pass instead of storing their activations.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Min-SNR loss weighting with this gamma (e.g. 5).
     #[arg(long)]
     snr_gamma: Option<f64>,
@@ -168,6 +171,9 @@ macro_rules! flags {
 }
 
 fn trainer_flags(a: &TrainerArgs, t: &mut toml::Table) -> Result<()> {
+    if a.gradient_checkpointing {
+        t.insert("gradient-checkpointing".into(), toml::Value::Boolean(true));
+    }
     flags!(t, a, [model => "model", images => "images", out => "out", steps => "steps", lr => "lr",
         scale_lr => "scale-lr", batch_size => "batch-size", grad_accum => "grad-accum", resolution => "resolution",
         lr_schedule => "lr-schedule", lr_warmup_steps => "lr-warmup-steps", crop => "crop", flip => "flip",

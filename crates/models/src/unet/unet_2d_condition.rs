@@ -71,6 +71,8 @@ pub struct UNet2DConditionModel {
     pub config: UNet2DConditionConfig,
     /// Number of cross-attention layers, in forward order (the length `PerLayer` conditioning needs).
     pub num_cross_attention_layers: usize,
+    /// Set by [`Self::enable_gradient_checkpointing`]: gradients of variables inside recomputed blocks.
+    pub gradient_checkpointing: Option<imprint_ops::SideGrads>,
 }
 
 impl UNet2DConditionModel {
@@ -169,6 +171,7 @@ impl UNet2DConditionModel {
             conv_out,
             config: cfg.clone(),
             num_cross_attention_layers: index,
+            gradient_checkpointing: None,
         })
     }
 
@@ -245,6 +248,33 @@ impl UNet2DConditionModel {
         }
         let x = self.conv_norm_out.forward(&x)?.silu()?;
         Ok(self.conv_out.forward(&x)?)
+    }
+}
+
+impl UNet2DConditionModel {
+    /// Recompute every resnet and transformer block in the backward pass (gradient
+    /// checkpointing); returns where the gradients of variables inside them are collected.
+    pub fn enable_gradient_checkpointing(&mut self) -> candle_core::Result<imprint_ops::SideGrads> {
+        let ckpt = imprint_ops::Checkpointing::new(self.conv_in.weight.device())?;
+        let side = ckpt.side.clone();
+        let set = |resnets: &mut Vec<crate::resnet::ResnetBlock2D>,
+                   attentions: &mut Vec<crate::attention::Transformer2DModel>| {
+            resnets
+                .iter_mut()
+                .for_each(|r| r.checkpointing = Some(ckpt.clone()));
+            attentions
+                .iter_mut()
+                .for_each(|a| a.checkpointing = Some(ckpt.clone()));
+        };
+        for d in &mut self.down_blocks {
+            set(&mut d.resnets, &mut d.attentions);
+        }
+        set(&mut self.mid_block.resnets, &mut self.mid_block.attentions);
+        for u in &mut self.up_blocks {
+            set(&mut u.resnets, &mut u.attentions);
+        }
+        self.gradient_checkpointing = Some(side.clone());
+        Ok(side)
     }
 }
 
