@@ -193,6 +193,9 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         } else {
             None
         };
+        if let Some(s) = &side {
+            s.watch(vars.iter().map(|(_, v)| v.as_tensor()));
+        }
         let text_var = Var::from_tensor(&text).unwrap();
         let y = unet
             .forward(&sample, &t, TextConditioning::Shared(text_var.as_tensor()))

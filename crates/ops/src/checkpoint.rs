@@ -18,32 +18,52 @@ use std::sync::{Arc, Mutex};
 /// A block's forward, re-runnable: `f(x, c)` with `c` its second input (time embedding or text).
 pub type BlockFn = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 
-/// Gradients of variables used inside checkpointed blocks, by tensor id.
+/// Gradients of the watched variables used inside checkpointed blocks, by tensor id.
+///
+/// Only watched tensors are kept: a block's own backward also leaves gradients for constants it
+/// combined with (the incoming gradient, for one), and keeping those would hold as much memory as
+/// checkpointing saves.
 #[derive(Clone, Default, Debug)]
-pub struct SideGrads(Arc<Mutex<HashMap<TensorId, Tensor>>>);
+pub struct SideGrads(Arc<Mutex<SideInner>>);
+
+#[derive(Default, Debug)]
+struct SideInner {
+    watched: std::collections::HashSet<TensorId>,
+    grads: HashMap<TensorId, Tensor>,
+}
 
 impl SideGrads {
-    fn add(&self, id: TensorId, g: Tensor) -> Result<()> {
-        let mut map = self
+    /// Collects gradients for these tensors (the trainable variables).
+    pub fn watch<'a>(&self, tensors: impl IntoIterator<Item = &'a Tensor>) {
+        if let Ok(mut inner) = self.0.lock() {
+            inner.watched.extend(tensors.into_iter().map(|t| t.id()));
+        }
+    }
+
+    fn add(&self, id: TensorId, g: &Tensor) -> Result<()> {
+        let mut inner = self
             .0
             .lock()
             .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
-        let sum = match map.remove(&id) {
+        if !inner.watched.contains(&id) {
+            return Ok(());
+        }
+        let sum = match inner.grads.remove(&id) {
             Some(prev) => (prev + g)?,
-            None => g,
+            None => g.clone(),
         };
-        map.insert(id, sum);
+        inner.grads.insert(id, sum);
         Ok(())
     }
 
     /// Removes and returns the gradient collected for `t`, if any.
     pub fn take(&self, t: &Tensor) -> Option<Tensor> {
-        self.0.lock().ok()?.remove(&t.id())
+        self.0.lock().ok()?.grads.remove(&t.id())
     }
 
     pub fn clear(&self) {
-        if let Ok(mut m) = self.0.lock() {
-            m.clear()
+        if let Ok(mut inner) = self.0.lock() {
+            inner.grads.clear()
         }
     }
 }
@@ -146,7 +166,7 @@ impl CustomOp3 for Recompute {
         for id in grads.get_ids() {
             if *id != xv.id() && *id != cv.id() {
                 if let Some(g) = grads.get_id(*id) {
-                    self.side.add(*id, g.clone())?;
+                    self.side.add(*id, g)?;
                 }
             }
         }
@@ -189,6 +209,7 @@ mod tests {
             .sum_all()?
             .backward()?;
         let ckpt = Checkpointing::new(&dev)?;
+        ckpt.side.watch([w.as_tensor()]);
         let y = checkpoint(x.as_tensor(), c.as_tensor(), Arc::new(block), &ckpt)?;
         let grads = y.sqr()?.sum_all()?.backward()?;
         let close = |a: &Tensor, b: &Tensor| {

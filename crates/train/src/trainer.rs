@@ -182,6 +182,9 @@ pub fn run(
     };
 
     let trainable = method.trainable();
+    if let Some(side) = &sd.unet.gradient_checkpointing {
+        side.watch(trainable.iter().map(|(_, v)| v.as_tensor()));
+    }
     let vars: Vec<_> = trainable.iter().map(|(_, v)| v.clone()).collect();
     let mut adam = AdamW::new(vars, t.adam)?;
     let (mut rng, start) = match &resume {

@@ -87,6 +87,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         None
     };
+    if let Some(s) = &side {
+        s.watch(trained.iter().map(|v| v.as_tensor()));
+    }
     let cross = unet
         .config
         .cross_attention_dim
