@@ -102,8 +102,8 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
 /// Trains a LoRA as `cfg` says.
 pub fn train_lora(cfg: &LoraConfig, hooks: &Hooks) -> Result<Outcome> {
     let t = &cfg.trainer;
-    if cfg.dropout != 0.0 {
-        bail!("--dropout {} is not supported yet (LoRA dropout needs a seeded mask to keep resume exact); use 0", cfg.dropout)
+    if cfg.dropout != 0.0 && t.gradient_checkpointing {
+        bail!("--dropout with --gradient-checkpointing is not supported: the recomputed blocks would draw other masks")
     }
     let config_text = toml::to_string(cfg)?;
     let mut sd = load_model(t)?;
@@ -116,6 +116,7 @@ pub fn train_lora(cfg: &LoraConfig, hooks: &Hooks) -> Result<Outcome> {
         cfg.train_text_encoder,
         cfg.instance_prompt.clone(),
         t.seed,
+        cfg.dropout,
     )?;
     if t.gradient_checkpointing {
         sd.unet.enable_gradient_checkpointing()?;
@@ -263,7 +264,12 @@ pub fn run(
         let started = Instant::now();
         let mut grad_sums: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0f64;
-        for _ in 0..t.grad_accum {
+        for micro in 0..t.grad_accum {
+            // Training-time randomness inside the method (LoRA dropout), keyed for exact resume.
+            method.begin_forward(Some(
+                t.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((step as u64) << 20) ^ micro as u64
+                    | 1,
+            ));
             let batch = make_batch(&batcher, &mut cache, &images, &mut rng, &|img, rng| {
                 method.caption(img, rng)
             })?;
@@ -567,6 +573,7 @@ fn validate(
     prompt: &str,
     t: &TrainerOptions,
 ) -> Result<image::RgbImage> {
+    method.begin_forward(None);
     let prompt = method.prompt(prompt);
     let opts = SampleOptions {
         prompt: prompt.clone(),

@@ -130,6 +130,12 @@ fn lora_config(model: &Path, out: &Path) -> imprint_train::config::LoraConfig {
     resolve(imprint_train::config::lora_defaults(), None, flags).unwrap()
 }
 
+/// LoRA dropout on, so its masks are part of what must resume exactly.
+fn with_dropout(mut cfg: imprint_train::config::LoraConfig) -> imprint_train::config::LoraConfig {
+    cfg.dropout = 0.1;
+    cfg
+}
+
 #[test]
 fn lora_trains_and_resumes_exactly() {
     use imprint_train::trainer::train_lora;
@@ -137,7 +143,11 @@ fn lora_trains_and_resumes_exactly() {
     let model = dir.path().join("model");
     write_random_model(KnownConfig::Tiny, &model, 0).unwrap();
     let straight = dir.path().join("straight.safetensors");
-    train_lora(&lora_config(&model, &straight), &Hooks::default()).unwrap();
+    train_lora(
+        &with_dropout(lora_config(&model, &straight)),
+        &Hooks::default(),
+    )
+    .unwrap();
 
     let resumed = dir.path().join("resumed.safetensors");
     let hooks = Hooks::default();
@@ -151,11 +161,11 @@ fn lora_trains_and_resumes_exactly() {
         ..hooks
     };
     let Outcome::Interrupted { checkpoint, .. } =
-        train_lora(&lora_config(&model, &resumed), &hooks).unwrap()
+        train_lora(&with_dropout(lora_config(&model, &resumed)), &hooks).unwrap()
     else {
         panic!("the run should stop at the interrupt")
     };
-    let mut cfg = lora_config(&model, &resumed);
+    let mut cfg = with_dropout(lora_config(&model, &resumed));
     cfg.trainer.resume = Some(checkpoint);
     train_lora(&cfg, &Hooks::default()).unwrap();
 

@@ -33,10 +33,68 @@ struct TrainableLora {
     up: Var,
     scale: f64,
     conv: Option<Conv2dConfig>,
+    /// This adapter's number, for its dropout masks.
+    index: u64,
+    dropout: Arc<Dropout>,
+}
+
+/// LoRA dropout (PEFT's `lora_dropout`): during training each adapter's input is masked with
+/// probability `p` and rescaled by `1/(1−p)`. Masks are a pure function of (step key, adapter,
+/// use within the step), so a resumed run draws exactly the masks of an uninterrupted one.
+#[derive(Debug, Default)]
+pub struct Dropout {
+    p: f64,
+    /// 0 while not training (validation, inference).
+    step_key: std::sync::atomic::AtomicU64,
+    uses: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+}
+
+impl Dropout {
+    /// Starts a training forward pass with masks keyed by `key` (0 turns dropout off).
+    pub fn begin(&self, key: u64) {
+        self.step_key
+            .store(key, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(mut uses) = self.uses.lock() {
+            uses.clear();
+        }
+    }
+
+    fn apply(&self, x: &Tensor, index: u64) -> candle_core::Result<Tensor> {
+        let key = self.step_key.load(std::sync::atomic::Ordering::SeqCst);
+        if self.p == 0.0 || key == 0 {
+            return Ok(x.clone());
+        }
+        let use_no = {
+            let mut uses = self
+                .uses
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+            let n = uses.entry(index).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let seed = key
+            ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ use_no.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let keep = 1.0 - self.p;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if rng.gen::<f64>() < keep {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
 }
 
 impl Adapter for TrainableLora {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = &self.dropout.apply(x, self.index)?;
         let y = match self.conv {
             None => x
                 .broadcast_matmul(&self.down.t()?)?
@@ -62,6 +120,7 @@ pub struct LoraSlot {
 pub struct LoraMethod {
     pub slots: Vec<LoraSlot>,
     pub instance_prompt: Option<String>,
+    pub dropout: Arc<Dropout>,
 }
 
 /// Does projection `name` match one of `targets` (a trailing path, e.g. `to_out.0`)?
@@ -81,6 +140,7 @@ fn attach(
     rng: &mut rand_chacha::ChaCha8Rng,
     device: &Device,
     slots: &mut Vec<LoraSlot>,
+    dropout: &Arc<Dropout>,
 ) -> Result<()> {
     let mut err = None;
     model.visit_projections(&mut |p| {
@@ -118,6 +178,8 @@ fn attach(
                     up: up.clone(),
                     scale: alpha / rank as f64,
                     conv,
+                    index: slots.len() as u64,
+                    dropout: dropout.clone(),
                 });
                 let scaled = ScaledAdapter {
                     adapter,
@@ -165,6 +227,7 @@ pub fn attach_to(
         &mut rng,
         device,
         &mut slots,
+        &Arc::new(Dropout::default()),
     )?;
     Ok(slots)
 }
@@ -179,10 +242,18 @@ impl LoraMethod {
         train_text_encoder: bool,
         instance_prompt: Option<String>,
         seed: u64,
+        dropout: f64,
     ) -> Result<Self> {
         if rank == 0 {
             bail!("--rank must be at least 1")
         }
+        if !(0.0..1.0).contains(&dropout) {
+            bail!("--dropout must be within [0, 1) (got {dropout})")
+        }
+        let dropout = Arc::new(Dropout {
+            p: dropout,
+            ..Default::default()
+        });
         let alpha = alpha.unwrap_or(rank as f64);
         let targets: Vec<String> = targets
             .split(',')
@@ -201,6 +272,7 @@ impl LoraMethod {
             &mut rng,
             &device,
             &mut slots,
+            &dropout,
         )?;
         if slots.is_empty() {
             bail!("no UNet projection matches --targets '{}' (e.g. to_q, to_k, to_v, to_out.0, proj_in, ff.net.0.proj, conv1)", targets.join(","))
@@ -217,16 +289,22 @@ impl LoraMethod {
                 &mut rng,
                 &device,
                 &mut slots,
+                &dropout,
             )?;
         }
         Ok(Self {
             slots,
             instance_prompt,
+            dropout,
         })
     }
 }
 
 impl super::Method for LoraMethod {
+    fn begin_forward(&self, key: Option<u64>) {
+        self.dropout.begin(key.unwrap_or(0));
+    }
+
     fn trainable(&self) -> Vec<(String, Var)> {
         let mut out = vec![];
         for s in &self.slots {
@@ -283,5 +361,41 @@ impl super::Method for LoraMethod {
             base_model,
             metadata,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_masks_are_keyed_and_off_outside_training() -> Result<()> {
+        let x = Tensor::ones((4, 500), candle_core::DType::F32, &Device::Cpu)?;
+        let d = Dropout {
+            p: 0.5,
+            ..Default::default()
+        };
+        d.begin(0);
+        assert_eq!(
+            d.apply(&x, 3)?.sum_all()?.to_scalar::<f32>()?,
+            2000.0,
+            "off while not training"
+        );
+        d.begin(77);
+        let a: Vec<f32> = d.apply(&x, 3)?.flatten_all()?.to_vec1()?;
+        let kept = a.iter().filter(|&&v| v == 2.0).count();
+        assert!(
+            a.iter().all(|&v| v == 0.0 || v == 2.0) && (800..1200).contains(&kept),
+            "kept {kept}"
+        );
+        let second: Vec<f32> = d.apply(&x, 3)?.flatten_all()?.to_vec1()?;
+        assert_ne!(a, second, "a second use in the same pass draws a new mask");
+        d.begin(77);
+        assert_eq!(
+            d.apply(&x, 3)?.flatten_all()?.to_vec1::<f32>()?,
+            a,
+            "same key, adapter and use: same mask"
+        );
+        Ok(())
     }
 }

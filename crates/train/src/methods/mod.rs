@@ -27,6 +27,10 @@ pub trait Method {
     fn prompt(&self, prompt: &str) -> String {
         prompt.to_string()
     }
+    /// Called before each forward pass: `Some(key)` for a training pass (random parts such as
+    /// dropout draw from `key`, a pure function of seed, step and micro-batch, so resume is exact),
+    /// `None` for validation.
+    fn begin_forward(&self, _key: Option<u64>) {}
     /// Text states `[B, S, D]` for token ids, through the method's trainable parts.
     fn text_states(&self, sd: &StableDiffusion, ids: &Tensor) -> Result<Tensor>;
     /// The concept the trained tensors make.
