@@ -322,15 +322,7 @@ impl super::Method for LoraMethod {
         image: &crate::data::TrainImage,
         _rng: &mut rand_chacha::ChaCha20Rng,
     ) -> String {
-        image
-            .caption
-            .clone()
-            .or_else(|| self.instance_prompt.clone())
-            .unwrap_or_default()
-    }
-
-    fn text_states(&self, sd: &StableDiffusion, ids: &Tensor) -> Result<Tensor> {
-        Ok(sd.text_encoder.forward(ids, 0)?.last_hidden_state)
+        super::instance_caption(image, &self.instance_prompt)
     }
 
     fn concept(&self, base_model: Option<String>) -> Result<Concept> {

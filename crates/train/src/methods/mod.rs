@@ -31,8 +31,11 @@ pub trait Method {
     /// dropout draw from `key`, a pure function of seed, step and micro-batch, so resume is exact),
     /// `None` for validation.
     fn begin_forward(&self, _key: Option<u64>) {}
-    /// Text states `[B, S, D]` for token ids, through the method's trainable parts.
-    fn text_states(&self, sd: &StableDiffusion, ids: &Tensor) -> Result<Tensor>;
+    /// Text states `[B, S, D]` for token ids, through the method's trainable parts (by default the
+    /// text encoder as it is, adapters included).
+    fn text_states(&self, sd: &StableDiffusion, ids: &Tensor) -> Result<Tensor> {
+        Ok(sd.text_encoder.forward(ids, 0)?.last_hidden_state)
+    }
     /// The concept the trained tensors make.
     fn concept(&self, base_model: Option<String>) -> Result<Concept>;
     /// Writes the result to `out`: by default the concept, in imprint's native format.
@@ -43,6 +46,16 @@ pub trait Method {
             .insert("steps".to_string(), steps.to_string());
         imprint_concepts::formats::save(&concept, out, imprint_concepts::formats::Format::Native)
     }
+}
+
+/// The caption of an image for methods trained on an instance prompt: its `IMAGE.txt`, else the
+/// prompt.
+pub fn instance_caption(image: &TrainImage, instance_prompt: &Option<String>) -> String {
+    image
+        .caption
+        .clone()
+        .or_else(|| instance_prompt.clone())
+        .unwrap_or_default()
 }
 
 /// The latent-diffusion training loss (DDPM, Ho et al. 2020; as diffusers' training scripts):
@@ -57,16 +70,16 @@ pub fn diffusion_loss(
     timesteps: &[usize],
     text_states: TextConditioning,
 ) -> Result<Tensor> {
-    let noisy = schedule.add_noise(latents, noise, timesteps)?;
-    let t = Tensor::new(
-        timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
-        latents.device(),
-    )?;
-    let pred = unet.forward(&noisy, &t, text_states)?;
-    let target = schedule.target(prediction, latents, noise, timesteps)?;
-    Ok((pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?
-        .sqr()?
-        .mean_all()?)
+    diffusion_loss_with(
+        unet,
+        schedule,
+        prediction,
+        latents,
+        noise,
+        timesteps,
+        text_states,
+        LossTerms::default(),
+    )
 }
 
 /// What the loss adds to the plain denoising MSE.
@@ -92,17 +105,6 @@ pub fn diffusion_loss_with(
     text_states: TextConditioning,
     terms: LossTerms,
 ) -> Result<Tensor> {
-    if terms.mask.is_none() && terms.snr_gamma.is_none() {
-        return diffusion_loss(
-            unet,
-            schedule,
-            prediction,
-            latents,
-            noise,
-            timesteps,
-            text_states,
-        );
-    }
     let noisy = schedule.add_noise(latents, noise, timesteps)?;
     let t = Tensor::new(
         timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
