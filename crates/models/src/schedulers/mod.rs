@@ -179,10 +179,15 @@ pub trait Scheduler {
     /// The timestep passed to the UNet at each step (f64: sigma-based schedulers use fractional
     /// timesteps).
     fn timesteps(&self) -> &[f64];
-    /// The scale applied to unit-variance initial noise.
-    fn init_noise_sigma(&self) -> f64;
-    /// Scales the denoising model input at step `step_index` (identity for DDIM/DDPM).
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// The scale applied to unit-variance initial noise (1 for DDIM, DDPM and DPM-Solver).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// Scales the denoising model input at step `step_index` (identity for DDIM, DDPM and
+    /// DPM-Solver; sigma schedulers divide by √(σ² + 1)).
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// One denoising step from `sample` given the model output at `step_index`.
     fn step(
         &mut self,
