@@ -58,10 +58,15 @@ impl Linear {
     /// The base projection without adapters.
     pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
-        let k = *dims.last().unwrap_or(&0);
+        let Some(&k) = dims.last() else {
+            candle_core::bail!(
+                "{}: a linear layer needs an input with a feature dimension, got a scalar",
+                self.name
+            )
+        };
         let m = x.elem_count() / k.max(1);
         let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().unwrap() = self.out_dim();
+        out_dims[dims.len() - 1] = self.out_dim();
         let x2 = x.reshape((m, k))?;
         let trainable = self.weight.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
         let y = if trainable {
