@@ -246,7 +246,7 @@ impl UNet2DConditionModel {
             };
             x = u.forward(&x, &mine, &temb, cond, size)?;
         }
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         Ok(self.conv_out.forward(&x)?)
     }
 }
