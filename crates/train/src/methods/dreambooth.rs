@@ -13,7 +13,7 @@
 use crate::svd::low_rank;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
-use imprint_concepts::lora::{LoraModule, LoraWeights, LORA, UNET};
+use imprint_concepts::lora::{LoraModule, UNET};
 use imprint_concepts::{Concept, TEXT_ENCODER};
 use imprint_models::loading::{weight_files, SafetensorsReader};
 use imprint_pipeline::StableDiffusion;
@@ -168,19 +168,11 @@ impl DreamBoothMethod {
         if modules.is_empty() {
             bail!("no weight changed: nothing to extract")
         }
-        let metadata = self
-            .instance_prompt
-            .iter()
-            .map(|p| ("instance_prompt".to_string(), p.clone()))
-            .collect();
-        Ok(Concept {
-            trigger: String::new(),
-            method: LORA.into(),
-            embeddings: vec![],
-            lora: LoraWeights { modules },
-            base_model: None,
-            metadata,
-        })
+        Ok(super::lora::lora_concept(
+            modules,
+            &self.instance_prompt,
+            None,
+        ))
     }
 }
 

@@ -300,6 +300,27 @@ impl LoraMethod {
     }
 }
 
+/// A LoRA-only concept. A LoRA has no trigger token of its own: the instance prompt it was
+/// trained on, kept in the metadata, says how to invoke it.
+pub fn lora_concept(
+    modules: Vec<LoraModule>,
+    instance_prompt: &Option<String>,
+    base_model: Option<String>,
+) -> Concept {
+    let metadata = instance_prompt
+        .iter()
+        .map(|p| ("instance_prompt".to_string(), p.clone()))
+        .collect();
+    Concept {
+        trigger: String::new(),
+        method: LORA.into(),
+        embeddings: vec![],
+        lora: LoraWeights { modules },
+        base_model,
+        metadata,
+    }
+}
+
 impl super::Method for LoraMethod {
     fn begin_forward(&self, key: Option<u64>) {
         self.dropout.begin(key.unwrap_or(0));
@@ -339,20 +360,7 @@ impl super::Method for LoraMethod {
             .with_context(|| format!("saving the LoRA of {}", s.module))?;
             modules.push(module);
         }
-        // A LoRA has no trigger token of its own: the instance prompt says how to invoke it.
-        let metadata = self
-            .instance_prompt
-            .iter()
-            .map(|p| ("instance_prompt".to_string(), p.clone()))
-            .collect();
-        Ok(Concept {
-            trigger: String::new(),
-            method: LORA.into(),
-            embeddings: vec![],
-            lora: LoraWeights { modules },
-            base_model,
-            metadata,
-        })
+        Ok(lora_concept(modules, &self.instance_prompt, base_model))
     }
 }
 
