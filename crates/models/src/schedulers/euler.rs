@@ -7,21 +7,52 @@ use super::{NoiseSource, PredictionType, Scheduler, SchedulerConfig};
 use candle_core::{Result, Tensor};
 
 pub struct EulerScheduler {
-    timesteps: Vec<f64>,
-    /// One sigma per timestep plus the final 0, float32-rounded as diffusers stores them.
-    sigmas: Vec<f64>,
-    init_noise_sigma: f64,
+    ladder: SigmaLadder,
     prediction: PredictionType,
+}
+
+/// The sigma schedule of Euler-type samplers and what follows from it alone: input scaling and
+/// img2img noising.
+pub(crate) struct SigmaLadder {
+    pub timesteps: Vec<f64>,
+    /// One sigma per timestep plus the final 0, float32-rounded as diffusers stores them.
+    pub sigmas: Vec<f64>,
+    pub init_noise_sigma: f64,
+}
+
+impl SigmaLadder {
+    /// `(sigma, next sigma)` at a step.
+    pub fn at(&self, step_index: usize) -> Result<(f64, f64)> {
+        betas::check_index(step_index, self.timesteps.len())?;
+        Ok((self.sigmas[step_index], self.sigmas[step_index + 1]))
+    }
+
+    /// The sample divided by √(σ² + 1), the variance the UNet was trained on.
+    pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        let (sigma, _) = self.at(step_index)?;
+        sample.affine(1.0 / (sigma * sigma + 1.0).sqrt(), 0.0)
+    }
+
+    /// `x0 + σ·noise` at a step (img2img's start).
+    pub fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        step_index: usize,
+    ) -> Result<Tensor> {
+        let (sigma, _) = self.at(step_index)?;
+        lin2(original, 1.0, noise, sigma)
+    }
 }
 
 /// The sigma ladder shared by Euler and Euler-ancestral: interpolated training sigmas at the
 /// (possibly fractional) spaced timesteps, optionally replaced by Karras sigmas between the same
-/// end points, then a final 0. Returns `(timesteps, sigmas, init_noise_sigma)`.
+/// end points, then a final 0.
 pub(crate) fn sigma_schedule(
     cfg: &SchedulerConfig,
     num_inference_steps: usize,
     karras: bool,
-) -> anyhow::Result<(Vec<f64>, Vec<f64>, f64)> {
+) -> anyhow::Result<SigmaLadder> {
     let spacing = Spacing::from_config(cfg, Spacing::Linspace)?;
     let alphas_cumprod = betas::alphas_cumprod(cfg, true)?;
     let train_sigmas = betas::train_sigmas(&alphas_cumprod);
@@ -53,7 +84,11 @@ pub(crate) fn sigma_schedule(
         Spacing::Linspace | Spacing::Trailing => max as f64,
         Spacing::Leading => (max * max + 1.0).sqrt() as f64,
     };
-    Ok((timesteps, sigmas, init_noise_sigma))
+    Ok(SigmaLadder {
+        timesteps,
+        sigmas,
+        init_noise_sigma,
+    })
 }
 
 /// The denoised estimate x0 from a sigma-parameterised sample (x = x0 + sigma·eps).
@@ -81,12 +116,8 @@ impl EulerScheduler {
         karras: bool,
     ) -> anyhow::Result<Self> {
         let prediction = cfg.prediction()?;
-        let (timesteps, sigmas, init_noise_sigma) =
-            sigma_schedule(cfg, num_inference_steps, karras)?;
         Ok(Self {
-            timesteps,
-            sigmas,
-            init_noise_sigma,
+            ladder: sigma_schedule(cfg, num_inference_steps, karras)?,
             prediction,
         })
     }
@@ -94,17 +125,15 @@ impl EulerScheduler {
 
 impl Scheduler for EulerScheduler {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.ladder.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma
+        self.ladder.init_noise_sigma
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        betas::check_index(step_index, self.timesteps.len())?;
-        let sigma = self.sigmas[step_index];
-        sample.affine(1.0 / (sigma * sigma + 1.0).sqrt(), 0.0)
+        self.ladder.scale_model_input(sample, step_index)
     }
 
     fn step(
@@ -114,8 +143,7 @@ impl Scheduler for EulerScheduler {
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        betas::check_index(step_index, self.timesteps.len())?;
-        let (sigma, sigma_next) = (self.sigmas[step_index], self.sigmas[step_index + 1]);
+        let (sigma, sigma_next) = self.ladder.at(step_index)?;
         let x0 = predict_x0(self.prediction, model_output, sample, sigma)?;
         // dx/dsigma = (x - x0) / sigma, one Euler step down to the next sigma.
         let derivative = (sample - x0)?;
@@ -123,7 +151,6 @@ impl Scheduler for EulerScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        betas::check_index(step_index, self.timesteps.len())?;
-        lin2(original, 1.0, noise, self.sigmas[step_index])
+        self.ladder.add_noise(original, noise, step_index)
     }
 }

@@ -3,15 +3,13 @@
 //! Each step goes deterministically down to `sigma_down` and adds fresh noise of size
 //! `sigma_up`, with `sigma_down² + sigma_up² = sigma_next²`.
 
-use super::betas::{self, lin2};
-use super::euler::{predict_x0, sigma_schedule};
+use super::betas::lin2;
+use super::euler::{predict_x0, sigma_schedule, SigmaLadder};
 use super::{NoiseSource, PredictionType, Scheduler, SchedulerConfig};
 use candle_core::{Result, Tensor};
 
 pub struct EulerAncestralScheduler {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f64>,
-    init_noise_sigma: f64,
+    ladder: SigmaLadder,
     prediction: PredictionType,
 }
 
@@ -32,12 +30,8 @@ impl EulerAncestralScheduler {
         if prediction == PredictionType::Sample {
             anyhow::bail!("euler-a: scheduler_config.json prediction_type 'sample' is not supported (as in diffusers)");
         }
-        let (timesteps, sigmas, init_noise_sigma) =
-            sigma_schedule(cfg, num_inference_steps, false)?;
         Ok(Self {
-            timesteps,
-            sigmas,
-            init_noise_sigma,
+            ladder: sigma_schedule(cfg, num_inference_steps, false)?,
             prediction,
         })
     }
@@ -45,17 +39,15 @@ impl EulerAncestralScheduler {
 
 impl Scheduler for EulerAncestralScheduler {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.ladder.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma
+        self.ladder.init_noise_sigma
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        betas::check_index(step_index, self.timesteps.len())?;
-        let sigma = self.sigmas[step_index];
-        sample.affine(1.0 / (sigma * sigma + 1.0).sqrt(), 0.0)
+        self.ladder.scale_model_input(sample, step_index)
     }
 
     fn step(
@@ -65,8 +57,7 @@ impl Scheduler for EulerAncestralScheduler {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        betas::check_index(step_index, self.timesteps.len())?;
-        let (sigma, sigma_next) = (self.sigmas[step_index], self.sigmas[step_index + 1]);
+        let (sigma, sigma_next) = self.ladder.at(step_index)?;
         let x0 = predict_x0(self.prediction, model_output, sample, sigma)?;
         let sigma_up = (sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next)
             / (sigma * sigma))
@@ -80,7 +71,6 @@ impl Scheduler for EulerAncestralScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        betas::check_index(step_index, self.timesteps.len())?;
-        lin2(original, 1.0, noise, self.sigmas[step_index])
+        self.ladder.add_noise(original, noise, step_index)
     }
 }
