@@ -164,6 +164,26 @@ impl Spacing {
     }
 }
 
+/// The integer timesteps of DDIM and DDPM (`leading` unless configured): spaced, then rounded
+/// half to even as numpy does before its int64 cast.
+pub(crate) fn integer_timesteps(
+    cfg: &SchedulerConfig,
+    num_inference_steps: usize,
+    scheduler: &str,
+) -> anyhow::Result<Vec<f64>> {
+    if num_inference_steps == 0 || num_inference_steps > cfg.num_train_timesteps {
+        anyhow::bail!(
+            "{scheduler}: {num_inference_steps} inference steps is outside 1..={} (scheduler_config.json num_train_timesteps)",
+            cfg.num_train_timesteps
+        );
+    }
+    let spacing = Spacing::from_config(cfg, Spacing::Leading)?;
+    Ok(spaced_timesteps(spacing, cfg, num_inference_steps)
+        .into_iter()
+        .map(f64::round_ties_even)
+        .collect())
+}
+
 /// `np.linspace(start, stop, n)` (float64): `i * step + start`, with the endpoint exact.
 pub(crate) fn np_linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
     if n == 1 {

@@ -1,7 +1,7 @@
 //! DDIM sampling with eta = 0 (deterministic), following diffusers'
 //! `schedulers/scheduling_ddim.py` (`DDIMScheduler`).
 
-use super::betas::{self, lin2, Spacing};
+use super::betas::{self, lin2};
 use super::{NoiseSource, PredictionType, Scheduler, SchedulerConfig};
 use candle_core::{Result, Tensor};
 
@@ -19,19 +19,8 @@ pub struct DdimScheduler {
 impl DdimScheduler {
     pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> anyhow::Result<Self> {
         let prediction = cfg.prediction()?;
-        let spacing = Spacing::from_config(cfg, Spacing::Leading)?;
         let alphas_cumprod = betas::alphas_cumprod(cfg, false)?;
-        if num_inference_steps == 0 || num_inference_steps > cfg.num_train_timesteps {
-            anyhow::bail!(
-                "DDIM: {num_inference_steps} inference steps is outside 1..={} (scheduler_config.json num_train_timesteps)",
-                cfg.num_train_timesteps
-            );
-        }
-        // Integer timesteps: numpy rounds half to even before the int64 cast.
-        let timesteps = betas::spaced_timesteps(spacing, cfg, num_inference_steps)
-            .into_iter()
-            .map(f64::round_ties_even)
-            .collect();
+        let timesteps = betas::integer_timesteps(cfg, num_inference_steps, "DDIM")?;
         let final_alpha_cumprod = if cfg.set_alpha_to_one {
             1.0
         } else {

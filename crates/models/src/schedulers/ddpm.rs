@@ -2,7 +2,7 @@
 //! `schedulers/scheduling_ddpm.py`, `DDPMScheduler`), and [`NoiseSchedule`], the forward process
 //! that training needs (`add_noise`, `get_velocity`, SNR and the loss target).
 
-use super::betas::{self, lin2, Spacing};
+use super::betas::{self, lin2};
 use super::{NoiseSource, PredictionType, Scheduler, SchedulerConfig};
 use candle_core::{Result, Tensor};
 
@@ -16,18 +16,8 @@ pub struct DdpmScheduler {
 impl DdpmScheduler {
     pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> anyhow::Result<Self> {
         let prediction = cfg.prediction()?;
-        let spacing = Spacing::from_config(cfg, Spacing::Leading)?;
         let alphas_cumprod = betas::alphas_cumprod(cfg, false)?;
-        if num_inference_steps == 0 || num_inference_steps > cfg.num_train_timesteps {
-            anyhow::bail!(
-                "DDPM: {num_inference_steps} inference steps is outside 1..={} (scheduler_config.json num_train_timesteps)",
-                cfg.num_train_timesteps
-            );
-        }
-        let timesteps = betas::spaced_timesteps(spacing, cfg, num_inference_steps)
-            .into_iter()
-            .map(f64::round_ties_even)
-            .collect();
+        let timesteps = betas::integer_timesteps(cfg, num_inference_steps, "DDPM")?;
         Ok(Self {
             alphas_cumprod,
             timesteps,
