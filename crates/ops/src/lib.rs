@@ -27,6 +27,7 @@ mod adapter;
 mod attention;
 mod checkpoint;
 mod conv;
+mod gemm;
 pub mod grad_check;
 mod linear;
 mod norm;

@@ -1,0 +1,159 @@
+//! A safe front for the `gemm` crate (the kernel behind candle's CPU matmul), for ops that lay out
+//! their own operands (im2col convolution, tiled attention) and want the product written straight
+//! into their buffer, optionally accumulated onto what is there (a fused bias or a running sum).
+
+/// A strided read-only matrix view: element `(r, c)` is `data[r * row_stride + c * col_stride]`.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a, T> MatRef<'a, T> {
+    /// A row-major `[rows, cols]` matrix.
+    pub fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose, as a view (no copy).
+    pub fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+}
+
+/// Scalars the kernels run in.
+pub(crate) trait Scalar:
+    Copy + Send + Sync + Default + 'static + std::ops::AddAssign + std::ops::Mul<Output = Self>
+{
+    const ONE: Self;
+    const ZERO: Self;
+}
+
+impl Scalar for f32 {
+    const ONE: Self = 1.0;
+    const ZERO: Self = 0.0;
+}
+
+impl Scalar for f64 {
+    const ONE: Self = 1.0;
+    const ZERO: Self = 0.0;
+}
+
+/// `dst [m, n] (row-major) = lhs [m, k] · rhs [k, n]`, or `+=` when `accumulate`.
+///
+/// Splits across the rayon pool when the product is large enough to pay for it, as candle does.
+pub(crate) fn matmul<T: Scalar>(dst: &mut [T], accumulate: bool, lhs: MatRef<T>, rhs: MatRef<T>) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(rhs.rows, k, "gemm: inner dimensions differ");
+    assert!(dst.len() >= m * n, "gemm: destination too small");
+    assert!(lhs.fits() && rhs.fits(), "gemm: operand view out of bounds");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::ZERO);
+        }
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 && m * n * k >= 48 * 48 * 256 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above bound every index the kernel touches: dst is m×n row-major in
+    // `dst`, and each operand's last element lies inside its slice (`fits`). Strides fit in isize
+    // because they index allocated slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for p in 0..k {
+                    out[i * n + j] += a[i * k + p] * b[p * n + j];
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matmul_matches_naive_with_transposed_views_and_accumulation() {
+        let (m, k, n) = (7, 5, 3);
+        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| (i as f64 * 0.91).cos()).collect();
+        let expect = naive(&a, &b, m, k, n);
+        let mut dst = vec![0.0; m * n];
+        matmul(
+            &mut dst,
+            false,
+            MatRef::row_major(&a, m, k),
+            MatRef::row_major(&b, k, n),
+        );
+        assert!(dst.iter().zip(&expect).all(|(x, y)| (x - y).abs() < 1e-12));
+        // bᵀ stored row-major, read back through a transposed view; accumulate onto 1.0.
+        let bt: Vec<f64> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+        let mut dst = vec![1.0; m * n];
+        matmul(
+            &mut dst,
+            true,
+            MatRef::row_major(&a, m, k),
+            MatRef::row_major(&bt, n, k).t(),
+        );
+        assert!(dst
+            .iter()
+            .zip(&expect)
+            .all(|(x, y)| (x - 1.0 - y).abs() < 1e-12));
+    }
+}
