@@ -1,13 +1,44 @@
-//! Scaled dot-product attention through the differentiable softmax.
+//! Scaled dot-product attention: a tiled (flash-attention style) CPU kernel with its own backward,
+//! and the plain composed form for masks and other devices.
 
+use crate::gemm::{matmul, MatRef, Scalar};
 use crate::softmax::softmax_last_dim;
-use candle_core::{DType, Result, Tensor};
+use crate::storage::{cpu_slice, CpuSlice};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use num_traits::Float;
+use std::sync::Mutex;
 
 /// `softmax(q kᵀ · scale + mask) v` for `q [B, Sq, d]`, `k, v [B, Sk, d]` (heads folded into B).
 ///
-/// Scores and softmax are computed in f32 for half-precision inputs (diffusers' `upcast_softmax`;
-/// `upcast_attention` also upcasts the product, which is the same thing here).
+/// Without a mask, on the CPU in f32/f64, this runs [`FlashAttention`]: the score matrix exists
+/// only one `[TILE_Q, TILE_K]` tile at a time, in the forward and in the backward pass. Otherwise
+/// scores and softmax are computed in full, in f32 for half-precision inputs (diffusers'
+/// `upcast_softmax`; `upcast_attention` also upcasts the product, which is the same thing here).
 pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dtype_ok = matches!(q.dtype(), DType::F32 | DType::F64)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype();
+    if mask.is_none() && q.device().is_cpu() && dtype_ok && q.rank() == 3 {
+        return q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            FlashAttention {
+                scale,
+                logsumexp: Mutex::new(None),
+            },
+        );
+    }
+    composed_attention(q, k, v, scale, mask)
+}
+
+/// The reference form: full scores, the differentiable softmax, and candle's matmul backward.
+fn composed_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -29,6 +60,320 @@ pub fn scaled_dot_product_attention(
     probs.matmul(v)
 }
 
+/// Query rows and key columns per score tile: 64 × 256 f32 is 64 KiB, well inside L2.
+const TILE_Q: usize = 64;
+const TILE_K: usize = 256;
+
+/// Attention computed tile by tile with an online softmax (Dao et al., FlashAttention-2,
+/// arXiv:2307.08691, algorithms 1 and 2). The forward keeps only the per-row log-sum-exp of the
+/// scores; the backward recomputes each score tile from it.
+struct FlashAttention {
+    scale: f64,
+    /// `[B, Sq]` log-sum-exp of the scaled scores, written by the forward for the backward.
+    logsumexp: Mutex<Option<Vec<f64>>>,
+}
+
+/// Sizes of one call: `B` batch·heads, `Sq` queries, `Sk` keys, head dim `d`.
+#[derive(Clone, Copy)]
+struct Dims {
+    sq: usize,
+    sk: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn new(q: &[usize], k: &[usize], v: &[usize]) -> Result<(usize, Self)> {
+        let (&[b, sq, d], &[bk, sk, dk], &[bv, skv, dv]) = (q, k, v) else {
+            bail!("attention: expected q, k, v of rank 3, got {q:?}, {k:?}, {v:?}")
+        };
+        if b != bk || b != bv || sk != skv || d != dk || d != dv {
+            bail!("attention: q {q:?}, k {k:?}, v {v:?} do not fit together")
+        }
+        Ok((b, Self { sq, sk, d }))
+    }
+}
+
+/// One head's forward: writes `out [Sq, d]` and `lse [Sq]`.
+fn flash_forward_head<T: Scalar + Float>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dims: Dims,
+    scale: T,
+    out: &mut [T],
+    lse: &mut [f64],
+) {
+    let Dims { sq, sk, d } = dims;
+    let mut scores = vec![T::ZERO; TILE_Q * TILE_K];
+    let mut row_max = [T::ZERO; TILE_Q];
+    let mut row_sum = [T::ZERO; TILE_Q];
+    for q0 in (0..sq).step_by(TILE_Q) {
+        let tq = TILE_Q.min(sq - q0);
+        let q_tile = MatRef::row_major(&q[q0 * d..(q0 + tq) * d], tq, d);
+        let acc = &mut out[q0 * d..(q0 + tq) * d];
+        acc.fill(T::ZERO);
+        row_max[..tq].fill(T::neg_infinity());
+        row_sum[..tq].fill(T::ZERO);
+        for k0 in (0..sk).step_by(TILE_K) {
+            let tk = TILE_K.min(sk - k0);
+            let s = &mut scores[..tq * tk];
+            let k_tile = MatRef::row_major(&k[k0 * d..(k0 + tk) * d], tk, d);
+            matmul(s, false, q_tile, k_tile.t());
+            for r in 0..tq {
+                let row = &mut s[r * tk..(r + 1) * tk];
+                let mut m = row_max[r];
+                for x in row.iter_mut() {
+                    *x = *x * scale;
+                    m = m.max(*x);
+                }
+                // Rescale what was accumulated under the old maximum.
+                let correction = (row_max[r] - m).exp();
+                let mut sum = T::ZERO;
+                for x in row.iter_mut() {
+                    *x = (*x - m).exp();
+                    sum += *x;
+                }
+                row_sum[r] = row_sum[r] * correction + sum;
+                row_max[r] = m;
+                for a in &mut acc[r * d..(r + 1) * d] {
+                    *a = *a * correction;
+                }
+            }
+            let v_tile = MatRef::row_major(&v[k0 * d..(k0 + tk) * d], tk, d);
+            matmul(acc, true, MatRef::row_major(s, tq, tk), v_tile);
+        }
+        for r in 0..tq {
+            let inv = T::ONE / row_sum[r];
+            for a in &mut acc[r * d..(r + 1) * d] {
+                *a = *a * inv;
+            }
+            lse[q0 + r] = (row_max[r] + row_sum[r].ln()).to_f64().unwrap_or(f64::NAN);
+        }
+    }
+}
+
+/// Everything one head's backward reads.
+struct HeadBackward<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    out: &'a [T],
+    grad: &'a [T],
+    lse: &'a [f64],
+}
+
+/// One head's backward: accumulates `dq [Sq, d]`, `dk, dv [Sk, d]` (zeroed by the caller).
+fn flash_backward_head<T: Scalar + Float>(
+    h: HeadBackward<T>,
+    dims: Dims,
+    scale: T,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    let Dims { sq, sk, d } = dims;
+    // D_i = rowsum(dO ∘ O): the softmax Jacobian's correction term per query row.
+    let delta: Vec<T> = (0..sq)
+        .map(|r| {
+            let (g, o) = (&h.grad[r * d..(r + 1) * d], &h.out[r * d..(r + 1) * d]);
+            g.iter().zip(o).fold(T::ZERO, |acc, (&a, &b)| acc + a * b)
+        })
+        .collect();
+    let mut probs = vec![T::ZERO; TILE_Q * TILE_K];
+    let mut dscores = vec![T::ZERO; TILE_Q * TILE_K];
+    for q0 in (0..sq).step_by(TILE_Q) {
+        let tq = TILE_Q.min(sq - q0);
+        let q_tile = MatRef::row_major(&h.q[q0 * d..(q0 + tq) * d], tq, d);
+        let g_tile = MatRef::row_major(&h.grad[q0 * d..(q0 + tq) * d], tq, d);
+        for k0 in (0..sk).step_by(TILE_K) {
+            let tk = TILE_K.min(sk - k0);
+            let k_tile = MatRef::row_major(&h.k[k0 * d..(k0 + tk) * d], tk, d);
+            let v_tile = MatRef::row_major(&h.v[k0 * d..(k0 + tk) * d], tk, d);
+            let p = &mut probs[..tq * tk];
+            matmul(p, false, q_tile, k_tile.t());
+            for r in 0..tq {
+                let l = T::from(h.lse[q0 + r]).unwrap_or(T::nan());
+                for x in &mut p[r * tk..(r + 1) * tk] {
+                    *x = (*x * scale - l).exp();
+                }
+            }
+            let p_mat = MatRef::row_major(&*p, tq, tk);
+            // dV_j += Pᵀ dO_i
+            matmul(&mut dv[k0 * d..(k0 + tk) * d], true, p_mat.t(), g_tile);
+            // dS = P ∘ (dO_i V_jᵀ − D_i) · scale
+            let ds = &mut dscores[..tq * tk];
+            matmul(ds, false, g_tile, v_tile.t());
+            for r in 0..tq {
+                let dr = delta[q0 + r];
+                for (x, &pv) in ds[r * tk..(r + 1) * tk]
+                    .iter_mut()
+                    .zip(&p[r * tk..(r + 1) * tk])
+                {
+                    *x = pv * (*x - dr) * scale;
+                }
+            }
+            let ds_mat = MatRef::row_major(&*ds, tq, tk);
+            // dQ_i += dS K_j ; dK_j += dSᵀ Q_i
+            matmul(&mut dq[q0 * d..(q0 + tq) * d], true, ds_mat, k_tile);
+            matmul(&mut dk[k0 * d..(k0 + tk) * d], true, ds_mat.t(), q_tile);
+        }
+    }
+}
+
+impl FlashAttention {
+    fn forward<T: Scalar + Float>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        b: usize,
+        dims: Dims,
+    ) -> Vec<T> {
+        use rayon::prelude::*;
+        let Dims { sq, sk, d } = dims;
+        let scale = T::from(self.scale).unwrap_or(T::nan());
+        let mut out = vec![T::ZERO; b * sq * d];
+        let mut lse = vec![0f64; b * sq];
+        out.par_chunks_mut(sq * d)
+            .zip(lse.par_chunks_mut(sq))
+            .enumerate()
+            .for_each(|(bi, (o, l))| {
+                flash_forward_head(
+                    &q[bi * sq * d..(bi + 1) * sq * d],
+                    &k[bi * sk * d..(bi + 1) * sk * d],
+                    &v[bi * sk * d..(bi + 1) * sk * d],
+                    dims,
+                    scale,
+                    o,
+                    l,
+                )
+            });
+        if let Ok(mut slot) = self.logsumexp.lock() {
+            *slot = Some(lse);
+        }
+        out
+    }
+
+    /// `[dq | dk | dv]` in one buffer.
+    fn backward<T: Scalar + Float>(
+        &self,
+        (q, k, v): (&[T], &[T], &[T]),
+        out: &[T],
+        grad: &[T],
+        lse: &[f64],
+        b: usize,
+        dims: Dims,
+    ) -> Vec<T> {
+        use rayon::prelude::*;
+        let Dims { sq, sk, d } = dims;
+        let scale = T::from(self.scale).unwrap_or(T::nan());
+        let mut dq = vec![T::ZERO; b * sq * d];
+        let mut dk = vec![T::ZERO; b * sk * d];
+        let mut dv = vec![T::ZERO; b * sk * d];
+        dq.par_chunks_mut(sq * d)
+            .zip(dk.par_chunks_mut(sk * d))
+            .zip(dv.par_chunks_mut(sk * d))
+            .enumerate()
+            .for_each(|(bi, ((dq, dk), dv))| {
+                let (qs, ks) = (
+                    bi * sq * d..(bi + 1) * sq * d,
+                    bi * sk * d..(bi + 1) * sk * d,
+                );
+                let head = HeadBackward {
+                    q: &q[qs.clone()],
+                    k: &k[ks.clone()],
+                    v: &v[ks],
+                    out: &out[qs.clone()],
+                    grad: &grad[qs],
+                    lse: &lse[bi * sq..(bi + 1) * sq],
+                };
+                flash_backward_head(head, dims, scale, dq, dk, dv)
+            });
+        dq.extend_from_slice(&dk);
+        dq.extend_from_slice(&dv);
+        dq
+    }
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, dims) = Dims::new(l1.dims(), l2.dims(), l3.dims())?;
+        let shape = Shape::from(l1.dims());
+        Ok(
+            match (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?) {
+                (CpuSlice::F32(q), CpuSlice::F32(k), CpuSlice::F32(v)) => {
+                    (CpuStorage::F32(self.forward(q, k, v, b, dims)), shape)
+                }
+                (CpuSlice::F64(q), CpuSlice::F64(k), CpuSlice::F64(v)) => {
+                    (CpuStorage::F64(self.forward(q, k, v, b, dims)), shape)
+                }
+                _ => bail!("attention: q, k and v must share a dtype"),
+            },
+        )
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(lse) = self.logsumexp.lock().ok().and_then(|l| l.clone()) else {
+            bail!("attention backward: the forward's log-sum-exp is missing")
+        };
+        let (b, dims) = Dims::new(q.dims(), k.dims(), v.dims())?;
+        let grad = grad.contiguous()?;
+        let (dev, (sq, sk, d)) = (q.device().clone(), (dims.sq, dims.sk, dims.d));
+        let guards: Vec<_> = [q, k, v, res, &grad]
+            .iter()
+            .map(|t| t.storage_and_layout())
+            .collect();
+        let mut slices = vec![];
+        for (storage, layout) in &guards {
+            let Storage::Cpu(cpu) = &**storage else {
+                bail!("attention backward: tensors left the CPU")
+            };
+            slices.push(cpu_slice(cpu, layout)?);
+        }
+        let n = b * (sq + 2 * sk) * d;
+        let all = match slices.as_slice() {
+            [CpuSlice::F32(q), CpuSlice::F32(k), CpuSlice::F32(v), CpuSlice::F32(o), CpuSlice::F32(g)] => {
+                Tensor::from_vec(self.backward((q, k, v), o, g, &lse, b, dims), n, &dev)?
+            }
+            [CpuSlice::F64(q), CpuSlice::F64(k), CpuSlice::F64(v), CpuSlice::F64(o), CpuSlice::F64(g)] => {
+                Tensor::from_vec(self.backward((q, k, v), o, g, &lse, b, dims), n, &dev)?
+            }
+            _ => bail!("attention backward: q, k, v and the gradient must share a dtype"),
+        };
+        drop(guards);
+        let part = |start: usize, rows: usize, tracked: bool| -> Result<Option<Tensor>> {
+            if !tracked {
+                return Ok(None);
+            }
+            Ok(Some(
+                all.narrow(0, start, b * rows * d)?.reshape((b, rows, d))?,
+            ))
+        };
+        Ok((
+            part(0, sq, q.track_op())?,
+            part(b * sq * d, sk, k.track_op())?,
+            part(b * (sq + sk) * d, sk, v.track_op())?,
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,8 +388,82 @@ mod tests {
         let v = rand_tensor(&[2, 5, 4], 3, &dev)?;
         check_grads(
             &[q, k, v],
-            |t| scaled_dot_product_attention(&t[0], &t[1], &t[2], 0.5, None),
+            |t| composed_attention(&t[0], &t[1], &t[2], 0.5, None),
             1e-6,
         )
+    }
+
+    /// Sizes that cross several query and key tiles with ragged last tiles.
+    fn tiled_case(dev: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+        let (sq, sk) = (TILE_Q + 7, 2 * TILE_K + 5);
+        Ok((
+            rand_tensor(&[2, sq, 5], 1, dev)?,
+            rand_tensor(&[2, sk, 5], 2, dev)?,
+            rand_tensor(&[2, sk, 5], 3, dev)?,
+        ))
+    }
+
+    #[test]
+    fn flash_attention_matches_composed_in_f64_and_f32() -> Result<()> {
+        let dev = Device::Cpu;
+        let (q, k, v) = tiled_case(&dev)?;
+        let expect = composed_attention(&q, &k, &v, 0.7, None)?;
+        let got = scaled_dot_product_attention(&q, &k, &v, 0.7, None)?;
+        let diff = (&got - &expect)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "f64: {diff}");
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let got = scaled_dot_product_attention(&f(&q)?, &f(&k)?, &f(&v)?, 0.7, None)?;
+        let diff = (got.to_dtype(DType::F64)? - &expect)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(diff < 1e-5, "f32: {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn flash_attention_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        // Small: finite differences on every element.
+        let q = rand_tensor(&[2, 3, 4], 1, &dev)?;
+        let k = rand_tensor(&[2, 5, 4], 2, &dev)?;
+        let v = rand_tensor(&[2, 5, 4], 3, &dev)?;
+        check_grads(
+            &[q, k, v],
+            |t| scaled_dot_product_attention(&t[0], &t[1], &t[2], 0.5, None),
+            1e-6,
+        )?;
+        // Tiled: the analytic gradients equal the composed form's.
+        let (q, k, v) = tiled_case(&dev)?;
+        let r = rand_tensor(&[2, TILE_Q + 7, 5], 9, &dev)?;
+        let grads =
+            |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>| -> Result<Vec<Tensor>> {
+                let vars: Vec<_> = [&q, &k, &v]
+                    .iter()
+                    .map(|t| candle_core::Var::from_tensor(t))
+                    .collect::<Result<_>>()?;
+                let g = f(
+                    vars[0].as_tensor(),
+                    vars[1].as_tensor(),
+                    vars[2].as_tensor(),
+                )?
+                .mul(&r)?
+                .sum_all()?
+                .backward()?;
+                vars.iter()
+                    .map(|v| {
+                        g.get(v)
+                            .cloned()
+                            .ok_or_else(|| candle_core::Error::Msg("no grad".into()))
+                    })
+                    .collect()
+            };
+        let flash = grads(&|q, k, v| scaled_dot_product_attention(q, k, v, 0.3, None))?;
+        let plain = grads(&|q, k, v| composed_attention(q, k, v, 0.3, None))?;
+        for (a, b) in flash.iter().zip(&plain) {
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-10, "{diff}");
+        }
+        Ok(())
     }
 }
