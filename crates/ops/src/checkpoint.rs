@@ -12,11 +12,16 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Result, Shape, Storage, Tensor,
     TensorId, Var,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 /// A block's forward, re-runnable: `f(x, c)` with `c` its second input (time embedding or text).
 pub type BlockFn = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// Takes a watched variable's gradient the moment its block's backward has produced it (a fused
+/// optimizer step, kohya's `fused_backward_pass`), so that the gradients of all blocks never
+/// exist at the same time.
+pub type GradSink = Arc<dyn Fn(TensorId, Tensor) -> Result<()> + Send + Sync>;
 
 /// Gradients of the watched variables used inside checkpointed blocks, by tensor id.
 ///
@@ -26,10 +31,23 @@ pub type BlockFn = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>
 #[derive(Clone, Default, Debug)]
 pub struct SideGrads(Arc<Mutex<SideInner>>);
 
-#[derive(Default, Debug)]
+#[derive(Default)]
 struct SideInner {
-    watched: std::collections::HashSet<TensorId>,
+    watched: HashSet<TensorId>,
     grads: HashMap<TensorId, Tensor>,
+    sink: Option<GradSink>,
+    /// Variables already handed to the sink in this backward pass.
+    delivered: HashSet<TensorId>,
+}
+
+impl std::fmt::Debug for SideInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SideInner")
+            .field("watched", &self.watched.len())
+            .field("grads", &self.grads.len())
+            .field("sink", &self.sink.is_some())
+            .finish()
+    }
 }
 
 impl SideGrads {
@@ -40,20 +58,51 @@ impl SideGrads {
         }
     }
 
-    fn add(&self, id: TensorId, g: &Tensor) -> Result<()> {
-        let mut inner = self
-            .0
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
-        if !inner.watched.contains(&id) {
-            return Ok(());
+    /// From now on, hands each watched gradient to `sink` as soon as it exists instead of
+    /// collecting it; `None` goes back to collecting. A variable may then be used by only one
+    /// checkpointed block per backward pass: a second, partial gradient is an error.
+    pub fn set_sink(&self, sink: Option<GradSink>) {
+        if let Ok(mut inner) = self.0.lock() {
+            inner.sink = sink;
+            inner.delivered.clear();
         }
-        let sum = match inner.grads.remove(&id) {
-            Some(prev) => (prev + g)?,
-            None => g.clone(),
+    }
+
+    /// Whether `t`'s gradient went to the sink in this backward pass.
+    pub fn delivered(&self, t: &Tensor) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|inner| inner.delivered.contains(&t.id()))
+    }
+
+    fn add(&self, id: TensorId, g: Tensor) -> Result<()> {
+        let sink = {
+            let mut inner = self
+                .0
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+            if !inner.watched.contains(&id) {
+                return Ok(());
+            }
+            match inner.sink.clone() {
+                Some(sink) => {
+                    if !inner.delivered.insert(id) {
+                        bail!("fused backward: a trained variable is used by more than one checkpointed block, so its gradient arrives in parts; train without the fused backward")
+                    }
+                    sink
+                }
+                None => {
+                    let sum = match inner.grads.remove(&id) {
+                        Some(prev) => (prev + g)?,
+                        None => g,
+                    };
+                    inner.grads.insert(id, sum);
+                    return Ok(());
+                }
+            }
         };
-        inner.grads.insert(id, sum);
-        Ok(())
+        // Outside the lock: the sink may be slow (an optimizer step) and may read `delivered`.
+        sink(id, g)
     }
 
     /// Removes and returns the gradient collected for `t`, if any.
@@ -61,9 +110,11 @@ impl SideGrads {
         self.0.lock().ok()?.grads.remove(&t.id())
     }
 
+    /// Forgets collected gradients and which were delivered; call after each backward pass.
     pub fn clear(&self) {
         if let Ok(mut inner) = self.0.lock() {
-            inner.grads.clear()
+            inner.grads.clear();
+            inner.delivered.clear();
         }
     }
 }
@@ -158,16 +209,12 @@ impl CustomOp3 for Recompute {
         let xv = Var::from_tensor(&x.detach())?;
         let cv = Var::from_tensor(&c.detach())?;
         let y = (self.f)(xv.as_tensor(), cv.as_tensor())?;
-        let grads = y.mul(&grad.detach())?.sum_all()?.backward()?;
-        let (gx, gc) = (
-            grads.get(xv.as_tensor()).cloned(),
-            grads.get(cv.as_tensor()).cloned(),
-        );
+        let mut grads = y.mul(&grad.detach())?.sum_all()?.backward()?;
+        let (gx, gc) = (grads.remove(xv.as_tensor()), grads.remove(cv.as_tensor()));
+        // The block's store lives until the end of this call: at most one block's gradients.
         for id in grads.get_ids() {
-            if *id != xv.id() && *id != cv.id() {
-                if let Some(g) = grads.get_id(*id) {
-                    self.side.add(*id, g)?;
-                }
+            if let Some(g) = grads.get_id(*id) {
+                self.side.add(*id, g.clone())?;
             }
         }
         Ok((gx, gc, None))
@@ -239,6 +286,54 @@ mod tests {
             &ckpt.side.take(w.as_tensor()).unwrap(),
             plain.get(w.as_tensor()).unwrap()
         ));
+        Ok(())
+    }
+
+    /// With a sink, a block's variable gradient is handed over during the backward pass (equal to
+    /// the collected one) and nothing is collected; a variable used by two checkpointed blocks
+    /// is refused rather than handed over in parts.
+    #[test]
+    fn sink_receives_each_gradient_once_during_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&rand_tensor(&[4, 4], 1, &dev)?)?;
+        let x = Var::from_tensor(&rand_tensor(&[3, 4], 2, &dev)?)?;
+        let c = rand_tensor(&[3, 4], 3, &dev)?;
+        let wt = w.as_tensor().clone();
+        let block: BlockFn = Arc::new(move |x: &Tensor, c: &Tensor| (x.matmul(&wt)? * c)?.tanh());
+        let ckpt = Checkpointing::new(&dev)?;
+        ckpt.side.watch([w.as_tensor()]);
+        let loss = |ckpt: &Checkpointing| -> Result<Tensor> {
+            checkpoint(x.as_tensor(), &c, block.clone(), ckpt)?
+                .sqr()?
+                .sum_all()
+        };
+        loss(&ckpt)?.backward()?;
+        let collected = ckpt.side.take(w.as_tensor()).expect("collected gradient");
+        ckpt.side.clear();
+
+        let received: Arc<Mutex<Vec<(TensorId, Tensor)>>> = Arc::default();
+        let r = received.clone();
+        ckpt.side.set_sink(Some(Arc::new(move |id, g| {
+            r.lock().unwrap().push((id, g));
+            Ok(())
+        })));
+        loss(&ckpt)?.backward()?;
+        let got = received.lock().unwrap().clone();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, w.id());
+        let diff = (&got[0].1 - &collected)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(diff < 1e-12);
+        assert!(ckpt.side.delivered(w.as_tensor()));
+        assert!(ckpt.side.take(w.as_tensor()).is_none());
+        ckpt.side.clear();
+
+        let twice = checkpoint(x.as_tensor(), &c, block.clone(), &ckpt)?;
+        let twice = checkpoint(&twice, &c, block.clone(), &ckpt)?;
+        let err = twice.sum_all()?.backward().unwrap_err().to_string();
+        assert!(err.contains("more than one checkpointed block"), "{err}");
         Ok(())
     }
 }
