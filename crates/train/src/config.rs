@@ -40,6 +40,10 @@ pub struct TrainerOptions {
     pub max_grad_norm: Option<f64>,
     /// Recompute UNet blocks in the backward pass instead of keeping their activations.
     pub gradient_checkpointing: bool,
+    /// Update each weight inside a checkpointed block as soon as its gradient exists, so the
+    /// gradients of the whole UNet never exist at once (kohya's `fused_backward_pass`). Needs
+    /// gradient checkpointing, one micro-batch per step and no global-norm clipping.
+    pub fused_backward: bool,
     /// Min-SNR loss weighting (Hang et al. 2023) with this γ (5 is the paper's choice).
     pub snr_gamma: Option<f64>,
     /// Adds `offset · N(0, 1)` per sample and channel to the noise (brighter/darker images).
@@ -151,6 +155,7 @@ fn common_defaults() -> toml::Table {
 resolution = 512
 noise-offset = 0.0
 gradient-checkpointing = false
+fused-backward = false
 use-masks = true
 num-class-images = 100
 prior-weight = 1.0
@@ -284,6 +289,17 @@ impl TrainerOptions {
         }
         if self.snr_gamma.is_some_and(|g| !(g > 0.0)) {
             bail!("--snr-gamma must be positive")
+        }
+        if self.fused_backward {
+            if !self.gradient_checkpointing {
+                bail!("--fused-backward needs --gradient-checkpointing: the fused step runs as each recomputed block finishes its backward")
+            }
+            if self.grad_accum != 1 {
+                bail!("--fused-backward updates weights during the backward pass, so it cannot accumulate gradients over micro-batches; use --grad-accum 1 (and a larger --batch-size)")
+            }
+            if self.max_grad_norm.is_some() {
+                bail!("--fused-backward updates each weight before the global gradient norm is known, so --max-grad-norm cannot be applied; drop one of the two")
+            }
         }
         Ok(())
     }

@@ -63,25 +63,38 @@ impl AdamW {
                 self.vars.len()
             )
         }
-        self.step += 1;
-        let c = self.config;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt();
-        for i in 0..self.vars.len() {
-            let g = grads[i].to_dtype(self.vars[i].dtype())?;
-            let p = self.vars[i]
-                .as_tensor()
-                .affine(1.0 - lr * c.weight_decay, 0.0)?;
-            // torch's lerp_: m + (1 − β1)(g − m)
-            let m = (&self.exp_avg[i] + ((&g - &self.exp_avg[i])? * (1.0 - c.beta1))?)?;
-            let v = ((&self.exp_avg_sq[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((v.sqrt()? / bc2_sqrt)? + c.eps)?;
-            let p = (p - (m.div(&denom)? * (lr / bc1))?)?;
-            self.vars[i].set(&p)?;
-            self.exp_avg[i] = m;
-            self.exp_avg_sq[i] = v;
+        for (i, g) in grads.iter().enumerate() {
+            self.update(i, g, lr)?;
         }
+        self.finish_step();
         Ok(())
+    }
+
+    /// Updates variable `i` alone with its gradient, as part of the step being taken (`step + 1`):
+    /// a fused backward pass calls this as each gradient arrives, then [`Self::finish_step`].
+    pub fn update(&mut self, i: usize, grad: &Tensor, lr: f64) -> Result<()> {
+        let c = self.config;
+        let t = (self.step + 1) as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        let g = grad.to_dtype(self.vars[i].dtype())?;
+        let p = self.vars[i]
+            .as_tensor()
+            .affine(1.0 - lr * c.weight_decay, 0.0)?;
+        // torch's lerp_: m + (1 − β1)(g − m)
+        let m = (&self.exp_avg[i] + ((&g - &self.exp_avg[i])? * (1.0 - c.beta1))?)?;
+        let v = ((&self.exp_avg_sq[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+        let denom = ((v.sqrt()? / bc2_sqrt)? + c.eps)?;
+        let p = (p - (m.div(&denom)? * (lr / bc1))?)?;
+        self.vars[i].set(&p)?;
+        self.exp_avg[i] = m;
+        self.exp_avg_sq[i] = v;
+        Ok(())
+    }
+
+    /// Ends a step whose variables were all updated with [`Self::update`].
+    pub fn finish_step(&mut self) {
+        self.step += 1;
     }
 }
 

@@ -24,7 +24,7 @@ use rand::Rng;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 /// How a run is watched and stopped from outside.
@@ -187,10 +187,12 @@ pub fn run(
         side.watch(trainable.iter().map(|(_, v)| v.as_tensor()));
     }
     let vars: Vec<_> = trainable.iter().map(|(_, v)| v.clone()).collect();
-    let mut adam = AdamW::new(vars, t.adam)?;
+    // Shared with the fused backward's gradient sink, which updates weights mid-backward.
+    let adam = Arc::new(Mutex::new(AdamW::new(vars, t.adam)?));
     let (mut rng, start) = match &resume {
         None => (SeededNoise::new(t.seed), 0),
         Some(ck) => {
+            let mut adam = lock(&adam)?;
             for (i, (name, var)) in trainable.iter().enumerate() {
                 let j = ck
                     .params
@@ -262,6 +264,11 @@ pub fn run(
 
     for step in start..t.steps {
         let started = Instant::now();
+        let lr = base_lr * t.lr_schedule.factor(step, t.lr_warmup_steps, t.steps);
+        let fused = match (&sd.unet.gradient_checkpointing, t.fused_backward) {
+            (Some(side), true) => Some(FusedStep::install(side, &trainable, &adam, lr)),
+            _ => None,
+        };
         let mut grad_sums: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0f64;
         for micro in 0..t.grad_accum {
@@ -316,6 +323,12 @@ pub fn run(
             }
             loss_sum += loss.to_scalar::<f32>()? as f64;
             let grads = (loss / t.grad_accum as f64)?.backward()?;
+            if let Some(fused) = &fused {
+                // Every weight not stepped during the backward pass (outside the recomputed
+                // blocks) is stepped now, with the same update.
+                fused.finish(&grads, &trainable)?;
+                continue;
+            }
             let mut these = vec![];
             for (name, var) in &trainable {
                 // Inside recomputed blocks the gradient arrives through the checkpointing store.
@@ -345,10 +358,15 @@ pub fn run(
                     .collect::<candle_core::Result<_>>()?,
             });
         }
-        let mut grads = grad_sums.expect("grad_accum ≥ 1");
-        let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
-        let lr = base_lr * t.lr_schedule.factor(step, t.lr_warmup_steps, t.steps);
-        adam.step(&grads, lr)?;
+        let grad_norm = match (fused, grad_sums) {
+            (Some(fused), _) => fused.grad_norm(),
+            (None, Some(mut grads)) => {
+                let norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+                lock(&adam)?.step(&grads, lr)?;
+                norm
+            }
+            (None, None) => bail!("no gradients: grad-accum must be at least 1"),
+        };
         let done = step + 1;
         let loss = loss_sum / t.grad_accum as f64;
         let line = LogLine {
@@ -375,7 +393,7 @@ pub fn run(
         }
         let last = done == t.steps;
         if hooks.interrupt.load(Ordering::SeqCst) && !last {
-            let checkpoint = save(&adam, &rng, done)?;
+            let checkpoint = save(&*lock(&adam)?, &rng, done)?;
             bar.abandon_with_message(format!("interrupted at step {done}"));
             return Ok(Outcome::Interrupted {
                 step: done,
@@ -383,7 +401,7 @@ pub fn run(
             });
         }
         if t.save_every > 0 && done % t.save_every == 0 && !last {
-            save(&adam, &rng, done)?;
+            save(&*lock(&adam)?, &rng, done)?;
         }
     }
     bar.finish_with_message("done");
@@ -604,4 +622,95 @@ fn save_grid(dir: &Path, step: usize, grid: &image::RgbImage) -> Result<PathBuf>
     let path = dir.join(format!("step-{step:06}.png"));
     image_io::save_png(grid, &path)?;
     Ok(path)
+}
+
+fn lock(adam: &Mutex<AdamW>) -> Result<MutexGuard<'_, AdamW>> {
+    adam.lock()
+        .map_err(|_| anyhow::anyhow!("optimizer state poisoned by an earlier failure"))
+}
+
+/// One optimizer step fused into the backward pass: each trained weight inside a checkpointed
+/// block is updated as soon as its gradient exists (the gradient is then dropped), the rest
+/// right after the backward pass. The update is AdamW's own, so results equal the unfused step
+/// (no clipping, one micro-batch; `TrainerOptions::validate` enforces both).
+struct FusedStep {
+    side: imprint_ops::SideGrads,
+    adam: Arc<Mutex<AdamW>>,
+    lr: f64,
+    /// Σ‖g‖² over every gradient, for the logged norm.
+    sum_sq: Arc<Mutex<f64>>,
+}
+
+impl FusedStep {
+    fn install(
+        side: &imprint_ops::SideGrads,
+        trainable: &[(String, candle_core::Var)],
+        adam: &Arc<Mutex<AdamW>>,
+        lr: f64,
+    ) -> Self {
+        let index: std::collections::HashMap<_, _> = trainable
+            .iter()
+            .enumerate()
+            .map(|(i, (_, v))| (v.id(), i))
+            .collect();
+        let sum_sq = Arc::new(Mutex::new(0f64));
+        let (a, sq) = (adam.clone(), sum_sq.clone());
+        side.set_sink(Some(Arc::new(move |id, g| {
+            let Some(&i) = index.get(&id) else {
+                return Ok(());
+            };
+            let err = |e: String| candle_core::Error::Msg(format!("fused backward: {e}"));
+            let norm = g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            *sq.lock().map_err(|_| err("poisoned".into()))? += norm;
+            lock(&a)
+                .and_then(|mut adam| adam.update(i, &g, lr))
+                .map_err(|e| err(format!("{e:#}")))
+        })));
+        Self {
+            side: side.clone(),
+            adam: adam.clone(),
+            lr,
+            sum_sq,
+        }
+    }
+
+    fn finish(
+        &self,
+        grads: &candle_core::backprop::GradStore,
+        trainable: &[(String, candle_core::Var)],
+    ) -> Result<()> {
+        let mut adam = lock(&self.adam)?;
+        let mut sum_sq = 0f64;
+        for (i, (name, var)) in trainable.iter().enumerate() {
+            if self.side.delivered(var.as_tensor()) {
+                continue;
+            }
+            let g = match grads.get(var.as_tensor()) {
+                Some(g) => g.clone(),
+                None => var.zeros_like().with_context(|| name.clone())?,
+            };
+            sum_sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            adam.update(i, &g, self.lr)?;
+        }
+        adam.finish_step();
+        *self
+            .sum_sq
+            .lock()
+            .map_err(|_| anyhow::anyhow!("fused backward: poisoned"))? += sum_sq;
+        self.side.set_sink(None);
+        self.side.clear();
+        Ok(())
+    }
+
+    fn grad_norm(&self) -> f64 {
+        self.sum_sq.lock().map_or(f64::NAN, |s| s.sqrt())
+    }
 }

@@ -240,3 +240,70 @@ fn gradient_checkpointing_trains_the_same_lora() {
         );
     }
 }
+
+/// DreamBooth with the optimizer step fused into the backward pass (weights inside checkpointed
+/// blocks updated as their gradients arrive) ends with the same UNet and text encoder as the
+/// ordinary step, and the fused run refuses what it cannot do.
+#[test]
+fn fused_backward_trains_the_same_dreambooth_model() {
+    use imprint_train::trainer::train_dreambooth;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_random_model(KnownConfig::Tiny, &model, 0).unwrap();
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy");
+    let config = |out: &Path, fused: bool| {
+        let mut flags: toml::Table = toml::toml! {
+            instance-prompt = "a photo of sks toy"
+            train-text-encoder = true
+            steps = 3
+            resolution = 64
+            lr = 0.001
+            save-every = 0
+            seed = 4
+            gradient-checkpointing = true
+        };
+        flags.insert("fused-backward".into(), fused.into());
+        flags.insert("model".into(), model.display().to_string().into());
+        flags.insert("images".into(), images.display().to_string().into());
+        flags.insert("out".into(), out.display().to_string().into());
+        resolve::<imprint_train::config::DreamBoothConfig>(
+            imprint_train::config::dreambooth_defaults(),
+            None,
+            flags,
+        )
+        .unwrap()
+    };
+    let (plain, fused) = (dir.path().join("plain"), dir.path().join("fused"));
+    train_dreambooth(&config(&plain, false), &Hooks::default()).unwrap();
+    train_dreambooth(&config(&fused, true), &Hooks::default()).unwrap();
+    for part in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ] {
+        let a = candle_core::safetensors::load(plain.join(part), &Device::Cpu).unwrap();
+        let b = candle_core::safetensors::load(fused.join(part), &Device::Cpu).unwrap();
+        let base = candle_core::safetensors::load(model.join(part), &Device::Cpu).unwrap();
+        let mut moved = 0;
+        for (k, t) in &a {
+            let max = |x: candle_core::Tensor| {
+                x.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            let diff = max((t - &b[k]).unwrap());
+            assert!(diff < 1e-6, "{part} {k}: fused differs by {diff}");
+            if max((t - &base[k]).unwrap()) > 0.0 {
+                moved += 1;
+            }
+        }
+        assert!(moved * 2 > a.len(), "{part}: most weights trained");
+    }
+
+    let mut bad = config(&dir.path().join("bad"), true);
+    bad.trainer.max_grad_norm = Some(1.0);
+    let err = train_dreambooth(&bad, &Hooks::default()).unwrap_err();
+    assert!(format!("{err:#}").contains("--max-grad-norm"), "{err:#}");
+}

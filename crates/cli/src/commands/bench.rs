@@ -39,6 +39,11 @@ pub struct BenchArgs {
     mode: Mode,
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Consume each checkpointed block's weight gradients as soon as its backward produces them
+    /// (what `train dreambooth --fused-backward` does with an optimizer step), instead of holding
+    /// all of them until the backward pass ends. Needs --gradient-checkpointing.
+    #[arg(long)]
+    fused_backward: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -57,6 +62,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     if a.resolution % 8 != 0 || a.iters == 0 {
         bail!("--resolution must be a multiple of 8 and --iters at least 1")
+    }
+    if a.fused_backward
+        && !(a.gradient_checkpointing && matches!(a.mode, Mode::Lora | Mode::Dreambooth))
+    {
+        bail!("--fused-backward needs --gradient-checkpointing and --mode lora or dreambooth")
     }
     let device = super::parse_device(&a.device)?;
     let folder = ModelFolder::open(&a.model)?;
@@ -89,6 +99,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     if let Some(s) = &side {
         s.watch(trained.iter().map(|v| v.as_tensor()));
+        if a.fused_backward {
+            // The gradient is dropped on arrival: this measures the backward pass with block
+            // gradients consumed in flight, without an optimizer's own cost or state.
+            s.set_sink(Some(std::sync::Arc::new(|_, _| Ok(()))));
+        }
     }
     let cross = unet
         .config
@@ -117,12 +132,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
             _ => {
                 let y = unet.forward(&sample, &t, TextConditioning::Shared(&text))?;
                 let grads = y.sqr()?.mean_all()?.backward()?;
-                let from_side =
-                    |v: &Var| side.as_ref().and_then(|s| s.take(v.as_tensor())).is_some();
+                let from_side = |v: &Var| {
+                    side.as_ref().is_some_and(|s| {
+                        s.take(v.as_tensor()).is_some() || s.delivered(v.as_tensor())
+                    })
+                };
                 let reached = trained
                     .iter()
                     .filter(|v| grads.get(v.as_tensor()).is_some() || from_side(v))
                     .count();
+                if let Some(s) = &side {
+                    s.clear();
+                }
                 if reached == 0 {
                     bail!("no gradient reached the trained tensors")
                 }
@@ -209,6 +230,7 @@ fn report(a: &BenchArgs, mode: &str, iter_s: Vec<f64>) {
         serde_json::json!({
             "impl": "imprint", "mode": mode, "resolution": a.resolution, "batch": a.batch,
             "gradient_checkpointing": a.gradient_checkpointing,
+            "fused_backward": a.fused_backward,
             "iter_s": iter_s, "median_s": median, "peak_rss_bytes": peak_rss_bytes(),
         })
     );

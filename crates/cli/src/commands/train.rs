@@ -121,6 +121,10 @@ pub struct TrainerArgs {
     /// Recompute UNet blocks in the backward pass instead of storing their activations.
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// With --gradient-checkpointing: update each UNet block's weights as soon as its gradients
+    /// exist, so all gradients never exist at once (DreamBooth: one UNet's worth less memory).
+    #[arg(long)]
+    fused_backward: bool,
     /// Min-SNR loss weighting with this gamma (e.g. 5).
     #[arg(long)]
     snr_gamma: Option<f64>,
@@ -173,6 +177,9 @@ macro_rules! flags {
 fn trainer_flags(a: &TrainerArgs, t: &mut toml::Table) -> Result<()> {
     if a.gradient_checkpointing {
         t.insert("gradient-checkpointing".into(), toml::Value::Boolean(true));
+    }
+    if a.fused_backward {
+        t.insert("fused-backward".into(), toml::Value::Boolean(true));
     }
     flags!(t, a, [model => "model", images => "images", out => "out", steps => "steps", lr => "lr",
         scale_lr => "scale-lr", batch_size => "batch-size", grad_accum => "grad-accum", resolution => "resolution",
