@@ -268,6 +268,14 @@ impl Adapter for LoraAdapter {
             y * self.scale
         }
     }
+
+    fn low_rank(&self) -> Option<imprint_ops::LowRank> {
+        self.conv.is_none().then(|| imprint_ops::LowRank {
+            down: self.down.clone(),
+            up: self.up.clone(),
+            scale: self.scale,
+        })
+    }
 }
 
 /// What a projection of the model is, for matching a LoRA against it.

@@ -10,6 +10,20 @@ use std::sync::Arc;
 /// them.
 pub trait Adapter: Send + Sync + std::fmt::Debug {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// A plain low-rank delta on a linear layer (`delta(x) = scale · x Aᵀ Bᵀ`, no dropout in
+    /// effect) says so here, and [`crate::Linear`] then computes base and delta in one op.
+    fn low_rank(&self) -> Option<LowRank> {
+        None
+    }
+}
+
+/// `delta(x) = scale · (x · downᵀ) · upᵀ` with `down [r, in]`, `up [out, r]`.
+#[derive(Clone, Debug)]
+pub struct LowRank {
+    pub down: Tensor,
+    pub up: Tensor,
+    pub scale: f64,
 }
 
 /// An adapter together with the scale it is applied at.

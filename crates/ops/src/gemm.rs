@@ -49,16 +49,23 @@ pub(crate) trait Scalar:
 {
     const ONE: Self;
     const ZERO: Self;
+    fn from_f64(v: f64) -> Self;
 }
 
 impl Scalar for f32 {
     const ONE: Self = 1.0;
     const ZERO: Self = 0.0;
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
 }
 
 impl Scalar for f64 {
     const ONE: Self = 1.0;
     const ZERO: Self = 0.0;
+    fn from_f64(v: f64) -> Self {
+        v
+    }
 }
 
 /// `dst [m, n] (row-major) = lhs [m, k] · rhs [k, n]`, or `+=` when `accumulate`.

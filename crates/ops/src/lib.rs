@@ -35,7 +35,7 @@ mod resample;
 mod softmax;
 mod storage;
 
-pub use adapter::{Adapter, ScaledAdapter};
+pub use adapter::{Adapter, LowRank, ScaledAdapter};
 pub use attention::scaled_dot_product_attention;
 pub use checkpoint::{checkpoint, BlockFn, Checkpointing, SideGrads};
 pub use conv::{Conv2d, Conv2dConfig};

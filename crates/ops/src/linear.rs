@@ -1,7 +1,10 @@
 //! Linear projection with a frozen-weight backward and the adapter hook.
 
 use crate::adapter::{apply_adapters, ScaledAdapter};
+use crate::gemm::{matmul, MatRef, Scalar};
+use crate::storage::{cpu_slice, CpuSlice};
 use candle_core::backend::BackendStorage;
+use candle_core::DType;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor,
 };
@@ -86,11 +89,257 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_low_rank(x)? {
+            return Ok(y);
+        }
         let y = self.forward_base(x)?;
         if self.adapters.is_empty() {
             return Ok(y);
         }
         apply_adapters(y, x, &self.adapters)
+    }
+}
+
+impl Linear {
+    /// Frozen base plus one low-rank adapter, on the CPU: `x Wᵀ + b + s·(x Aᵀ) Bᵀ` and its
+    /// backward as a handful of gemms, instead of a graph of broadcast matmuls, a scale and an
+    /// add whose backward makes full-size copies (LoRA training spends its time there).
+    fn forward_low_rank(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let [adapter] = self.adapters.as_slice() else {
+            return Ok(None);
+        };
+        let Some(lr) = adapter.adapter.low_rank() else {
+            return Ok(None);
+        };
+        let trainable = self.weight.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
+        let dtype = self.weight.dtype();
+        let same = |t: &Tensor| t.dtype() == dtype && t.device().is_cpu();
+        if trainable
+            || !x.device().is_cpu()
+            || !matches!(dtype, DType::F32 | DType::F64)
+            || !(same(x) && same(&lr.down) && same(&lr.up))
+            || x.rank() == 0
+        {
+            return Ok(None);
+        }
+        let (r, k) = lr.down.dims2()?;
+        let (n, r2) = lr.up.dims2()?;
+        if k != self.in_dim() || n != self.out_dim() || r != r2 {
+            candle_core::bail!(
+                "{}: low-rank adapter {:?}·{:?} does not fit a [{}, {}] weight",
+                self.name,
+                lr.up.dims(),
+                lr.down.dims(),
+                self.out_dim(),
+                self.in_dim()
+            )
+        }
+        let dims = x.dims();
+        let m = x.elem_count() / k.max(1);
+        let mut out_dims = dims.to_vec();
+        out_dims[dims.len() - 1] = n;
+        let y = x.reshape((m, k))?.contiguous()?.apply_op3(
+            &lr.down.contiguous()?,
+            &lr.up.contiguous()?,
+            LowRankLinear {
+                weight: self.weight.contiguous()?,
+                bias: self.bias.clone(),
+                scale: lr.scale * adapter.scale,
+            },
+        )?;
+        Ok(Some(y.reshape(out_dims)?))
+    }
+}
+
+/// `y = x Wᵀ + b + s·(x Aᵀ) Bᵀ` over `(x [m, in], A [r, in], B [out, r])`, the frozen `W`, `b` held
+/// by the op. Backward, with `u = g B`: `∂x = g W + s·u A`, `∂A = s·uᵀ x`, `∂B = s·gᵀ (x Aᵀ)`.
+struct LowRankLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    scale: f64,
+}
+
+/// Borrows contiguous CPU slices of several tensors of one dtype and runs `f` on them.
+fn with_cpu_slices<R>(
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[crate::storage::CpuSlice]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        let candle_core::Storage::Cpu(cpu) = &**storage else {
+            candle_core::bail!("low-rank linear: tensors left the CPU")
+        };
+        slices.push(crate::storage::cpu_slice(cpu, layout)?);
+    }
+    f(&slices)
+}
+
+impl LowRankLinear {
+    fn forward<T: Scalar>(
+        &self,
+        x: &[T],
+        a: &[T],
+        b: &[T],
+        w: &[T],
+        bias: Option<&[T]>,
+        (m, k, r, n): (usize, usize, usize, usize),
+    ) -> Vec<T> {
+        let mut y = vec![T::ZERO; m * n];
+        if let Some(bias) = bias {
+            for row in y.chunks_mut(n) {
+                row.copy_from_slice(bias);
+            }
+        }
+        let xm = MatRef::row_major(x, m, k);
+        matmul(&mut y, bias.is_some(), xm, MatRef::row_major(w, n, k).t());
+        let mut t = vec![T::ZERO; m * r];
+        matmul(&mut t, false, xm, MatRef::row_major(a, r, k).t());
+        let s = T::from_f64(self.scale);
+        t.iter_mut().for_each(|v| *v = *v * s);
+        matmul(
+            &mut y,
+            true,
+            MatRef::row_major(&t, m, r),
+            MatRef::row_major(b, n, r).t(),
+        );
+        y
+    }
+
+    /// `[∂x | ∂A | ∂B]` in one buffer.
+    fn backward<T: Scalar>(
+        &self,
+        x: &[T],
+        a: &[T],
+        b: &[T],
+        w: &[T],
+        g: &[T],
+        (m, k, r, n): (usize, usize, usize, usize),
+    ) -> Vec<T> {
+        let s = T::from_f64(self.scale);
+        let (xm, gm) = (MatRef::row_major(x, m, k), MatRef::row_major(g, m, n));
+        let (am, bm) = (MatRef::row_major(a, r, k), MatRef::row_major(b, n, r));
+        let mut out = vec![T::ZERO; m * k + r * k + n * r];
+        let (dx, rest) = out.split_at_mut(m * k);
+        let (da, db) = rest.split_at_mut(r * k);
+        // u = s · g B  [m, r]
+        let mut u = vec![T::ZERO; m * r];
+        matmul(&mut u, false, gm, bm);
+        u.iter_mut().for_each(|v| *v = *v * s);
+        let um = MatRef::row_major(&u, m, r);
+        matmul(dx, false, gm, MatRef::row_major(w, n, k));
+        matmul(dx, true, um, am);
+        matmul(da, false, um.t(), xm);
+        // t = s · x Aᵀ  [m, r]; ∂B = gᵀ t
+        let mut t = vec![T::ZERO; m * r];
+        matmul(&mut t, false, xm, am.t());
+        t.iter_mut().for_each(|v| *v = *v * s);
+        matmul(db, false, gm.t(), MatRef::row_major(&t, m, r));
+        out
+    }
+}
+
+impl CustomOp3 for LowRankLinear {
+    fn name(&self) -> &'static str {
+        "low-rank-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (r, n) = (l2.dims()[0], l3.dims()[0]);
+        let mut params = vec![&self.weight];
+        params.extend(self.bias.as_ref());
+        with_cpu_slices(&params, |p| {
+            let shape = Shape::from((m, n));
+            Ok(
+                match (
+                    cpu_slice(s1, l1)?,
+                    cpu_slice(s2, l2)?,
+                    cpu_slice(s3, l3)?,
+                    p,
+                ) {
+                    (
+                        CpuSlice::F32(x),
+                        CpuSlice::F32(a),
+                        CpuSlice::F32(b),
+                        [CpuSlice::F32(w), rest @ ..],
+                    ) => {
+                        let bias = match rest {
+                            [CpuSlice::F32(b)] => Some(*b),
+                            [] => None,
+                            _ => candle_core::bail!("low-rank linear: bias dtype"),
+                        };
+                        (
+                            CpuStorage::F32(self.forward(x, a, b, w, bias, (m, k, r, n))),
+                            shape,
+                        )
+                    }
+                    (
+                        CpuSlice::F64(x),
+                        CpuSlice::F64(a),
+                        CpuSlice::F64(b),
+                        [CpuSlice::F64(w), rest @ ..],
+                    ) => {
+                        let bias = match rest {
+                            [CpuSlice::F64(b)] => Some(*b),
+                            [] => None,
+                            _ => candle_core::bail!("low-rank linear: bias dtype"),
+                        };
+                        (
+                            CpuStorage::F64(self.forward(x, a, b, w, bias, (m, k, r, n))),
+                            shape,
+                        )
+                    }
+                    _ => candle_core::bail!(
+                        "low-rank linear: input, adapter and weight must share a dtype"
+                    ),
+                },
+            )
+        })
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (m, k) = x.dims2()?;
+        let (r, n) = (a.dim(0)?, b.dim(0)?);
+        let dims = (m, k, r, n);
+        let dev = grad.device().clone();
+        let len = m * k + r * k + n * r;
+        let all = with_cpu_slices(&[x, a, b, &self.weight, &grad], |s| match s {
+            [CpuSlice::F32(x), CpuSlice::F32(a), CpuSlice::F32(b), CpuSlice::F32(w), CpuSlice::F32(g)] => {
+                Tensor::from_vec(self.backward(x, a, b, w, g, dims), len, &dev)
+            }
+            [CpuSlice::F64(x), CpuSlice::F64(a), CpuSlice::F64(b), CpuSlice::F64(w), CpuSlice::F64(g)] => {
+                Tensor::from_vec(self.backward(x, a, b, w, g, dims), len, &dev)
+            }
+            _ => candle_core::bail!("low-rank linear backward: mixed dtypes"),
+        })?;
+        let part = |start: usize, shape: (usize, usize), tracked: bool| -> Result<Option<Tensor>> {
+            if !tracked {
+                return Ok(None);
+            }
+            Ok(Some(
+                all.narrow(0, start, shape.0 * shape.1)?.reshape(shape)?,
+            ))
+        };
+        Ok((
+            part(0, (m, k), x.track_op())?,
+            part(m * k, (r, k), a.track_op())?,
+            part(m * k + r * k, (n, r), b.track_op())?,
+        ))
     }
 }
 
@@ -128,6 +377,64 @@ fn frozen_linear_fwd<S: BackendStorage>(
     Ok((y, Shape::from((m, n))))
 }
 
+/// The CPU forward as one gemm whose destination starts out holding the bias, so the bias costs
+/// no extra pass over the output.
+fn frozen_linear_cpu(
+    x: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+    bias: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    fn run<T: Scalar>(x: &[T], w: &[T], b: Option<&[T]>, m: usize, k: usize, n: usize) -> Vec<T> {
+        let mut y = vec![T::ZERO; m * n];
+        if let Some(b) = b {
+            for row in y.chunks_mut(n) {
+                row.copy_from_slice(b);
+            }
+        }
+        matmul(
+            &mut y,
+            b.is_some(),
+            MatRef::row_major(x, m, k),
+            MatRef::row_major(w, n, k).t(),
+        );
+        y
+    }
+    let (m, k) = x.1.shape().dims2()?;
+    let (n, k2) = w.1.shape().dims2()?;
+    if k != k2 {
+        candle_core::bail!("linear: input has {k} features, weight expects {k2}")
+    }
+    let contiguous = x.1.is_contiguous()
+        && w.1.is_contiguous()
+        && bias.is_none_or(|(_, l)| l.is_contiguous() && l.dims() == [n]);
+    let slices = (
+        cpu_slice(x.0, x.1),
+        cpu_slice(w.0, w.1),
+        bias.map(|(s, l)| cpu_slice(s, l)).transpose(),
+    );
+    let shape = Shape::from((m, n));
+    match (contiguous, slices) {
+        (true, (Ok(CpuSlice::F32(x)), Ok(CpuSlice::F32(w)), Ok(b))) => {
+            let b = match b {
+                Some(CpuSlice::F32(b)) => Some(b),
+                None => None,
+                Some(_) => candle_core::bail!("linear: bias dtype differs from the weight's"),
+            };
+            Ok((CpuStorage::F32(run(x, w, b, m, k, n)), shape))
+        }
+        (true, (Ok(CpuSlice::F64(x)), Ok(CpuSlice::F64(w)), Ok(b))) => {
+            let b = match b {
+                Some(CpuSlice::F64(b)) => Some(b),
+                None => None,
+                Some(_) => candle_core::bail!("linear: bias dtype differs from the weight's"),
+            };
+            Ok((CpuStorage::F64(run(x, w, b, m, k, n)), shape))
+        }
+        // Half precision and strided operands: candle's matmul and add.
+        _ => frozen_linear_fwd(x.0, x.1, w.0, w.1, bias),
+    }
+}
+
 impl CustomOp2 for FrozenLinear {
     fn name(&self) -> &'static str {
         "frozen-linear"
@@ -139,7 +446,7 @@ impl CustomOp2 for FrozenLinear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        frozen_linear_fwd(s1, l1, s2, l2, None)
+        frozen_linear_cpu((s1, l1), (s2, l2), None)
     }
     fn cuda_fwd(
         &self,
@@ -183,7 +490,7 @@ impl CustomOp3 for FrozenLinear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        frozen_linear_fwd(s1, l1, s2, l2, Some((s3, l3)))
+        frozen_linear_cpu((s1, l1), (s2, l2), Some((s3, l3)))
     }
     fn cuda_fwd(
         &self,
@@ -222,7 +529,7 @@ impl CustomOp3 for FrozenLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grad_check::{check_input_grad, rand_tensor};
+    use crate::grad_check::{check_grads, check_input_grad, rand_tensor};
     use candle_core::{Device, Var};
 
     #[test]
@@ -263,6 +570,85 @@ mod tests {
         let x = rand_tensor(&[3, 4], 3, &dev)?;
         let grads = lin.forward(&x)?.sum_all()?.backward()?;
         assert!(grads.get(&w).is_some());
+        Ok(())
+    }
+
+    /// A LoRA-style adapter that can hide its low-rank form, to compare both paths.
+    #[derive(Debug)]
+    struct TestLora {
+        down: Tensor,
+        up: Tensor,
+        scale: f64,
+        fused: bool,
+    }
+
+    impl crate::Adapter for TestLora {
+        fn forward(&self, x: &Tensor) -> Result<Tensor> {
+            x.broadcast_matmul(&self.down.t()?)?
+                .broadcast_matmul(&self.up.t()?)?
+                * self.scale
+        }
+        fn low_rank(&self) -> Option<crate::LowRank> {
+            self.fused.then(|| crate::LowRank {
+                down: self.down.clone(),
+                up: self.up.clone(),
+                scale: self.scale,
+            })
+        }
+    }
+
+    fn lora_linear(t: &[Tensor], bias: bool, fused: bool) -> Linear {
+        let mut lin = Linear::from_weights("l", t[3].clone(), bias.then(|| t[4].clone()));
+        lin.adapters.push(ScaledAdapter {
+            adapter: std::sync::Arc::new(TestLora {
+                down: t[1].clone(),
+                up: t[2].clone(),
+                scale: 0.75,
+                fused,
+            }),
+            scale: 0.5,
+        });
+        lin
+    }
+
+    /// The fused base + low-rank op equals the composed adapter path, and its gradients for the
+    /// input and both low-rank factors match finite differences; the frozen weight gets none.
+    #[test]
+    fn fused_low_rank_linear_matches_composed_and_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = rand_tensor(&[2, 3, 6], 1, &dev)?;
+        let down = rand_tensor(&[2, 6], 2, &dev)?;
+        let up = rand_tensor(&[5, 2], 3, &dev)?;
+        let w = rand_tensor(&[5, 6], 4, &dev)?;
+        let b = rand_tensor(&[5], 5, &dev)?;
+        let all = [x.clone(), down.clone(), up.clone(), w.clone(), b.clone()];
+        for bias in [true, false] {
+            let fused = lora_linear(&all, bias, true).forward(&x)?;
+            let plain = lora_linear(&all, bias, false).forward(&x)?;
+            let diff = (fused - plain)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "{diff}");
+            check_grads(
+                &[x.clone(), down.clone(), up.clone()],
+                |t| {
+                    let params = [
+                        t[0].clone(),
+                        t[1].clone(),
+                        t[2].clone(),
+                        w.clone(),
+                        b.clone(),
+                    ];
+                    lora_linear(&params, bias, true).forward(&t[0])
+                },
+                1e-6,
+            )?;
+        }
+        let wv = Var::from_tensor(&w)?;
+        let params = [x.clone(), down, up, wv.as_tensor().clone(), b];
+        let mut lin = lora_linear(&params, true, true);
+        lin.weight = w.clone();
+        let xv = Var::from_tensor(&x)?;
+        let g = lin.forward(&xv)?.sum_all()?.backward()?;
+        assert!(g.get(&w).is_none() && g.get(xv.as_tensor()).is_some());
         Ok(())
     }
 }

@@ -59,6 +59,11 @@ impl Dropout {
         }
     }
 
+    /// Whether masks are drawn now (training with p > 0).
+    fn active(&self) -> bool {
+        self.p != 0.0 && self.step_key.load(std::sync::atomic::Ordering::SeqCst) != 0
+    }
+
     fn apply(&self, x: &Tensor, index: u64) -> candle_core::Result<Tensor> {
         let key = self.step_key.load(std::sync::atomic::Ordering::SeqCst);
         if self.p == 0.0 || key == 0 {
@@ -104,6 +109,14 @@ impl Adapter for TrainableLora {
                 .conv2d(&self.up, 0, 1, 1, 1)?,
         };
         y * self.scale
+    }
+
+    fn low_rank(&self) -> Option<imprint_ops::LowRank> {
+        (self.conv.is_none() && !self.dropout.active()).then(|| imprint_ops::LowRank {
+            down: self.down.as_tensor().clone(),
+            up: self.up.as_tensor().clone(),
+            scale: self.scale,
+        })
     }
 }
 
