@@ -1,7 +1,7 @@
 //! 2-D convolution with a frozen-weight backward and the adapter hook.
 
 use crate::adapter::{apply_adapters, ScaledAdapter};
-use crate::gemm::{matmul, MatRef, Scalar};
+use crate::gemm::{matmul, matmul_strided, MatRef, Scalar};
 use crate::storage::{cpu_slice, CpuSlice};
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -247,21 +247,37 @@ impl ConvGeometry {
             .filter(|&y| y < self.h)
     }
 
-    /// im2col of one image `[C, H, W]` into `cols [C·k·k, Ho·Wo]`, rows in the weight's
-    /// `(c, ki, kj)` order so that `W [O, C·k·k] · cols` is the NCHW output.
-    fn im2col<T: Scalar>(&self, img: &[T], cols: &mut [T]) {
+    /// Output rows per column tile: the column matrix of a tile stays under `COLS_BUDGET`
+    /// elements, so a 512 px VAE convolution never builds a gigabyte-sized im2col.
+    fn tile_rows(&self) -> usize {
+        (COLS_BUDGET / (self.rows() * self.w_out).max(1)).clamp(1, self.h_out.max(1))
+    }
+
+    /// `(first output row, rows)` of each tile.
+    fn tiles(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (h_out, step) = (self.h_out, self.tile_rows());
+        (0..h_out)
+            .step_by(step)
+            .map(move |oh0| (oh0, step.min(h_out - oh0)))
+    }
+
+    /// im2col of output rows `[oh0, oh0 + rows)` of one image `[C, H, W]` into
+    /// `cols [C·k·k, rows·Wo]`, rows in the weight's `(c, ki, kj)` order so that
+    /// `W [O, C·k·k] · cols` is that block of the NCHW output.
+    fn im2col<T: Scalar>(&self, img: &[T], (oh0, rows): (usize, usize), cols: &mut [T]) {
         use rayon::prelude::*;
-        let (k, p, plane) = (self.k, self.pixels_out(), self.h * self.w);
-        cols.par_chunks_mut(k * k * p)
+        let (k, plane) = (self.k, self.h * self.w);
+        let p = rows * self.w_out;
+        cols[..self.rows() * p]
+            .par_chunks_mut(k * k * p)
             .enumerate()
-            .for_each(|(c, rows)| {
+            .for_each(|(c, chan)| {
                 let src = &img[c * plane..(c + 1) * plane];
                 for ki in 0..k {
                     for kj in 0..k {
-                        let row = &mut rows[(ki * k + kj) * p..(ki * k + kj + 1) * p];
-                        for oh in 0..self.h_out {
-                            let dst = &mut row[oh * self.w_out..(oh + 1) * self.w_out];
-                            let Some(y) = self.src_row(oh, ki) else {
+                        let row = &mut chan[(ki * k + kj) * p..(ki * k + kj + 1) * p];
+                        for (i, dst) in row.chunks_mut(self.w_out).enumerate() {
+                            let Some(y) = self.src_row(oh0 + i, ki) else {
                                 dst.fill(T::ZERO);
                                 continue;
                             };
@@ -288,25 +304,25 @@ impl ConvGeometry {
             });
     }
 
-    /// Scatters columns `[C·k·k, Ho·Wo]` of one image back to pixels `[C, H, W]`, summing the
-    /// overlaps: the adjoint of [`Self::im2col`].
-    fn col2im<T: Scalar>(&self, cols: &[T], img: &mut [T]) {
+    /// Adds columns `[C·k·k, rows·Wo]` of output rows `[oh0, oh0 + rows)` back onto pixels
+    /// `[C, H, W]`, summing the overlaps: the adjoint of [`Self::im2col`].
+    fn col2im_add<T: Scalar>(&self, cols: &[T], (oh0, rows): (usize, usize), img: &mut [T]) {
         use rayon::prelude::*;
-        let (k, p, plane) = (self.k, self.pixels_out(), self.h * self.w);
+        let (k, plane) = (self.k, self.h * self.w);
+        let p = rows * self.w_out;
         // One channel plane per task: each writes only its own pixels.
         img.par_chunks_mut(plane).enumerate().for_each(|(c, dst)| {
-            dst.fill(T::ZERO);
             for ki in 0..k {
                 for kj in 0..k {
                     let row = (c * k * k + ki * k + kj) * p;
                     let src = &cols[row..row + p];
-                    for oh in 0..self.h_out {
-                        let Some(y) = self.src_row(oh, ki) else {
+                    for i in 0..rows {
+                        let Some(y) = self.src_row(oh0 + i, ki) else {
                             continue;
                         };
                         for ow in 0..self.w_out {
                             if let Some(x) = self.src_col(ow, kj) {
-                                dst[y * self.w + x] += src[oh * self.w_out + ow];
+                                dst[y * self.w + x] += src[i * self.w_out + ow];
                             }
                         }
                     }
@@ -314,7 +330,23 @@ impl ConvGeometry {
             }
         });
     }
+
+    /// The column buffer for one tile (empty for a pointwise convolution, which needs none).
+    fn cols_buffer<T: Scalar>(&self) -> Vec<T> {
+        if self.is_pointwise() {
+            vec![]
+        } else {
+            vec![T::ZERO; self.rows() * self.tile_rows() * self.w_out]
+        }
+    }
 }
+
+/// Most elements one im2col tile may hold (16 MiB of f32).
+#[cfg(not(test))]
+const COLS_BUDGET: usize = 1 << 22;
+/// Tests run on images of a few pixels: a tiny budget makes them cross ragged multi-row tiles.
+#[cfg(test)]
+const COLS_BUDGET: usize = 200;
 
 /// The CPU convolution `y = W · im2col(x) + b` over `(x, weight, bias)`; see [`Conv2d`].
 struct Conv2dGemm(Conv2dConfig);
@@ -338,24 +370,24 @@ impl Conv2dGemm {
         }
         let weight = MatRef::row_major(w, c_out, g.rows());
         let mut out = vec![T::ZERO; batch * c_out * p];
-        let mut cols = if g.is_pointwise() {
-            vec![]
-        } else {
-            vec![T::ZERO; g.rows() * p]
-        };
+        let mut cols = g.cols_buffer();
         let img_len = g.c_in * g.h * g.w;
         for (bi, dst) in out.chunks_mut(c_out * p).enumerate() {
             for (row, &bias) in dst.chunks_mut(p).zip(b) {
                 row.fill(bias);
             }
             let img = &x[bi * img_len..(bi + 1) * img_len];
-            let rhs = if g.is_pointwise() {
-                MatRef::row_major(img, g.rows(), p)
-            } else {
-                g.im2col(img, &mut cols);
-                MatRef::row_major(&cols, g.rows(), p)
-            };
-            matmul(dst, true, weight, rhs);
+            if g.is_pointwise() {
+                matmul(dst, true, weight, MatRef::row_major(img, g.rows(), p));
+                continue;
+            }
+            for tile in g.tiles() {
+                let pt = tile.1 * g.w_out;
+                g.im2col(img, tile, &mut cols);
+                let block = &mut dst[tile.0 * g.w_out..];
+                let rhs = MatRef::row_major(&cols, g.rows(), pt);
+                matmul_strided(block, p, true, weight, rhs);
+            }
         }
         Ok((out, Shape::from((batch, c_out, g.h_out, g.w_out))))
     }
@@ -428,18 +460,25 @@ impl ConvInputGrad {
         let batch = grad.len() / (c_out * p);
         let weight_t = MatRef::row_major(w, c_out, g.rows()).t();
         let mut out = vec![T::ZERO; batch * img_len];
-        let mut cols = if g.is_pointwise() {
-            vec![]
-        } else {
-            vec![T::ZERO; g.rows() * p]
-        };
+        let mut cols = g.cols_buffer();
         for (bi, img) in out.chunks_mut(img_len).enumerate() {
-            let gb = MatRef::row_major(&grad[bi * c_out * p..(bi + 1) * c_out * p], c_out, p);
+            let grad = &grad[bi * c_out * p..(bi + 1) * c_out * p];
             if g.is_pointwise() {
-                matmul(img, false, weight_t, gb);
-            } else {
-                matmul(&mut cols, false, weight_t, gb);
-                g.col2im(&cols, img);
+                matmul(img, false, weight_t, MatRef::row_major(grad, c_out, p));
+                continue;
+            }
+            for tile in g.tiles() {
+                let pt = tile.1 * g.w_out;
+                // The tile's columns of g: rows of length pt, p apart.
+                let g_tile = MatRef {
+                    data: &grad[tile.0 * g.w_out..],
+                    rows: c_out,
+                    cols: pt,
+                    row_stride: p,
+                    col_stride: 1,
+                };
+                matmul(&mut cols[..g.rows() * pt], false, weight_t, g_tile);
+                g.col2im_add(&cols, tile, img);
             }
         }
         out
@@ -483,21 +522,31 @@ impl ConvWeightGrad {
         let batch = x.len() / img_len;
         let c_out = grad.len() / (batch * p);
         let mut out = vec![T::ZERO; c_out * g.rows()];
-        let mut cols = if g.is_pointwise() {
-            vec![]
-        } else {
-            vec![T::ZERO; g.rows() * p]
-        };
+        let mut cols = g.cols_buffer();
+        let mut first = true;
         for bi in 0..batch {
             let img = &x[bi * img_len..(bi + 1) * img_len];
-            let cols_t = if g.is_pointwise() {
-                MatRef::row_major(img, g.rows(), p).t()
-            } else {
-                g.im2col(img, &mut cols);
-                MatRef::row_major(&cols, g.rows(), p).t()
-            };
-            let gb = MatRef::row_major(&grad[bi * c_out * p..(bi + 1) * c_out * p], c_out, p);
-            matmul(&mut out, bi > 0, gb, cols_t);
+            let grad = &grad[bi * c_out * p..(bi + 1) * c_out * p];
+            if g.is_pointwise() {
+                let cols_t = MatRef::row_major(img, g.rows(), p).t();
+                matmul(&mut out, !first, MatRef::row_major(grad, c_out, p), cols_t);
+                first = false;
+                continue;
+            }
+            for tile in g.tiles() {
+                let pt = tile.1 * g.w_out;
+                g.im2col(img, tile, &mut cols);
+                let g_tile = MatRef {
+                    data: &grad[tile.0 * g.w_out..],
+                    rows: c_out,
+                    cols: pt,
+                    row_stride: p,
+                    col_stride: 1,
+                };
+                let cols_t = MatRef::row_major(&cols, g.rows(), pt).t();
+                matmul(&mut out, !first, g_tile, cols_t);
+                first = false;
+            }
         }
         (out, c_out)
     }

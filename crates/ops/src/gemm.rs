@@ -72,16 +72,33 @@ impl Scalar for f64 {
 ///
 /// Splits across the rayon pool when the product is large enough to pay for it, as candle does.
 pub(crate) fn matmul<T: Scalar>(dst: &mut [T], accumulate: bool, lhs: MatRef<T>, rhs: MatRef<T>) {
+    matmul_strided(dst, rhs.cols, accumulate, lhs, rhs)
+}
+
+/// [`matmul`] into rows `dst_row_stride` apart: a block of columns of a wider matrix.
+pub(crate) fn matmul_strided<T: Scalar>(
+    dst: &mut [T],
+    dst_row_stride: usize,
+    accumulate: bool,
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "gemm: inner dimensions differ");
-    assert!(dst.len() >= m * n, "gemm: destination too small");
+    assert!(n <= dst_row_stride, "gemm: destination rows overlap");
+    assert!(
+        m == 0 || n == 0 || dst.len() >= (m - 1) * dst_row_stride + n,
+        "gemm: destination too small"
+    );
     assert!(lhs.fits() && rhs.fits(), "gemm: operand view out of bounds");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(T::ZERO);
+            for row in dst.chunks_mut(dst_row_stride).take(m) {
+                row[..n].fill(T::ZERO);
+            }
         }
         return;
     }
@@ -91,9 +108,9 @@ pub(crate) fn matmul<T: Scalar>(dst: &mut [T], accumulate: bool, lhs: MatRef<T>,
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above bound every index the kernel touches: dst is m×n row-major in
-    // `dst`, and each operand's last element lies inside its slice (`fits`). Strides fit in isize
-    // because they index allocated slices.
+    // SAFETY: the asserts above bound every index the kernel touches: dst row i spans
+    // [i·stride, i·stride + n) inside `dst`, and each operand's last element lies inside its
+    // slice (`fits`). Strides fit in isize because they index allocated slices.
     unsafe {
         gemm::gemm(
             m,
@@ -101,7 +118,7 @@ pub(crate) fn matmul<T: Scalar>(dst: &mut [T], accumulate: bool, lhs: MatRef<T>,
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_row_stride as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.col_stride as isize,
