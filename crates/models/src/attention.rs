@@ -126,12 +126,7 @@ impl FeedForward {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(x)?;
-        let inner = h.dim(candle_core::D::Minus1)? / 2;
-        let (hidden, gate) = (
-            h.narrow(candle_core::D::Minus1, 0, inner)?,
-            h.narrow(candle_core::D::Minus1, inner, inner)?,
-        );
-        self.proj_out.forward(&(hidden * gate.gelu_erf()?)?)
+        self.proj_out.forward(&imprint_ops::geglu(&h)?)
     }
 }
 

@@ -23,6 +23,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+mod activation;
 mod adapter;
 mod attention;
 mod checkpoint;
@@ -35,6 +36,7 @@ mod resample;
 mod softmax;
 mod storage;
 
+pub use activation::geglu;
 pub use adapter::{Adapter, LowRank, ScaledAdapter};
 pub use attention::scaled_dot_product_attention;
 pub use checkpoint::{checkpoint, BlockFn, Checkpointing, SideGrads};

@@ -1,0 +1,174 @@
+//! GEGLU (Shazeer 2020, "GLU Variants Improve Transformer"), the feed-forward gate of SD's
+//! transformer blocks: `h = [hidden | gate]`, `out = hidden · gelu(gate)` with the exact (erf)
+//! GELU, as diffusers' `GEGLU` computes it.
+
+use crate::storage::{cpu_slice, CpuSlice};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+
+/// `hidden · gelu(gate)` for `h = [hidden | gate]` split in halves along the last dimension.
+///
+/// On the CPU in f32/f64 this is one pass with its own one-pass backward. Composed from candle
+/// ops instead, the two halves are strided views, and each view's backward pads a full-size zero
+/// tensor, which then get added: several full passes over the widest activation of the block.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    let width = h.dim(D::Minus1)?;
+    if width % 2 != 0 {
+        bail!("geglu: the last dimension ({width}) must split into two halves")
+    }
+    if h.device().is_cpu() && matches!(h.dtype(), DType::F32 | DType::F64) {
+        return h.contiguous()?.apply_op1(Geglu);
+    }
+    let inner = width / 2;
+    h.narrow(D::Minus1, 0, inner)? * h.narrow(D::Minus1, inner, inner)?.gelu_erf()?
+}
+
+/// Element math in f64 or f32, with the same erf candle's `gelu_erf` uses.
+trait GeluScalar: Copy + Send + Sync + 'static {
+    /// `(gelu(x), gelu'(x))`
+    fn gelu_and_grad(x: Self) -> (Self, Self);
+    fn gelu(x: Self) -> Self;
+    fn mul(a: Self, b: Self) -> Self;
+}
+
+const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+impl GeluScalar for f32 {
+    fn gelu(x: f32) -> f32 {
+        0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+    }
+    fn gelu_and_grad(x: f32) -> (f32, f32) {
+        let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+        let pdf = FRAC_1_SQRT_2PI as f32 * (-0.5 * x * x).exp();
+        (x * cdf, cdf + x * pdf)
+    }
+    fn mul(a: f32, b: f32) -> f32 {
+        a * b
+    }
+}
+
+impl GeluScalar for f64 {
+    fn gelu(x: f64) -> f64 {
+        0.5 * x * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2))
+    }
+    fn gelu_and_grad(x: f64) -> (f64, f64) {
+        let cdf = 0.5 * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2));
+        let pdf = FRAC_1_SQRT_2PI * (-0.5 * x * x).exp();
+        (x * cdf, cdf + x * pdf)
+    }
+    fn mul(a: f64, b: f64) -> f64 {
+        a * b
+    }
+}
+
+struct Geglu;
+
+fn geglu_forward<T: GeluScalar + Default>(h: &[T], inner: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    let rows = h.len() / (2 * inner);
+    let mut out = vec![T::default(); rows * inner];
+    out.par_chunks_mut(inner)
+        .zip(h.par_chunks(2 * inner))
+        .for_each(|(o, row)| {
+            let (hidden, gate) = row.split_at(inner);
+            for ((o, &a), &g) in o.iter_mut().zip(hidden).zip(gate) {
+                *o = T::mul(a, T::gelu(g));
+            }
+        });
+    out
+}
+
+/// `∂h = [g · gelu(gate) | g · hidden · gelu'(gate)]`.
+fn geglu_backward<T: GeluScalar + Default>(h: &[T], grad: &[T], inner: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out = vec![T::default(); h.len()];
+    out.par_chunks_mut(2 * inner)
+        .zip(h.par_chunks(2 * inner))
+        .zip(grad.par_chunks(inner))
+        .for_each(|((d, row), g)| {
+            let (hidden, gate) = row.split_at(inner);
+            let (d_hidden, d_gate) = d.split_at_mut(inner);
+            for i in 0..inner {
+                let (value, slope) = T::gelu_and_grad(gate[i]);
+                d_hidden[i] = T::mul(g[i], value);
+                d_gate[i] = T::mul(T::mul(g[i], hidden[i]), slope);
+            }
+        });
+    out
+}
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut dims = l.dims().to_vec();
+        let inner = dims.last().copied().unwrap_or(0) / 2;
+        if let Some(last) = dims.last_mut() {
+            *last = inner;
+        }
+        Ok(match cpu_slice(s, l)? {
+            CpuSlice::F32(h) => (CpuStorage::F32(geglu_forward(h, inner)), Shape::from(dims)),
+            CpuSlice::F64(h) => (CpuStorage::F64(geglu_forward(h, inner)), Shape::from(dims)),
+        })
+    }
+    fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            h.apply_op2_no_bwd(&grad.contiguous()?, &GegluBackward)?,
+        ))
+    }
+}
+
+struct GegluBackward;
+
+impl candle_core::CustomOp2 for GegluBackward {
+    fn name(&self) -> &'static str {
+        "geglu-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let inner = l1.dims().last().copied().unwrap_or(0) / 2;
+        let shape = Shape::from(l1.dims());
+        Ok(match (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?) {
+            (CpuSlice::F32(h), CpuSlice::F32(g)) => {
+                (CpuStorage::F32(geglu_backward(h, g, inner)), shape)
+            }
+            (CpuSlice::F64(h), CpuSlice::F64(g)) => {
+                (CpuStorage::F64(geglu_backward(h, g, inner)), shape)
+            }
+            _ => bail!("geglu backward: input and gradient must share a dtype"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grad_check::{check_input_grad, rand_tensor};
+    use candle_core::Device;
+
+    #[test]
+    fn geglu_matches_composed_and_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let h = rand_tensor(&[2, 3, 8], 1, &dev)?;
+        let composed = (h.narrow(D::Minus1, 0, 4)? * h.narrow(D::Minus1, 4, 4)?.gelu_erf()?)?;
+        let diff = (geglu(&h)? - &composed)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "f64: {diff}");
+        let h32 = h.to_dtype(DType::F32)?;
+        let diff = (geglu(&h32)?.to_dtype(DType::F64)? - &composed)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(diff < 1e-6, "f32: {diff}");
+        check_input_grad(&h, geglu, 1e-6)?;
+        assert!(geglu(&rand_tensor(&[2, 3], 2, &dev)?).is_err());
+        Ok(())
+    }
+}
