@@ -2,6 +2,7 @@
 //! transformer blocks: `h = [hidden | gate]`, `out = hidden · gelu(gate)` with the exact (erf)
 //! GELU, as diffusers' `GEGLU` computes it.
 
+use crate::fastmath::{erf_f32, exp_f32};
 use crate::storage::{cpu_slice, CpuSlice};
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 
@@ -22,7 +23,8 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     h.narrow(D::Minus1, 0, inner)? * h.narrow(D::Minus1, inner, inner)?.gelu_erf()?
 }
 
-/// Element math in f64 or f32, with the same erf candle's `gelu_erf` uses.
+/// Element math in f64 (libm, for the finite-difference tests) or f32 (the vectorizable
+/// [`erf_f32`], the approximation PyTorch's CPU GELU uses).
 trait GeluScalar: Copy + Send + Sync + 'static {
     /// `(gelu(x), gelu'(x))`
     fn gelu_and_grad(x: Self) -> (Self, Self);
@@ -34,11 +36,11 @@ const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
 impl GeluScalar for f32 {
     fn gelu(x: f32) -> f32 {
-        0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+        0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
     }
     fn gelu_and_grad(x: f32) -> (f32, f32) {
-        let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
-        let pdf = FRAC_1_SQRT_2PI as f32 * (-0.5 * x * x).exp();
+        let cdf = 0.5 * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+        let pdf = FRAC_1_SQRT_2PI as f32 * exp_f32(-0.5 * x * x);
         (x * cdf, cdf + x * pdf)
     }
     fn mul(a: f32, b: f32) -> f32 {

@@ -1,6 +1,7 @@
 //! Scaled dot-product attention: a tiled (flash-attention style) CPU kernel with its own backward,
 //! and the plain composed form for masks and other devices.
 
+use crate::fastmath::FastExp;
 use crate::gemm::{matmul, MatRef, Scalar};
 use crate::softmax::softmax_last_dim;
 use crate::storage::{cpu_slice, CpuSlice};
@@ -94,7 +95,7 @@ impl Dims {
 }
 
 /// One head's forward: writes `out [Sq, d]` and `lse [Sq]`.
-fn flash_forward_head<T: Scalar + Float>(
+fn flash_forward_head<T: Scalar + Float + FastExp>(
     q: &[T],
     k: &[T],
     v: &[T],
@@ -121,18 +122,13 @@ fn flash_forward_head<T: Scalar + Float>(
             matmul(s, false, q_tile, k_tile.t());
             for r in 0..tq {
                 let row = &mut s[r * tk..(r + 1) * tk];
-                let mut m = row_max[r];
-                for x in row.iter_mut() {
-                    *x = *x * scale;
-                    m = m.max(*x);
-                }
+                // Separate passes, so the scaling and exponentials vectorize.
+                row.iter_mut().for_each(|x| *x = *x * scale);
+                let m = row.iter().fold(row_max[r], |m, &x| m.max(x));
                 // Rescale what was accumulated under the old maximum.
-                let correction = (row_max[r] - m).exp();
-                let mut sum = T::ZERO;
-                for x in row.iter_mut() {
-                    *x = (*x - m).exp();
-                    sum += *x;
-                }
+                let correction = (row_max[r] - m).fast_exp();
+                row.iter_mut().for_each(|x| *x = (*x - m).fast_exp());
+                let sum = row.iter().fold(T::ZERO, |s, &x| s + x);
                 row_sum[r] = row_sum[r] * correction + sum;
                 row_max[r] = m;
                 for a in &mut acc[r * d..(r + 1) * d] {
@@ -163,7 +159,7 @@ struct HeadBackward<'a, T> {
 }
 
 /// One head's backward: accumulates `dq [Sq, d]`, `dk, dv [Sk, d]` (zeroed by the caller).
-fn flash_backward_head<T: Scalar + Float>(
+fn flash_backward_head<T: Scalar + Float + FastExp>(
     h: HeadBackward<T>,
     dims: Dims,
     scale: T,
@@ -194,7 +190,7 @@ fn flash_backward_head<T: Scalar + Float>(
             for r in 0..tq {
                 let l = T::from(h.lse[q0 + r]).unwrap_or(T::nan());
                 for x in &mut p[r * tk..(r + 1) * tk] {
-                    *x = (*x * scale - l).exp();
+                    *x = (*x * scale - l).fast_exp();
                 }
             }
             let p_mat = MatRef::row_major(&*p, tq, tk);
@@ -221,7 +217,7 @@ fn flash_backward_head<T: Scalar + Float>(
 }
 
 impl FlashAttention {
-    fn forward<T: Scalar + Float>(
+    fn forward<T: Scalar + Float + FastExp>(
         &self,
         q: &[T],
         k: &[T],
@@ -255,7 +251,7 @@ impl FlashAttention {
     }
 
     /// `[dq | dk | dv]` in one buffer.
-    fn backward<T: Scalar + Float>(
+    fn backward<T: Scalar + Float + FastExp>(
         &self,
         (q, k, v): (&[T], &[T], &[T]),
         out: &[T],

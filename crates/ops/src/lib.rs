@@ -28,6 +28,7 @@ mod adapter;
 mod attention;
 mod checkpoint;
 mod conv;
+mod fastmath;
 mod gemm;
 pub mod grad_check;
 mod linear;

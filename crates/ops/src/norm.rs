@@ -5,6 +5,7 @@
 //! On CPU in f32/f64 a kernel computes the forward with f64 accumulation; the backward is
 //! `∂x = rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂))` with `ĝ = g ⊙ γ`, composed from candle ops.
 
+use crate::fastmath::FastExp;
 use crate::storage::{cpu_slice, CpuSlice};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
@@ -114,7 +115,7 @@ struct NormOp {
     silu: bool,
 }
 
-fn norm_kernel<T: Float + Send + Sync>(
+fn norm_kernel<T: Float + FastExp + Send + Sync>(
     x: &[T],
     w: &[T],
     b: &[T],
@@ -161,7 +162,7 @@ fn norm_kernel<T: Float + Send + Sync>(
             if silu {
                 // z · σ(z) = z / (1 + e^{−z}), on the row while it is in cache.
                 for v in o.iter_mut() {
-                    *v = *v / (T::one() + (-*v).exp());
+                    *v = *v / (T::one() + (-*v).fast_exp());
                 }
             }
         });
