@@ -4,8 +4,8 @@
 use crate::fastmath::FastExp;
 use crate::gemm::{matmul, MatRef, Scalar};
 use crate::softmax::softmax_last_dim;
-use crate::storage::{cpu_slice, CpuSlice};
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use crate::storage::{cpu_slice, with_cpu_slices, CpuSlice};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use std::sync::Mutex;
 
@@ -332,28 +332,16 @@ impl CustomOp3 for FlashAttention {
         let (b, dims) = Dims::new(q.dims(), k.dims(), v.dims())?;
         let grad = grad.contiguous()?;
         let (dev, (sq, sk, d)) = (q.device().clone(), (dims.sq, dims.sk, dims.d));
-        let guards: Vec<_> = [q, k, v, res, &grad]
-            .iter()
-            .map(|t| t.storage_and_layout())
-            .collect();
-        let mut slices = vec![];
-        for (storage, layout) in &guards {
-            let Storage::Cpu(cpu) = &**storage else {
-                bail!("attention backward: tensors left the CPU")
-            };
-            slices.push(cpu_slice(cpu, layout)?);
-        }
         let n = b * (sq + 2 * sk) * d;
-        let all = match slices.as_slice() {
+        let all = with_cpu_slices(&[q, k, v, res, &grad], |slices| match slices {
             [CpuSlice::F32(q), CpuSlice::F32(k), CpuSlice::F32(v), CpuSlice::F32(o), CpuSlice::F32(g)] => {
-                Tensor::from_vec(self.backward((q, k, v), o, g, &lse, b, dims), n, &dev)?
+                Tensor::from_vec(self.backward((q, k, v), o, g, &lse, b, dims), n, &dev)
             }
             [CpuSlice::F64(q), CpuSlice::F64(k), CpuSlice::F64(v), CpuSlice::F64(o), CpuSlice::F64(g)] => {
-                Tensor::from_vec(self.backward((q, k, v), o, g, &lse, b, dims), n, &dev)?
+                Tensor::from_vec(self.backward((q, k, v), o, g, &lse, b, dims), n, &dev)
             }
             _ => bail!("attention backward: q, k, v and the gradient must share a dtype"),
-        };
-        drop(guards);
+        })?;
         let part = |start: usize, rows: usize, tracked: bool| -> Result<Option<Tensor>> {
             if !tracked {
                 return Ok(None);

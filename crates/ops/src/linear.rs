@@ -2,7 +2,7 @@
 
 use crate::adapter::{apply_adapters, ScaledAdapter};
 use crate::gemm::{matmul, MatRef, Scalar};
-use crate::storage::{cpu_slice, CpuSlice};
+use crate::storage::{cpu_slice, with_cpu_slices, CpuSlice};
 use candle_core::backend::BackendStorage;
 use candle_core::DType;
 use candle_core::{
@@ -157,22 +157,6 @@ struct LowRankLinear {
     weight: Tensor,
     bias: Option<Tensor>,
     scale: f64,
-}
-
-/// Borrows contiguous CPU slices of several tensors of one dtype and runs `f` on them.
-fn with_cpu_slices<R>(
-    tensors: &[&Tensor],
-    f: impl FnOnce(&[crate::storage::CpuSlice]) -> Result<R>,
-) -> Result<R> {
-    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(guards.len());
-    for (storage, layout) in &guards {
-        let candle_core::Storage::Cpu(cpu) = &**storage else {
-            candle_core::bail!("low-rank linear: tensors left the CPU")
-        };
-        slices.push(crate::storage::cpu_slice(cpu, layout)?);
-    }
-    f(&slices)
 }
 
 impl LowRankLinear {
