@@ -51,8 +51,21 @@ fn keep_freed_memory() {
     }
 }
 
+/// candle's element-wise thread pool spins 25,000 times after each op before its worker parks; on
+/// a small machine that worker then competes with the gemm threads for the same cores (8 % of a
+/// training step's samples were that spin loop). Parking sooner made a textual-inversion step
+/// about 4 % faster on 2 cores, back to back. An explicit setting is left alone.
+fn park_idle_workers_sooner() {
+    const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(VAR).is_none() {
+        // Before any thread exists, so nothing reads the environment concurrently.
+        std::env::set_var(VAR, "1000");
+    }
+}
+
 fn main() {
     keep_freed_memory();
+    park_idle_workers_sooner();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => commands::generate::run(a),

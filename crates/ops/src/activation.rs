@@ -35,28 +35,34 @@ trait GeluScalar: Copy + Send + Sync + 'static {
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
 impl GeluScalar for f32 {
+    #[inline(always)]
     fn gelu(x: f32) -> f32 {
         0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
     }
+    #[inline(always)]
     fn gelu_and_grad(x: f32) -> (f32, f32) {
         let cdf = 0.5 * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
         let pdf = FRAC_1_SQRT_2PI as f32 * exp_f32(-0.5 * x * x);
         (x * cdf, cdf + x * pdf)
     }
+    #[inline(always)]
     fn mul(a: f32, b: f32) -> f32 {
         a * b
     }
 }
 
 impl GeluScalar for f64 {
+    #[inline(always)]
     fn gelu(x: f64) -> f64 {
         0.5 * x * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2))
     }
+    #[inline(always)]
     fn gelu_and_grad(x: f64) -> (f64, f64) {
         let cdf = 0.5 * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2));
         let pdf = FRAC_1_SQRT_2PI * (-0.5 * x * x).exp();
         (x * cdf, cdf + x * pdf)
     }
+    #[inline(always)]
     fn mul(a: f64, b: f64) -> f64 {
         a * b
     }
@@ -89,10 +95,11 @@ fn geglu_backward<T: GeluScalar + Default>(h: &[T], grad: &[T], inner: usize) ->
         .for_each(|((d, row), g)| {
             let (hidden, gate) = row.split_at(inner);
             let (d_hidden, d_gate) = d.split_at_mut(inner);
-            for i in 0..inner {
-                let (value, slope) = T::gelu_and_grad(gate[i]);
-                d_hidden[i] = T::mul(g[i], value);
-                d_gate[i] = T::mul(T::mul(g[i], hidden[i]), slope);
+            let rows = d_hidden.iter_mut().zip(d_gate).zip(hidden).zip(gate).zip(g);
+            for ((((dh, dg), &h), &x), &g) in rows {
+                let (value, slope) = T::gelu_and_grad(x);
+                *dh = T::mul(g, value);
+                *dg = T::mul(T::mul(g, h), slope);
             }
         });
     out
