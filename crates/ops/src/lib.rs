@@ -8,11 +8,9 @@
 //!   [`softmax_last_dim`], [`layer_norm`] and [`group_norm`] here carry their own backward, checked
 //!   against finite differences in the tests beside them.
 //! * **Frozen weights get no gradient.** candle's matmul and conv backward always compute the weight
-//!   gradient (3.7 GB on the SD 1.5 UNet). [`Linear`] and [`Conv2d`] run custom ops (gemm with the
-//!   bias fused; im2col convolution) whose backward computes only the gradients of tracked
-//!   operands, so a frozen weight (not a `Var`) gets none.
-//! * **Scores stay small.** [`scaled_dot_product_attention`] is tiled with an online softmax in
-//!   the forward and backward pass; [`geglu`] and [`group_norm_silu`] are one pass each way.
+//!   gradient (3.7 GB on the SD 1.5 UNet). [`Linear`] and [`Conv2d`] route a frozen weight through a
+//!   custom op whose backward yields only the input gradient; a trainable weight (a `Var`) takes
+//!   candle's ordinary path.
 //! * **Adapters plug in.** A [`Linear`] or [`Conv2d`] is a frozen base plus zero or more
 //!   [`ScaledAdapter`]s (LoRA and friends), so personalization methods add deltas without rewriting
 //!   the networks.
