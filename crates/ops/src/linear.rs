@@ -554,7 +554,20 @@ mod tests {
         let x = rand_tensor(&[3, 4], 3, &dev)?;
         let grads = lin.forward(&x)?.sum_all()?.backward()?;
         assert!(grads.get(&w).is_some());
-        Ok(())
+        // Input, weight and bias gradients against finite differences, with and without a bias.
+        let b = rand_tensor(&[5], 2, &dev)?;
+        let x = rand_tensor(&[2, 3, 4], 3, &dev)?;
+        let w = rand_tensor(&[5, 4], 1, &dev)?;
+        check_grads(
+            &[x.clone(), w.clone(), b],
+            |t| Linear::from_weights("l", t[1].clone(), Some(t[2].clone())).forward(&t[0]),
+            1e-6,
+        )?;
+        check_grads(
+            &[x, w],
+            |t| Linear::from_weights("l", t[1].clone(), None).forward(&t[0]),
+            1e-6,
+        )
     }
 
     /// A LoRA-style adapter that can hide its low-rank form, to compare both paths.
