@@ -3,7 +3,7 @@
 //! GELU, as diffusers' `GEGLU` computes it.
 
 use crate::fastmath::{erf_f32, exp_f32};
-use crate::storage::{cpu_slice, CpuSlice};
+use crate::storage::{cpu_slice, same_float};
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 
 /// `hidden · gelu(gate)` for `h = [hidden | gate]` split in halves along the last dimension.
@@ -115,10 +115,8 @@ impl CustomOp1 for Geglu {
         if let Some(last) = dims.last_mut() {
             *last = inner;
         }
-        Ok(match cpu_slice(s, l)? {
-            CpuSlice::F32(h) => (CpuStorage::F32(geglu_forward(h, inner)), Shape::from(dims)),
-            CpuSlice::F64(h) => (CpuStorage::F64(geglu_forward(h, inner)), Shape::from(dims)),
-        })
+        let out = same_float!("geglu", (cpu_slice(s, l)?), (h) => geglu_forward(h, inner));
+        Ok((out, Shape::from(dims)))
     }
     fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(
@@ -142,15 +140,12 @@ impl candle_core::CustomOp2 for GegluBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let inner = l1.dims().last().copied().unwrap_or(0) / 2;
         let shape = Shape::from(l1.dims());
-        Ok(match (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?) {
-            (CpuSlice::F32(h), CpuSlice::F32(g)) => {
-                (CpuStorage::F32(geglu_backward(h, g, inner)), shape)
-            }
-            (CpuSlice::F64(h), CpuSlice::F64(g)) => {
-                (CpuStorage::F64(geglu_backward(h, g, inner)), shape)
-            }
-            _ => bail!("geglu backward: input and gradient must share a dtype"),
-        })
+        let out = same_float!(
+            "geglu backward",
+            (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?),
+            (h, g) => geglu_backward(h, g, inner)
+        );
+        Ok((out, shape))
     }
 }
 

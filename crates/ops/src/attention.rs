@@ -4,7 +4,7 @@
 use crate::fastmath::FastExp;
 use crate::gemm::{matmul, MatRef, Scalar};
 use crate::softmax::softmax_last_dim;
-use crate::storage::{cpu_slice, with_cpu_slices, CpuSlice};
+use crate::storage::{cpu_slice, into_tensor, same_float, with_cpu_slices};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use std::sync::Mutex;
@@ -306,17 +306,12 @@ impl CustomOp3 for FlashAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, dims) = Dims::new(l1.dims(), l2.dims(), l3.dims())?;
         let shape = Shape::from(l1.dims());
-        Ok(
-            match (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?) {
-                (CpuSlice::F32(q), CpuSlice::F32(k), CpuSlice::F32(v)) => {
-                    (CpuStorage::F32(self.forward(q, k, v, b, dims)), shape)
-                }
-                (CpuSlice::F64(q), CpuSlice::F64(k), CpuSlice::F64(v)) => {
-                    (CpuStorage::F64(self.forward(q, k, v, b, dims)), shape)
-                }
-                _ => bail!("attention: q, k and v must share a dtype"),
-            },
-        )
+        let out = same_float!(
+            "attention",
+            (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?),
+            (q, k, v) => self.forward(q, k, v, b, dims)
+        );
+        Ok((out, shape))
     }
     fn bwd(
         &self,
@@ -333,15 +328,14 @@ impl CustomOp3 for FlashAttention {
         let grad = grad.contiguous()?;
         let (dev, (sq, sk, d)) = (q.device().clone(), (dims.sq, dims.sk, dims.d));
         let n = b * (sq + 2 * sk) * d;
-        let all = with_cpu_slices(&[q, k, v, res, &grad], |slices| match slices {
-            [CpuSlice::F32(q), CpuSlice::F32(k), CpuSlice::F32(v), CpuSlice::F32(o), CpuSlice::F32(g)] => {
-                Tensor::from_vec(self.backward((q, k, v), o, g, &lse, b, dims), n, &dev)
-            }
-            [CpuSlice::F64(q), CpuSlice::F64(k), CpuSlice::F64(v), CpuSlice::F64(o), CpuSlice::F64(g)] => {
-                Tensor::from_vec(self.backward((q, k, v), o, g, &lse, b, dims), n, &dev)
-            }
-            _ => bail!("attention backward: q, k, v and the gradient must share a dtype"),
+        let all = with_cpu_slices(&[q, k, v, res, &grad], |s| {
+            Ok(same_float!(
+                "attention backward",
+                (s[0], s[1], s[2], s[3], s[4]),
+                (q, k, v, o, g) => self.backward((q, k, v), o, g, &lse, b, dims)
+            ))
         })?;
+        let all = into_tensor(all, n, &dev)?;
         let part = |start: usize, rows: usize, tracked: bool| -> Result<Option<Tensor>> {
             if !tracked {
                 return Ok(None);
@@ -364,17 +358,17 @@ mod tests {
     use crate::grad_check::{check_grads, rand_tensor};
     use candle_core::Device;
 
+    /// Both forms (composed, tiled) against finite differences on every element.
     #[test]
     fn attention_gradients() -> Result<()> {
         let dev = Device::Cpu;
         let q = rand_tensor(&[2, 3, 4], 1, &dev)?;
         let k = rand_tensor(&[2, 5, 4], 2, &dev)?;
         let v = rand_tensor(&[2, 5, 4], 3, &dev)?;
-        check_grads(
-            &[q, k, v],
-            |t| composed_attention(&t[0], &t[1], &t[2], 0.5, None),
-            1e-6,
-        )
+        let tiled = |t: &[Tensor]| scaled_dot_product_attention(&t[0], &t[1], &t[2], 0.5, None);
+        let composed = |t: &[Tensor]| composed_attention(&t[0], &t[1], &t[2], 0.5, None);
+        check_grads(&[q.clone(), k.clone(), v.clone()], tiled, 1e-6)?;
+        check_grads(&[q, k, v], composed, 1e-6)
     }
 
     /// Sizes that cross several query and key tiles with ragged last tiles.
@@ -405,19 +399,10 @@ mod tests {
         Ok(())
     }
 
+    /// Across several ragged tiles, the tiled backward equals the composed form's.
     #[test]
     fn flash_attention_gradients() -> Result<()> {
         let dev = Device::Cpu;
-        // Small: finite differences on every element.
-        let q = rand_tensor(&[2, 3, 4], 1, &dev)?;
-        let k = rand_tensor(&[2, 5, 4], 2, &dev)?;
-        let v = rand_tensor(&[2, 5, 4], 3, &dev)?;
-        check_grads(
-            &[q, k, v],
-            |t| scaled_dot_product_attention(&t[0], &t[1], &t[2], 0.5, None),
-            1e-6,
-        )?;
-        // Tiled: the analytic gradients equal the composed form's.
         let (q, k, v) = tiled_case(&dev)?;
         let r = rand_tensor(&[2, TILE_Q + 7, 5], 9, &dev)?;
         let grads =

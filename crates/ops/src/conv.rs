@@ -2,7 +2,7 @@
 
 use crate::adapter::{apply_adapters, ScaledAdapter};
 use crate::gemm::{matmul, matmul_strided, MatRef, Scalar};
-use crate::storage::{cpu_slice, CpuSlice};
+use crate::storage::{cpu_slice, same_float};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, MetalStorage,
@@ -352,22 +352,8 @@ const COLS_BUDGET: usize = 200;
 struct Conv2dGemm(Conv2dConfig);
 
 impl Conv2dGemm {
-    fn run<T: Scalar>(
-        &self,
-        x: &[T],
-        x_dims: &[usize],
-        w: &[T],
-        w_dims: &[usize],
-        b: &[T],
-    ) -> Result<(Vec<T>, Shape)> {
-        let g = ConvGeometry::new(x_dims, w_dims, self.0)?;
-        let (batch, c_out, p) = (x_dims[0], w_dims[0], g.pixels_out());
-        if b.len() != c_out {
-            bail!(
-                "conv2d: bias has {} values for {c_out} output channels",
-                b.len()
-            )
-        }
+    fn run<T: Scalar>(&self, x: &[T], w: &[T], b: &[T], g: &ConvGeometry, batch: usize) -> Vec<T> {
+        let (c_out, p) = (b.len(), g.pixels_out());
         let weight = MatRef::row_major(w, c_out, g.rows());
         let mut out = vec![T::ZERO; batch * c_out * p];
         let mut cols = g.cols_buffer();
@@ -389,7 +375,7 @@ impl Conv2dGemm {
                 matmul_strided(block, p, true, weight, rhs);
             }
         }
-        Ok((out, Shape::from((batch, c_out, g.h_out, g.w_out))))
+        out
     }
 }
 
@@ -407,19 +393,16 @@ impl CustomOp3 for Conv2dGemm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (xd, wd) = (l1.dims(), l2.dims());
-        Ok(
-            match (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?) {
-                (CpuSlice::F32(x), CpuSlice::F32(w), CpuSlice::F32(b)) => {
-                    let (v, shape) = self.run(x, xd, w, wd, b)?;
-                    (CpuStorage::F32(v), shape)
-                }
-                (CpuSlice::F64(x), CpuSlice::F64(w), CpuSlice::F64(b)) => {
-                    let (v, shape) = self.run(x, xd, w, wd, b)?;
-                    (CpuStorage::F64(v), shape)
-                }
-                _ => bail!("conv2d: input, weight and bias must share a dtype"),
-            },
-        )
+        let g = ConvGeometry::new(xd, wd, self.0)?;
+        if l3.dims() != [wd[0]] {
+            bail!("conv2d: bias {:?} for {} output channels", l3.dims(), wd[0])
+        }
+        let out = same_float!(
+            "conv2d",
+            (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?),
+            (x, w, b) => self.run(x, w, b, &g, xd[0])
+        );
+        Ok((out, Shape::from((xd[0], wd[0], g.h_out, g.w_out))))
     }
     fn bwd(
         &self,
@@ -499,16 +482,12 @@ impl CustomOp2 for ConvInputGrad {
         let g = self.0;
         let batch = l1.dims()[0];
         let c_out = l2.dims()[0];
-        let shape = Shape::from((batch, g.c_in, g.h, g.w));
-        Ok(match (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?) {
-            (CpuSlice::F32(gr), CpuSlice::F32(w)) => {
-                (CpuStorage::F32(self.run(gr, w, c_out)), shape)
-            }
-            (CpuSlice::F64(gr), CpuSlice::F64(w)) => {
-                (CpuStorage::F64(self.run(gr, w, c_out)), shape)
-            }
-            _ => bail!("conv2d backward: gradient and weight must share a dtype"),
-        })
+        let out = same_float!(
+            "conv2d input gradient",
+            (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?),
+            (gr, w) => self.run(gr, w, c_out)
+        );
+        Ok((out, Shape::from((batch, g.c_in, g.h, g.w))))
     }
 }
 
@@ -516,11 +495,10 @@ impl CustomOp2 for ConvInputGrad {
 struct ConvWeightGrad(ConvGeometry);
 
 impl ConvWeightGrad {
-    fn run<T: Scalar>(&self, x: &[T], grad: &[T]) -> (Vec<T>, usize) {
+    fn run<T: Scalar>(&self, x: &[T], grad: &[T], c_out: usize) -> Vec<T> {
         let g = self.0;
         let (p, img_len) = (g.pixels_out(), g.c_in * g.h * g.w);
         let batch = x.len() / img_len;
-        let c_out = grad.len() / (batch * p);
         let mut out = vec![T::ZERO; c_out * g.rows()];
         let mut cols = g.cols_buffer();
         let mut first = true;
@@ -548,7 +526,7 @@ impl ConvWeightGrad {
                 first = false;
             }
         }
-        (out, c_out)
+        out
     }
 }
 
@@ -564,18 +542,13 @@ impl CustomOp2 for ConvWeightGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let (k, c_in) = (g.k, g.c_in);
-        Ok(match (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?) {
-            (CpuSlice::F32(x), CpuSlice::F32(gr)) => {
-                let (v, c_out) = self.run(x, gr);
-                (CpuStorage::F32(v), Shape::from((c_out, c_in, k, k)))
-            }
-            (CpuSlice::F64(x), CpuSlice::F64(gr)) => {
-                let (v, c_out) = self.run(x, gr);
-                (CpuStorage::F64(v), Shape::from((c_out, c_in, k, k)))
-            }
-            _ => bail!("conv2d backward: input and gradient must share a dtype"),
-        })
+        let c_out = l2.dims()[1];
+        let out = same_float!(
+            "conv2d weight gradient",
+            (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?),
+            (x, gr) => self.run(x, gr, c_out)
+        );
+        Ok((out, Shape::from((c_out, g.c_in, g.k, g.k))))
     }
 }
 

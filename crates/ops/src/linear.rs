@@ -2,7 +2,7 @@
 
 use crate::adapter::{apply_adapters, ScaledAdapter};
 use crate::gemm::{matmul, MatRef, Scalar};
-use crate::storage::{cpu_slice, with_cpu_slices, CpuSlice};
+use crate::storage::{cpu_slice, into_tensor, same_float, with_cpu_slices, CpuSlice};
 use candle_core::backend::BackendStorage;
 use candle_core::DType;
 use candle_core::{
@@ -238,55 +238,19 @@ impl CustomOp3 for LowRankLinear {
     ) -> Result<(CpuStorage, Shape)> {
         let (m, k) = l1.shape().dims2()?;
         let (r, n) = (l2.dims()[0], l3.dims()[0]);
-        let mut params = vec![&self.weight];
-        params.extend(self.bias.as_ref());
-        with_cpu_slices(&params, |p| {
-            let shape = Shape::from((m, n));
-            Ok(
-                match (
-                    cpu_slice(s1, l1)?,
-                    cpu_slice(s2, l2)?,
-                    cpu_slice(s3, l3)?,
-                    p,
-                ) {
-                    (
-                        CpuSlice::F32(x),
-                        CpuSlice::F32(a),
-                        CpuSlice::F32(b),
-                        [CpuSlice::F32(w), rest @ ..],
-                    ) => {
-                        let bias = match rest {
-                            [CpuSlice::F32(b)] => Some(*b),
-                            [] => None,
-                            _ => candle_core::bail!("low-rank linear: bias dtype"),
-                        };
-                        (
-                            CpuStorage::F32(self.forward(x, a, b, w, bias, (m, k, r, n))),
-                            shape,
-                        )
-                    }
-                    (
-                        CpuSlice::F64(x),
-                        CpuSlice::F64(a),
-                        CpuSlice::F64(b),
-                        [CpuSlice::F64(w), rest @ ..],
-                    ) => {
-                        let bias = match rest {
-                            [CpuSlice::F64(b)] => Some(*b),
-                            [] => None,
-                            _ => candle_core::bail!("low-rank linear: bias dtype"),
-                        };
-                        (
-                            CpuStorage::F64(self.forward(x, a, b, w, bias, (m, k, r, n))),
-                            shape,
-                        )
-                    }
-                    _ => candle_core::bail!(
-                        "low-rank linear: input, adapter and weight must share a dtype"
-                    ),
-                },
-            )
-        })
+        // Without a bias the weight stands in as the second parameter slice, unused.
+        let bias = self.bias.as_ref().unwrap_or(&self.weight);
+        let out = with_cpu_slices(&[&self.weight, bias], |p| {
+            Ok(same_float!(
+                "low-rank linear",
+                (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?, p[0], p[1]),
+                (x, a, b, w, bias) => {
+                    let bias = self.bias.is_some().then_some(bias);
+                    self.forward(x, a, b, w, bias, (m, k, r, n))
+                }
+            ))
+        })?;
+        Ok((out, Shape::from((m, n))))
     }
     fn bwd(
         &self,
@@ -302,15 +266,14 @@ impl CustomOp3 for LowRankLinear {
         let dims = (m, k, r, n);
         let dev = grad.device().clone();
         let len = m * k + r * k + n * r;
-        let all = with_cpu_slices(&[x, a, b, &self.weight, &grad], |s| match s {
-            [CpuSlice::F32(x), CpuSlice::F32(a), CpuSlice::F32(b), CpuSlice::F32(w), CpuSlice::F32(g)] => {
-                Tensor::from_vec(self.backward(x, a, b, w, g, dims), len, &dev)
-            }
-            [CpuSlice::F64(x), CpuSlice::F64(a), CpuSlice::F64(b), CpuSlice::F64(w), CpuSlice::F64(g)] => {
-                Tensor::from_vec(self.backward(x, a, b, w, g, dims), len, &dev)
-            }
-            _ => candle_core::bail!("low-rank linear backward: mixed dtypes"),
+        let all = with_cpu_slices(&[x, a, b, &self.weight, &grad], |s| {
+            Ok(same_float!(
+                "low-rank linear backward",
+                (s[0], s[1], s[2], s[3], s[4]),
+                (x, a, b, w, g) => self.backward(x, a, b, w, g, dims)
+            ))
         })?;
+        let all = into_tensor(all, len, &dev)?;
         let part = |start: usize, shape: (usize, usize), tracked: bool| -> Result<Option<Tensor>> {
             if !tracked {
                 return Ok(None);
