@@ -35,6 +35,35 @@ fn vectors(path: &Path) -> Vec<Vec<f32>> {
     t["text_encoder.token_embeddings"].to_vec2().unwrap()
 }
 
+/// Hooks that ask the run to stop once `step` has finished (as Ctrl-C does).
+fn interrupt_after(step: usize) -> Hooks {
+    let hooks = Hooks::default();
+    let flag = hooks.interrupt.clone();
+    Hooks {
+        after_step: Some(Arc::new(move |done| {
+            if done == step {
+                flag.store(true, Ordering::SeqCst)
+            }
+        })),
+        ..hooks
+    }
+}
+
+/// Largest absolute element of a tensor.
+fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Largest absolute difference of two tensors of one shape.
+fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    max_abs(&(a - b).unwrap())
+}
+
 #[test]
 fn interrupted_and_resumed_equals_uninterrupted() {
     let dir = tempfile::tempdir().unwrap();
@@ -46,16 +75,7 @@ fn interrupted_and_resumed_equals_uninterrupted() {
     assert!(matches!(outcome, Outcome::Finished { steps: 6 }));
 
     let resumed = dir.path().join("resumed.safetensors");
-    let hooks = Hooks::default();
-    let flag = hooks.interrupt.clone();
-    let hooks = Hooks {
-        after_step: Some(Arc::new(move |step| {
-            if step == 3 {
-                flag.store(true, Ordering::SeqCst)
-            }
-        })),
-        ..hooks
-    };
+    let hooks = interrupt_after(3);
     let Outcome::Interrupted { step, checkpoint } =
         train_textual_inversion(&config(&model, &resumed), &hooks).unwrap()
     else {
@@ -150,16 +170,7 @@ fn lora_trains_and_resumes_exactly() {
     .unwrap();
 
     let resumed = dir.path().join("resumed.safetensors");
-    let hooks = Hooks::default();
-    let flag = hooks.interrupt.clone();
-    let hooks = Hooks {
-        after_step: Some(Arc::new(move |step| {
-            if step == 2 {
-                flag.store(true, Ordering::SeqCst)
-            }
-        })),
-        ..hooks
-    };
+    let hooks = interrupt_after(2);
     let Outcome::Interrupted { checkpoint, .. } =
         train_lora(&with_dropout(lora_config(&model, &resumed)), &hooks).unwrap()
     else {
@@ -174,24 +185,9 @@ fn lora_trains_and_resumes_exactly() {
     assert_eq!(a.len(), b.len());
     let mut ups_moved = 0;
     for (k, t) in &a {
-        let diff = (t - &b[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(t, &b[k]);
         assert_eq!(diff, 0.0, "{k} differs after resume");
-        if k.contains("lora_up")
-            && t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0
-        {
+        if k.contains("lora_up") && max_abs(t) > 0.0 {
             ups_moved += 1;
         }
     }
@@ -226,14 +222,7 @@ fn gradient_checkpointing_trains_the_same_lora() {
     let a = candle_core::safetensors::load(&plain, &Device::Cpu).unwrap();
     let b = candle_core::safetensors::load(&ckpt, &Device::Cpu).unwrap();
     for (k, t) in &a {
-        let diff = (t - &b[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(t, &b[k]);
         assert!(
             diff < 1e-5,
             "{k}: differs by {diff} with gradient checkpointing"
@@ -285,17 +274,9 @@ fn fused_backward_trains_the_same_dreambooth_model() {
         let base = candle_core::safetensors::load(model.join(part), &Device::Cpu).unwrap();
         let mut moved = 0;
         for (k, t) in &a {
-            let max = |x: candle_core::Tensor| {
-                x.abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
-            let diff = max((t - &b[k]).unwrap());
+            let diff = max_diff(t, &b[k]);
             assert!(diff < 1e-6, "{part} {k}: fused differs by {diff}");
-            if max((t - &base[k]).unwrap()) > 0.0 {
+            if max_diff(t, &base[k]) > 0.0 {
                 moved += 1;
             }
         }
