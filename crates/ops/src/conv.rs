@@ -331,6 +331,23 @@ impl ConvGeometry {
         });
     }
 
+    /// A tile's columns of an output-shaped matrix `[rows, Ho·Wo]` (an output gradient): rows
+    /// of the tile's length, a whole output row apart.
+    fn tile_columns<'a, T>(
+        &self,
+        m: &'a [T],
+        rows: usize,
+        (oh0, n): (usize, usize),
+    ) -> MatRef<'a, T> {
+        MatRef {
+            data: &m[oh0 * self.w_out..],
+            rows,
+            cols: n * self.w_out,
+            row_stride: self.pixels_out(),
+            col_stride: 1,
+        }
+    }
+
     /// The column buffer for one tile (empty for a pointwise convolution, which needs none).
     fn cols_buffer<T: Scalar>(&self) -> Vec<T> {
         if self.is_pointwise() {
@@ -452,14 +469,7 @@ impl ConvInputGrad {
             }
             for tile in g.tiles() {
                 let pt = tile.1 * g.w_out;
-                // The tile's columns of g: rows of length pt, p apart.
-                let g_tile = MatRef {
-                    data: &grad[tile.0 * g.w_out..],
-                    rows: c_out,
-                    cols: pt,
-                    row_stride: p,
-                    col_stride: 1,
-                };
+                let g_tile = g.tile_columns(grad, c_out, tile);
                 matmul(&mut cols[..g.rows() * pt], false, weight_t, g_tile);
                 g.col2im_add(&cols, tile, img);
             }
@@ -514,13 +524,7 @@ impl ConvWeightGrad {
             for tile in g.tiles() {
                 let pt = tile.1 * g.w_out;
                 g.im2col(img, tile, &mut cols);
-                let g_tile = MatRef {
-                    data: &grad[tile.0 * g.w_out..],
-                    rows: c_out,
-                    cols: pt,
-                    row_stride: p,
-                    col_stride: 1,
-                };
+                let g_tile = g.tile_columns(grad, c_out, tile);
                 let cols_t = MatRef::row_major(&cols, g.rows(), pt).t();
                 matmul(&mut out, !first, g_tile, cols_t);
                 first = false;

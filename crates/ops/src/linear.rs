@@ -2,7 +2,7 @@
 
 use crate::adapter::{apply_adapters, ScaledAdapter};
 use crate::gemm::{matmul, MatRef, Scalar};
-use crate::storage::{cpu_slice, into_tensor, same_float, with_cpu_slices, CpuSlice};
+use crate::storage::{cpu_slice, into_tensor, same_float, with_cpu_slices};
 use candle_core::backend::BackendStorage;
 use candle_core::DType;
 use candle_core::{
@@ -351,35 +351,23 @@ fn frozen_linear_cpu(
     if k != k2 {
         candle_core::bail!("linear: input has {k} features, weight expects {k2}")
     }
-    let contiguous = x.1.is_contiguous()
+    let float = |s: &CpuStorage| matches!(s, CpuStorage::F32(_) | CpuStorage::F64(_));
+    let kernel = x.1.is_contiguous()
         && w.1.is_contiguous()
-        && bias.is_none_or(|(_, l)| l.is_contiguous() && l.dims() == [n]);
-    let slices = (
-        cpu_slice(x.0, x.1),
-        cpu_slice(w.0, w.1),
-        bias.map(|(s, l)| cpu_slice(s, l)).transpose(),
-    );
-    let shape = Shape::from((m, n));
-    match (contiguous, slices) {
-        (true, (Ok(CpuSlice::F32(x)), Ok(CpuSlice::F32(w)), Ok(b))) => {
-            let b = match b {
-                Some(CpuSlice::F32(b)) => Some(b),
-                None => None,
-                Some(_) => candle_core::bail!("linear: bias dtype differs from the weight's"),
-            };
-            Ok((CpuStorage::F32(run(x, w, b, m, k, n)), shape))
-        }
-        (true, (Ok(CpuSlice::F64(x)), Ok(CpuSlice::F64(w)), Ok(b))) => {
-            let b = match b {
-                Some(CpuSlice::F64(b)) => Some(b),
-                None => None,
-                Some(_) => candle_core::bail!("linear: bias dtype differs from the weight's"),
-            };
-            Ok((CpuStorage::F64(run(x, w, b, m, k, n)), shape))
-        }
+        && float(x.0)
+        && bias.is_none_or(|(s, l)| float(s) && l.is_contiguous() && l.dims() == [n]);
+    if !kernel {
         // Half precision and strided operands: candle's matmul and add.
-        _ => frozen_linear_fwd(x.0, x.1, w.0, w.1, bias),
+        return frozen_linear_fwd(x.0, x.1, w.0, w.1, bias);
     }
+    // Without a bias the weight stands in as the third slice, unused.
+    let (bs, bl) = bias.unwrap_or(w);
+    let out = same_float!(
+        "linear",
+        (cpu_slice(x.0, x.1)?, cpu_slice(w.0, w.1)?, cpu_slice(bs, bl)?),
+        (x, w, b) => run(x, w, bias.is_some().then_some(b), m, k, n)
+    );
+    Ok((out, Shape::from((m, n))))
 }
 
 impl CustomOp2 for FrozenLinear {
