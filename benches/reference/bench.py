@@ -92,7 +92,7 @@ def timed(a, step):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"impl": "pytorch", "mode": a.mode, "resolution": a.resolution, "batch": a.batch,
                       "gradient_checkpointing": a.gradient_checkpointing,
-                      "fused_backward": getattr(a, "fused_backward", False), "iter_s": iter_s,
+                      "fused_backward": a.fused_backward, "iter_s": iter_s,
                       "median_s": median, "peak_rss_bytes": peak}))
 
 
