@@ -39,8 +39,11 @@ pub mod apply;
 pub mod formats;
 pub mod lora;
 pub mod merge;
+pub mod per_layer;
+pub mod perfusion;
 
 pub use lora::{LoraModule, LoraWeights, LORA, UNET};
+pub use perfusion::{PerfusionEdit, PerfusionLayer, PERFUSION};
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -48,6 +51,8 @@ use std::collections::BTreeMap;
 
 /// The method name Textual Inversion concepts carry (`Concept::method`).
 pub const TEXTUAL_INVERSION: &str = "textual-inversion";
+/// The method name of Extended Textual Inversion (P+) concepts: per-layer token embeddings.
+pub const EXTENDED_TEXTUAL_INVERSION: &str = "extended-textual-inversion";
 /// The text encoder of SD 1.x/2.x, and SDXL's first (CLIP ViT-L).
 pub const TEXT_ENCODER: &str = "text_encoder";
 /// SDXL's second text encoder (OpenCLIP ViT-bigG).
@@ -111,8 +116,30 @@ impl TokenEmbedding {
     }
 }
 
-/// What one personalization produced, bound to its trigger word.
+/// The trigger's vectors for one UNet cross-attention layer (Extended Textual Inversion, P+:
+/// Voynov et al. 2023): that layer's text states come from the text encoder run with them.
 #[derive(Clone, Debug)]
+pub struct LayerEmbedding {
+    /// The layer's key: the diffusers path of its transformer, e.g. `down_blocks.0.attentions.1`
+    /// or `mid_block.attentions.0` (see `UNet2DConditionModel::embedding_keys`).
+    pub layer: String,
+    /// `[n, dim]`, f32, on the CPU.
+    pub vectors: Tensor,
+}
+
+impl LayerEmbedding {
+    pub fn new(layer: &str, vectors: Tensor) -> Result<Self> {
+        let e = TokenEmbedding::new(TEXT_ENCODER, vectors)
+            .map_err(|e| anyhow::anyhow!("layer {layer}: {e}"))?;
+        Ok(Self {
+            layer: layer.to_string(),
+            vectors: e.vectors,
+        })
+    }
+}
+
+/// What one personalization produced, bound to its trigger word.
+#[derive(Clone, Debug, Default)]
 pub struct Concept {
     /// The word that invokes the concept in a prompt (`<cat-toy>`, `sks`, ...).
     pub trigger: String,
@@ -122,6 +149,10 @@ pub struct Concept {
     pub embeddings: Vec<TokenEmbedding>,
     /// Low-rank deltas on the networks' projections (LoRA); empty for Textual Inversion.
     pub lora: LoraWeights,
+    /// Per-layer token embeddings (P+), in the UNet's forward order; empty for other methods.
+    pub layer_embeddings: Vec<LayerEmbedding>,
+    /// Perfusion's key-locked rank-1 edits of the cross-attention keys and values.
+    pub perfusion: Option<PerfusionEdit>,
     /// The base model it was trained on, when known (a name or a fingerprint).
     pub base_model: Option<String>,
     /// Free-form notes carried through the native format (training steps, source file, ...).
@@ -135,10 +166,18 @@ impl Concept {
             trigger: trigger.to_string(),
             method: TEXTUAL_INVERSION.to_string(),
             embeddings: vec![TokenEmbedding::new(TEXT_ENCODER, vectors)?],
-            lora: LoraWeights::default(),
-            base_model: None,
-            metadata: BTreeMap::new(),
+            ..Default::default()
         })
+    }
+
+    /// An Extended Textual Inversion concept: `[n, dim]` vectors per layer key.
+    pub fn extended_textual_inversion(trigger: &str, layers: Vec<LayerEmbedding>) -> Self {
+        Self {
+            trigger: trigger.to_string(),
+            method: EXTENDED_TEXTUAL_INVERSION.to_string(),
+            layer_embeddings: layers,
+            ..Default::default()
+        }
     }
 
     /// The embeddings for one text encoder, if the concept has them.
@@ -146,14 +185,28 @@ impl Concept {
         self.embeddings.iter().find(|e| e.encoder == encoder)
     }
 
-    /// Vectors per encoder (the first encoder's; all encoders of a concept have the same count).
+    /// Vectors per encoder (the first encoder's, or the first layer's for per-layer embeddings;
+    /// all encoders and layers of a concept have the same count).
     pub fn num_vectors(&self) -> usize {
-        self.embeddings.first().map_or(0, |e| e.num_vectors())
+        match (self.embeddings.first(), self.layer_embeddings.first()) {
+            (Some(e), _) => e.num_vectors(),
+            (None, Some(l)) => l.vectors.dim(0).unwrap_or(0),
+            (None, None) => 0,
+        }
     }
 
     /// The first text encoder's embedding dimension (768 for SD 1.x, 1024 for SD 2.x).
     pub fn dim(&self) -> usize {
-        self.embeddings.first().map_or(0, |e| e.dim())
+        match (self.embeddings.first(), self.layer_embeddings.first()) {
+            (Some(e), _) => e.dim(),
+            (None, Some(l)) => l.vectors.dim(1).unwrap_or(0),
+            (None, None) => 0,
+        }
+    }
+
+    /// Whether the concept brings new words (token embeddings, shared or per layer).
+    pub fn has_tokens(&self) -> bool {
+        !self.embeddings.is_empty() || !self.layer_embeddings.is_empty()
     }
 
     /// A LoRA concept. LoRA files name no trigger: `trigger` may be empty.
@@ -163,8 +216,7 @@ impl Concept {
             method: LORA.to_string(),
             embeddings: Vec::new(),
             lora,
-            base_model: None,
-            metadata: BTreeMap::new(),
+            ..Default::default()
         }
     }
 
@@ -173,16 +225,22 @@ impl Concept {
     /// appear once each.
     pub fn validate(&self) -> Result<()> {
         self.lora.validate()?;
-        if self.embeddings.is_empty() {
+        if self.trigger.chars().any(char::is_whitespace) {
+            bail!(
+                "trigger {:?} contains whitespace; a trigger must be one word",
+                self.trigger
+            )
+        }
+        if !self.has_tokens() {
             if self.lora.is_empty() {
                 bail!(
                     "concept '{}' holds neither token embeddings nor LoRA weights",
                     self.trigger
                 )
             }
-            if self.trigger.chars().any(char::is_whitespace) {
+            if self.perfusion.is_some() {
                 bail!(
-                    "trigger {:?} contains whitespace; a trigger must be one word",
+                    "Perfusion concept '{}' has no token embedding",
                     self.trigger
                 )
             }
@@ -190,15 +248,6 @@ impl Concept {
         }
         if self.trigger.trim().is_empty() {
             bail!("the concept has an empty trigger word")
-        }
-        if self.trigger.chars().any(char::is_whitespace) {
-            bail!(
-                "trigger {:?} contains whitespace; a trigger must be one word",
-                self.trigger
-            )
-        }
-        if self.embeddings.is_empty() {
-            bail!("concept '{}' holds no token embeddings", self.trigger)
         }
         for (i, e) in self.embeddings.iter().enumerate() {
             if self.embeddings[..i].iter().any(|o| o.encoder == e.encoder) {
@@ -218,6 +267,45 @@ impl Concept {
                     e.encoder
                 )
             }
+        }
+        if !self.layer_embeddings.is_empty() && !self.embeddings.is_empty() {
+            bail!(
+                "concept '{}' has both shared and per-layer token embeddings",
+                self.trigger
+            )
+        }
+        let first = self.layer_embeddings.first().map(|l| l.vectors.dims());
+        for (i, l) in self.layer_embeddings.iter().enumerate() {
+            if self.layer_embeddings[..i]
+                .iter()
+                .any(|o| o.layer == l.layer)
+            {
+                bail!(
+                    "concept '{}' has two embeddings for layer {}",
+                    self.trigger,
+                    l.layer
+                )
+            }
+            if Some(l.vectors.dims()) != first {
+                bail!(
+                    "concept '{}': layer {} has vectors of shape {:?}, layer {} {:?}; every layer needs the same [n, dim]",
+                    self.trigger,
+                    l.layer,
+                    l.vectors.dims(),
+                    self.layer_embeddings[0].layer,
+                    first.unwrap_or(&[])
+                )
+            }
+        }
+        if let Some(p) = &self.perfusion {
+            if self.num_vectors() != 1 || self.embedding(TEXT_ENCODER).is_none() {
+                bail!(
+                    "Perfusion concept '{}' needs exactly one token vector for {TEXT_ENCODER}",
+                    self.trigger
+                )
+            }
+            p.validate(self.dim())
+                .map_err(|e| anyhow::anyhow!("Perfusion concept '{}': {e}", self.trigger))?;
         }
         Ok(())
     }

@@ -34,6 +34,71 @@ impl<'a> TextConditioning<'a> {
     }
 }
 
+/// Owned text states, what a prompt encodes to: the value behind a [`TextConditioning`].
+///
+/// Batches are concatenated per layer ([`TextStates::cat`]); a per-layer value with one distinct
+/// tensor never arises from [`TextStates::per_layer`], which folds it to `Shared`.
+#[derive(Clone, Debug)]
+pub enum TextStates {
+    Shared(Tensor),
+    PerLayer(Vec<Tensor>),
+}
+
+impl TextStates {
+    /// States per cross-attention layer; identical entries (the same tensor) fold to `Shared`.
+    pub fn per_layer(layers: Vec<Tensor>) -> Self {
+        match layers.first() {
+            Some(first) if layers.iter().all(|t| t.id() == first.id()) => {
+                Self::Shared(first.clone())
+            }
+            _ => Self::PerLayer(layers),
+        }
+    }
+
+    pub fn conditioning(&self) -> TextConditioning<'_> {
+        match self {
+            Self::Shared(t) => TextConditioning::Shared(t),
+            Self::PerLayer(ts) => TextConditioning::PerLayer(ts),
+        }
+    }
+
+    /// The states of layer `index` (any index for shared states).
+    pub fn layer(&self, index: usize) -> Result<&Tensor> {
+        self.conditioning().for_layer(index)
+    }
+
+    /// Concatenates along the batch dimension, layer by layer when any part is per-layer
+    /// (`[uncond; cond]` under classifier-free guidance).
+    pub fn cat(parts: &[&TextStates]) -> Result<TextStates> {
+        let layers = parts.iter().find_map(|p| match p {
+            Self::PerLayer(ts) => Some(ts.len()),
+            Self::Shared(_) => None,
+        });
+        match layers {
+            None => {
+                let ts: Vec<&Tensor> = parts.iter().map(|p| p.layer(0)).collect::<Result<_>>()?;
+                Ok(Self::Shared(Tensor::cat(&ts, 0)?))
+            }
+            Some(n) => {
+                let mut out = Vec::with_capacity(n);
+                for i in 0..n {
+                    let ts: Vec<&Tensor> =
+                        parts.iter().map(|p| p.layer(i)).collect::<Result<_>>()?;
+                    out.push(Tensor::cat(&ts, 0)?);
+                }
+                Ok(Self::PerLayer(out))
+            }
+        }
+    }
+
+    pub fn detach(&self) -> TextStates {
+        match self {
+            Self::Shared(t) => Self::Shared(t.detach()),
+            Self::PerLayer(ts) => Self::PerLayer(ts.iter().map(Tensor::detach).collect()),
+        }
+    }
+}
+
 /// Multi-head attention `Attention` with `to_q`, `to_k`, `to_v`, `to_out.0`.
 #[derive(Clone)]
 pub struct Attention {
@@ -285,7 +350,7 @@ impl Transformer2DModel {
     }
 
     pub fn forward(&self, x: &Tensor, cond: TextConditioning) -> Result<Tensor> {
-        if let (Some(ckpt), TextConditioning::Shared(context)) = (&self.checkpointing, cond) {
+        if let (Some(ckpt), Some(context)) = (&self.checkpointing, self.single_context(cond)?) {
             let mut block = self.clone();
             block.checkpointing = None;
             let f: BlockFn = Arc::new(move |x: &Tensor, c: &Tensor| {
@@ -294,6 +359,21 @@ impl Transformer2DModel {
             return checkpoint(x, context, f, ckpt);
         }
         self.forward_inner(x, cond)
+    }
+
+    /// The one text-state tensor all of this model's blocks attend to, if there is one (always
+    /// with shared states; with per-layer states when its blocks share a layer's states, as the
+    /// one-block transformers of SD 1.x/2.x do): what a recomputed block takes as its context.
+    fn single_context<'a>(&self, cond: TextConditioning<'a>) -> Result<Option<&'a Tensor>> {
+        let mut found: Option<&'a Tensor> = None;
+        for b in &self.transformer_blocks {
+            let c = cond.for_layer(b.cross_attention_index)?;
+            match found {
+                Some(f) if f.id() != c.id() => return Ok(None),
+                _ => found = Some(c),
+            }
+        }
+        Ok(found)
     }
 
     fn forward_inner(&self, x: &Tensor, cond: TextConditioning) -> Result<Tensor> {

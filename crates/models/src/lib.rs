@@ -32,5 +32,5 @@ pub mod unet;
 pub mod vae;
 pub mod visit;
 
-pub use attention::TextConditioning;
+pub use attention::{TextConditioning, TextStates};
 pub use visit::{Projection, VisitProjections};

@@ -19,7 +19,9 @@ pub mod image_io;
 pub mod noise;
 mod stable_diffusion;
 
-pub use stable_diffusion::{GenerateOptions, InitImage, SampleOptions, StableDiffusion};
+pub use stable_diffusion::{
+    ConceptOptions, GenerateOptions, InitImage, SampleOptions, StableDiffusion,
+};
 
 /// A device by name: `cpu`, `cuda` (`cuda:N` picks a GPU) or `metal`.
 pub fn parse_device(s: &str) -> anyhow::Result<candle_core::Device> {

@@ -8,16 +8,20 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use imprint_concepts::apply::{apply_textual_inversion, expand_prompt, missing_trigger_warning};
 use imprint_concepts::lora::prepare_lora;
-use imprint_concepts::{Concept, TEXT_ENCODER, UNET};
+use imprint_concepts::per_layer::{select_layers, PerLayerTokens};
+use imprint_concepts::perfusion::{apply_perfusion, detach_adapters, AppliedEdit};
+use imprint_concepts::{Concept, PerfusionEdit, TEXT_ENCODER, UNET};
 use imprint_models::clip::ClipTextTransformer;
 use imprint_models::loading::ModelFolder;
 use imprint_models::schedulers::{self, NoiseSource, Scheduler, SchedulerConfig, SchedulerKind};
 use imprint_models::tokenizer::ClipTokenizer;
 use imprint_models::unet::UNet2DConditionModel;
 use imprint_models::vae::AutoencoderKL;
-use imprint_models::TextConditioning;
+use imprint_models::TextStates;
+use imprint_ops::Adapter;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The loaded components of one model folder.
 pub struct StableDiffusion {
@@ -35,6 +39,35 @@ pub struct StableDiffusion {
     /// Cut prompts longer than the text encoder takes, with a warning, as the reference pipelines
     /// do (`imprint debug sample`); otherwise such a prompt is an error.
     pub truncate_long_prompts: bool,
+    /// Applied concepts whose words differ by UNet layer (P+, or concepts restricted to layers).
+    pub per_layer: PerLayerTokens,
+    /// Applied Perfusion edits with their scales, and the adapters that realize them together.
+    perfusion: Vec<(PerfusionEdit, f64)>,
+    perfusion_adapters: Vec<Arc<dyn Adapter>>,
+}
+
+/// How one concept is applied: at what scale, to which UNet layers, with which Perfusion gate.
+#[derive(Clone, Debug)]
+pub struct ConceptOptions {
+    /// 1 = as trained.
+    pub scale: f64,
+    /// Restrict the concept's words to these cross-attention layers (`down`, `mid`, `up`, paths,
+    /// kohya names, indices: `imprint_concepts::per_layer::select_layers`); style mixing.
+    pub layers: Option<String>,
+    /// Override a Perfusion concept's gate bias β / temperature τ.
+    pub beta: Option<f64>,
+    pub tau: Option<f64>,
+}
+
+impl Default for ConceptOptions {
+    fn default() -> Self {
+        Self {
+            scale: 1.0,
+            layers: None,
+            beta: None,
+            tau: None,
+        }
+    }
 }
 
 /// What the denoising loop needs besides the initial latents.
@@ -128,6 +161,9 @@ impl StableDiffusion {
             folder,
             concepts: Vec::new(),
             truncate_long_prompts: false,
+            per_layer: PerLayerTokens::default(),
+            perfusion: Vec::new(),
+            perfusion_adapters: Vec::new(),
         })
     }
 
@@ -137,15 +173,62 @@ impl StableDiffusion {
     /// attached to the UNet's and text encoder's projections, scaled like diffusers'
     /// `set_adapters(.., adapter_weights=scale)`. Everything is checked before anything changes.
     pub fn apply_concept(&mut self, path: &Path, scale: f64) -> Result<()> {
+        self.apply_concept_with(
+            path,
+            &ConceptOptions {
+                scale,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// [`apply_concept`](Self::apply_concept) with layer restrictions and gate overrides.
+    pub fn apply_concept_with(&mut self, path: &Path, options: &ConceptOptions) -> Result<()> {
         let concept = imprint_concepts::formats::load_any(path)?;
-        self.apply_loaded_concept(&concept, scale)
+        self.apply_loaded_concept_with(&concept, options)
             .with_context(|| path.display().to_string())
     }
 
     /// [`apply_concept`](Self::apply_concept) for a concept already in memory.
     pub fn apply_loaded_concept(&mut self, concept: &Concept, scale: f64) -> Result<()> {
+        self.apply_loaded_concept_with(
+            concept,
+            &ConceptOptions {
+                scale,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// [`apply_loaded_concept`](Self::apply_loaded_concept) with layer restrictions and gate
+    /// overrides. Perfusion edits of all applied concepts are realized together (the paper's
+    /// Appendix B), so applying one re-attaches the others.
+    pub fn apply_loaded_concept_with(
+        &mut self,
+        concept: &Concept,
+        options: &ConceptOptions,
+    ) -> Result<()> {
+        let scale = options.scale;
         if !scale.is_finite() {
             bail!("scale {scale} is not a finite number")
+        }
+        let keys = self.unet.embedding_keys();
+        let only = match &options.layers {
+            None => None,
+            Some(spec) => {
+                if !concept.has_tokens() {
+                    bail!(
+                        "--concept …@{spec}: concept '{}' has no words to restrict to layers",
+                        concept.trigger
+                    )
+                }
+                Some(select_layers(spec, &keys)?)
+            }
+        };
+        let perfusion_edit =
+            imprint_concepts::perfusion::with_gate(concept, options.beta, options.tau);
+        if let Some(edit) = &perfusion_edit {
+            edit.validate(concept.dim())?;
         }
         let mut unet_lora = None;
         let mut te_lora = None;
@@ -162,14 +245,40 @@ impl StableDiffusion {
                 other => bail!("the LoRA has weights for '{other}', which Stable Diffusion 1.x/2.x does not have: is it a LoRA for another architecture (SDXL)?"),
             }
         }
-        if !concept.embeddings.is_empty() {
-            let tokens = apply_textual_inversion(
+        let previous = self.perfusion.clone();
+        if let Some(edit) = perfusion_edit {
+            let mut set = previous.clone();
+            set.push((edit, scale));
+            self.set_perfusion(set)?;
+        }
+        let tokens = if !concept.layer_embeddings.is_empty() || only.is_some() {
+            Some(self.per_layer.apply(
                 &mut self.tokenizer,
                 &mut self.text_encoder,
                 concept,
                 scale,
-            )?;
-            self.concepts.push((concept.trigger.clone(), tokens.len()));
+                &keys,
+                only,
+            ))
+        } else if !concept.embeddings.is_empty() {
+            Some(apply_textual_inversion(
+                &mut self.tokenizer,
+                &mut self.text_encoder,
+                concept,
+                scale,
+            ))
+        } else {
+            None
+        };
+        match tokens {
+            Some(Err(e)) => {
+                if self.perfusion.len() != previous.len() {
+                    self.set_perfusion(previous)?;
+                }
+                return Err(e);
+            }
+            Some(Ok(tokens)) => self.concepts.push((concept.trigger.clone(), tokens.len())),
+            None => {}
         }
         if let Some(p) = unet_lora {
             p.attach(&mut self.unet, scale);
@@ -178,6 +287,36 @@ impl StableDiffusion {
             p.attach(&mut self.text_encoder, scale);
         }
         Ok(())
+    }
+
+    /// Replaces the attached Perfusion edits by `set`, all realized together; on failure the
+    /// previous set stays attached.
+    fn set_perfusion(&mut self, set: Vec<(PerfusionEdit, f64)>) -> Result<()> {
+        fn attach(
+            unet: &mut UNet2DConditionModel,
+            set: &[(PerfusionEdit, f64)],
+        ) -> Result<Vec<Arc<dyn Adapter>>> {
+            let edits: Vec<AppliedEdit> = set
+                .iter()
+                .map(|(edit, scale)| AppliedEdit {
+                    edit,
+                    scale: *scale,
+                })
+                .collect();
+            apply_perfusion(unet, &edits)
+        }
+        detach_adapters(&mut self.unet, &self.perfusion_adapters);
+        match attach(&mut self.unet, &set) {
+            Ok(adapters) => {
+                self.perfusion_adapters = adapters;
+                self.perfusion = set;
+                Ok(())
+            }
+            Err(e) => {
+                self.perfusion_adapters = attach(&mut self.unet, &self.perfusion)?;
+                Err(e)
+            }
+        }
     }
 
     /// A warning when concepts are applied but `prompt` uses none of their triggers.
@@ -217,13 +356,26 @@ impl StableDiffusion {
         )?)
     }
 
-    /// Text states `[1, 77, D]` for a prompt.
-    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
+    /// Text states `[1, 77, D]` for a prompt (one per cross-attention layer when it names a
+    /// per-layer concept).
+    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<TextStates> {
         let ids = self.tokenize(prompt)?;
-        Ok(self
-            .text_encoder
-            .forward(&ids, clip_skip)?
-            .last_hidden_state)
+        self.encode_ids(&ids, clip_skip)
+    }
+
+    /// Text states for token ids `[B, 77]`, through the applied per-layer concepts.
+    pub fn encode_ids(&self, ids: &Tensor, clip_skip: usize) -> Result<TextStates> {
+        if self.per_layer.is_empty() {
+            return Ok(TextStates::Shared(
+                self.text_encoder.forward(ids, clip_skip)?.last_hidden_state,
+            ));
+        }
+        self.per_layer.encode(
+            &self.text_encoder,
+            ids,
+            clip_skip,
+            self.unet.num_cross_attention_layers,
+        )
     }
 
     pub fn build_scheduler(
@@ -236,12 +388,12 @@ impl StableDiffusion {
     }
 
     /// The text states the denoising loop attends to: `[negative; prompt]` when guided.
-    pub fn prompt_context(&self, opts: &SampleOptions) -> Result<Tensor> {
+    pub fn prompt_context(&self, opts: &SampleOptions) -> Result<TextStates> {
         let cond = self.encode_prompt(&opts.prompt, opts.clip_skip)?;
         if opts.guidance > 1.0 {
             // diffusers applies clip skip to the prompt only; the negative prompt takes the last layer.
             let uncond = self.encode_prompt(opts.negative_prompt.as_deref().unwrap_or(""), 0)?;
-            Ok(Tensor::cat(&[uncond, cond], 0)?)
+            Ok(TextStates::cat(&[&uncond, &cond])?)
         } else {
             Ok(cond)
         }
@@ -270,7 +422,7 @@ impl StableDiffusion {
         latents: Tensor,
         begin: usize,
         noise: &mut dyn NoiseSource,
-        context: &Tensor,
+        context: &TextStates,
     ) -> Result<Tensor> {
         let guided = opts.guidance > 1.0;
         let timesteps = scheduler.timesteps().to_vec();
@@ -292,9 +444,9 @@ impl StableDiffusion {
             };
             let model_in = scheduler.scale_model_input(&model_in, i)?;
             let t_tensor = Tensor::new(t as f32, &self.device)?;
-            let pred =
-                self.unet
-                    .forward(&model_in, &t_tensor, TextConditioning::Shared(context))?;
+            let pred = self
+                .unet
+                .forward(&model_in, &t_tensor, context.conditioning())?;
             let pred = if guided {
                 let uncond = pred.narrow(0, 0, 1)?;
                 let text = pred.narrow(0, 1, 1)?;

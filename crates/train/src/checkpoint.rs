@@ -19,11 +19,14 @@ pub struct Checkpoint {
     pub rng_word_pos: u128,
     /// The run's configuration (TOML), to refuse resuming a different run.
     pub config: String,
+    /// A method's state outside the trainable tensors (Perfusion's target input EMA).
+    pub state: Vec<(String, Tensor)>,
 }
 
 const PARAM: &str = "param.";
 const M: &str = "exp_avg.";
 const V: &str = "exp_avg_sq.";
+const STATE: &str = "state.";
 
 impl Checkpoint {
     pub fn file_name(step: usize) -> String {
@@ -47,7 +50,12 @@ impl Checkpoint {
             );
             order.push(name.clone());
         }
+        for (name, t) in &self.state {
+            tensors.insert(format!("{STATE}{name}"), t.to_device(&Device::Cpu)?);
+        }
+        let state_names: Vec<&str> = self.state.iter().map(|(n, _)| n.as_str()).collect();
         let meta = HashMap::from([
+            ("state".to_string(), state_names.join(",")),
             ("imprint.format".to_string(), "checkpoint".to_string()),
             ("step".to_string(), self.step.to_string()),
             ("params".to_string(), order.join(",")),
@@ -97,7 +105,19 @@ impl Checkpoint {
             m.push(take(format!("{M}{n}"))?);
             v.push(take(format!("{V}{n}"))?);
         }
+        let mut state = vec![];
+        for n in meta
+            .get("state")
+            .map(String::as_str)
+            .unwrap_or("")
+            .split(',')
+        {
+            if !n.is_empty() {
+                state.push((n.to_string(), take(format!("{STATE}{n}"))?));
+            }
+        }
         Ok(Self {
+            state,
             step: get("step")?.parse()?,
             params,
             exp_avg: m,

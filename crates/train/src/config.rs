@@ -75,6 +75,54 @@ pub struct TextualInversionConfig {
     pub trainer: TrainerOptions,
 }
 
+/// `imprint train perfusion`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct PerfusionConfig {
+    pub token: String,
+    /// The class word keys are locked to (e.g. "toy"); the word's embedding starts at it.
+    pub superclass: String,
+    /// `object` or `style` caption templates.
+    pub templates: String,
+    /// Learning rate of the value target outputs `o*_V` (`lr` is the embedding's).
+    pub value_lr: f64,
+    /// The gate's bias and temperature during training.
+    pub beta: f64,
+    pub tau: f64,
+    #[serde(flatten)]
+    pub trainer: TrainerOptions,
+}
+
+/// The defaults of a Perfusion run (the paper's).
+pub fn perfusion_defaults() -> toml::Table {
+    use crate::methods::perfusion as p;
+    let mut t = common_defaults();
+    let own: toml::Table = format!(
+        r#"
+templates = "object"
+value-lr = {value_lr:e}
+beta = {beta}
+tau = {tau}
+steps = {steps}
+lr = {lr:e}
+scale-lr = false
+batch-size = {batch}
+grad-accum = {accum}
+"#,
+        value_lr = p::DEFAULT_VALUE_LR,
+        beta = p::TRAIN_BETA,
+        tau = p::TRAIN_TAU,
+        steps = p::DEFAULT_STEPS,
+        lr = p::DEFAULT_LR,
+        batch = p::DEFAULT_BATCH,
+        accum = p::DEFAULT_GRAD_ACCUM,
+    )
+    .parse()
+    .expect("valid defaults");
+    merge(&mut t, own);
+    t
+}
+
 /// `imprint train lora`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
@@ -198,6 +246,24 @@ resolution = {res}
         batch = ti::DEFAULT_BATCH,
         accum = ti::DEFAULT_GRAD_ACCUM,
         res = ti::DEFAULT_RESOLUTION
+    )
+    .parse()
+    .expect("valid defaults");
+    merge(&mut t, own);
+    t
+}
+
+/// The defaults of an Extended Textual Inversion (P+) run: Textual Inversion's options with the
+/// paper's recipe.
+pub fn extended_textual_inversion_defaults() -> toml::Table {
+    use crate::methods::extended_textual_inversion as x;
+    let mut t = textual_inversion_defaults();
+    let own: toml::Table = format!(
+        "steps = {}\nlr = {:e}\nscale-lr = false\nbatch-size = {}\ngrad-accum = {}\n",
+        x::DEFAULT_STEPS,
+        x::DEFAULT_LR,
+        x::DEFAULT_BATCH,
+        x::DEFAULT_GRAD_ACCUM
     )
     .parse()
     .expect("valid defaults");

@@ -32,6 +32,9 @@ pub struct AdamW {
     pub exp_avg_sq: Vec<Tensor>,
     /// Steps taken so far.
     pub step: usize,
+    /// Each variable's learning rate as a multiple of the step's (1 unless a method trains parts
+    /// at different rates, as Perfusion's embedding and values).
+    pub lr_scales: Vec<f64>,
 }
 
 impl AdamW {
@@ -46,6 +49,7 @@ impl AdamW {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             config,
+            lr_scales: vec![1.0; vars.len()],
             vars,
             exp_avg,
             exp_avg_sq,
@@ -74,6 +78,7 @@ impl AdamW {
     /// a fused backward pass calls this as each gradient arrives, then [`Self::finish_step`].
     pub fn update(&mut self, i: usize, grad: &Tensor, lr: f64) -> Result<()> {
         let c = self.config;
+        let lr = lr * self.lr_scales.get(i).copied().unwrap_or(1.0);
         let t = (self.step + 1) as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();

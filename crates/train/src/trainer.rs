@@ -5,18 +5,23 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{
-    DreamBoothConfig, LoraConfig, OutputPaths, TextualInversionConfig, TrainerOptions,
+    DreamBoothConfig, LoraConfig, OutputPaths, PerfusionConfig, TextualInversionConfig,
+    TrainerOptions,
 };
 use crate::data::{self, Augment, Crop, LatentCache};
 use crate::methods::dreambooth::DreamBoothMethod;
+use crate::methods::extended_textual_inversion::{
+    ExtendedTextualInversion, ExtendedTextualInversionMethod,
+};
 use crate::methods::lora::LoraMethod;
+use crate::methods::perfusion::PerfusionMethod;
 use crate::methods::textual_inversion::{TextualInversion, TextualInversionMethod};
 use crate::methods::{diffusion_loss_with, LossTerms, Method};
 use crate::optim::{clip_grad_norm, AdamW};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use imprint_models::schedulers::ddpm::NoiseSchedule;
-use imprint_models::TextConditioning;
+use imprint_models::TextStates;
 use imprint_pipeline::noise::SeededNoise;
 use imprint_pipeline::{image_io, SampleOptions, StableDiffusion};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -93,6 +98,55 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
         templates,
         init_word: cfg.init_word.clone(),
     };
+    if t.gradient_checkpointing {
+        sd.unet.enable_gradient_checkpointing()?;
+    }
+    run(&sd, &method, t, &config_text, resume, hooks)
+}
+
+/// Trains an Extended Textual Inversion (P+) concept: Textual Inversion's options, one vector set
+/// per cross-attention layer.
+pub fn train_extended_textual_inversion(
+    cfg: &TextualInversionConfig,
+    hooks: &Hooks,
+) -> Result<Outcome> {
+    let t = &cfg.trainer;
+    let templates = cfg.templates.parse()?;
+    let config_text = toml::to_string(cfg)?;
+    let mut sd = load_model(t)?;
+    let resume = load_resume(t, &config_text)?;
+    let xti = ExtendedTextualInversion::new(&mut sd, &cfg.token, &cfg.init_word, cfg.num_vectors)?;
+    let method = ExtendedTextualInversionMethod {
+        xti,
+        templates,
+        init_word: cfg.init_word.clone(),
+    };
+    if t.gradient_checkpointing {
+        sd.unet.enable_gradient_checkpointing()?;
+    }
+    run(&sd, &method, t, &config_text, resume, hooks)
+}
+
+/// Trains a Perfusion concept as `cfg` says.
+pub fn train_perfusion(cfg: &PerfusionConfig, hooks: &Hooks) -> Result<Outcome> {
+    let t = &cfg.trainer;
+    let templates = cfg.templates.parse()?;
+    if !(cfg.value_lr > 0.0) || !(cfg.tau > 0.0) || !cfg.beta.is_finite() {
+        bail!("--value-lr and --tau must be positive and --beta finite")
+    }
+    let config_text = toml::to_string(cfg)?;
+    let mut sd = load_model(t)?;
+    let resume = load_resume(t, &config_text)?;
+    let method = PerfusionMethod::attach(
+        &mut sd,
+        &t.model,
+        &cfg.token,
+        &cfg.superclass,
+        templates,
+        cfg.value_lr / t.base_lr(),
+        cfg.beta,
+        cfg.tau,
+    )?;
     if t.gradient_checkpointing {
         sd.unet.enable_gradient_checkpointing()?;
     }
@@ -187,8 +241,10 @@ pub fn run(
         side.watch(trainable.iter().map(|(_, v)| v.as_tensor()));
     }
     let vars: Vec<_> = trainable.iter().map(|(_, v)| v.clone()).collect();
+    let mut adam = AdamW::new(vars, t.adam)?;
+    adam.lr_scales = trainable.iter().map(|(n, _)| method.lr_scale(n)).collect();
     // Shared with the fused backward's gradient sink, which updates weights mid-backward.
-    let adam = Arc::new(Mutex::new(AdamW::new(vars, t.adam)?));
+    let adam = Arc::new(Mutex::new(adam));
     let (mut rng, start) = match &resume {
         None => (SeededNoise::new(t.seed), 0),
         Some(ck) => {
@@ -204,6 +260,7 @@ pub fn run(
                 adam.exp_avg_sq[i] = ck.exp_avg_sq[j].to_device(&device)?;
             }
             adam.step = ck.step;
+            method.restore_state(&ck.state)?;
             (
                 SeededNoise::from_state(ck.rng_seed, ck.rng_word_pos),
                 ck.step,
@@ -258,6 +315,7 @@ pub fn run(
             rng_seed: seed,
             rng_word_pos: pos,
             config: config_text.to_string(),
+            state: method.state()?,
         }
         .save(&paths.checkpoints)
     };
@@ -292,7 +350,7 @@ pub fn run(
                 &batch.latents,
                 &batch.noise,
                 &batch.timesteps,
-                TextConditioning::Shared(&text),
+                text.conditioning(),
                 terms,
             )?;
             if let Some((prompt, class_images)) = &class {
@@ -316,7 +374,7 @@ pub fn run(
                     &batch.latents,
                     &batch.noise,
                     &batch.timesteps,
-                    TextConditioning::Shared(&text),
+                    text.conditioning(),
                     terms,
                 )?;
                 loss = (loss + (prior * t.prior_weight)?)?;
@@ -367,6 +425,7 @@ pub fn run(
             }
             (None, None) => bail!("no gradients: grad-accum must be at least 1"),
         };
+        method.after_step()?;
         let done = step + 1;
         let loss = loss_sum / t.grad_accum as f64;
         let line = LogLine {
@@ -601,7 +660,7 @@ fn validate(
     };
     let cond = method.text_states(sd, &sd.tokenize(&prompt)?)?.detach();
     let uncond = method.text_states(sd, &sd.tokenize("")?)?.detach();
-    let context = Tensor::cat(&[uncond, cond], 0)?;
+    let context = TextStates::cat(&[&uncond, &cond])?;
     let size = t.resolution / sd.vae_scale_factor();
     let mut images = vec![];
     for i in 0..t.num_validation_images.max(1) {

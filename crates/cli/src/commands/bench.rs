@@ -19,6 +19,13 @@ pub enum Mode {
     /// A whole textual-inversion training step with cached latents: text encoder with the new
     /// token's vectors, UNet, backward to the vectors, AdamW.
     TiStep,
+    /// A whole Extended Textual Inversion (P+) step: the text encoder run once per
+    /// cross-attention layer (batched), backward to every layer's vectors, AdamW.
+    XtiStep,
+    /// A whole Perfusion step: the word's vector and the gated rank-1 K/V edits of every
+    /// cross-attention layer, backward to the vector and the value targets, AdamW, the target
+    /// input's moving average (C⁻¹ from the model's cache, computed before timing).
+    PerfusionStep,
     /// Forward + backward to rank-4 LoRA deltas on the attention projections.
     Lora,
     /// Forward + backward to every UNet weight.
@@ -57,8 +64,8 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    if a.mode == Mode::TiStep {
-        return ti_step(&a);
+    if matches!(a.mode, Mode::TiStep | Mode::XtiStep | Mode::PerfusionStep) {
+        return method_step(&a);
     }
     if a.resolution % 8 != 0 || a.iters == 0 {
         bail!("--resolution must be a multiple of 8 and --iters at least 1")
@@ -163,27 +170,58 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--mode ti-step`: one textual-inversion step as the trainer runs it (latents cached).
-fn ti_step(a: &BenchArgs) -> Result<()> {
+/// `--mode ti-step | xti-step | perfusion-step`: one training step of the method as the trainer
+/// runs it (latents cached, one caption), through the method's own hooks.
+fn method_step(a: &BenchArgs) -> Result<()> {
     use imprint_models::schedulers::ddpm::NoiseSchedule;
-    use imprint_train::methods::{diffusion_loss, textual_inversion::TextualInversion};
+    use imprint_train::methods::extended_textual_inversion as xti;
+    use imprint_train::methods::perfusion::PerfusionMethod;
+    use imprint_train::methods::textual_inversion::{TextualInversion, TextualInversionMethod};
+    use imprint_train::methods::{diffusion_loss, Method};
     use imprint_train::optim::{AdamW, AdamWConfig};
+    use imprint_train::templates::TemplateSet;
     let device = super::parse_device(&a.device)?;
     let mut sd = imprint_pipeline::StableDiffusion::load(&a.model, DType::F32, &device)?;
-    if a.gradient_checkpointing {
-        sd.unet.enable_gradient_checkpointing()?;
+    let token = "<bench-token>";
+    let method: Box<dyn Method> = match a.mode {
+        Mode::XtiStep => Box::new(xti::ExtendedTextualInversionMethod {
+            xti: xti::ExtendedTextualInversion::new(&mut sd, token, "toy", 1)?,
+            templates: TemplateSet::Object,
+            init_word: "toy".into(),
+        }),
+        Mode::PerfusionStep => Box::new(PerfusionMethod::attach(
+            &mut sd,
+            &a.model,
+            token,
+            "toy",
+            TemplateSet::Object,
+            5.0,
+            0.75,
+            0.1,
+        )?),
+        _ => Box::new(TextualInversionMethod {
+            ti: TextualInversion::new(&mut sd.tokenizer, &sd.text_encoder, token, "toy", 1)?,
+            templates: TemplateSet::Object,
+            init_word: "toy".into(),
+        }),
+    };
+    let side = if a.gradient_checkpointing {
+        Some(sd.unet.enable_gradient_checkpointing()?)
+    } else {
+        None
+    };
+    let trainable = method.trainable();
+    if let Some(s) = &side {
+        s.watch(trainable.iter().map(|(_, v)| v.as_tensor()));
     }
-    let ti = TextualInversion::new(
-        &mut sd.tokenizer,
-        &sd.text_encoder,
-        "<bench-token>",
-        "toy",
-        1,
-    )?;
-    let ids = sd.tokenize("a photo of a <bench-token>")?;
+    let ids = sd.tokenize(&method.prompt(&format!("a photo of a {token}")))?;
     let schedule = NoiseSchedule::new(&sd.scheduler_config)?;
     let prediction = sd.scheduler_config.prediction()?;
-    let mut adam = AdamW::new(vec![ti.vectors.clone()], AdamWConfig::default())?;
+    let mut adam = AdamW::new(
+        trainable.iter().map(|(_, v)| v.clone()).collect(),
+        AdamWConfig::default(),
+    )?;
+    adam.lr_scales = trainable.iter().map(|(n, _)| method.lr_scale(n)).collect();
     let mut rng = SeededNoise::new(0);
     let h = a.resolution / 8;
     let latents = rng.randn((a.batch, 4, h, h), &device)?;
@@ -191,7 +229,8 @@ fn ti_step(a: &BenchArgs) -> Result<()> {
     let ids = ids.repeat((a.batch, 1))?;
     let timesteps = vec![500usize; a.batch];
     let mut step = || -> Result<()> {
-        let text = ti.encode(&sd.text_encoder, &ids)?;
+        method.begin_forward(Some(1));
+        let text = method.text_states(&sd, &ids)?;
         let loss = diffusion_loss(
             &sd.unet,
             &schedule,
@@ -199,14 +238,24 @@ fn ti_step(a: &BenchArgs) -> Result<()> {
             &latents,
             &noise,
             &timesteps,
-            TextConditioning::Shared(&text),
+            text.conditioning(),
         )?;
         let grads = loss.backward()?;
-        let g = grads
-            .get(ti.vectors.as_tensor())
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("no gradient"))?;
-        adam.step(&[g], 1e-3)?;
+        let mut all = vec![];
+        for (name, var) in &trainable {
+            let from_side = side.as_ref().and_then(|s| s.take(var.as_tensor()));
+            all.push(match (grads.get(var.as_tensor()), from_side) {
+                (Some(g), Some(s)) => (g + s)?,
+                (Some(g), None) => g.clone(),
+                (None, Some(s)) => s,
+                (None, None) => bail!("no gradient reached {name}"),
+            });
+        }
+        if let Some(s) = &side {
+            s.clear();
+        }
+        adam.step(&all, 1e-3)?;
+        method.after_step()?;
         device.synchronize()?;
         Ok(())
     };
@@ -217,7 +266,12 @@ fn ti_step(a: &BenchArgs) -> Result<()> {
         step()?;
         iter_s.push(start.elapsed().as_secs_f64());
     }
-    report(a, "ti-step", iter_s);
+    let name = match a.mode {
+        Mode::XtiStep => "xti-step",
+        Mode::PerfusionStep => "perfusion-step",
+        _ => "ti-step",
+    };
+    report(a, name, iter_s);
     Ok(())
 }
 

@@ -24,7 +24,8 @@ pub enum ConceptCommand {
         /// native (imprint .safetensors with metadata), diffusers (learned_embeds.safetensors for
         /// embeddings, pytorch_lora_weights.safetensors with lora_A/lora_B keys for LoRA), a1111
         /// (emb_params .safetensors; A1111 names it by file name) or kohya (lora_unet_…/lora_te_…
-        /// LoRA; embeddings alone are written as a1111, which kohya reads).
+        /// LoRA; embeddings alone are written as a1111, which kohya reads; P+ per-layer
+        /// embeddings as kohya's XTI file with keys IN01…OUT11).
         #[arg(long)]
         format: Format,
         /// Rename the trigger word.
@@ -59,8 +60,27 @@ fn describe(path: &Path, concept: &Concept, format: Format) -> Result<serde_json
             })
         })
         .collect();
+    let mut layers = Vec::new();
+    for l in &concept.layer_embeddings {
+        let norms: Vec<f32> = l.vectors.sqr()?.sum(1)?.sqrt()?.to_vec1()?;
+        layers.push(serde_json::json!({ "layer": l.layer, "norms": norms }));
+    }
+    let perfusion = match &concept.perfusion {
+        None => serde_json::Value::Null,
+        Some(p) => serde_json::json!({
+            "superclass": p.superclass,
+            "beta": p.beta,
+            "tau": p.tau,
+            "layers": p.layers.iter().map(|l| l.module.clone()).collect::<Vec<_>>(),
+            "target_input_norm": p.target_input.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?,
+        }),
+    };
     Ok(serde_json::json!({
         "file": path.display().to_string(),
+        "size_bytes": std::fs::metadata(formats::resolve(path)).map(|m| m.len()).ok(),
+        "parameters": parameter_count(concept),
+        "layer_embeddings": layers,
+        "perfusion": perfusion,
         "lora": lora,
         "format": format.name(),
         "trigger": concept.trigger,
@@ -71,6 +91,31 @@ fn describe(path: &Path, concept: &Concept, format: Format) -> Result<serde_json
         "embeddings": embeddings,
         "metadata": concept.metadata,
     }))
+}
+
+/// Numbers the concept holds (what training learned or what applying needs).
+fn parameter_count(c: &Concept) -> usize {
+    let embeddings: usize = c.embeddings.iter().map(|e| e.vectors.elem_count()).sum();
+    let layers: usize = c
+        .layer_embeddings
+        .iter()
+        .map(|l| l.vectors.elem_count())
+        .sum();
+    let lora: usize = c
+        .lora
+        .modules
+        .iter()
+        .map(|m| m.down.elem_count() + m.up.elem_count())
+        .sum();
+    let perfusion = c.perfusion.as_ref().map_or(0, |p| {
+        p.target_input.elem_count()
+            + p.target_input_cinv.elem_count()
+            + p.layers
+                .iter()
+                .map(|l| l.key_output.elem_count() + l.value_output.elem_count())
+                .sum::<usize>()
+    });
+    embeddings + layers + lora + perfusion
 }
 
 fn inspect(file: &Path, json: bool) -> Result<()> {
@@ -100,6 +145,40 @@ fn inspect(file: &Path, json: bool) -> Result<()> {
             if e.num_vectors() == 1 { "" } else { "s" },
             e.dim(),
             norms.join(", ")
+        );
+    }
+    println!("parameters: {}", parameter_count(&concept));
+    if let Ok(m) = std::fs::metadata(formats::resolve(file)) {
+        println!("size:       {} bytes", m.len());
+    }
+    if let Some(first) = concept.layer_embeddings.first() {
+        println!(
+            "per-layer embeddings (P+): {} layers × {} vector{} × {} dims",
+            concept.layer_embeddings.len(),
+            first.vectors.dim(0)?,
+            if first.vectors.dim(0)? == 1 { "" } else { "s" },
+            first.vectors.dim(1)?
+        );
+        for l in &concept.layer_embeddings {
+            let norms: Vec<String> = l
+                .vectors
+                .sqr()?
+                .sum(1)?
+                .sqrt()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|n| format!("{n:.4}"))
+                .collect();
+            println!("  {}  norms {}", l.layer, norms.join(", "));
+        }
+    }
+    if let Some(p) = &concept.perfusion {
+        println!(
+            "perfusion: superclass '{}', gate beta {} tau {}, key/value targets on {} cross-attention layers",
+            p.superclass,
+            p.beta,
+            p.tau,
+            p.layers.len()
         );
     }
     for net in concept.lora.networks() {

@@ -76,9 +76,12 @@ pub enum DebugCommand {
         seed: u64,
         #[arg(long, default_value_t = 0)]
         clip_skip: usize,
-        /// Apply a concept file at an optional scale (`FILE[:SCALE]`). Repeatable.
-        #[arg(long, value_name = "FILE[:SCALE]", value_parser = super::parse_concept_arg)]
+        /// Apply a concept file, on some layers, at an optional scale (`FILE[@LAYERS][:SCALE]`,
+        /// as `generate`). Repeatable.
+        #[arg(long, value_name = "FILE[@LAYERS][:SCALE]", value_parser = super::parse_concept_arg)]
         concept: Vec<super::ConceptArg>,
+        #[command(flatten)]
+        gate: super::GateArgs,
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -226,6 +229,7 @@ pub fn run(c: DebugCommand) -> Result<()> {
             seed,
             clip_skip,
             concept,
+            gate,
             device,
         } => {
             let device = super::parse_device(&device)?;
@@ -234,7 +238,7 @@ pub fn run(c: DebugCommand) -> Result<()> {
             expect_rank(&initial, 4, "latents", &latents)?;
             let mut sd = StableDiffusion::load(&model, DType::F32, &device)?;
             sd.truncate_long_prompts = true; // as the reference pipeline, for parity checks
-            super::apply_concepts(&mut sd, &concept, &prompt)?;
+            super::apply_concepts(&mut sd, &concept, &gate, &prompt)?;
             let opts = SampleOptions {
                 prompt,
                 negative_prompt,

@@ -47,11 +47,16 @@ pub struct GenerateArgs {
     /// Use the text encoder's output this many layers before the last.
     #[arg(long, default_value_t = 0)]
     clip_skip: usize,
-    /// Apply a concept file (textual inversion: native, diffusers or A1111; LoRA: kohya,
-    /// diffusers/PEFT or native), optionally at a scale: `--concept toy.safetensors:0.8`.
-    /// Repeatable; several LoRAs add up, each at its own scale.
-    #[arg(long, value_name = "FILE[:SCALE]", value_parser = super::parse_concept_arg)]
+    /// Apply a concept file (textual inversion: native, diffusers or A1111; P+: native or kohya
+    /// XTI; LoRA: kohya, diffusers/PEFT or native; Perfusion: native), optionally at a scale:
+    /// `--concept toy.safetensors:0.8`. Repeatable; several concepts add up, each at its own
+    /// scale. `FILE@LAYERS` applies a concept's words to some UNet layers only (`down`, `mid`,
+    /// `up`, module paths, kohya names IN01…OUT11, indices 0-5): style mixing with another concept
+    /// applied to the rest.
+    #[arg(long, value_name = "FILE[@LAYERS][:SCALE]", value_parser = super::parse_concept_arg)]
     concept: Vec<super::ConceptArg>,
+    #[command(flatten)]
+    gate: super::GateArgs,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -77,7 +82,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let device = super::parse_device(&a.device)?;
     let mut sd = StableDiffusion::load(&a.model, DType::F32, &device)?;
-    super::apply_concepts(&mut sd, &a.concept, &a.prompt)?;
+    super::apply_concepts(&mut sd, &a.concept, &a.gate, &a.prompt)?;
     let opts = GenerateOptions {
         prompt: a.prompt,
         negative_prompt: a.negative_prompt,

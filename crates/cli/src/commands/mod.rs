@@ -11,47 +11,78 @@ use std::path::PathBuf;
 
 pub use imprint_pipeline::parse_device;
 
-/// `--concept FILE[:SCALE]`: a concept file and the scale its vectors are applied at.
+/// `--concept FILE[@LAYERS][:SCALE]`: a concept file, the UNet layers its words apply to (all by
+/// default; style mixing) and the scale it is applied at.
 #[derive(Clone, Debug)]
 pub struct ConceptArg {
     pub path: PathBuf,
     pub scale: f64,
+    pub layers: Option<String>,
 }
 
-/// Splits `FILE[:SCALE]` on the last ':' only when what follows is a number, so a path that
-/// itself contains ':' still works.
+/// Splits `FILE[@LAYERS][:SCALE]`: the scale after the last ':' only when it is a number, the
+/// layers after the last '@' only when they hold no path separator, so paths that themselves
+/// contain ':' or '@' still work.
 pub fn parse_concept_arg(s: &str) -> std::result::Result<ConceptArg, String> {
     if s.is_empty() {
-        return Err("expected FILE or FILE:SCALE".into());
+        return Err("expected FILE, FILE:SCALE or FILE@LAYERS:SCALE".into());
     }
-    if let Some((path, scale)) = s.rsplit_once(':') {
-        if let Ok(scale) = scale.parse::<f64>() {
-            if !scale.is_finite() {
-                return Err(format!("scale {scale} is not a finite number"));
+    let mut rest = s;
+    let mut scale = 1.0;
+    if let Some((path, number)) = s.rsplit_once(':') {
+        if let Ok(value) = number.parse::<f64>() {
+            if !value.is_finite() {
+                return Err(format!("scale {value} is not a finite number"));
             }
-            if path.is_empty() {
-                return Err("expected FILE:SCALE, the file is missing".into());
-            }
-            return Ok(ConceptArg {
-                path: path.into(),
-                scale,
-            });
+            scale = value;
+            rest = path;
         }
     }
+    let mut layers = None;
+    if let Some((path, spec)) = rest.rsplit_once('@') {
+        if !spec.contains('/') && !spec.contains('\\') && !spec.is_empty() {
+            layers = Some(spec.to_string());
+            rest = path;
+        }
+    }
+    if rest.is_empty() {
+        return Err(format!(
+            "expected FILE[@LAYERS][:SCALE], the file is missing in '{s}'"
+        ));
+    }
     Ok(ConceptArg {
-        path: s.into(),
-        scale: 1.0,
+        path: rest.into(),
+        scale,
+        layers,
     })
+}
+
+/// Overrides of a Perfusion concept's gate at generation (`--perfusion-beta`, `--perfusion-tau`).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct GateArgs {
+    /// Perfusion gate bias β for every applied Perfusion concept (the file's, default 0.7).
+    #[arg(long)]
+    pub perfusion_beta: Option<f64>,
+    /// Perfusion gate temperature τ (the file's, default 0.15).
+    #[arg(long)]
+    pub perfusion_tau: Option<f64>,
 }
 
 /// Applies each `--concept` in order, then warns (on stderr) if the prompt names none of them.
 pub fn apply_concepts(
     sd: &mut StableDiffusion,
     concepts: &[ConceptArg],
+    gate: &GateArgs,
     prompt: &str,
 ) -> Result<()> {
     for c in concepts {
-        sd.apply_concept(&c.path, c.scale)?;
+        let options = imprint_pipeline::ConceptOptions {
+            scale: c.scale,
+            layers: c.layers.clone(),
+            beta: gate.perfusion_beta,
+            tau: gate.perfusion_tau,
+        };
+        sd.apply_concept_with(&c.path, &options)?;
     }
     if let Some(w) = sd.trigger_warning(prompt) {
         eprintln!("warning: {w}");
@@ -72,5 +103,13 @@ mod tests {
         let c = parse_concept_arg("x:y.pt:2").unwrap();
         assert_eq!((c.path, c.scale), (PathBuf::from("x:y.pt"), 2.0));
         assert!(parse_concept_arg(":1").is_err());
+        let c = parse_concept_arg("a.safetensors@down,mid:0.5").unwrap();
+        assert_eq!(
+            (c.path, c.scale, c.layers),
+            (PathBuf::from("a.safetensors"), 0.5, Some("down,mid".into()))
+        );
+        let c = parse_concept_arg("me@host/b.pt").unwrap();
+        assert_eq!((c.path, c.layers), (PathBuf::from("me@host/b.pt"), None));
+        assert!(parse_concept_arg("@up").is_err());
     }
 }

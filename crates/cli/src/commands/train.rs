@@ -3,11 +3,13 @@
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use imprint_train::config::{
-    dreambooth_defaults, lora_defaults, resolve, textual_inversion_defaults, DreamBoothConfig,
-    LoraConfig, TextualInversionConfig,
+    dreambooth_defaults, extended_textual_inversion_defaults, lora_defaults, perfusion_defaults,
+    resolve, textual_inversion_defaults, DreamBoothConfig, LoraConfig, PerfusionConfig,
+    TextualInversionConfig,
 };
 use imprint_train::trainer::{
-    train_dreambooth, train_lora, train_textual_inversion, Hooks, Outcome,
+    train_dreambooth, train_extended_textual_inversion, train_lora, train_perfusion,
+    train_textual_inversion, Hooks, Outcome,
 };
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -21,6 +23,38 @@ pub enum TrainCommand {
     Lora(LoraArgs),
     /// DreamBooth: fine-tune the whole UNet (optionally the text encoder); writes a model folder.
     Dreambooth(DreamBoothArgs),
+    /// Extended Textual Inversion (P+): the new word gets its own vectors in every UNet
+    /// cross-attention layer. Takes the textual-inversion options.
+    #[command(name = "xti", alias = "p-plus")]
+    ExtendedTextualInversion(TiArgs),
+    /// Perfusion: the new word plus key-locked, gated rank-1 edits of every cross-attention key
+    /// and value (~100 KB per concept on SD 1.5).
+    Perfusion(PerfusionArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PerfusionArgs {
+    /// The new word, e.g. "<my-toy>".
+    #[arg(long)]
+    token: Option<String>,
+    /// The concept's class word (one token), e.g. "toy": keys stay locked to it and the word's
+    /// embedding starts at it.
+    #[arg(long)]
+    superclass: Option<String>,
+    /// object or style caption templates.
+    #[arg(long)]
+    templates: Option<String>,
+    /// Learning rate of the value target outputs (default 3e-2; --lr is the embedding's, 6e-3).
+    #[arg(long)]
+    value_lr: Option<f64>,
+    /// Training gate bias (default 0.75).
+    #[arg(long)]
+    beta: Option<f64>,
+    /// Training gate temperature (default 0.1).
+    #[arg(long)]
+    tau: Option<f64>,
+    #[command(flatten)]
+    trainer: TrainerArgs,
 }
 
 #[derive(Args, Debug)]
@@ -255,6 +289,38 @@ pub fn run(c: TrainCommand) -> Result<()> {
             require(&flags, &a.trainer.config, &["model", "images", "out"])?;
             let cfg: LoraConfig = resolve(lora_defaults(), a.trainer.config.as_deref(), flags)?;
             launch(&cfg.trainer.out, |hooks| train_lora(&cfg, hooks))
+        }
+        TrainCommand::Perfusion(a) => {
+            let mut flags = toml::Table::new();
+            flags!(flags, a, [token => "token", superclass => "superclass", templates => "templates",
+                value_lr => "value-lr", beta => "beta", tau => "tau"]);
+            trainer_flags(&a.trainer, &mut flags)?;
+            require(
+                &flags,
+                &a.trainer.config,
+                &["model", "images", "out", "token", "superclass"],
+            )?;
+            let cfg: PerfusionConfig =
+                resolve(perfusion_defaults(), a.trainer.config.as_deref(), flags)?;
+            launch(&cfg.trainer.out, |hooks| train_perfusion(&cfg, hooks))
+        }
+        TrainCommand::ExtendedTextualInversion(a) => {
+            let mut flags = toml::Table::new();
+            flags!(flags, a, [token => "token", init_word => "init-word", num_vectors => "num-vectors", templates => "templates"]);
+            trainer_flags(&a.trainer, &mut flags)?;
+            require(
+                &flags,
+                &a.trainer.config,
+                &["model", "images", "out", "token", "init-word"],
+            )?;
+            let cfg: TextualInversionConfig = resolve(
+                extended_textual_inversion_defaults(),
+                a.trainer.config.as_deref(),
+                flags,
+            )?;
+            launch(&cfg.trainer.out, |hooks| {
+                train_extended_textual_inversion(&cfg, hooks)
+            })
         }
         TrainCommand::TextualInversion(a) => {
             let mut flags = toml::Table::new();

@@ -87,6 +87,7 @@ pub(crate) fn from_raw(raw: RawFile, path: &Path) -> Result<Concept> {
         lora: Default::default(),
         base_model: raw.metadata.get("sd_checkpoint_name").cloned(),
         metadata,
+        ..Default::default()
     })
 }
 

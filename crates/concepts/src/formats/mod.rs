@@ -8,6 +8,7 @@ pub mod a1111;
 pub mod diffusers;
 pub mod diffusers_lora;
 pub mod kohya;
+pub mod kohya_xti;
 pub mod native;
 pub mod pt;
 
@@ -31,7 +32,7 @@ pub enum Format {
     A1111,
     /// kohya-ss LoRA: `lora_unet_…`/`lora_te_…` keys, optionally with bundled embeddings
     /// ([`kohya`]). A concept with only token embeddings is written as [`Format::A1111`], which
-    /// kohya's scripts also read.
+    /// kohya's scripts also read; per-layer embeddings (P+) as kohya's XTI file ([`kohya_xti`]).
     Kohya,
 }
 
@@ -184,7 +185,8 @@ fn detect_raw(raw: &RawFile) -> Result<Format> {
     if native::is_native(raw) {
         return Ok(Format::Native);
     }
-    if kohya::is_kohya(raw) {
+    kohya_xti::check_incomplete(raw)?;
+    if kohya::is_kohya(raw) || kohya_xti::is_kohya_xti(raw) {
         return Ok(Format::Kohya);
     }
     if diffusers_lora::is_diffusers_lora(raw) {
@@ -198,7 +200,7 @@ fn detect_raw(raw: &RawFile) -> Result<Format> {
     }
     let names: Vec<&str> = raw.tensors.keys().map(String::as_str).take(8).collect();
     bail!(
-        "not a concept file: expected imprint metadata, kohya `lora_unet_…`/`lora_te_…` or diffusers `….lora_A.weight` LoRA keys, A1111 `emb_params`/`string_to_param`/`clip_l`+`clip_g`, or one diffusers token tensor; found {} tensors ({}{})",
+        "not a concept file: expected imprint metadata, kohya `lora_unet_…`/`lora_te_…` LoRA keys or the 16 XTI layers `IN01`…`OUT11`, diffusers `….lora_A.weight` LoRA keys, A1111 `emb_params`/`string_to_param`/`clip_l`+`clip_g`, or one diffusers token tensor; found {} tensors ({}{})",
         raw.tensors.len(),
         names.join(", "),
         if raw.tensors.len() > names.len() { ", ..." } else { "" }
@@ -223,6 +225,7 @@ pub fn load_with_format(path: &Path) -> Result<(Concept, Format)> {
             }
             Format::Diffusers => diffusers::from_raw(raw)?,
             Format::A1111 => a1111::from_raw(raw, path)?,
+            Format::Kohya if kohya_xti::is_kohya_xti(&raw) => kohya_xti::from_raw(raw, path)?,
             Format::Kohya => kohya::from_raw(raw)?,
         };
         concept.validate()?;
@@ -237,6 +240,23 @@ pub fn save(concept: &Concept, path: &Path, format: Format) -> Result<()> {
         .validate()
         .with_context(|| format!("{}: cannot save", path.display()))?;
     let has_lora = !concept.lora.is_empty();
+    if format != Format::Native && concept.perfusion.is_some() {
+        bail!(
+            "{}: Perfusion concepts exist only in imprint's native format (no other tool reads them); use --format native",
+            path.display()
+        )
+    }
+    if !concept.layer_embeddings.is_empty() {
+        return match format {
+            Format::Native => native::save(concept, path),
+            Format::Kohya if !has_lora => kohya_xti::save(concept, path),
+            _ => bail!(
+                "{}: concept '{}' has per-layer embeddings (P+), which only imprint's native format and kohya's XTI file hold; use --format native or kohya",
+                path.display(),
+                concept.trigger
+            ),
+        };
+    }
     match format {
         Format::Native => native::save(concept, path),
         Format::Diffusers if has_lora => diffusers_lora::save(concept, path),

@@ -10,10 +10,22 @@
 //! `[out, r(, 1, 1)]` and `….alpha` (a 0-d f32 tensor), e.g.
 //! `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_down.weight` or
 //! `text_encoder.text_model.encoder.layers.0.self_attn.q_proj.alpha`.
+//!
+//! Extended Textual Inversion (P+) keeps one `[n, dim]` tensor per UNet cross-attention layer,
+//! `unet.<transformer path>.token_embeddings` (e.g. `unet.down_blocks.0.attentions.1.token_embeddings`),
+//! method `extended-textual-inversion`.
+//!
+//! Perfusion (method `perfusion`; this layout is read by outside tools, keep it):
+//! `text_encoder.token_embeddings` `[1, dim]`, `perfusion.target_input` `[dim]` (i*),
+//! `perfusion.target_input_cinv` `[dim]` (C⁻¹i*), and per cross-attention layer
+//! `unet.<attn2 path>.to_k.target_output` / `….to_v.target_output` `[out]`; metadata
+//! `perfusion.superclass` and the inference gate `perfusion.beta` / `perfusion.tau` (optional,
+//! defaults 0.7 / 0.15).
 
 use super::RawFile;
 use crate::lora::{LoraModule, LoraWeights};
-use crate::{Concept, TokenEmbedding};
+use crate::perfusion::{self, PerfusionEdit, PerfusionLayer};
+use crate::{Concept, LayerEmbedding, TokenEmbedding};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use imprint_models::io::save_safetensors_atomic;
@@ -30,6 +42,14 @@ const SUFFIX: &str = ".token_embeddings";
 const DOWN: &str = ".lora_down.weight";
 const UP: &str = ".lora_up.weight";
 const ALPHA: &str = ".alpha";
+const UNET_PREFIX: &str = "unet.";
+const TARGET_INPUT: &str = "perfusion.target_input";
+const TARGET_INPUT_CINV: &str = "perfusion.target_input_cinv";
+const KEY_OUTPUT: &str = ".to_k.target_output";
+const VALUE_OUTPUT: &str = ".to_v.target_output";
+const SUPERCLASS_KEY: &str = "perfusion.superclass";
+const BETA_KEY: &str = "perfusion.beta";
+const TAU_KEY: &str = "perfusion.tau";
 
 pub(crate) fn is_native(raw: &RawFile) -> bool {
     !raw.pickled && raw.metadata.get(FORMAT_KEY).map(String::as_str) == Some("concept")
@@ -47,8 +67,35 @@ pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
             .with_context(|| format!("imprint concept file without '{k}' metadata"))
     };
     let mut embeddings = Vec::new();
+    let mut layer_embeddings = Vec::new();
     let mut pairs: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
+    let (mut target_input, mut target_input_cinv) = (None, None);
+    let mut outputs: BTreeMap<String, [Option<Tensor>; 2]> = BTreeMap::new();
     for (name, t) in raw.tensors {
+        if name == TARGET_INPUT {
+            target_input = Some(t);
+            continue;
+        }
+        if name == TARGET_INPUT_CINV {
+            target_input_cinv = Some(t);
+            continue;
+        }
+        if let Some(rest) = name.strip_prefix(UNET_PREFIX) {
+            if let Some(layer) = rest.strip_suffix(SUFFIX) {
+                layer_embeddings.push(
+                    LayerEmbedding::new(layer, t).with_context(|| format!("tensor '{name}'"))?,
+                );
+                continue;
+            }
+            if let Some(module) = rest.strip_suffix(KEY_OUTPUT) {
+                outputs.entry(module.to_string()).or_default()[0] = Some(t);
+                continue;
+            }
+            if let Some(module) = rest.strip_suffix(VALUE_OUTPUT) {
+                outputs.entry(module.to_string()).or_default()[1] = Some(t);
+                continue;
+            }
+        }
         if let Some(encoder) = name.strip_suffix(SUFFIX) {
             embeddings
                 .push(TokenEmbedding::new(encoder, t).with_context(|| format!("tensor '{name}'"))?);
@@ -73,9 +120,46 @@ pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
         lora.modules
             .push(LoraModule::new(network, module, down, up, alpha, &target)?);
     }
+    let perfusion = match (target_input, target_input_cinv, outputs.is_empty()) {
+        (None, None, true) => None,
+        (Some(input), Some(cinv), _) => {
+            let mut layers = vec![];
+            for (module, [key, value]) in outputs {
+                let (Some(key_output), Some(value_output)) = (key, value) else {
+                    bail!("Perfusion layer '{module}' lacks one of {KEY_OUTPUT}, {VALUE_OUTPUT}")
+                };
+                layers.push(PerfusionLayer {
+                    module,
+                    key_output: key_output.to_dtype(candle_core::DType::F32)?,
+                    value_output: value_output.to_dtype(candle_core::DType::F32)?,
+                });
+            }
+            let number = |k: &str, default: f64| -> Result<f64> {
+                match meta.get(k) {
+                    None => Ok(default),
+                    Some(v) => v
+                        .trim()
+                        .parse()
+                        .with_context(|| format!("metadata '{k}' = {v:?} is not a number")),
+                }
+            };
+            Some(PerfusionEdit {
+                target_input: input.to_dtype(candle_core::DType::F32)?,
+                target_input_cinv: cinv.to_dtype(candle_core::DType::F32)?,
+                layers,
+                superclass: meta.get(SUPERCLASS_KEY).cloned().unwrap_or_default(),
+                beta: number(BETA_KEY, perfusion::DEFAULT_BETA)?,
+                tau: number(TAU_KEY, perfusion::DEFAULT_TAU)?,
+            })
+        }
+        _ => bail!("a Perfusion concept needs {TARGET_INPUT}, {TARGET_INPUT_CINV} and the layers' target outputs"),
+    };
     let metadata: BTreeMap<String, String> = meta
         .iter()
         .filter(|(k, _)| !k.starts_with("imprint."))
+        .filter(|(k, _)| {
+            perfusion.is_none() || ![SUPERCLASS_KEY, BETA_KEY, TAU_KEY].contains(&k.as_str())
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     Ok(Concept {
@@ -83,6 +167,8 @@ pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
         method: get(METHOD_KEY)?,
         embeddings,
         lora,
+        layer_embeddings,
+        perfusion,
         base_model: meta.get(BASE_MODEL_KEY).cloned(),
         metadata,
     })
@@ -103,6 +189,21 @@ pub(crate) fn save(concept: &Concept, path: &Path) -> Result<()> {
             Tensor::new(m.alpha as f32, &Device::Cpu)?,
         );
     }
+    for l in &concept.layer_embeddings {
+        tensors.insert(
+            format!("{UNET_PREFIX}{}{SUFFIX}", l.layer),
+            l.vectors.clone(),
+        );
+    }
+    if let Some(p) = &concept.perfusion {
+        tensors.insert(TARGET_INPUT.into(), p.target_input.clone());
+        tensors.insert(TARGET_INPUT_CINV.into(), p.target_input_cinv.clone());
+        for l in &p.layers {
+            let base = format!("{UNET_PREFIX}{}", l.module);
+            tensors.insert(format!("{base}{KEY_OUTPUT}"), l.key_output.clone());
+            tensors.insert(format!("{base}{VALUE_OUTPUT}"), l.value_output.clone());
+        }
+    }
     let mut meta: HashMap<String, String> = concept
         .metadata
         .iter()
@@ -115,6 +216,11 @@ pub(crate) fn save(concept: &Concept, path: &Path) -> Result<()> {
     meta.insert(TRIGGER_KEY.into(), concept.trigger.clone());
     if let Some(b) = &concept.base_model {
         meta.insert(BASE_MODEL_KEY.into(), b.clone());
+    }
+    if let Some(p) = &concept.perfusion {
+        meta.insert(SUPERCLASS_KEY.into(), p.superclass.clone());
+        meta.insert(BETA_KEY.into(), p.beta.to_string());
+        meta.insert(TAU_KEY.into(), p.tau.to_string());
     }
     save_safetensors_atomic(path, &tensors, Some(meta))
 }

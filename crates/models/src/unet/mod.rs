@@ -6,4 +6,4 @@ pub mod config;
 pub mod unet_2d_condition;
 
 pub use config::UNet2DConditionConfig;
-pub use unet_2d_condition::UNet2DConditionModel;
+pub use unet_2d_condition::{CrossAttentionLayer, UNet2DConditionModel};

@@ -251,6 +251,83 @@ impl UNet2DConditionModel {
     }
 }
 
+/// One cross-attention layer (`attn2` of a transformer block), in the UNet's forward order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CrossAttentionLayer {
+    /// Its index in forward order: the entry of per-layer conditioning it reads.
+    pub index: usize,
+    /// The transformer block's module path, e.g. `down_blocks.0.attentions.1.transformer_blocks.0`.
+    pub block: String,
+    /// The enclosing `Transformer2DModel`'s path, e.g. `down_blocks.0.attentions.1`.
+    pub transformer: String,
+}
+
+impl CrossAttentionLayer {
+    /// The name per-layer embeddings (P+) are keyed by: the transformer's path when it holds one
+    /// block (every SD 1.x/2.x layer), else the block's path.
+    pub fn embedding_key(&self, blocks_in_transformer: usize) -> &str {
+        if blocks_in_transformer == 1 {
+            &self.transformer
+        } else {
+            &self.block
+        }
+    }
+
+    /// The cross-attention module's path, e.g. `down_blocks.0.attentions.1.transformer_blocks.0.attn2`.
+    pub fn attn2(&self) -> String {
+        format!("{}.attn2", self.block)
+    }
+}
+
+impl UNet2DConditionModel {
+    /// Every cross-attention transformer, in forward order (down, mid, up).
+    pub fn transformers(&self) -> Vec<&crate::attention::Transformer2DModel> {
+        let down = self.down_blocks.iter().flat_map(|d| &d.attentions);
+        let mid = self.mid_block.attentions.iter();
+        let up = self.up_blocks.iter().flat_map(|u| &u.attentions);
+        down.chain(mid).chain(up).collect()
+    }
+
+    /// Every cross-attention layer in forward order, with its module paths.
+    pub fn cross_attention_layers(&self) -> Vec<CrossAttentionLayer> {
+        let mut layers = vec![];
+        for t in self.transformers() {
+            for b in &t.transformer_blocks {
+                let block = b
+                    .attn2
+                    .to_k
+                    .name
+                    .trim_end_matches(".attn2.to_k")
+                    .to_string();
+                let transformer = block
+                    .rsplit_once(".transformer_blocks.")
+                    .map_or(block.clone(), |(t, _)| t.to_string());
+                layers.push(CrossAttentionLayer {
+                    index: b.cross_attention_index,
+                    block,
+                    transformer,
+                });
+            }
+        }
+        layers.sort_by_key(|l| l.index);
+        layers
+    }
+
+    /// The keys per-layer embeddings (P+) use for this UNet, in forward order.
+    pub fn embedding_keys(&self) -> Vec<String> {
+        let layers = self.cross_attention_layers();
+        let mut keys = vec![String::new(); layers.len()];
+        for t in self.transformers() {
+            let n = t.transformer_blocks.len();
+            for b in &t.transformer_blocks {
+                let i = b.cross_attention_index;
+                keys[i] = layers[i].embedding_key(n).to_string();
+            }
+        }
+        keys
+    }
+}
+
 impl UNet2DConditionModel {
     /// Recompute every resnet and transformer block in the backward pass (gradient
     /// checkpointing); returns where the gradients of variables inside them are collected.

@@ -331,6 +331,7 @@ pub fn lora_concept(
         lora: LoraWeights { modules },
         base_model,
         metadata,
+        ..Default::default()
     }
 }
 

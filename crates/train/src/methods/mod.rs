@@ -3,7 +3,9 @@
 //! denoising loss ([`diffusion_loss`]) and the loop (`crate::trainer`) are shared.
 
 pub mod dreambooth;
+pub mod extended_textual_inversion;
 pub mod lora;
+pub mod perfusion;
 pub mod textual_inversion;
 
 use crate::data::TrainImage;
@@ -13,7 +15,7 @@ use imprint_concepts::Concept;
 use imprint_models::schedulers::ddpm::NoiseSchedule;
 use imprint_models::schedulers::PredictionType;
 use imprint_models::unet::UNet2DConditionModel;
-use imprint_models::TextConditioning;
+use imprint_models::{TextConditioning, TextStates};
 use imprint_pipeline::StableDiffusion;
 use rand_chacha::ChaCha20Rng;
 
@@ -21,6 +23,10 @@ use rand_chacha::ChaCha20Rng;
 pub trait Method {
     /// Trainable tensors with stable names (checkpoints restore them by name).
     fn trainable(&self) -> Vec<(String, Var)>;
+    /// The learning rate of the trainable tensor `name` as a multiple of the run's.
+    fn lr_scale(&self, _name: &str) -> f64 {
+        1.0
+    }
     /// The caption of one training example.
     fn caption(&self, image: &TrainImage, rng: &mut ChaCha20Rng) -> String;
     /// A user's prompt rewritten for the method's tokens (validation).
@@ -31,10 +37,25 @@ pub trait Method {
     /// dropout draw from `key`, a pure function of seed, step and micro-batch, so resume is exact),
     /// `None` for validation.
     fn begin_forward(&self, _key: Option<u64>) {}
-    /// Text states `[B, S, D]` for token ids, through the method's trainable parts (by default the
-    /// text encoder as it is, adapters included).
-    fn text_states(&self, sd: &StableDiffusion, ids: &Tensor) -> Result<Tensor> {
-        Ok(sd.text_encoder.forward(ids, 0)?.last_hidden_state)
+    /// Text states `[B, S, D]` for token ids (one tensor per cross-attention layer for per-layer
+    /// methods), through the method's trainable parts (by default the text encoder as it is,
+    /// adapters included).
+    fn text_states(&self, sd: &StableDiffusion, ids: &Tensor) -> Result<TextStates> {
+        Ok(TextStates::Shared(
+            sd.text_encoder.forward(ids, 0)?.last_hidden_state,
+        ))
+    }
+    /// Called after each optimizer step (moving averages a method keeps outside the optimizer).
+    fn after_step(&self) -> Result<()> {
+        Ok(())
+    }
+    /// State outside the trainable tensors that a checkpoint must keep for an exact resume.
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![])
+    }
+    /// Restores [`Method::state`] from a checkpoint.
+    fn restore_state(&self, _state: &[(String, Tensor)]) -> Result<()> {
+        Ok(())
     }
     /// The concept the trained tensors make.
     fn concept(&self, base_model: Option<String>) -> Result<Concept>;

@@ -11,6 +11,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
+use imprint_concepts::per_layer::substitute_tokens;
 use imprint_models::clip::ClipTextTransformer;
 use imprint_models::tokenizer::ClipTokenizer;
 
@@ -104,20 +105,8 @@ impl TextualInversion {
     /// Token embeddings `[B, S, D]` for `ids [B, S]`: the frozen table's rows, with the new tokens'
     /// positions taken from the trainable vectors (so the gradient reaches only them).
     pub fn token_embeddings(&self, te: &ClipTextTransformer, ids: &Tensor) -> Result<Tensor> {
-        let vocab = te.token_embedding.dim(0)? as i64;
-        let ids64 = ids.to_dtype(DType::I64)?;
-        // The new ids lie past the table: look them up as row 0, then overwrite.
-        let in_table = ids64.lt(vocab)?;
-        let base_ids = in_table.where_cond(&ids64, &ids64.zeros_like()?)?;
-        let mut embeds = te.embed_tokens(&base_ids)?.to_dtype(DType::F32)?;
-        let keep = in_table.to_dtype(DType::F32)?.unsqueeze(2)?;
-        embeds = embeds.broadcast_mul(&keep)?;
-        for (k, &id) in self.token_ids.iter().enumerate() {
-            let mask = ids64.eq(id as i64)?.to_dtype(DType::F32)?.unsqueeze(2)?;
-            let row = self.vectors.as_tensor().narrow(0, k, 1)?.unsqueeze(0)?;
-            embeds = (embeds + mask.broadcast_mul(&row)?)?;
-        }
-        Ok(embeds.to_dtype(te.dtype())?)
+        // The new ids lie past the table; their positions take the trainable rows.
+        substitute_tokens(te, ids, &self.token_ids, self.vectors.as_tensor())
     }
 
     /// Text states `[B, S, D]` for `ids` through the frozen text encoder.
@@ -154,8 +143,14 @@ impl super::Method for TextualInversionMethod {
         prompt.replace(&self.ti.token, &self.ti.placeholder_string())
     }
 
-    fn text_states(&self, sd: &imprint_pipeline::StableDiffusion, ids: &Tensor) -> Result<Tensor> {
-        self.ti.encode(&sd.text_encoder, ids)
+    fn text_states(
+        &self,
+        sd: &imprint_pipeline::StableDiffusion,
+        ids: &Tensor,
+    ) -> Result<imprint_models::TextStates> {
+        Ok(imprint_models::TextStates::Shared(
+            self.ti.encode(&sd.text_encoder, ids)?,
+        ))
     }
 
     fn concept(&self, base_model: Option<String>) -> Result<imprint_concepts::Concept> {
@@ -170,9 +165,9 @@ impl super::Method for TextualInversionMethod {
                     .as_tensor()
                     .to_device(&candle_core::Device::Cpu)?,
             }],
-            lora: Default::default(),
             base_model,
             metadata: [("init_word".to_string(), self.init_word.clone())].into(),
+            ..Default::default()
         })
     }
 }
