@@ -29,7 +29,7 @@ import os
 import shutil
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -93,9 +93,10 @@ class Perfusion:
     """attn2 with every K and V projection edited by Perfusion's gated rank-1 formula, for one or
     several concepts: s = G⁻¹ [(C⁻¹i*_k)ᵀ e]_k, h(e) = W(e − Σ s_k i*_k) + Σ σ((s_k − β_k)/τ_k) o*_k."""
 
-    def __init__(self, concepts, module):
+    def __init__(self, concepts, module, states=None):
         self.concepts = concepts  # dicts with i, cinv, beta, tau, outputs{module: (ok, ov)}, scale
         self.module = module
+        self.states = states  # this layer's own text states (P+), else the pipeline's
 
     def edit(self, proj, e, which):
         inputs = torch.stack([c["i"] for c in self.concepts]).double()   # [k, d]
@@ -117,7 +118,7 @@ class Perfusion:
         return proj(base) + out
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        e = encoder_hidden_states
+        e = encoder_hidden_states if self.states is None else self.states
         q = attn.to_q(hidden_states)
         k = self.edit(attn.to_k, e, "k")
         v = self.edit(attn.to_v, e, "v")
@@ -262,6 +263,34 @@ def perfusion_runs(path, unet_layers, runs, init):
                      "scheduler": "ddim", "steps": 8, "guidance": 7.5})
 
 
+def combined_run(path, unet_layers, runs, init):
+    """A P+ concept and a Perfusion concept in one prompt: every layer's own states pass through
+    that layer's Perfusion-edited keys and values."""
+    prompt = "a photo of xti-cat with a <robot>"
+    pipe = load_pipe(path)
+    plain = sample(pipe, "a photo of cat with a toy", None, init)
+    file, concept, _, _ = perfusion_file(pipe, unet_layers, "<robot>", "toy", 10)
+    ids = add_tokens(pipe, ["xti-cat", "xti-cat_1"])
+    vectors = load_file(os.path.join(OUT, "xti-cat.safetensors"))
+    expanded = prompt.replace("xti-cat", "xti-cat xti-cat_1")
+    table = pipe.text_encoder.get_input_embeddings().weight
+    uncond = encode(pipe, "")
+    procs = {name: AttnProcessor() for name in pipe.unet.attn_processors}
+    for layer, key in zip(unet_layers, KOHYA):
+        with torch.no_grad():
+            table[ids[0]] = vectors[key][0]
+            table[ids[1]] = vectors[key][1]
+        cond = encode(pipe, expanded)
+        procs[layer + ".processor"] = Perfusion([concept], layer, torch.cat([uncond, cond]))
+    pipe.unet.set_attn_processor(procs)
+    result = sample_with_states(pipe, cond, uncond, init)
+    assert (result - plain).abs().max() > 1e-3
+    out = "combined_0.safetensors"
+    save_file({"latents": init, "expected": result.contiguous()}, os.path.join(OUT, out))
+    runs.append({"file": out, "concepts": [file, "xti-cat.safetensors"], "prompt": prompt,
+                 "negative_prompt": None, "scheduler": "ddim", "steps": 8, "guidance": 7.5})
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     path = os.path.join(OUT, "model")
@@ -273,6 +302,7 @@ def main():
     runs = []
     xti_runs(path, layers, runs, init)
     perfusion_runs(path, layers, runs, init)
+    combined_run(path, layers, runs, init)
     with open(os.path.join(OUT, "manifest.json"), "w") as f:
         json.dump({"runs": runs, "attn2_layers": layers}, f, indent=1)
     print(f"wrote {len(runs)} runs to {OUT}")

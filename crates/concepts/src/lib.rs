@@ -38,6 +38,7 @@
 pub mod apply;
 pub mod formats;
 pub mod lora;
+pub mod lycoris;
 pub mod merge;
 pub mod per_layer;
 pub mod perfusion;
@@ -153,6 +154,8 @@ pub struct Concept {
     pub layer_embeddings: Vec<LayerEmbedding>,
     /// Perfusion's key-locked rank-1 edits of the cross-attention keys and values.
     pub perfusion: Option<PerfusionEdit>,
+    /// LyCORIS weight changes (LoHa, LoKr, (IA)³, diag-OFT) read from the files users exchange.
+    pub lycoris: Vec<lycoris::LycorisModule>,
     /// The base model it was trained on, when known (a name or a fingerprint).
     pub base_model: Option<String>,
     /// Free-form notes carried through the native format (training steps, source file, ...).
@@ -232,7 +235,7 @@ impl Concept {
             )
         }
         if !self.has_tokens() {
-            if self.lora.is_empty() {
+            if self.lora.is_empty() && self.lycoris.is_empty() {
                 bail!(
                     "concept '{}' holds neither token embeddings nor LoRA weights",
                     self.trigger

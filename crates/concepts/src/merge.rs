@@ -7,6 +7,7 @@
 //! half-written model under the requested name.
 
 use crate::lora::{LoraModule, UNET};
+use crate::lycoris::LycorisModule;
 use crate::{Concept, TEXT_ENCODER};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -23,16 +24,47 @@ fn component(network: &str) -> Result<(&'static str, &'static str)> {
     })
 }
 
-/// The weight names a module's `.weight` may have: the text encoder's with or without the
-/// `text_model.` level (transformers < 5 and 5 save it differently).
-fn weight_keys(m: &LoraModule) -> Vec<String> {
-    let mut keys = vec![format!("{}.weight", m.module)];
-    if m.network != UNET {
-        if let Some(rest) = m.module.strip_prefix("text_model.") {
-            keys.push(format!("{rest}.weight"));
+/// One weight change to bake: a LoRA pair or a LyCORIS module.
+#[derive(Clone, Copy)]
+enum Change<'a> {
+    Lora(&'a LoraModule),
+    Lycoris(&'a LycorisModule),
+}
+
+impl Change<'_> {
+    fn network(&self) -> &str {
+        match self {
+            Change::Lora(m) => &m.network,
+            Change::Lycoris(m) => &m.network,
         }
     }
-    keys
+
+    fn module(&self) -> &str {
+        match self {
+            Change::Lora(m) => &m.module,
+            Change::Lycoris(m) => &m.module,
+        }
+    }
+
+    /// `ΔW` at `scale` for the base weight `w`.
+    fn delta(&self, w: &Tensor, scale: f64) -> Result<Tensor> {
+        match self {
+            Change::Lora(m) => Ok((m.delta_weight()? * scale)?),
+            Change::Lycoris(m) => m.delta(w, scale),
+        }
+    }
+
+    /// The weight names the module's `.weight` may have: the text encoder's with or without the
+    /// `text_model.` level (transformers < 5 and 5 save it differently).
+    fn weight_keys(&self) -> Vec<String> {
+        let mut keys = vec![format!("{}.weight", self.module())];
+        if self.network() != UNET {
+            if let Some(rest) = self.module().strip_prefix("text_model.") {
+                keys.push(format!("{rest}.weight"));
+            }
+        }
+        keys
+    }
 }
 
 /// Copies `model` to `out` with every concept's LoRA (at its scale) added into the weights.
@@ -48,21 +80,27 @@ pub fn merge_into_folder(model: &Path, concepts: &[(Concept, f64)], out: &Path) 
         )
     }
     // Every delta, grouped by network, checked before anything is written.
-    let mut by_network: HashMap<&'static str, Vec<(&LoraModule, f64)>> = HashMap::new();
+    let mut by_network: HashMap<&'static str, Vec<(Change, f64)>> = HashMap::new();
     for (concept, scale) in concepts {
         if !scale.is_finite() {
             bail!("scale {scale} is not a finite number")
         }
-        if concept.lora.is_empty() {
+        if concept.lora.is_empty() && concept.lycoris.is_empty() {
             bail!(
-                "concept '{}' holds no LoRA weights to merge",
+                "concept '{}' holds no LoRA or LyCORIS weights to merge",
                 concept.trigger
             )
         }
-        for m in &concept.lora.modules {
-            let (sub, _) = component(&m.network)?;
+        let changes = concept
+            .lora
+            .modules
+            .iter()
+            .map(Change::Lora)
+            .chain(concept.lycoris.iter().map(Change::Lycoris));
+        for c in changes {
+            let (sub, _) = component(c.network())?;
             let net = if sub == "unet" { UNET } else { TEXT_ENCODER };
-            by_network.entry(net).or_default().push((m, *scale));
+            by_network.entry(net).or_default().push((c, *scale));
         }
     }
     let tmp = out.with_file_name(format!(
@@ -111,10 +149,10 @@ fn merge_component(
     dst_dir: &Path,
     stem: &str,
     network: &str,
-    deltas: &[(&LoraModule, f64)],
+    deltas: &[(Change, f64)],
 ) -> Result<usize> {
     let files = weight_files(src_dir, stem)?;
-    let mut pending: Vec<(&LoraModule, f64)> = deltas.to_vec();
+    let mut pending: Vec<(Change, f64)> = deltas.to_vec();
     let mut changed = 0;
     for file in &files {
         let bytes =
@@ -125,12 +163,16 @@ fn merge_component(
         let mut touched = false;
         let mut rest = Vec::new();
         for (m, scale) in pending {
-            let Some(key) = weight_keys(m).into_iter().find(|k| tensors.contains_key(k)) else {
+            let Some(key) = m
+                .weight_keys()
+                .into_iter()
+                .find(|k| tensors.contains_key(k))
+            else {
                 rest.push((m, scale));
                 continue;
             };
             let w = &tensors[&key];
-            let delta = m.delta_weight()?;
+            let delta = m.delta(w, scale)?;
             let delta = if delta.dims() != w.dims()
                 && delta.elem_count() == w.elem_count()
                 && w.rank() == 4
@@ -142,15 +184,15 @@ fn merge_component(
             };
             if delta.dims() != w.dims() {
                 bail!(
-                    "LoRA module '{}': its delta {:?} does not fit the weight '{key}' {:?} in {}: is it a LoRA for another architecture?",
-                    m.module,
+                    "module '{}': its delta {:?} does not fit the weight '{key}' {:?} in {}: is it for another architecture?",
+                    m.module(),
                     delta.dims(),
                     w.dims(),
                     file.display()
                 )
             }
             let dtype = w.dtype();
-            let merged = (w.to_dtype(DType::F32)? + (delta * scale)?)?.to_dtype(dtype)?;
+            let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
             tensors.insert(key, merged);
             touched = true;
             changed += 1;
@@ -173,8 +215,8 @@ fn merge_component(
     }
     if let Some((m, _)) = pending.first() {
         bail!(
-            "LoRA module '{}' has no weight in this model's {network} ({}): is it a LoRA for another architecture?",
-            m.module,
+            "module '{}' has no weight in this model's {network} ({}): is it for another architecture?",
+            m.module(),
             src_dir.display()
         )
     }

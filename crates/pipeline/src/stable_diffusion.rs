@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use imprint_concepts::apply::{apply_textual_inversion, expand_prompt, missing_trigger_warning};
 use imprint_concepts::lora::prepare_lora;
+use imprint_concepts::lycoris::prepare_lycoris;
 use imprint_concepts::per_layer::{select_layers, PerLayerTokens};
 use imprint_concepts::perfusion::{apply_perfusion, detach_adapters, AppliedEdit};
 use imprint_concepts::{Concept, PerfusionEdit, TEXT_ENCODER, UNET};
@@ -244,6 +245,28 @@ impl StableDiffusion {
                 }
                 other => bail!("the LoRA has weights for '{other}', which Stable Diffusion 1.x/2.x does not have: is it a LoRA for another architecture (SDXL)?"),
             }
+        }
+        // LyCORIS changes: computed and checked for both networks before any weight changes.
+        if let Some(net) = concept
+            .lycoris
+            .iter()
+            .map(|m| m.network.as_str())
+            .find(|n| *n != UNET && *n != TEXT_ENCODER)
+        {
+            bail!("the LyCORIS file has weights for '{net}', which Stable Diffusion 1.x/2.x does not have: is it for another architecture (SDXL)?")
+        }
+        let te_lycoris = prepare_lycoris(
+            &mut self.text_encoder,
+            TEXT_ENCODER,
+            &concept.lycoris,
+            scale,
+        )?;
+        let unet_lycoris = prepare_lycoris(&mut self.unet, UNET, &concept.lycoris, scale)?;
+        te_lycoris.apply(&mut self.text_encoder)?;
+        unet_lycoris.apply(&mut self.unet)?;
+        if !unet_lycoris.is_empty() && !self.perfusion.is_empty() {
+            // Perfusion's edits read the projection weights: rebuild them on the new ones.
+            self.set_perfusion(self.perfusion.clone())?;
         }
         let previous = self.perfusion.clone();
         if let Some(edit) = perfusion_edit {

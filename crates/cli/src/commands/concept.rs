@@ -75,8 +75,14 @@ fn describe(path: &Path, concept: &Concept, format: Format) -> Result<serde_json
             "target_input_norm": p.target_input.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?,
         }),
     };
+    let lycoris: Vec<serde_json::Value> = concept
+        .lycoris
+        .iter()
+        .map(|m| serde_json::json!({"network": m.network, "module": m.module, "type": m.type_name()}))
+        .collect();
     Ok(serde_json::json!({
         "file": path.display().to_string(),
+        "lycoris": lycoris,
         "size_bytes": std::fs::metadata(formats::resolve(path)).map(|m| m.len()).ok(),
         "parameters": parameter_count(concept),
         "layer_embeddings": layers,
@@ -107,6 +113,7 @@ fn parameter_count(c: &Concept) -> usize {
         .iter()
         .map(|m| m.down.elem_count() + m.up.elem_count())
         .sum();
+    let lycoris: usize = c.lycoris.iter().map(|m| m.parameter_count()).sum();
     let perfusion = c.perfusion.as_ref().map_or(0, |p| {
         p.target_input.elem_count()
             + p.target_input_cinv.elem_count()
@@ -115,7 +122,7 @@ fn parameter_count(c: &Concept) -> usize {
                 .map(|l| l.key_output.elem_count() + l.value_output.elem_count())
                 .sum::<usize>()
     });
-    embeddings + layers + lora + perfusion
+    embeddings + layers + lora + lycoris + perfusion
 }
 
 fn inspect(file: &Path, json: bool) -> Result<()> {
@@ -180,6 +187,9 @@ fn inspect(file: &Path, json: bool) -> Result<()> {
             p.tau,
             p.layers.len()
         );
+    }
+    for m in &concept.lycoris {
+        println!("{}: LyCORIS {} on {}", m.network, m.type_name(), m.module);
     }
     for net in concept.lora.networks() {
         let modules: Vec<_> = concept.lora.on(net).collect();

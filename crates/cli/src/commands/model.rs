@@ -17,11 +17,12 @@ pub enum ModelCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Write a new diffusers folder with LoRA deltas baked into the UNet and text encoder weights.
+    /// Write a new diffusers folder with LoRA and LyCORIS (LoHa, LoKr, (IA)³, diag-OFT) changes
+    /// baked into the UNet and text encoder weights.
     Merge {
         #[arg(long)]
         model: PathBuf,
-        /// A LoRA concept file (kohya, diffusers/PEFT or native) at an optional scale. Repeatable.
+        /// A LoRA or LyCORIS file (kohya, diffusers/PEFT or native) at an optional scale. Repeatable.
         #[arg(long, required = true, value_name = "FILE[:SCALE]", value_parser = super::parse_concept_arg)]
         concept: Vec<super::ConceptArg>,
         /// The new folder; must not exist.
@@ -47,7 +48,7 @@ pub fn run(c: ModelCommand) -> Result<()> {
                 let loaded = imprint_concepts::formats::load_any(&c.path)?;
                 if !loaded.embeddings.is_empty() {
                     eprintln!(
-                        "warning: {}: its token embeddings are not merged (only LoRA weights are); apply them with --concept when generating",
+                        "warning: {}: its token embeddings are not merged (only LoRA and LyCORIS weights are); apply them with --concept when generating",
                         c.path.display()
                     );
                 }
@@ -55,7 +56,7 @@ pub fn run(c: ModelCommand) -> Result<()> {
             }
             let n = imprint_concepts::merge::merge_into_folder(&model, &concepts, &out)
                 .with_context(|| format!("merging into {}", out.display()))?;
-            eprintln!("merged {n} LoRA deltas");
+            eprintln!("merged {n} weight changes");
             println!("{}", out.display());
             Ok(())
         }

@@ -116,7 +116,9 @@ pub fn unflatten(flat: &str) -> Option<String> {
 }
 
 pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
-    let mut pairs: BTreeMap<(String, String), [Option<Tensor>; 3]> = BTreeMap::new();
+    // Every module's parts: `lora_down.weight`, `lora_up.weight`, `alpha` for LoRA, LyCORIS's
+    // `hada_w1_a`, `lokr_w1`, `oft_blocks`, … (see [`super::lycoris`]).
+    let mut groups: BTreeMap<(String, String), BTreeMap<String, Tensor>> = BTreeMap::new();
     let mut bundled: BTreeMap<String, Vec<TokenEmbedding>> = BTreeMap::new();
     for (key, t) in raw.tensors {
         if let Some(rest) = key.strip_prefix(BUNDLE) {
@@ -140,22 +142,35 @@ pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
             bail!("unexpected tensor '{key}' in a kohya LoRA file (expected lora_unet_… or lora_te_… keys)")
         };
         let rest = &key[prefix.len()..];
-        let Some(slot) = [DOWN, UP, ALPHA].iter().position(|s| rest.ends_with(s)) else {
-            let part = rest.split_once('.').map_or(rest, |(_, p)| p);
-            bail!("kohya key '{key}': '{part}' is not a plain LoRA part (lora_down/lora_up/alpha); LoHa, LoKr, DoRA and other LyCORIS variants are not supported")
+        let Some((flat, part)) = rest.split_once('.') else {
+            bail!("kohya key '{key}' names no part (expected <module>.lora_down.weight, .alpha, …)")
         };
-        let flat = &rest[..rest.len() - [DOWN, UP, ALPHA][slot].len()];
-        pairs
+        groups
             .entry((network.to_string(), flat.to_string()))
-            .or_default()[slot] = Some(t);
+            .or_default()
+            .insert(part.to_string(), t);
     }
     let mut lora = LoraWeights::default();
-    for ((network, flat), [down, up, alpha]) in pairs {
+    let mut lycoris = vec![];
+    for ((network, flat), mut parts) in groups {
         let prefix = PREFIXES
             .iter()
             .find(|(_, n)| *n == network)
             .map_or("", |(p, _)| p);
         let key = format!("{prefix}{flat}");
+        if super::lycoris::is_lycoris(&parts) {
+            let Some(module) = unflatten(&flat) else {
+                bail!("kohya key '{key}' names no {network} module imprint knows: is it for another architecture (SDXL's input_blocks, a DiT, ...)?")
+            };
+            lycoris.push(super::lycoris::from_parts(&network, &module, &key, parts)?);
+            continue;
+        }
+        let down = parts.remove(&DOWN[1..]);
+        let up = parts.remove(&UP[1..]);
+        let alpha = parts.remove(&ALPHA[1..]);
+        if let Some(part) = parts.keys().next() {
+            bail!("kohya key '{key}.{part}': unknown module type (imprint applies LoRA, LoHa, LoKr, (IA)³ and diag-OFT)")
+        }
         let (Some(down), Some(up)) = (down, up) else {
             bail!(
                 "kohya LoRA '{key}' lacks its {} tensor",
@@ -179,6 +194,7 @@ pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
             .push(LoraModule::new(&network, &module, down, up, alpha, &key)?);
     }
     let mut concept = Concept::lora("", lora);
+    concept.lycoris = lycoris;
     if bundled.len() > 1 {
         bail!(
             "kohya file bundles {} embeddings ({}); imprint concepts hold one trigger",

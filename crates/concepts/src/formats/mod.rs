@@ -9,6 +9,7 @@ pub mod diffusers;
 pub mod diffusers_lora;
 pub mod kohya;
 pub mod kohya_xti;
+pub mod lycoris;
 pub mod native;
 pub mod pt;
 
@@ -240,6 +241,12 @@ pub fn save(concept: &Concept, path: &Path, format: Format) -> Result<()> {
         .validate()
         .with_context(|| format!("{}: cannot save", path.display()))?;
     let has_lora = !concept.lora.is_empty();
+    if !concept.lycoris.is_empty() {
+        bail!(
+            "{}: imprint applies LyCORIS modules (generate, model merge) but does not write them; keep the original file",
+            path.display()
+        )
+    }
     if format != Format::Native && concept.perfusion.is_some() {
         bail!(
             "{}: Perfusion concepts exist only in imprint's native format (no other tool reads them); use --format native",

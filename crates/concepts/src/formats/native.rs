@@ -169,6 +169,7 @@ pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
         lora,
         layer_embeddings,
         perfusion,
+        lycoris: vec![],
         base_model: meta.get(BASE_MODEL_KEY).cloned(),
         metadata,
     })
