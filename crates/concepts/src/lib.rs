@@ -42,9 +42,11 @@ pub mod lycoris;
 pub mod merge;
 pub mod per_layer;
 pub mod perfusion;
+pub mod weights;
 
 pub use lora::{LoraModule, LoraWeights, LORA, UNET};
 pub use perfusion::{PerfusionEdit, PerfusionLayer, PERFUSION};
+pub use weights::ProjectionWeights;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -156,6 +158,11 @@ pub struct Concept {
     pub perfusion: Option<PerfusionEdit>,
     /// LyCORIS weight changes (LoHa, LoKr, (IA)³, diag-OFT) read from the files users exchange.
     pub lycoris: Vec<lycoris::LycorisModule>,
+    /// Whole projection weights or their changes (Custom Diffusion's cross-attention K/V).
+    pub projections: Vec<ProjectionWeights>,
+    /// Further words trained with this one (Custom Diffusion's joint modifier tokens): `(trigger,
+    /// [n, dim])` for the first text encoder.
+    pub extra_tokens: Vec<(String, Tensor)>,
     /// The base model it was trained on, when known (a name or a fingerprint).
     pub base_model: Option<String>,
     /// Free-form notes carried through the native format (training steps, source file, ...).
@@ -235,7 +242,7 @@ impl Concept {
             )
         }
         if !self.has_tokens() {
-            if self.lora.is_empty() && self.lycoris.is_empty() {
+            if self.lora.is_empty() && self.lycoris.is_empty() && self.projections.is_empty() {
                 bail!(
                     "concept '{}' holds neither token embeddings nor LoRA weights",
                     self.trigger

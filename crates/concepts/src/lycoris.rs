@@ -21,6 +21,7 @@
 //! merged weights do. A missing or zero alpha means `alpha = r`. DoRA (`dora_scale`) is refused.
 
 use crate::lora::flat_name;
+use crate::weights::WeightChanges;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use imprint_models::visit::{Projection, VisitProjections};
@@ -331,26 +332,20 @@ impl LycorisModule {
     }
 }
 
-/// The weight changes of a LyCORIS file for one network, computed and checked, not yet applied.
-pub struct LycorisChanges {
-    /// Projection name → `ΔW` (f32, CPU).
-    changes: HashMap<String, Tensor>,
-}
-
 /// Computes the change of every module of `modules` on `network` (at multiplier `scale`) for
 /// the matching projection of `model`, matched by kohya's flat names as LoRA is. A module that is
 /// none of the model's projections, or whose shapes do not fit, is an error naming it; nothing
-/// changes until [`LycorisChanges::apply`].
+/// changes until [`WeightChanges::apply`].
 pub fn prepare_lycoris(
     model: &mut dyn VisitProjections,
     network: &str,
     modules: &[LycorisModule],
     scale: f64,
-) -> Result<LycorisChanges> {
-    let mut changes: HashMap<String, Tensor> = HashMap::new();
+) -> Result<WeightChanges> {
+    let mut changes = WeightChanges::default();
     let mine: Vec<&LycorisModule> = modules.iter().filter(|m| m.network == network).collect();
     if mine.is_empty() {
-        return Ok(LycorisChanges { changes });
+        return Ok(changes);
     }
     let mut weights: HashMap<String, (String, Tensor)> = HashMap::new();
     model.visit_projections(&mut |p| {
@@ -364,49 +359,9 @@ pub fn prepare_lycoris(
         let Some((name, w)) = weights.get(&flat_name(&m.module)) else {
             bail!("LyCORIS module '{}' is not a projection of this {network}: is it for another architecture?", m.module)
         };
-        let delta = m.delta(w, scale)?;
-        let sum = match changes.remove(name) {
-            Some(d) => (d + delta)?,
-            None => delta,
-        };
-        changes.insert(name.clone(), sum);
+        changes.add(name, m.delta(w, scale)?, None)?;
     }
-    Ok(LycorisChanges { changes })
-}
-
-impl LycorisChanges {
-    pub fn len(&self) -> usize {
-        self.changes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.changes.is_empty()
-    }
-
-    /// Adds the changes into `model`'s weights (the model [`prepare_lycoris`] checked).
-    pub fn apply(&self, model: &mut dyn VisitProjections) -> Result<usize> {
-        let mut failure = None;
-        model.visit_projections(&mut |p| {
-            let (name, w) = match p {
-                Projection::Linear(l) => (l.name.clone(), &mut l.weight),
-                Projection::Conv2d(c) => (c.name.clone(), &mut c.weight),
-            };
-            if let Some(d) = self.changes.get(&name) {
-                let merged = d
-                    .to_device(w.device())
-                    .and_then(|d| d.to_dtype(w.dtype()))
-                    .and_then(|d| w.clone() + d);
-                match merged {
-                    Ok(n) => *w = n,
-                    Err(e) => failure = Some(e),
-                }
-            }
-        });
-        match failure {
-            Some(e) => Err(e.into()),
-            None => Ok(self.changes.len()),
-        }
-    }
+    Ok(changes)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use imprint_concepts::lora::prepare_lora;
 use imprint_concepts::lycoris::prepare_lycoris;
 use imprint_concepts::per_layer::{select_layers, PerLayerTokens};
 use imprint_concepts::perfusion::{apply_perfusion, detach_adapters, AppliedEdit};
+use imprint_concepts::weights::prepare_projections;
 use imprint_concepts::{Concept, PerfusionEdit, TEXT_ENCODER, UNET};
 use imprint_models::clip::ClipTextTransformer;
 use imprint_models::loading::ModelFolder;
@@ -255,6 +256,13 @@ impl StableDiffusion {
         {
             bail!("the LyCORIS file has weights for '{net}', which Stable Diffusion 1.x/2.x does not have: is it for another architecture (SDXL)?")
         }
+        if let Some(p) = concept
+            .projections
+            .iter()
+            .find(|p| p.network != UNET && p.network != TEXT_ENCODER)
+        {
+            bail!("the concept replaces weights of '{}', which Stable Diffusion 1.x/2.x does not have", p.network)
+        }
         let te_lycoris = prepare_lycoris(
             &mut self.text_encoder,
             TEXT_ENCODER,
@@ -262,12 +270,19 @@ impl StableDiffusion {
             scale,
         )?;
         let unet_lycoris = prepare_lycoris(&mut self.unet, UNET, &concept.lycoris, scale)?;
-        te_lycoris.apply(&mut self.text_encoder)?;
-        unet_lycoris.apply(&mut self.unet)?;
-        if !unet_lycoris.is_empty() && !self.perfusion.is_empty() {
-            // Perfusion's edits read the projection weights: rebuild them on the new ones.
-            self.set_perfusion(self.perfusion.clone())?;
-        }
+        let te_weights = prepare_projections(
+            &mut self.text_encoder,
+            TEXT_ENCODER,
+            &concept.projections,
+            scale,
+        )?;
+        let unet_weights = prepare_projections(&mut self.unet, UNET, &concept.projections, scale)?;
+        // Further words (Custom Diffusion's joint modifier tokens) are checked as whole concepts.
+        let extra: Vec<Concept> = concept
+            .extra_tokens
+            .iter()
+            .map(|(t, v)| Concept::textual_inversion(t, v.clone()))
+            .collect::<Result<_>>()?;
         let previous = self.perfusion.clone();
         if let Some(edit) = perfusion_edit {
             let mut set = previous.clone();
@@ -302,6 +317,20 @@ impl StableDiffusion {
             }
             Some(Ok(tokens)) => self.concepts.push((concept.trigger.clone(), tokens.len())),
             None => {}
+        }
+        for e in &extra {
+            let tokens =
+                apply_textual_inversion(&mut self.tokenizer, &mut self.text_encoder, e, scale)?;
+            self.concepts.push((e.trigger.clone(), tokens.len()));
+        }
+        // The weight changes, checked above, go in once the words are in place.
+        te_lycoris.apply(&mut self.text_encoder)?;
+        unet_lycoris.apply(&mut self.unet)?;
+        te_weights.apply(&mut self.text_encoder)?;
+        unet_weights.apply(&mut self.unet)?;
+        if !(unet_lycoris.is_empty() && unet_weights.is_empty()) && !self.perfusion.is_empty() {
+            // Perfusion's edits read the projection weights: rebuild them on the new ones.
+            self.set_perfusion(self.perfusion.clone())?;
         }
         if let Some(p) = unet_lora {
             p.attach(&mut self.unet, scale);

@@ -237,6 +237,7 @@ fn convert(input: &Path, output: &Path, format: Format, trigger: Option<String>)
         }
     }
     let written = match format {
+        Format::Diffusers if !concept.projections.is_empty() => output.to_path_buf(),
         Format::Diffusers if !concept.lora.is_empty() => formats::diffusers_lora::resolve(output),
         Format::Diffusers => formats::diffusers::resolve(output),
         _ => output.to_path_buf(),

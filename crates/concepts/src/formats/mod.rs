@@ -5,6 +5,7 @@
 //! rename), so an interrupted write never leaves a half-written concept under the requested name.
 
 pub mod a1111;
+pub mod custom_diffusion;
 pub mod diffusers;
 pub mod diffusers_lora;
 pub mod kohya;
@@ -147,6 +148,11 @@ pub(crate) fn read_safetensors(bytes: &[u8]) -> Result<RawFile> {
 /// A folder stands for the concept file diffusers would look for in it: `learned_embeds.safetensors`
 /// (`load_textual_inversion`), or else `pytorch_lora_weights.safetensors` (`load_lora_weights`).
 pub fn resolve(path: &Path) -> std::path::PathBuf {
+    if path.is_dir() {
+        if let Some(weights) = custom_diffusion::resolve(path) {
+            return weights;
+        }
+    }
     let ti = diffusers::resolve(path);
     if path.is_dir() && !ti.exists() && diffusers_lora::resolve(path).exists() {
         return diffusers_lora::resolve(path);
@@ -187,6 +193,9 @@ fn detect_raw(raw: &RawFile) -> Result<Format> {
         return Ok(Format::Native);
     }
     kohya_xti::check_incomplete(raw)?;
+    if custom_diffusion::is_custom_diffusion(raw) {
+        return Ok(Format::Diffusers);
+    }
     if kohya::is_kohya(raw) || kohya_xti::is_kohya_xti(raw) {
         return Ok(Format::Kohya);
     }
@@ -221,6 +230,9 @@ pub fn load_with_format(path: &Path) -> Result<(Concept, Format)> {
         let format = detect_raw(&raw)?;
         let concept = match format {
             Format::Native => native::from_raw(raw)?,
+            Format::Diffusers if custom_diffusion::is_custom_diffusion(&raw) => {
+                custom_diffusion::from_raw(raw, path)?
+            }
             Format::Diffusers if diffusers_lora::is_diffusers_lora(&raw) => {
                 diffusers_lora::from_raw(raw)?
             }
@@ -252,6 +264,17 @@ pub fn save(concept: &Concept, path: &Path, format: Format) -> Result<()> {
             "{}: Perfusion concepts exist only in imprint's native format (no other tool reads them); use --format native",
             path.display()
         )
+    }
+    if !concept.projections.is_empty() {
+        return match format {
+            Format::Native => native::save(concept, path),
+            Format::Diffusers => custom_diffusion::save(concept, path),
+            _ => bail!(
+                "{}: concept '{}' holds whole projection weights (Custom Diffusion), which only imprint's native format and diffusers' Custom Diffusion folder hold",
+                path.display(),
+                concept.trigger
+            ),
+        };
     }
     if !concept.layer_embeddings.is_empty() {
         return match format {

@@ -25,7 +25,7 @@
 use super::RawFile;
 use crate::lora::{LoraModule, LoraWeights};
 use crate::perfusion::{self, PerfusionEdit, PerfusionLayer};
-use crate::{Concept, LayerEmbedding, TokenEmbedding};
+use crate::{Concept, LayerEmbedding, ProjectionWeights, TokenEmbedding};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use imprint_models::io::save_safetensors_atomic;
@@ -48,6 +48,11 @@ const TARGET_INPUT_CINV: &str = "perfusion.target_input_cinv";
 const KEY_OUTPUT: &str = ".to_k.target_output";
 const VALUE_OUTPUT: &str = ".to_v.target_output";
 const SUPERCLASS_KEY: &str = "perfusion.superclass";
+/// Whole projections (Custom Diffusion): `<network>.<module>.weight_delta` / `.bias_delta`, or
+/// the weights themselves as `.weight_full` / `.bias_full`.
+const PROJECTION_PARTS: [&str; 4] = [".weight_delta", ".bias_delta", ".weight_full", ".bias_full"];
+/// Further words trained with the trigger: `extra_tokens.<trigger>` `[n, dim]`.
+const EXTRA_TOKEN: &str = "extra_tokens.";
 const BETA_KEY: &str = "perfusion.beta";
 const TAU_KEY: &str = "perfusion.tau";
 
@@ -71,7 +76,20 @@ pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
     let mut pairs: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
     let (mut target_input, mut target_input_cinv) = (None, None);
     let mut outputs: BTreeMap<String, [Option<Tensor>; 2]> = BTreeMap::new();
+    let mut projection_parts: BTreeMap<String, [Option<Tensor>; 4]> = BTreeMap::new();
+    let mut extra_tokens = vec![];
     for (name, t) in raw.tensors {
+        if let Some(trigger) = name.strip_prefix(EXTRA_TOKEN) {
+            let e = TokenEmbedding::new(crate::TEXT_ENCODER, t)
+                .with_context(|| format!("tensor '{name}'"))?;
+            extra_tokens.push((trigger.to_string(), e.vectors));
+            continue;
+        }
+        if let Some(i) = PROJECTION_PARTS.iter().position(|p| name.ends_with(p)) {
+            let target = name[..name.len() - PROJECTION_PARTS[i].len()].to_string();
+            projection_parts.entry(target).or_default()[i] = Some(t);
+            continue;
+        }
         if name == TARGET_INPUT {
             target_input = Some(t);
             continue;
@@ -119,6 +137,20 @@ pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
         let alpha = super::scalar(&alpha).with_context(|| format!("tensor '{target}{ALPHA}'"))?;
         lora.modules
             .push(LoraModule::new(network, module, down, up, alpha, &target)?);
+    }
+    let mut projections = vec![];
+    for (target, [wd, bd, wf, bf]) in projection_parts {
+        let Some((network, module)) = target.split_once('.') else {
+            bail!("projection tensor '{target}' names no network")
+        };
+        let p = match (wd, bd, wf, bf) {
+            (Some(w), b, None, None) => ProjectionWeights::new(network, module, w, b, true)?,
+            (None, None, Some(w), b) => ProjectionWeights::new(network, module, w, b, false)?,
+            _ => {
+                bail!("projection '{target}' mixes changes and whole weights, or lacks its weight")
+            }
+        };
+        projections.push(p);
     }
     let perfusion = match (target_input, target_input_cinv, outputs.is_empty()) {
         (None, None, true) => None,
@@ -170,6 +202,8 @@ pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
         layer_embeddings,
         perfusion,
         lycoris: vec![],
+        projections,
+        extra_tokens,
         base_model: meta.get(BASE_MODEL_KEY).cloned(),
         metadata,
     })
@@ -189,6 +223,21 @@ pub(crate) fn save(concept: &Concept, path: &Path) -> Result<()> {
             format!("{target}{ALPHA}"),
             Tensor::new(m.alpha as f32, &Device::Cpu)?,
         );
+    }
+    for p in &concept.projections {
+        let base = format!("{}.{}", p.network, p.module);
+        let (w, b) = if p.delta {
+            (PROJECTION_PARTS[0], PROJECTION_PARTS[1])
+        } else {
+            (PROJECTION_PARTS[2], PROJECTION_PARTS[3])
+        };
+        tensors.insert(format!("{base}{w}"), p.weight.clone());
+        if let Some(bias) = &p.bias {
+            tensors.insert(format!("{base}{b}"), bias.clone());
+        }
+    }
+    for (trigger, v) in &concept.extra_tokens {
+        tensors.insert(format!("{EXTRA_TOKEN}{trigger}"), v.clone());
     }
     for l in &concept.layer_embeddings {
         tensors.insert(
