@@ -123,6 +123,42 @@ grad-accum = {accum}
     t
 }
 
+/// `imprint train custom-diffusion`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct CustomDiffusionConfig {
+    /// The modifier tokens, e.g. ["<new1>"]; several train jointly.
+    pub token: Vec<String>,
+    /// One single-token word per modifier token (default "ktn", "pll", "ucd").
+    pub init_word: Vec<String>,
+    /// The caption of every image without an `IMAGE.txt`, e.g. "a photo of <new1> cat".
+    pub instance_prompt: Option<String>,
+    /// Also train the cross-attention query and output projections (`--freeze_model crossattn`).
+    pub train_q_out: bool,
+    /// Custom Diffusion's resize augmentation and mask-normalized loss.
+    pub augment: bool,
+    /// Store the native file's weight changes as rank-R truncated SVDs.
+    pub rank: Option<usize>,
+    #[serde(flatten)]
+    pub trainer: TrainerOptions,
+}
+
+/// The defaults of a Custom Diffusion run (diffusers' script, as its README runs it).
+pub fn custom_diffusion_defaults() -> toml::Table {
+    use crate::methods::custom_diffusion as c;
+    let mut t = common_defaults();
+    let own: toml::Table = format!(
+        "token = []\ninit-word = []\ntrain-q-out = false\naugment = true\nsteps = {}\nlr = {:e}\nscale-lr = true\nbatch-size = {}\ngrad-accum = 1\nmax-grad-norm = 1.0\n",
+        c::DEFAULT_STEPS,
+        c::DEFAULT_LR,
+        c::DEFAULT_BATCH
+    )
+    .parse()
+    .expect("valid defaults");
+    merge(&mut t, own);
+    t
+}
+
 /// `imprint train lora`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
@@ -282,6 +318,7 @@ const OPTIONAL_KEYS: &[&str] = &[
     "class-prompt",
     "class-images",
     "extract-lora",
+    "rank",
 ];
 
 /// Defaults, then the config file, then the flags given on the command line. An unknown key in the

@@ -306,6 +306,77 @@ pub struct Variant {
     /// Top edge of the crop, in pixels of the resized image.
     pub crop_y: u32,
     pub flip: bool,
+    /// Custom Diffusion's resize augmentation ([`Zoom`]), drawn on top of the crop and flip.
+    pub zoom: Option<Zoom>,
+}
+
+/// Custom Diffusion's resize augmentation (Kumari et al. 2023; diffusers'
+/// `train_custom_diffusion.py`, `preprocess`): the (cropped, flipped) view is resized to
+/// `scale × scale`; a smaller one is pasted at (`left`, `top`) on a zero (mid-gray) canvas and the
+/// loss is restricted to where it lies, a larger one is cropped at (`left`, `top`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Zoom {
+    pub scale: u32,
+    pub left: u32,
+    pub top: u32,
+}
+
+impl Zoom {
+    /// Draws a zoom as the script does: with p = 0.66 a side in `[R/3, R]`, else in
+    /// `[1.2 R, 1.4 R)`; then an offset that keeps the view (or the crop) inside.
+    pub fn sample(resolution: u32, rng: &mut impl Rng) -> Zoom {
+        let r = resolution;
+        let scale = if rng.gen_bool(0.66) {
+            rng.gen_range(r / 3..=r)
+        } else {
+            let (lo, hi) = ((1.2 * r as f64) as u32, (1.4 * r as f64) as u32);
+            rng.gen_range(lo..hi.max(lo + 1))
+        };
+        let room = scale.abs_diff(r);
+        Zoom {
+            scale,
+            left: rng.gen_range(0..=room),
+            top: rng.gen_range(0..=room),
+        }
+    }
+
+    /// The words the script puts before the caption: "a far away " / "very small " for a view
+    /// under 0.6 R, "zoomed in " / "close up " for one over R, else nothing.
+    pub fn caption_prefix(&self, resolution: u32, rng: &mut impl Rng) -> &'static str {
+        if (self.scale as f64) < 0.6 * resolution as f64 {
+            ["a far away ", "very small "][rng.gen_range(0..2)]
+        } else if self.scale > resolution {
+            ["zoomed in ", "close up "][rng.gen_range(0..2)]
+        } else {
+            ""
+        }
+    }
+
+    /// The loss mask on the latent grid `[1, R/f, R/f]`: ones where the pasted view lies, shrunk
+    /// by one latent cell on each side (the script's `mask[top//f+1 : (top+scale)//f-1, …]`);
+    /// all ones for a crop.
+    pub fn mask(&self, resolution: u32, f: u32) -> candle_core::Result<Tensor> {
+        let g = (resolution / f) as usize;
+        let mut cells = vec![0f32; g * g];
+        if self.scale > resolution {
+            cells.iter_mut().for_each(|c| *c = 1.0);
+        } else {
+            let (y0, y1) = (
+                (self.top / f + 1) as usize,
+                ((self.top + self.scale) / f) as usize,
+            );
+            let (x0, x1) = (
+                (self.left / f + 1) as usize,
+                ((self.left + self.scale) / f) as usize,
+            );
+            for y in y0..y1.saturating_sub(1).min(g) {
+                for x in x0..x1.saturating_sub(1).min(g) {
+                    cells[y * g + x] = 1.0;
+                }
+            }
+        }
+        Tensor::from_vec(cells, (1, g, g), &Device::Cpu)
+    }
 }
 
 /// The size an image of `width × height` takes after its shorter side is resized to `resolution`,
@@ -341,6 +412,7 @@ impl Augment {
             crop_x,
             crop_y,
             flip,
+            zoom: None,
         }
     }
 
@@ -360,6 +432,7 @@ impl Augment {
                     crop_x: max_x / 2,
                     crop_y: max_y / 2,
                     flip,
+                    zoom: None,
                 });
             }
         }
@@ -380,11 +453,31 @@ impl Augment {
 pub fn render(image: &TrainImage, v: &Variant, resolution: u32) -> candle_core::Result<Tensor> {
     let view = augmented(&image.rgb, v, resolution, RGB_FILTER)?;
     let r = resolution as usize;
-    let data: Vec<f32> = view
-        .into_raw()
-        .into_iter()
-        .map(|p| p as f32 / 127.5 - 1.0)
-        .collect();
+    let normalize = |p: u8| p as f32 / 127.5 - 1.0;
+    let data: Vec<f32> = match v.zoom {
+        None => view.into_raw().into_iter().map(normalize).collect(),
+        Some(z) => {
+            let scaled = imageops::resize(&view, z.scale, z.scale, RGB_FILTER);
+            if z.scale > resolution {
+                imageops::crop_imm(&scaled, z.left, z.top, resolution, resolution)
+                    .to_image()
+                    .into_raw()
+                    .into_iter()
+                    .map(normalize)
+                    .collect()
+            } else {
+                // A zero canvas in [-1, 1] (mid-gray), the view pasted at (left, top).
+                let mut canvas = vec![0f32; r * r * 3];
+                for (x, y, p) in scaled.enumerate_pixels() {
+                    let at = ((y + z.top) as usize * r + (x + z.left) as usize) * 3;
+                    for c in 0..3 {
+                        canvas[at + c] = normalize(p.0[c]);
+                    }
+                }
+                canvas
+            }
+        }
+    };
     Tensor::from_vec(data, (r, r, 3), &Device::Cpu)?
         .permute((2, 0, 1))?
         .contiguous()
@@ -773,6 +866,7 @@ mod tests {
             crop_x: 5,
             crop_y: 0,
             flip: false,
+            zoom: None,
         };
         let t = render(&image, &v, 16)?;
         assert_eq!(t.dims(), &[3, 16, 16]);
@@ -809,6 +903,7 @@ mod tests {
             crop_x: 8,
             crop_y: 0,
             flip: false,
+            zoom: None,
         };
         let m = render_mask(&image, &v, 16, 8)?.expect("mask");
         assert_eq!(m.dims(), &[1, 2, 2]);
@@ -820,6 +915,59 @@ mod tests {
         let m = render_mask(&image, &v, 16, 8)?.expect("mask");
         assert_eq!(m.flatten_all()?.to_vec1::<f32>()?, [1.0, 0.5, 1.0, 0.5]);
         assert!(render_mask(&train_image(RgbImage::new(16, 16)), &v, 16, 8)?.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn zoomed_views_paste_or_crop_with_their_masks() -> candle_core::Result<()> {
+        let image = train_image(RgbImage::from_pixel(32, 32, image::Rgb([255, 255, 255])));
+        let out = Variant {
+            image: 0,
+            crop_x: 0,
+            crop_y: 0,
+            flip: false,
+            zoom: Some(Zoom {
+                scale: 24,
+                left: 8,
+                top: 0,
+            }),
+        };
+        let px = render(&image, &out, 32)?; // [3, 32, 32]
+        let at = |y: usize, x: usize| -> candle_core::Result<f32> {
+            px.get(0)?.get(y)?.get(x)?.to_scalar::<f32>()
+        };
+        assert_eq!(at(4, 12)?, 1.0); // inside the pasted view: white
+        assert_eq!(at(28, 12)?, 0.0); // below it: the zero (mid-gray) canvas
+        assert_eq!(at(4, 2)?, 0.0);
+        // Latent cells 8/8+1 .. 32/8-1 across, 0/8+1 .. 24/8-1 down: the one cell (1, 2).
+        let m = Zoom {
+            scale: 24,
+            left: 8,
+            top: 0,
+        }
+        .mask(32, 8)?;
+        let cells: Vec<f32> = m.flatten_all()?.to_vec1()?;
+        assert_eq!(cells.iter().sum::<f32>(), 1.0);
+        assert_eq!(cells[4 + 2], 1.0);
+        // A view too small to cover a whole inner cell masks nothing, as in the script.
+        let tiny = Zoom {
+            scale: 16,
+            left: 8,
+            top: 0,
+        }
+        .mask(32, 8)?;
+        assert_eq!(tiny.sum_all()?.to_scalar::<f32>()?, 0.0);
+        let zoomed_in = Zoom {
+            scale: 40,
+            left: 3,
+            top: 5,
+        };
+        assert_eq!(zoomed_in.mask(32, 8)?.sum_all()?.to_scalar::<f32>()?, 16.0);
+        let v = Variant {
+            zoom: Some(zoomed_in),
+            ..out
+        };
+        assert_eq!(render(&image, &v, 32)?.dims(), &[3, 32, 32]);
         Ok(())
     }
 
@@ -839,6 +987,7 @@ mod tests {
             crop_x: 5,
             crop_y: 0,
             flip: true,
+            zoom: None,
         };
         let diff = render(&image, &v, 16)?.sub(&render(&small, &v, 16)?)?;
         assert_eq!(diff.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);

@@ -5,10 +5,11 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{
-    DreamBoothConfig, LoraConfig, OutputPaths, PerfusionConfig, TextualInversionConfig,
-    TrainerOptions,
+    CustomDiffusionConfig, DreamBoothConfig, LoraConfig, OutputPaths, PerfusionConfig,
+    TextualInversionConfig, TrainerOptions,
 };
 use crate::data::{self, Augment, Crop, LatentCache};
+use crate::methods::custom_diffusion::CustomDiffusionMethod;
 use crate::methods::dreambooth::DreamBoothMethod;
 use crate::methods::extended_textual_inversion::{
     ExtendedTextualInversion, ExtendedTextualInversionMethod,
@@ -151,6 +152,90 @@ pub fn train_perfusion(cfg: &PerfusionConfig, hooks: &Hooks) -> Result<Outcome> 
         sd.unet.enable_gradient_checkpointing()?;
     }
     run(&sd, &method, t, &config_text, resume, hooks)
+}
+
+/// Trains a Custom Diffusion concept; writes diffusers' folder at `out` and the native file
+/// `out.safetensors` (see `methods::custom_diffusion`). With `--rank`, reports what the
+/// compression costs: the native file's size and how far an 8-step sample moves.
+pub fn train_custom_diffusion(cfg: &CustomDiffusionConfig, hooks: &Hooks) -> Result<Outcome> {
+    let t = &cfg.trainer;
+    if t.out.exists() {
+        bail!(
+            "{}: already exists; Custom Diffusion writes a new folder there",
+            t.out.display()
+        )
+    }
+    if cfg.rank == Some(0) {
+        bail!("--rank must be at least 1")
+    }
+    let config_text = toml::to_string(cfg)?;
+    let mut sd = load_model(t)?;
+    let resume = load_resume(t, &config_text)?;
+    let method = CustomDiffusionMethod::attach(
+        &mut sd,
+        &cfg.token,
+        &cfg.init_word,
+        cfg.instance_prompt.clone(),
+        cfg.train_q_out,
+        t.class_prompt.is_some(),
+        cfg.augment,
+        cfg.rank,
+    )?;
+    if t.gradient_checkpointing {
+        sd.unet.enable_gradient_checkpointing()?;
+    }
+    let outcome = run(&sd, &method, t, &config_text, resume, hooks)?;
+    drop(sd);
+    if let (Outcome::Finished { .. }, Some(rank)) = (&outcome, cfg.rank) {
+        let native = CustomDiffusionMethod::native_path(&t.out);
+        let bytes = std::fs::metadata(&native)?.len();
+        let prompt = cfg
+            .instance_prompt
+            .clone()
+            .unwrap_or_else(|| format!("a photo of {}", cfg.token[0]));
+        let diff = compression_cost(t, &t.out, &native, &prompt)?;
+        let note = format!(
+            "rank {rank}: {} is {bytes} bytes; an 8-step sample of \"{prompt}\" moves by {diff:.2e} (max |Δ| / max |full|) against the full weights",
+            native.display()
+        );
+        eprintln!("{note}");
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(OutputPaths::new(&t.out)?.log)?;
+        writeln!(log, "{}", serde_json::json!({ "compression": note }))?;
+    }
+    Ok(outcome)
+}
+
+/// The relative difference of 8-step DDIM samples with the full concept and the compressed one.
+fn compression_cost(
+    t: &TrainerOptions,
+    full: &Path,
+    compressed: &Path,
+    prompt: &str,
+) -> Result<f64> {
+    let device = imprint_pipeline::parse_device(&t.device)?;
+    let mut latents = vec![];
+    for concept in [full, compressed] {
+        let mut sd = StableDiffusion::load(&t.model, DType::F32, &device)?;
+        sd.apply_concept(concept, 1.0)?;
+        let opts = SampleOptions {
+            prompt: prompt.to_string(),
+            steps: 8,
+            guidance: 7.5,
+            ..Default::default()
+        };
+        let size = t.resolution / sd.vae_scale_factor();
+        let mut noise = SeededNoise::new(t.seed);
+        let init = noise.randn((1, sd.unet.config.in_channels, size, size), &device)?;
+        latents.push(sd.sample(&opts, &init, &mut noise)?);
+    }
+    let scale = latents[0].abs()?.max_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+    let diff = (&latents[0] - &latents[1])?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()? as f64;
+    Ok(diff / scale)
 }
 
 /// Trains a LoRA as `cfg` says.
@@ -335,13 +420,19 @@ pub fn run(
                 t.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((step as u64) << 20) ^ micro as u64
                     | 1,
             ));
-            let batch = make_batch(&batcher, &mut cache, &images, &mut rng, &|img, rng| {
-                method.caption(img, rng)
-            })?;
+            let batch = make_batch(
+                &batcher,
+                &mut cache,
+                &images,
+                &mut rng,
+                method.resize_augmentation(),
+                &|img, rng| method.caption(img, rng),
+            )?;
             let text = method.text_states(sd, &batch.ids)?;
             let terms = LossTerms {
                 mask: batch.mask.as_ref(),
                 snr_gamma: t.snr_gamma,
+                normalize_by_mask: method.resize_augmentation(),
             };
             let mut loss = diffusion_loss_with(
                 &sd.unet,
@@ -360,12 +451,14 @@ pub fn run(
                     &mut class_cache,
                     class_images,
                     &mut rng,
+                    false,
                     &|_, _| prompt.clone(),
                 )?;
                 let text = method.text_states(sd, &batch.ids)?;
                 let terms = LossTerms {
                     mask: None,
                     snr_gamma: t.snr_gamma,
+                    normalize_by_mask: false,
                 };
                 let prior = diffusion_loss_with(
                     &sd.unet,
@@ -495,6 +588,7 @@ fn make_batch(
     cache: &mut LatentCache,
     images: &[data::TrainImage],
     rng: &mut SeededNoise,
+    zoom: bool,
     caption: &dyn Fn(&data::TrainImage, &mut rand_chacha::ChaCha20Rng) -> String,
 ) -> Result<Batch> {
     let (sd, t) = (b.sd, b.t);
@@ -504,7 +598,10 @@ fn make_batch(
     let mut masks = vec![];
     for _ in 0..t.batch_size {
         let index = rng.rng().gen_range(0..images.len());
-        let variant = b.augment.sample_variant(images, index, rng.rng());
+        let mut variant = b.augment.sample_variant(images, index, rng.rng());
+        if zoom {
+            variant.zoom = Some(data::Zoom::sample(t.resolution as u32, rng.rng()));
+        }
         let dist = cache.get_or_encode(&variant, || {
             let pixels = data::render(&images[index], &variant, t.resolution as u32)?
                 .unsqueeze(0)?
@@ -517,7 +614,17 @@ fn make_batch(
             logvar: dist.logvar.to_device(device)?,
         };
         latents.push(sd.vae.scale_latents(&on_device.sample(&eps)?)?);
-        captions.push(caption(&images[index], rng.rng()));
+        let text = caption(&images[index], rng.rng());
+        if let Some(z) = variant.zoom {
+            let prefix = z.caption_prefix(t.resolution as u32, rng.rng());
+            captions.push(format!("{prefix}{text}"));
+            // The loss covers where the zoomed view lies (the subject mask is not used).
+            masks.push(Some(
+                z.mask(t.resolution as u32, sd.vae_scale_factor() as u32)?,
+            ));
+            continue;
+        }
+        captions.push(text);
         if t.use_masks {
             masks.push(data::render_mask(
                 &images[index],

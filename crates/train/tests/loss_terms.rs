@@ -38,7 +38,8 @@ fn loss_terms_follow_their_definitions() {
     assert!(
         (with(LossTerms {
             mask: Some(&ones),
-            snr_gamma: None
+            snr_gamma: None,
+            ..Default::default()
         }) - plain)
             .abs()
             < 1e-6 * plain
@@ -46,17 +47,30 @@ fn loss_terms_follow_their_definitions() {
     assert_eq!(
         with(LossTerms {
             mask: Some(&zeros),
-            snr_gamma: None
+            snr_gamma: None,
+            ..Default::default()
         }),
         0.0
     );
     assert!(
         (with(LossTerms {
             mask: None,
-            snr_gamma: Some(1e12)
+            snr_gamma: Some(1e12),
+            ..Default::default()
         }) - plain)
             .abs()
             < 1e-6 * plain
+    );
+    // Custom Diffusion's normalization: the masked error summed over the 4 latent channels and
+    // divided by the (one-channel) mask's area, so a full mask gives 4 × the mean.
+    let normalized = with(LossTerms {
+        mask: Some(&ones),
+        normalize_by_mask: true,
+        ..Default::default()
+    });
+    assert!(
+        (normalized - 4.0 * plain).abs() < 1e-5 * plain,
+        "{normalized} vs {plain}"
     );
     let snr = schedule.snr(300);
     let gamma = snr / 4.0;
@@ -64,7 +78,8 @@ fn loss_terms_follow_their_definitions() {
     assert!(
         (with(LossTerms {
             mask: None,
-            snr_gamma: Some(gamma)
+            snr_gamma: Some(gamma),
+            ..Default::default()
         }) - expected)
             .abs()
             < 1e-5 * expected

@@ -3,13 +3,13 @@
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use imprint_train::config::{
-    dreambooth_defaults, extended_textual_inversion_defaults, lora_defaults, perfusion_defaults,
-    resolve, textual_inversion_defaults, DreamBoothConfig, LoraConfig, PerfusionConfig,
-    TextualInversionConfig,
+    custom_diffusion_defaults, dreambooth_defaults, extended_textual_inversion_defaults,
+    lora_defaults, perfusion_defaults, resolve, textual_inversion_defaults, CustomDiffusionConfig,
+    DreamBoothConfig, LoraConfig, PerfusionConfig, TextualInversionConfig,
 };
 use imprint_train::trainer::{
-    train_dreambooth, train_extended_textual_inversion, train_lora, train_perfusion,
-    train_textual_inversion, Hooks, Outcome,
+    train_custom_diffusion, train_dreambooth, train_extended_textual_inversion, train_lora,
+    train_perfusion, train_textual_inversion, Hooks, Outcome,
 };
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -30,6 +30,36 @@ pub enum TrainCommand {
     /// Perfusion: the new word plus key-locked, gated rank-1 edits of every cross-attention key
     /// and value (~100 KB per concept on SD 1.5).
     Perfusion(PerfusionArgs),
+    /// Custom Diffusion: modifier words plus every cross-attention key and value projection;
+    /// writes diffusers' Custom Diffusion folder at --out and imprint's file OUT.safetensors.
+    #[command(name = "custom-diffusion")]
+    CustomDiffusion(CustomDiffusionArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CustomDiffusionArgs {
+    /// A modifier token, e.g. "<new1>"; repeat to train several concepts jointly (their images'
+    /// IMAGE.txt captions name them).
+    #[arg(long)]
+    token: Vec<String>,
+    /// The single-token word each --token starts from (default ktn, pll, ucd).
+    #[arg(long)]
+    init_word: Vec<String>,
+    /// The caption of images without an IMAGE.txt, e.g. "a photo of <new1> cat".
+    #[arg(long)]
+    instance_prompt: Option<String>,
+    /// Also train the cross-attention query and output projections (the script's
+    /// --freeze_model crossattn).
+    #[arg(long)]
+    train_q_out: bool,
+    /// Turn off the resize augmentation (the script's --noaug).
+    #[arg(long)]
+    no_augment: bool,
+    /// Store the native file's weight changes as rank-R truncated SVDs (and report the cost).
+    #[arg(long)]
+    rank: Option<usize>,
+    #[command(flatten)]
+    trainer: TrainerArgs,
 }
 
 #[derive(Args, Debug)]
@@ -289,6 +319,36 @@ pub fn run(c: TrainCommand) -> Result<()> {
             require(&flags, &a.trainer.config, &["model", "images", "out"])?;
             let cfg: LoraConfig = resolve(lora_defaults(), a.trainer.config.as_deref(), flags)?;
             launch(&cfg.trainer.out, |hooks| train_lora(&cfg, hooks))
+        }
+        TrainCommand::CustomDiffusion(a) => {
+            let mut flags = toml::Table::new();
+            flags!(flags, a, [instance_prompt => "instance-prompt", rank => "rank"]);
+            if !a.token.is_empty() {
+                flags.insert("token".into(), toml::Value::try_from(&a.token)?);
+            }
+            if !a.init_word.is_empty() {
+                flags.insert("init-word".into(), toml::Value::try_from(&a.init_word)?);
+            }
+            if a.train_q_out {
+                flags.insert("train-q-out".into(), toml::Value::Boolean(true));
+            }
+            if a.no_augment {
+                flags.insert("augment".into(), toml::Value::Boolean(false));
+            }
+            trainer_flags(&a.trainer, &mut flags)?;
+            require(
+                &flags,
+                &a.trainer.config,
+                &["model", "images", "out", "token"],
+            )?;
+            let cfg: CustomDiffusionConfig = resolve(
+                custom_diffusion_defaults(),
+                a.trainer.config.as_deref(),
+                flags,
+            )?;
+            launch(&cfg.trainer.out, |hooks| {
+                train_custom_diffusion(&cfg, hooks)
+            })
         }
         TrainCommand::Perfusion(a) => {
             let mut flags = toml::Table::new();

@@ -2,6 +2,7 @@
 //! how token ids become text states through its trainable parts, and what concept it produces; the
 //! denoising loss ([`diffusion_loss`]) and the loop (`crate::trainer`) are shared.
 
+pub mod custom_diffusion;
 pub mod dreambooth;
 pub mod extended_textual_inversion;
 pub mod lora;
@@ -44,6 +45,11 @@ pub trait Method {
         Ok(TextStates::Shared(
             sd.text_encoder.forward(ids, 0)?.last_hidden_state,
         ))
+    }
+    /// Custom Diffusion's resize augmentation ([`crate::data::Zoom`]) on the instance images, its
+    /// caption prefixes, and its loss normalized by the mask's area.
+    fn resize_augmentation(&self) -> bool {
+        false
     }
     /// Called after each optimizer step (moving averages a method keeps outside the optimizer).
     fn after_step(&self) -> Result<()> {
@@ -112,6 +118,10 @@ pub struct LossTerms<'a> {
     /// Min-SNR-γ weighting (Hang et al. 2023, as diffusers' scripts): each sample's loss is scaled
     /// by `min(SNR, γ) / SNR` for ε-prediction and `min(SNR, γ) / (SNR + 1)` for v-prediction.
     pub snr_gamma: Option<f64>,
+    /// Divide each sample's masked squared error by the mask's area instead of taking the mean:
+    /// Custom Diffusion's `(mse · mask).sum([1,2,3]) / mask.sum([1,2,3])` with a one-channel mask
+    /// (which sums the latent channels, as the script does).
+    pub normalize_by_mask: bool,
 }
 
 /// [`diffusion_loss`] with a mask and SNR weighting.
@@ -138,7 +148,13 @@ pub fn diffusion_loss_with(
         se = se.broadcast_mul(&mask.to_dtype(DType::F32)?)?;
     }
     let b = se.dim(0)?;
-    let per_sample = se.reshape((b, ()))?.mean(1)?;
+    let per_sample = match (terms.mask, terms.normalize_by_mask) {
+        (Some(mask), true) => {
+            let area = mask.to_dtype(DType::F32)?.reshape((b, ()))?.sum(1)?;
+            (se.reshape((b, ()))?.sum(1)? / area.clamp(1e-8, f64::INFINITY)?)?
+        }
+        _ => se.reshape((b, ()))?.mean(1)?,
+    };
     let per_sample = match terms.snr_gamma {
         None => per_sample,
         Some(gamma) => {
