@@ -118,3 +118,88 @@ fn rank_compression_reports_its_cost() {
     let native = load(&dir.join("cd.safetensors"));
     assert!(native.keys().any(|k| k.ends_with(".lora_down.weight")));
 }
+
+#[test]
+fn two_concepts_merge_in_closed_form() {
+    let dir = scratch("cd-merge");
+    let model = tiny_model("tiny");
+    let images = fixtures().join("../../examples/toy");
+    let mut outs = vec![];
+    for (token, word) in [("<cat1>", "cat"), ("<dog1>", "dog")] {
+        let out = dir.join(token.trim_matches(|c| c == '<' || c == '>'));
+        let _ = std::fs::remove_dir_all(&out);
+        run_ok(
+            imprint()
+                .args(["train", "custom-diffusion", "--model"])
+                .arg(&model)
+                .arg("--images")
+                .arg(&images)
+                .args(["--token", token, "--init-word", word])
+                .args(["--instance-prompt", &format!("a photo of {token} {word}")])
+                .args([
+                    "--steps",
+                    "2",
+                    "--resolution",
+                    "64",
+                    "--lr",
+                    "1e-3",
+                    "--save-every",
+                    "0",
+                ])
+                .arg("--out")
+                .arg(&out),
+        );
+        outs.push(out);
+    }
+    let merged = dir.join("merged.safetensors");
+    let _ = std::fs::remove_file(&merged);
+    let o = run_ok(
+        imprint()
+            .args(["concept", "merge", "--model"])
+            .arg(&model)
+            .arg(&outs[0])
+            .arg(dir.join("dog1.safetensors"))
+            .arg("--out")
+            .arg(&merged),
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let residual: f64 = stderr
+        .split("residual ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no residual reported: {stderr}"));
+    assert!(residual < 1e-3, "constraint residual {residual}");
+    // The merged concept holds both words and applies.
+    let v: serde_json::Value = serde_json::from_slice(
+        &run_ok(
+            imprint()
+                .args(["concept", "inspect", "--json"])
+                .arg(&merged),
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(v["trigger"], "<cat1>");
+    let out = dir.join("s.safetensors");
+    run_ok(
+        imprint()
+            .args(["debug", "sample", "--model"])
+            .arg(&model)
+            .args(["--prompt", "a <cat1> cat next to a <dog1> dog"])
+            .args([
+                "--scheduler",
+                "ddim",
+                "--steps",
+                "2",
+                "--guidance",
+                "7.5",
+                "--latents",
+            ])
+            .arg(fixtures().join("tiny/sample_0.safetensors"))
+            .arg("--output")
+            .arg(&out)
+            .arg("--concept")
+            .arg(&merged),
+    );
+}

@@ -36,6 +36,7 @@
 //! ```
 
 pub mod apply;
+pub mod closed_form;
 pub mod formats;
 pub mod lora;
 pub mod lycoris;

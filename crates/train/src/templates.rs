@@ -213,3 +213,89 @@ mod tests {
         Ok(())
     }
 }
+
+/// Things and scenes [`everyday_captions`] name.
+const NOUNS: &[&str] = &[
+    "dog",
+    "cat",
+    "toy",
+    "car",
+    "house",
+    "tree",
+    "person",
+    "woman",
+    "man",
+    "child",
+    "bird",
+    "horse",
+    "flower",
+    "chair",
+    "table",
+    "cup",
+    "book",
+    "mountain",
+    "river",
+    "city",
+    "street",
+    "beach",
+    "forest",
+    "robot",
+    "teddy bear",
+    "backpack",
+    "sneaker",
+    "clock",
+    "vase",
+    "bowl",
+    "guitar",
+    "bicycle",
+    "boat",
+    "castle",
+    "bridge",
+    "cake",
+    "apple",
+    "lamp",
+    "sofa",
+    "statue",
+    "painting",
+    "sunset",
+    "garden",
+    "kitchen",
+    "room",
+    "face",
+    "portrait",
+    "landscape",
+    "animal",
+    "building",
+    "shirt",
+    "hat",
+    "glasses",
+    "bottle",
+    "candle",
+    "teapot",
+    "plush toy",
+    "monster",
+    "dragon",
+    "wolf",
+    "fox",
+    "rabbit",
+    "bear",
+    "lion",
+];
+
+/// `n` everyday captions, deterministic: the object and style templates, alternating, filled
+/// with "a <noun>". imprint ships them as the caption corpus that Perfusion's text covariance and
+/// Custom Diffusion's closed-form merge (its regularization captions) are computed from.
+pub fn everyday_captions(n: usize) -> Vec<String> {
+    let sets = [
+        templates(TemplateSet::Object),
+        templates(TemplateSet::Style),
+    ];
+    (0..n)
+        .map(|i| {
+            let set = sets[i % 2];
+            let template = set[(i / 2) % set.len()];
+            let noun = NOUNS[(i * 7) % NOUNS.len()];
+            caption(template, &format!("a {noun}"))
+        })
+        .collect()
+}

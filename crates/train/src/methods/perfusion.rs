@@ -46,92 +46,9 @@ pub const EMA_DECAY: f64 = 0.99;
 const COVARIANCE_VERSION: &str = "1";
 const COVARIANCE_CAPTIONS: usize = 512;
 
-/// Things and scenes the covariance captions name; with the Textual Inversion templates they make
-/// a deterministic caption set of everyday prompts.
-const NOUNS: &[&str] = &[
-    "dog",
-    "cat",
-    "toy",
-    "car",
-    "house",
-    "tree",
-    "person",
-    "woman",
-    "man",
-    "child",
-    "bird",
-    "horse",
-    "flower",
-    "chair",
-    "table",
-    "cup",
-    "book",
-    "mountain",
-    "river",
-    "city",
-    "street",
-    "beach",
-    "forest",
-    "robot",
-    "teddy bear",
-    "backpack",
-    "sneaker",
-    "clock",
-    "vase",
-    "bowl",
-    "guitar",
-    "bicycle",
-    "boat",
-    "castle",
-    "bridge",
-    "cake",
-    "apple",
-    "lamp",
-    "sofa",
-    "statue",
-    "painting",
-    "sunset",
-    "garden",
-    "kitchen",
-    "room",
-    "face",
-    "portrait",
-    "landscape",
-    "animal",
-    "building",
-    "shirt",
-    "hat",
-    "glasses",
-    "bottle",
-    "candle",
-    "teapot",
-    "plush toy",
-    "monster",
-    "dragon",
-    "wolf",
-    "fox",
-    "rabbit",
-    "bear",
-    "lion",
-];
-
-/// The captions `C` is estimated from: the object and style templates filled with [`NOUNS`].
+/// The captions `C` is estimated from: [`crate::templates::everyday_captions`].
 pub fn covariance_captions() -> Vec<String> {
-    use crate::templates::{caption, templates, TemplateSet};
-    let mut out = vec![];
-    let sets = [
-        templates(TemplateSet::Object),
-        templates(TemplateSet::Style),
-    ];
-    let mut i = 0usize;
-    while out.len() < COVARIANCE_CAPTIONS {
-        let set = sets[i % 2];
-        let template = set[(i / 2) % set.len()];
-        let noun = NOUNS[(i * 7) % NOUNS.len()];
-        out.push(caption(template, &format!("a {noun}")));
-        i += 1;
-    }
-    out
+    crate::templates::everyday_captions(COVARIANCE_CAPTIONS)
 }
 
 /// `C⁻¹` `[dim, dim]` (f32, on the model's device) for `sd`'s text encoder, from the cache beside
