@@ -26,6 +26,9 @@ pub enum Mode {
     /// cross-attention layer, backward to the vector and the value targets, AdamW, the target
     /// input's moving average (C⁻¹ from the model's cache, computed before timing).
     PerfusionStep,
+    /// A whole Custom Diffusion step: the modifier token's vector and the changes of every
+    /// cross-attention key and value weight, AdamW.
+    CustomDiffusionStep,
     /// Forward + backward to rank-4 LoRA deltas on the attention projections.
     Lora,
     /// Forward + backward to every UNet weight.
@@ -64,7 +67,10 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    if matches!(a.mode, Mode::TiStep | Mode::XtiStep | Mode::PerfusionStep) {
+    if matches!(
+        a.mode,
+        Mode::TiStep | Mode::XtiStep | Mode::PerfusionStep | Mode::CustomDiffusionStep
+    ) {
         return method_step(&a);
     }
     if a.resolution % 8 != 0 || a.iters == 0 {
@@ -199,6 +205,18 @@ fn method_step(a: &BenchArgs) -> Result<()> {
             0.75,
             0.1,
         )?),
+        Mode::CustomDiffusionStep => Box::new(
+            imprint_train::methods::custom_diffusion::CustomDiffusionMethod::attach(
+                &mut sd,
+                &[token.to_string()],
+                &["toy".to_string()],
+                None,
+                false,
+                false,
+                false,
+                None,
+            )?,
+        ),
         _ => Box::new(TextualInversionMethod {
             ti: TextualInversion::new(&mut sd.tokenizer, &sd.text_encoder, token, "toy", 1)?,
             templates: TemplateSet::Object,
@@ -269,6 +287,7 @@ fn method_step(a: &BenchArgs) -> Result<()> {
     let name = match a.mode {
         Mode::XtiStep => "xti-step",
         Mode::PerfusionStep => "perfusion-step",
+        Mode::CustomDiffusionStep => "custom-diffusion-step",
         _ => "ti-step",
     };
     report(a, name, iter_s);
