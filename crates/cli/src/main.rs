@@ -63,7 +63,18 @@ fn park_idle_workers_sooner() {
     }
 }
 
+/// Rust ignores SIGPIPE, so printing into a closed pipe (`imprint concept inspect F | head`)
+/// panics in `println!`. A command-line tool should end quietly there, as `cat` does.
+fn quiet_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() {
+    quiet_on_closed_pipe();
     keep_freed_memory();
     park_idle_workers_sooner();
     let cli = Cli::parse();
