@@ -83,3 +83,32 @@ pub fn rel_err(ours: &Tensor, reference: &Tensor) -> f64 {
         .max(1.0);
     diff / scale
 }
+
+/// `imprint debug sample` as a reference run of a fixture manifest does it: DDIM, 8 steps,
+/// guidance 7.5, the run's `prompt` and `negative_prompt`, the initial noise from `latents`, and
+/// the `--concept` arguments given. Returns the final latents.
+pub fn debug_sample(
+    model: &Path,
+    run: &serde_json::Value,
+    latents: &Path,
+    concepts: &[String],
+    out: &Path,
+) -> Tensor {
+    let mut cmd = imprint();
+    cmd.args(["debug", "sample", "--model"])
+        .arg(model)
+        .args(["--prompt", run["prompt"].as_str().expect("a prompt")])
+        .args(["--scheduler", "ddim", "--steps", "8", "--guidance", "7.5"])
+        .arg("--latents")
+        .arg(latents)
+        .arg("--output")
+        .arg(out);
+    if let Some(n) = run["negative_prompt"].as_str() {
+        cmd.args(["--negative-prompt", n]);
+    }
+    for c in concepts {
+        cmd.arg("--concept").arg(c);
+    }
+    run_ok(&mut cmd);
+    load(out)["latents"].clone()
+}

@@ -21,23 +21,16 @@ fn folders_sample_as_diffusers_samples_them() {
     for run in manifest["runs"].as_array().unwrap() {
         let file = run["file"].as_str().unwrap();
         let out = scratch.join(file);
-        let mut cmd = imprint();
-        cmd.args(["debug", "sample", "--model"])
-            .arg(fixtures().join("diffusers-made/model"))
-            .args(["--prompt", run["prompt"].as_str().unwrap()])
-            .args(["--scheduler", "ddim", "--steps", "8", "--guidance", "7.5"])
-            .arg("--latents")
-            .arg(dir().join(file))
-            .arg("--output")
-            .arg(&out)
-            .arg("--concept")
-            .arg(dir().join(run["folder"].as_str().unwrap()));
-        if let Some(n) = run["negative_prompt"].as_str() {
-            cmd.args(["--negative-prompt", n]);
-        }
-        run_ok(&mut cmd);
+        let folder = dir().join(run["folder"].as_str().unwrap());
+        let ours = debug_sample(
+            &fixtures().join("diffusers-made/model"),
+            run,
+            &dir().join(file),
+            &[folder.display().to_string()],
+            &out,
+        );
         let reference = load(&dir().join(file));
-        let err = rel_err(&load(&out)["latents"], &reference["expected"]);
+        let err = rel_err(&ours, &reference["expected"]);
         assert!(
             err <= 1e-3,
             "{file} ({}): relative error {err:e}",

@@ -24,24 +24,8 @@ fn manifest() -> Value {
 }
 
 fn sample(model: &Path, run: &Value, concepts: &[String], out: &Path) -> Tensor {
-    let mut cmd = imprint();
-    cmd.args(["debug", "sample", "--model"])
-        .arg(model)
-        .args(["--prompt", run["prompt"].as_str().unwrap()])
-        .args([
-            "--negative-prompt",
-            run["negative_prompt"].as_str().unwrap(),
-        ])
-        .args(["--scheduler", "ddim", "--steps", "8", "--guidance", "7.5"])
-        .arg("--latents")
-        .arg(dir().join(run["file"].as_str().unwrap()))
-        .arg("--output")
-        .arg(out);
-    for c in concepts {
-        cmd.arg("--concept").arg(c);
-    }
-    run_ok(&mut cmd);
-    load(out)["latents"].clone()
+    let latents = dir().join(run["file"].as_str().unwrap());
+    debug_sample(model, run, &latents, concepts, out)
 }
 
 fn concepts(run: &Value) -> Vec<String> {

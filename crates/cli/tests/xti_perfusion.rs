@@ -21,25 +21,8 @@ fn manifest() -> Value {
 
 /// `imprint debug sample` as a manifest run, with the given concept arguments.
 fn sample(run: &Value, concepts: &[String], out: &Path, model: &Path) -> Tensor {
-    let mut cmd = imprint();
-    cmd.arg("debug")
-        .arg("sample")
-        .arg("--model")
-        .arg(model)
-        .args(["--prompt", run["prompt"].as_str().unwrap()])
-        .args(["--scheduler", "ddim", "--steps", "8", "--guidance", "7.5"])
-        .arg("--latents")
-        .arg(dir().join(run["file"].as_str().unwrap()))
-        .arg("--output")
-        .arg(out);
-    if let Some(n) = run["negative_prompt"].as_str() {
-        cmd.args(["--negative-prompt", n]);
-    }
-    for c in concepts {
-        cmd.arg("--concept").arg(c);
-    }
-    run_ok(&mut cmd);
-    load(out)["latents"].clone()
+    let latents = dir().join(run["file"].as_str().unwrap());
+    debug_sample(model, run, &latents, concepts, out)
 }
 
 fn concept_paths(run: &Value) -> Vec<String> {

@@ -223,11 +223,11 @@ pub fn dual_rows(inputs: &[Tensor], cinvs: &[Tensor]) -> Result<Tensor> {
             .collect()
     };
     let (i, c) = (rows(inputs)?, rows(cinvs)?);
-    // Gₐᵦ = (C⁻¹i*ₐ)ᵀ i*ᵦ (symmetric for a symmetric C); this orientation makes s(i*ₖ) = eₖ exact.
+    // G = I*ᵀ C⁻¹ I*: Gⱼₖ = i*ⱼ · (C⁻¹i*ₖ), the Appendix's (and ROME's) orientation.
     let gram: Vec<Vec<f64>> = (0..k)
         .map(|a| {
             (0..k)
-                .map(|b| c[a].iter().zip(&i[b]).map(|(x, y)| x * y).sum())
+                .map(|b| i[a].iter().zip(&c[b]).map(|(x, y)| x * y).sum())
                 .collect()
         })
         .collect();
@@ -561,9 +561,20 @@ mod tests {
 
     #[test]
     fn dual_rows_pick_out_each_concept() {
-        // Each concept's own target input gives s = 1 for it and 0 for the others.
+        // Each concept's own target input gives s = 1 for it and 0 for the others (C⁻¹ shared
+        // and symmetric, as for concepts of one base model).
         let i = [t(&[1.0, 0.5, 0.0]), t(&[0.2, 1.0, 0.3])];
-        let c = [t(&[2.0, 0.1, 0.4]), t(&[0.3, 1.5, 0.2])];
+        let cinv = Tensor::new(
+            &[[2.0f32, 0.3, 0.1], [0.3, 1.5, 0.2], [0.1, 0.2, 1.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let c = i.clone().map(|x| {
+            cinv.matmul(&x.unsqueeze(1).unwrap())
+                .unwrap()
+                .squeeze(1)
+                .unwrap()
+        });
         let dual = dual_rows(&i, &c).unwrap();
         for (k, ik) in i.iter().enumerate() {
             let s = dual

@@ -150,6 +150,14 @@ pub fn placeholder_string<S: AsRef<str>>(tokens: &[S]) -> String {
         .join(" ")
 }
 
+/// A caption drawn uniformly from a set with one `gen_range` over the list: the stream Textual
+/// Inversion's trainer has always consumed (checkpoints resume on it), shared by the methods that
+/// caption with templates (Textual Inversion, P+, Perfusion).
+pub fn random_caption(set: TemplateSet, placeholder: &str, rng: &mut impl Rng) -> String {
+    let list = templates(set);
+    caption(list[rng.gen_range(0..list.len())], placeholder)
+}
+
 /// A caption drawn uniformly from a set (diffusers: `random.choice(self.templates).format(p)`).
 pub fn sample_caption(set: TemplateSet, placeholder: &str, rng: &mut impl Rng) -> String {
     let template = templates(set)

@@ -364,41 +364,31 @@ pub fn run(c: TrainCommand) -> Result<()> {
                 resolve(perfusion_defaults(), a.trainer.config.as_deref(), flags)?;
             launch(&cfg.trainer.out, |hooks| train_perfusion(&cfg, hooks))
         }
-        TrainCommand::ExtendedTextualInversion(a) => {
-            let mut flags = toml::Table::new();
-            flags!(flags, a, [token => "token", init_word => "init-word", num_vectors => "num-vectors", templates => "templates"]);
-            trainer_flags(&a.trainer, &mut flags)?;
-            require(
-                &flags,
-                &a.trainer.config,
-                &["model", "images", "out", "token", "init-word"],
-            )?;
-            let cfg: TextualInversionConfig = resolve(
-                extended_textual_inversion_defaults(),
-                a.trainer.config.as_deref(),
-                flags,
-            )?;
-            launch(&cfg.trainer.out, |hooks| {
-                train_extended_textual_inversion(&cfg, hooks)
-            })
-        }
+        TrainCommand::ExtendedTextualInversion(a) => train_ti_like(
+            a,
+            extended_textual_inversion_defaults(),
+            train_extended_textual_inversion,
+        ),
         TrainCommand::TextualInversion(a) => {
-            let mut flags = toml::Table::new();
-            flags!(flags, a, [token => "token", init_word => "init-word", num_vectors => "num-vectors", templates => "templates"]);
-            trainer_flags(&a.trainer, &mut flags)?;
-            require(
-                &flags,
-                &a.trainer.config,
-                &["model", "images", "out", "token", "init-word"],
-            )?;
-            let cfg: TextualInversionConfig = resolve(
-                textual_inversion_defaults(),
-                a.trainer.config.as_deref(),
-                flags,
-            )?;
-            launch(&cfg.trainer.out, |hooks| {
-                train_textual_inversion(&cfg, hooks)
-            })
+            train_ti_like(a, textual_inversion_defaults(), train_textual_inversion)
         }
     }
+}
+
+/// Textual Inversion and P+ share their options; only the defaults and the trainer differ.
+fn train_ti_like(
+    a: TiArgs,
+    defaults: toml::Table,
+    train: fn(&TextualInversionConfig, &Hooks) -> anyhow::Result<Outcome>,
+) -> Result<()> {
+    let mut flags = toml::Table::new();
+    flags!(flags, a, [token => "token", init_word => "init-word", num_vectors => "num-vectors", templates => "templates"]);
+    trainer_flags(&a.trainer, &mut flags)?;
+    require(
+        &flags,
+        &a.trainer.config,
+        &["model", "images", "out", "token", "init-word"],
+    )?;
+    let cfg: TextualInversionConfig = resolve(defaults, a.trainer.config.as_deref(), flags)?;
+    launch(&cfg.trainer.out, |hooks| train(&cfg, hooks))
 }

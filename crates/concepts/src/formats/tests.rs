@@ -449,17 +449,17 @@ fn older_diffusers_spellings_and_alpha_sources() {
     assert!((scale("a.attn1.to_k") - 8.0 / 2.0).abs() < 1e-12); // 8 / √4
     assert!((scale("a.attn2.to_k") - 2.0 / 2.0).abs() < 1e-12);
 
-    // LyCORIS variants and half pairs are refused by name.
+    // Incomplete LyCORIS modules and half pairs are refused by name.
     write(
         &path,
-        vec![("lora_unet_a_to_q.hada_w1_a", vectors(2, 2, 0.0))],
+        vec![(
+            "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a",
+            vectors(2, 2, 0.0),
+        )],
         None,
     );
     let e = error_text(load_any(&path));
-    assert!(
-        e.contains("hada_w1_a") && e.contains("not supported"),
-        "{e}"
-    );
+    assert!(e.contains("lacks its 'hada_w1_b'"), "{e}");
     write(
         &path,
         vec![(

@@ -126,10 +126,7 @@ impl super::Method for ExtendedTextualInversionMethod {
         _image: &crate::data::TrainImage,
         rng: &mut rand_chacha::ChaCha20Rng,
     ) -> String {
-        use rand::Rng;
-        let list = crate::templates::templates(self.templates);
-        let template = list[rng.gen_range(0..list.len())];
-        crate::templates::caption(template, &self.xti.tokens.placeholder_string())
+        crate::templates::random_caption(self.templates, &self.xti.tokens.placeholder_string(), rng)
     }
 
     fn prompt(&self, prompt: &str) -> String {

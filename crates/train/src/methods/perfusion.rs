@@ -389,10 +389,7 @@ impl super::Method for PerfusionMethod {
         _image: &crate::data::TrainImage,
         rng: &mut rand_chacha::ChaCha20Rng,
     ) -> String {
-        use rand::Rng;
-        let list = crate::templates::templates(self.templates);
-        let template = list[rng.gen_range(0..list.len())];
-        crate::templates::caption(template, &self.ti.placeholder_string())
+        crate::templates::random_caption(self.templates, &self.ti.placeholder_string(), rng)
     }
 
     fn prompt(&self, prompt: &str) -> String {
