@@ -126,3 +126,47 @@ mod tests {
         Ok(())
     }
 }
+
+/// An inpainting mask as diffusers' mask processor makes it (`VaeImageProcessor(do_normalize=False,
+/// do_binarize=True, do_convert_grayscale=True)`): grayscale (ITU-R 601-2 luma, PIL's "L"),
+/// resized to `width × height` (Lanczos), binarized at 0.5 (white = repaint). Returns the pixel
+/// mask `[1, 1, H, W]` and its nearest-neighbour downsampling to the latent grid `[1, 1, H/f, W/f]`
+/// (`torch.nn.functional.interpolate`'s default mode), both 0/1 f32.
+pub fn read_mask(
+    path: &Path,
+    width: usize,
+    height: usize,
+    factor: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let rgb = read_rgb(path).with_context(|| format!("{}: the mask", path.display()))?;
+    let gray = image::GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| {
+        let [r, g, b] = rgb.get_pixel(x, y).0;
+        let l = (r as u32 * 299 + g as u32 * 587 + b as u32 * 114 + 500) / 1000;
+        image::Luma([l as u8])
+    });
+    let gray = if gray.width() as usize != width || gray.height() as usize != height {
+        image::imageops::resize(&gray, width as u32, height as u32, FilterType::Lanczos3)
+    } else {
+        gray
+    };
+    let full: Vec<f32> = gray
+        .pixels()
+        .map(|p| {
+            if p.0[0] as f32 / 255.0 >= 0.5 {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let (h, w) = (height / factor, width / factor);
+    let latent: Vec<f32> = (0..h)
+        .flat_map(|i| (0..w).map(move |j| (i, j)))
+        .map(|(i, j)| full[(i * factor) * width + j * factor])
+        .collect();
+    Ok((
+        Tensor::from_vec(full, (1, 1, height, width), device)?,
+        Tensor::from_vec(latent, (1, 1, h, w), device)?,
+    ))
+}

@@ -20,7 +20,7 @@ pub mod noise;
 mod stable_diffusion;
 
 pub use stable_diffusion::{
-    ConceptOptions, GenerateOptions, InitImage, SampleOptions, StableDiffusion,
+    ConceptOptions, GenerateOptions, InitImage, Inpainting, SampleOptions, StableDiffusion,
 };
 
 /// A device by name: `cpu`, `cuda` (`cuda:N` picks a GPU) or `metal`.

@@ -101,6 +101,20 @@ impl Default for SampleOptions {
     }
 }
 
+/// What inpainting adds to the denoising loop (diffusers' `StableDiffusionInpaintPipeline`).
+#[derive(Clone, Debug)]
+pub struct Inpainting {
+    /// `[1, 1, h, w]` on the latent grid, 1 = repaint.
+    pub mask: Tensor,
+    /// The init image's latents `[1, 4, h, w]`, scaled by the VAE's factor.
+    pub image_latents: Tensor,
+    /// The masked image's latents (image × (mask < 0.5), encoded and scaled): the extra UNet
+    /// input of 9-channel inpainting models.
+    pub masked_image_latents: Option<Tensor>,
+    /// The noise that re-noises the kept region at each step (4-channel models).
+    pub noise: Tensor,
+}
+
 /// img2img's starting image and how far to move from it.
 #[derive(Clone, Debug)]
 pub struct InitImage {
@@ -123,6 +137,10 @@ pub struct GenerateOptions {
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub init_image: Option<InitImage>,
+    /// With `init_image`: repaint where this mask is white (inpainting).
+    pub mask: Option<PathBuf>,
+    /// Inpainting: paste the original pixels back outside the mask (off in diffusers).
+    pub keep_unmasked: bool,
     pub progress: bool,
 }
 
@@ -142,6 +160,8 @@ impl Default for GenerateOptions {
             width: None,
             height: None,
             init_image: None,
+            mask: None,
+            keep_unmasked: false,
             progress: false,
         }
     }
@@ -476,7 +496,40 @@ impl StableDiffusion {
         noise: &mut dyn NoiseSource,
         context: &TextStates,
     ) -> Result<Tensor> {
+        self.denoise_loop(opts, scheduler, latents, begin, noise, context, None)
+    }
+
+    /// The guided loop, with inpainting's extra inputs and blending when given.
+    #[allow(clippy::too_many_arguments)]
+    fn denoise_loop(
+        &self,
+        opts: &SampleOptions,
+        scheduler: &mut dyn Scheduler,
+        latents: Tensor,
+        begin: usize,
+        noise: &mut dyn NoiseSource,
+        context: &TextStates,
+        inpaint: Option<&Inpainting>,
+    ) -> Result<Tensor> {
         let guided = opts.guidance > 1.0;
+        let nine = self.unet.config.in_channels == 9;
+        let doubled = |t: &Tensor| -> Result<Tensor> {
+            Ok(if guided {
+                Tensor::cat(&[t, t], 0)?
+            } else {
+                t.clone()
+            })
+        };
+        let extra = match (inpaint, nine) {
+            (Some(p), true) => {
+                let masked = p.masked_image_latents.as_ref().context(
+                    "a 9-channel inpainting UNet needs the masked image's latents",
+                )?;
+                Some(Tensor::cat(&[doubled(&p.mask)?, doubled(masked)?], 1)?)
+            }
+            (None, true) => bail!("this UNet has 9 input channels (an inpainting model): give --init-image and --mask"),
+            _ => None,
+        };
         let timesteps = scheduler.timesteps().to_vec();
         let bar = if opts.progress {
             ProgressBar::new((timesteps.len() - begin) as u64)
@@ -495,6 +548,10 @@ impl StableDiffusion {
                 latents.clone()
             };
             let model_in = scheduler.scale_model_input(&model_in, i)?;
+            let model_in = match &extra {
+                Some(e) => Tensor::cat(&[&model_in, &e.to_dtype(model_in.dtype())?], 1)?,
+                None => model_in,
+            };
             let t_tensor = Tensor::new(t as f32, &self.device)?;
             let pred = self
                 .unet
@@ -507,6 +564,16 @@ impl StableDiffusion {
                 pred
             };
             latents = scheduler.step(&pred, i, &latents, noise)?;
+            if let (Some(p), false) = (inpaint, nine) {
+                // Regular models: the kept region follows the image, noised to the next step.
+                let proper = if i + 1 < timesteps.len() {
+                    scheduler.add_noise(&p.image_latents, &p.noise, i + 1)?
+                } else {
+                    p.image_latents.clone()
+                };
+                let m = p.mask.to_dtype(latents.dtype())?;
+                latents = (proper.broadcast_mul(&(1.0 - &m)?)? + latents.broadcast_mul(&m)?)?;
+            }
             bar.inc(1);
         }
         bar.finish_and_clear();
@@ -524,6 +591,77 @@ impl StableDiffusion {
         let mut scheduler = self.build_scheduler(opts.scheduler, opts.steps, opts.karras)?;
         let latents = (initial_noise.to_dtype(self.dtype)? * scheduler.init_noise_sigma())?;
         self.denoise(opts, scheduler.as_mut(), latents, 0, noise)
+    }
+
+    /// Inpainting from unit-variance noise, as diffusers' inpainting pipeline given `latents`:
+    /// the noise scaled by the scheduler's initial sigma, the last `int(steps · strength)` steps
+    /// run. (Without given latents, diffusers starts a strength < 1 run from the noised image:
+    /// [`Self::generate`] does that.)
+    pub fn sample_inpaint(
+        &self,
+        opts: &SampleOptions,
+        strength: f64,
+        initial_noise: &Tensor,
+        inpaint: &Inpainting,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        let mut scheduler = self.build_scheduler(opts.scheduler, opts.steps, opts.karras)?;
+        let begin = self.strength_begin(scheduler.as_ref(), opts.steps, strength)?;
+        let latents = (initial_noise.to_dtype(self.dtype)? * scheduler.init_noise_sigma())?;
+        let context = self.prompt_context(opts)?;
+        self.denoise_loop(
+            opts,
+            scheduler.as_mut(),
+            latents,
+            begin,
+            noise,
+            &context,
+            Some(inpaint),
+        )
+    }
+
+    /// The first step a strength runs from (diffusers' `get_timesteps`); at least one step runs.
+    fn strength_begin(
+        &self,
+        scheduler: &dyn Scheduler,
+        steps: usize,
+        strength: f64,
+    ) -> Result<usize> {
+        if !(0.0..=1.0).contains(&strength) {
+            bail!("--strength must be within [0, 1] (got {strength})")
+        }
+        let n = scheduler.timesteps().len();
+        let run = ((steps as f64 * strength) as usize).min(n);
+        if run == 0 {
+            bail!("--strength {strength} with {steps} steps runs no step: raise one of them")
+        }
+        Ok(n - run)
+    }
+
+    /// Inpainting inputs from an image `[1, 3, H, W]` and a mask file: the latent mask, the pixel
+    /// mask, and the latents of the image and of the masked image (encoded with noise from `rng`).
+    pub fn inpainting_inputs(
+        &self,
+        pixels: &Tensor,
+        mask_path: &Path,
+        width: usize,
+        height: usize,
+        rng: &mut SeededNoise,
+    ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let f = self.vae_scale_factor();
+        let (full, latent) = image_io::read_mask(mask_path, width, height, f, &self.device)?;
+        let encode = |x: &Tensor, rng: &mut SeededNoise| -> Result<Tensor> {
+            let dist = self.vae.encode(x)?;
+            let eps = rng
+                .randn(dist.mean.shape().clone(), &self.device)?
+                .to_dtype(self.dtype)?;
+            self.vae.scale_latents(&dist.sample(&eps)?)
+        };
+        let image_latents = encode(pixels, rng).context("encoding the init image")?;
+        let keep = (1.0 - &full)?.to_dtype(self.dtype)?;
+        let masked =
+            encode(&pixels.broadcast_mul(&keep)?, rng).context("encoding the masked image")?;
+        Ok((latent, full, image_latents, masked))
     }
 
     /// Latents → pixels `[1, 3, H, W]` in about [−1, 1].
@@ -582,12 +720,56 @@ impl StableDiffusion {
         let mut images = Vec::with_capacity(o.num_images);
         for i in 0..o.num_images {
             let mut rng = SeededNoise::new(o.seed.wrapping_add(i as u64));
-            let latents = match &init {
-                None => {
+            let latents = match (&init, &o.mask) {
+                (None, Some(_)) => bail!("--mask needs --init-image (the picture to repaint)"),
+                (None, None) => {
                     let initial = rng.randn(latent_shape, &self.device)?;
                     self.sample(&opts, &initial, &mut rng)?
                 }
-                Some((pixels, strength)) => self.img2img(&opts, pixels, *strength, &mut rng)?,
+                (Some((pixels, strength)), None) => {
+                    self.img2img(&opts, pixels, *strength, &mut rng)?
+                }
+                (Some((pixels, strength)), Some(mask)) => {
+                    let (latent_mask, full, image_latents, masked) =
+                        self.inpainting_inputs(pixels, mask, width, height, &mut rng)?;
+                    let noise = rng
+                        .randn(latent_shape, &self.device)?
+                        .to_dtype(self.dtype)?;
+                    let inpaint = Inpainting {
+                        mask: latent_mask,
+                        image_latents: image_latents.clone(),
+                        masked_image_latents: Some(masked),
+                        noise: noise.clone(),
+                    };
+                    let mut scheduler =
+                        self.build_scheduler(opts.scheduler, opts.steps, opts.karras)?;
+                    let begin = self.strength_begin(scheduler.as_ref(), opts.steps, *strength)?;
+                    // diffusers: pure noise at strength 1, else the image noised to the start.
+                    let start = if *strength >= 1.0 {
+                        (&noise * scheduler.init_noise_sigma())?
+                    } else {
+                        scheduler.add_noise(&image_latents, &noise, begin)?
+                    };
+                    let context = self.prompt_context(&opts)?;
+                    let latents = self.denoise_loop(
+                        &opts,
+                        scheduler.as_mut(),
+                        start,
+                        begin,
+                        &mut rng,
+                        &context,
+                        Some(&inpaint),
+                    )?;
+                    if o.keep_unmasked {
+                        let decoded = self.decode(&latents)?;
+                        let m = full.to_dtype(decoded.dtype())?;
+                        let pasted =
+                            (pixels.broadcast_mul(&(1.0 - &m)?)? + decoded.broadcast_mul(&m)?)?;
+                        images.push(image_io::tensor_to_rgb(&pasted)?);
+                        continue;
+                    }
+                    latents
+                }
             };
             images.push(image_io::tensor_to_rgb(&self.decode(&latents)?)?);
         }

@@ -76,6 +76,16 @@ pub enum DebugCommand {
         seed: u64,
         #[arg(long, default_value_t = 0)]
         clip_skip: usize,
+        /// Inpainting: the image to repaint (its latents may instead be given in --latents as
+        /// `image_latents` and `masked_image_latents`, already scaled).
+        #[arg(long)]
+        init_image: Option<PathBuf>,
+        /// Inpainting: white = repaint (binarized at 0.5, resized as diffusers' mask processor).
+        #[arg(long)]
+        mask: Option<PathBuf>,
+        /// Inpainting: run the last int(steps · strength) steps, from the given noise.
+        #[arg(long, default_value_t = 1.0)]
+        strength: f64,
         /// Apply a concept file, on some layers, at an optional scale (`FILE[@LAYERS][:SCALE]`,
         /// as `generate`). Repeatable.
         #[arg(long, value_name = "FILE[@LAYERS][:SCALE]", value_parser = super::parse_concept_arg)]
@@ -228,6 +238,9 @@ pub fn run(c: DebugCommand) -> Result<()> {
             output,
             seed,
             clip_skip,
+            init_image,
+            mask,
+            strength,
             concept,
             gate,
             device,
@@ -249,6 +262,63 @@ pub fn run(c: DebugCommand) -> Result<()> {
                 clip_skip,
                 progress: false,
             };
+            if let Some(mask) = &mask {
+                let (_, _, h, w) = initial.dims4()?;
+                let f = sd.vae_scale_factor();
+                let (height, width) = (h * f, w * f);
+                let given = |name: &str| -> Result<Option<Tensor>> {
+                    match inputs.get(name) {
+                        None => Ok(None),
+                        Some(t) => {
+                            if t.dims() != initial.dims() {
+                                bail!(
+                                    "{}: '{name}' must be {:?} like 'latents', got {:?}",
+                                    latents.display(),
+                                    initial.dims(),
+                                    t.dims()
+                                )
+                            }
+                            Ok(Some(t.to_dtype(DType::F32)?))
+                        }
+                    }
+                };
+                let (image_latents, masked) =
+                    (given("image_latents")?, given("masked_image_latents")?);
+                let (latent_mask, encoded, encoded_masked) = match (&init_image, &image_latents, &masked) {
+                    (_, Some(_), Some(_)) => {
+                        let (_, m) = imprint_pipeline::image_io::read_mask(mask, width, height, f, &device)?;
+                        (m, None, None)
+                    }
+                    (Some(img), _, _) => {
+                        let rgb = imprint_pipeline::image_io::read_rgb(img)?;
+                        let pixels = imprint_pipeline::image_io::rgb_to_tensor(&rgb, width, height, &device)?;
+                        let (m, _, a, b) = sd.inpainting_inputs(&pixels, mask, width, height, &mut SeededNoise::new(seed))?;
+                        (m, Some(a), Some(b))
+                    }
+                    (None, _, _) => bail!("inpainting needs --init-image, or 'image_latents' and 'masked_image_latents' in {}", latents.display()),
+                };
+                let inpaint = imprint_pipeline::Inpainting {
+                    mask: latent_mask,
+                    image_latents: image_latents.or(encoded).context("image latents")?,
+                    masked_image_latents: masked.or(encoded_masked),
+                    noise: initial.clone(),
+                };
+                let result = sd.sample_inpaint(
+                    &opts,
+                    strength,
+                    &initial,
+                    &inpaint,
+                    &mut SeededNoise::new(seed),
+                )?;
+                let out = HashMap::from([(
+                    "latents".to_string(),
+                    result.contiguous()?.to_device(&Device::Cpu)?,
+                )]);
+                return save_safetensors_atomic(&output, &out, None);
+            }
+            if init_image.is_some() {
+                bail!("--init-image in debug sample is for inpainting: give --mask too")
+            }
             let result = match inputs.get("noise") {
                 Some(noise) => {
                     if noise.rank() != 5

@@ -22,9 +22,17 @@ pub struct GenerateArgs {
     /// Starting image for img2img.
     #[arg(long)]
     init_image: Option<PathBuf>,
-    /// img2img: how far from the init image to go (0 keeps it, 1 ignores it).
-    #[arg(long, default_value_t = 0.8)]
-    strength: f64,
+    /// img2img / inpainting: how far from the init image to go (0 keeps it, 1 ignores it);
+    /// default 0.8 for img2img and 1.0 for inpainting, as diffusers' pipelines.
+    #[arg(long)]
+    strength: Option<f64>,
+    /// Inpainting (with --init-image): repaint where this mask is white (binarized at 0.5,
+    /// resized to the image). Inpainting models (9-channel UNet) and regular ones both work.
+    #[arg(long)]
+    mask: Option<PathBuf>,
+    /// Inpainting: paste the original pixels back outside the mask.
+    #[arg(long)]
+    keep_unmasked: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long, default_value_t = 1)]
@@ -95,9 +103,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         num_images: a.num_images,
         width: a.width,
         height: a.height,
+        mask: a.mask.clone(),
+        keep_unmasked: a.keep_unmasked,
         init_image: a.init_image.map(|path| InitImage {
             path,
-            strength: a.strength,
+            strength: a
+                .strength
+                .unwrap_or(if a.mask.is_some() { 1.0 } else { 0.8 }),
         }),
         progress: true,
     };
