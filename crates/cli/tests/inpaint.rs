@@ -134,3 +134,35 @@ fn generate_repaints_and_can_keep_the_rest() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--mask needs --init-image"));
     assert!(!never.exists());
 }
+
+#[test]
+fn inpainting_models_train_with_random_masks() {
+    let scratch = scratch("inpaint-train");
+    let images = fixtures().join("../../examples/toy");
+    let train = |model: &std::path::Path, out: &std::path::Path, inpainting: bool| {
+        let mut cmd = imprint();
+        cmd.args(["train", "lora", "--model"])
+            .arg(model)
+            .arg("--images")
+            .arg(&images)
+            .args(["--instance-prompt", "a photo of a cat", "--steps", "2"])
+            .args(["--resolution", "16", "--save-every", "0", "--out"])
+            .arg(out);
+        if inpainting {
+            cmd.arg("--inpainting");
+        }
+        cmd.output().unwrap()
+    };
+    let out = scratch.join("lora.safetensors");
+    let o = train(&dir().join("model-9ch"), &out, true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lora = load(&out);
+    assert!(lora.keys().any(|k| k.ends_with("lora_down.weight")));
+    // The 9-channel model without --inpainting, and --inpainting on a regular model, are refused.
+    let refused = scratch.join("refused.safetensors");
+    let o = train(&dir().join("model-9ch"), &refused, false);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("add --inpainting"));
+    let o = train(&fixtures().join("diffusers-made/model"), &refused, true);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("9 input channels"));
+    assert!(!refused.exists());
+}

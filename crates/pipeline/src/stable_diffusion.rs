@@ -501,7 +501,7 @@ impl StableDiffusion {
 
     /// The guided loop, with inpainting's extra inputs and blending when given.
     #[allow(clippy::too_many_arguments)]
-    fn denoise_loop(
+    pub fn denoise_loop(
         &self,
         opts: &SampleOptions,
         scheduler: &mut dyn Scheduler,
@@ -716,7 +716,7 @@ impl StableDiffusion {
             clip_skip: o.clip_skip,
             progress: o.progress,
         };
-        let latent_shape = (1, self.unet.config.in_channels, height / f, width / f);
+        let latent_shape = (1, self.unet.config.out_channels, height / f, width / f);
         let mut images = Vec::with_capacity(o.num_images);
         for i in 0..o.num_images {
             let mut rng = SeededNoise::new(o.seed.wrapping_add(i as u64));

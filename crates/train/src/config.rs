@@ -50,6 +50,9 @@ pub struct TrainerOptions {
     pub noise_offset: f64,
     /// Restrict the loss to the subject where an `IMAGE.mask.png` exists.
     pub use_masks: bool,
+    /// Train an inpainting model (9-channel UNet): random rectangle/ellipse masks, the masked
+    /// image's latents as extra input, as diffusers' DreamBooth-inpaint script.
+    pub inpainting: bool,
     /// Prior preservation (DreamBooth, Ruiz et al. 2023): the class prompt, e.g. "a photo of a dog".
     pub class_prompt: Option<String>,
     /// Folder of class images; missing ones are generated with the base model first.
@@ -241,6 +244,7 @@ noise-offset = 0.0
 gradient-checkpointing = false
 fused-backward = false
 use-masks = true
+inpainting = false
 num-class-images = 100
 prior-weight = 1.0
 lr-schedule = "constant"

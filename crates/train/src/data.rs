@@ -310,6 +310,39 @@ pub struct Variant {
     pub zoom: Option<Zoom>,
 }
 
+/// A random inpainting mask `R × R` (1 = repaint), as diffusers' DreamBooth-inpaint script draws
+/// them (`random_mask`): a size up to the whole side in each direction, a center that keeps half
+/// of it inside, and a rectangle or an ellipse with equal odds.
+pub fn random_inpainting_mask(resolution: u32, rng: &mut impl Rng) -> Vec<f32> {
+    let r = resolution as i64;
+    let (sw, sh) = (rng.gen_range(0..=r), rng.gen_range(0..=r));
+    let (cx, cy) = (
+        rng.gen_range(sw / 2..=r - sw / 2),
+        rng.gen_range(sh / 2..=r - sh / 2),
+    );
+    let ellipse = rng.gen_bool(0.5);
+    let (x0, y0, x1, y1) = (cx - sw / 2, cy - sh / 2, cx + sw / 2, cy + sh / 2);
+    let mut out = vec![0f32; (r * r) as usize];
+    for y in 0..r {
+        for x in 0..r {
+            let inside = if ellipse {
+                // PIL draws the ellipse inscribed in the box [x0, x1] × [y0, y1].
+                let (a, b) = ((x1 - x0) as f64 / 2.0, (y1 - y0) as f64 / 2.0);
+                let (mx, my) = ((x0 + x1) as f64 / 2.0, (y0 + y1) as f64 / 2.0);
+                a > 0.0
+                    && b > 0.0
+                    && ((x as f64 - mx) / a).powi(2) + ((y as f64 - my) / b).powi(2) <= 1.0
+            } else {
+                (x0..=x1).contains(&x) && (y0..=y1).contains(&y)
+            };
+            if inside {
+                out[(y * r + x) as usize] = 1.0;
+            }
+        }
+    }
+    out
+}
+
 /// Custom Diffusion's resize augmentation (Kumari et al. 2023; diffusers'
 /// `train_custom_diffusion.py`, `preprocess`): the (cropped, flipped) view is resized to
 /// `scale × scale`; a smaller one is pasted at (`left`, `top`) on a zero (mid-gray) canvas and the
@@ -969,6 +1002,34 @@ mod tests {
         };
         assert_eq!(render(&image, &v, 32)?.dims(), &[3, 32, 32]);
         Ok(())
+    }
+
+    #[test]
+    fn random_inpainting_masks_are_rectangles_or_ellipses_inside_the_view() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut kinds = std::collections::HashSet::new();
+        for _ in 0..40 {
+            let m = random_inpainting_mask(32, &mut rng);
+            assert_eq!(m.len(), 32 * 32);
+            assert!(m.iter().all(|v| *v == 0.0 || *v == 1.0));
+            let area: f32 = m.iter().sum();
+            // A filled rectangle's area is its bounding box's; an ellipse's is about π/4 of it.
+            let rows: Vec<usize> = (0..32)
+                .filter(|y| m[y * 32..(y + 1) * 32].iter().any(|v| *v > 0.0))
+                .collect();
+            let cols: Vec<usize> = (0..32)
+                .filter(|x| (0..32).any(|y| m[y * 32 + x] > 0.0))
+                .collect();
+            if area > 16.0 {
+                let bbox = (rows.len() * cols.len()) as f32;
+                kinds.insert(area == bbox);
+            }
+        }
+        assert_eq!(kinds.len(), 2, "both rectangles and ellipses are drawn");
+        let a = random_inpainting_mask(16, &mut rand_chacha::ChaCha8Rng::seed_from_u64(9));
+        let b = random_inpainting_mask(16, &mut rand_chacha::ChaCha8Rng::seed_from_u64(9));
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -227,7 +227,7 @@ fn compression_cost(
         };
         let size = t.resolution / sd.vae_scale_factor();
         let mut noise = SeededNoise::new(t.seed);
-        let init = noise.randn((1, sd.unet.config.in_channels, size, size), &device)?;
+        let init = noise.randn((1, sd.unet.config.out_channels, size, size), &device)?;
         latents.push(sd.sample(&opts, &init, &mut noise)?);
     }
     let scale = latents[0].abs()?.max_all()?.to_scalar::<f32>()?.max(1.0) as f64;
@@ -301,6 +301,12 @@ pub fn run(
     let prediction = sd.scheduler_config.prediction()?;
     let schedule = NoiseSchedule::new(&sd.scheduler_config)?;
 
+    match (t.inpainting, sd.unet.config.in_channels) {
+        (true, 9) | (false, 4) => {}
+        (true, c) => bail!("--inpainting trains an inpainting model (a UNet with 9 input channels); this one has {c}"),
+        (false, 9) => bail!("this model is an inpainting model (a UNet with 9 input channels): add --inpainting"),
+        (false, c) => bail!("the UNet has {c} input channels; imprint trains 4-channel models and, with --inpainting, 9-channel ones"),
+    }
     let folder = data::load_image_folder(&t.images, (t.resolution / 2) as u32)?;
     for w in &folder.warnings {
         eprintln!("warning: {w}");
@@ -433,6 +439,7 @@ pub fn run(
                 mask: batch.mask.as_ref(),
                 snr_gamma: t.snr_gamma,
                 normalize_by_mask: method.resize_augmentation(),
+                extra_input: batch.inpaint.as_ref(),
             };
             let mut loss = diffusion_loss_with(
                 &sd.unet,
@@ -459,6 +466,7 @@ pub fn run(
                     mask: None,
                     snr_gamma: t.snr_gamma,
                     normalize_by_mask: false,
+                    extra_input: batch.inpaint.as_ref(),
                 };
                 let prior = diffusion_loss_with(
                     &sd.unet,
@@ -580,6 +588,8 @@ struct Batch {
     ids: Tensor,
     /// `[B, 1, h, w]` when every image of the batch has a mask and masks are on.
     mask: Option<Tensor>,
+    /// Inpainting runs: `[B, 5, h, w]`, the random mask and the masked image's latents.
+    inpaint: Option<Tensor>,
 }
 
 /// One batch of `batch_size` examples from `images` (the instance or the class set).
@@ -596,6 +606,7 @@ fn make_batch(
     let mut latents = vec![];
     let mut captions = vec![];
     let mut masks = vec![];
+    let mut inpaint = vec![];
     for _ in 0..t.batch_size {
         let index = rng.rng().gen_range(0..images.len());
         let mut variant = b.augment.sample_variant(images, index, rng.rng());
@@ -614,6 +625,9 @@ fn make_batch(
             logvar: dist.logvar.to_device(device)?,
         };
         latents.push(sd.vae.scale_latents(&on_device.sample(&eps)?)?);
+        if t.inpainting {
+            inpaint.push(inpainting_input(sd, &images[index], &variant, t, rng)?);
+        }
         let text = caption(&images[index], rng.rng());
         if let Some(z) = variant.zoom {
             let prefix = z.caption_prefix(t.resolution as u32, rng.rng());
@@ -660,7 +674,42 @@ fn make_batch(
         timesteps,
         ids: Tensor::cat(&ids, 0)?,
         mask,
+        inpaint: if inpaint.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&inpaint, 0)?)
+        },
     })
+}
+
+/// An inpainting example's extra UNet input `[1, 5, h, w]`: a random mask of the rendered view
+/// (nearest-downsampled to the latent grid) and the latents of the view with the mask's region
+/// blanked (diffusers' DreamBooth-inpaint script: `image * (mask < 0.5)`, encoded, scaled).
+fn inpainting_input(
+    sd: &StableDiffusion,
+    image: &data::TrainImage,
+    variant: &data::Variant,
+    t: &TrainerOptions,
+    rng: &mut SeededNoise,
+) -> Result<Tensor> {
+    let device = &sd.device;
+    let r = t.resolution;
+    let mask = data::random_inpainting_mask(r as u32, rng.rng());
+    let f = sd.vae_scale_factor();
+    let g = r / f;
+    let latent: Vec<f32> = (0..g * g)
+        .map(|i| mask[(i / g) * f * r + (i % g) * f])
+        .collect();
+    let keep: Vec<f32> = mask.iter().map(|m| 1.0 - m).collect();
+    let pixels = data::render(image, variant, r as u32)?
+        .unsqueeze(0)?
+        .to_device(device)?;
+    let keep = Tensor::from_vec(keep, (1, 1, r, r), device)?;
+    let dist = sd.vae.encode(&pixels.broadcast_mul(&keep)?)?;
+    let eps = rng.randn(dist.mean.shape().clone(), device)?;
+    let masked = sd.vae.scale_latents(&dist.sample(&eps)?)?;
+    let latent = Tensor::from_vec(latent, (1, 1, g, g), device)?;
+    Ok(Tensor::cat(&[&latent, &masked], 1)?)
 }
 
 /// The class images for prior preservation: those in `dir`, completed to `num_class_images` by
@@ -774,10 +823,32 @@ fn validate(
         // Validation has its own seeds: it must not shift the training stream.
         let mut noise = SeededNoise::new(t.seed.wrapping_add(1_000_003).wrapping_add(i as u64));
         let mut scheduler = sd.build_scheduler(opts.scheduler, opts.steps, false)?;
-        let init = (noise.randn((1, sd.unet.config.in_channels, size, size), &sd.device)?
+        let init = (noise.randn((1, sd.unet.config.out_channels, size, size), &sd.device)?
             * scheduler.init_noise_sigma())?;
-        let latents =
-            sd.denoise_with_context(&opts, scheduler.as_mut(), init, 0, &mut noise, &context)?;
+        // An inpainting model samples with everything to repaint on a blank (mid-gray) image.
+        let inpaint = if sd.unet.config.in_channels == 9 {
+            let (c, r) = (sd.unet.config.out_channels, t.resolution);
+            let blank = Tensor::zeros((1, 3, r, r), DType::F32, &sd.device)?;
+            let masked = sd.vae.scale_latents(&sd.vae.encode(&blank)?.mean)?;
+            let zeros = Tensor::zeros((1, c, size, size), DType::F32, &sd.device)?;
+            Some(imprint_pipeline::Inpainting {
+                mask: Tensor::ones((1, 1, size, size), DType::F32, &sd.device)?,
+                image_latents: zeros.clone(),
+                masked_image_latents: Some(masked),
+                noise: zeros,
+            })
+        } else {
+            None
+        };
+        let latents = sd.denoise_loop(
+            &opts,
+            scheduler.as_mut(),
+            init,
+            0,
+            &mut noise,
+            &context,
+            inpaint.as_ref(),
+        )?;
         images.push(image_io::tensor_to_rgb(&sd.decode(&latents)?)?);
     }
     image_io::grid(&images)

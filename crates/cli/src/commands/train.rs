@@ -195,6 +195,9 @@ pub struct TrainerArgs {
     /// Noise offset (e.g. 0.05).
     #[arg(long)]
     noise_offset: Option<f64>,
+    /// Train an inpainting model (9-channel UNet) with random rectangle/ellipse masks.
+    #[arg(long)]
+    inpainting: bool,
     /// Restrict the loss to IMAGE.mask.png where present (true|false).
     #[arg(long)]
     use_masks: Option<bool>,
@@ -244,6 +247,9 @@ fn trainer_flags(a: &TrainerArgs, t: &mut toml::Table) -> Result<()> {
     }
     if a.fused_backward {
         t.insert("fused-backward".into(), toml::Value::Boolean(true));
+    }
+    if a.inpainting {
+        t.insert("inpainting".into(), toml::Value::Boolean(true));
     }
     flags!(t, a, [model => "model", images => "images", out => "out", steps => "steps", lr => "lr",
         scale_lr => "scale-lr", batch_size => "batch-size", grad_accum => "grad-accum", resolution => "resolution",

@@ -122,6 +122,9 @@ pub struct LossTerms<'a> {
     /// Custom Diffusion's `(mse · mask).sum([1,2,3]) / mask.sum([1,2,3])` with a one-channel mask
     /// (which sums the latent channels, as the script does).
     pub normalize_by_mask: bool,
+    /// Extra UNet input channels concatenated after the noisy latents (an inpainting model's
+    /// mask and masked-image latents, `[B, 5, h, w]`).
+    pub extra_input: Option<&'a Tensor>,
 }
 
 /// [`diffusion_loss`] with a mask and SNR weighting.
@@ -137,6 +140,10 @@ pub fn diffusion_loss_with(
     terms: LossTerms,
 ) -> Result<Tensor> {
     let noisy = schedule.add_noise(latents, noise, timesteps)?;
+    let noisy = match terms.extra_input {
+        Some(extra) => Tensor::cat(&[&noisy, &extra.to_dtype(noisy.dtype())?], 1)?,
+        None => noisy,
+    };
     let t = Tensor::new(
         timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
         latents.device(),
