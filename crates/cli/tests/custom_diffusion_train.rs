@@ -125,7 +125,8 @@ fn two_concepts_merge_in_closed_form() {
     let model = tiny_model("tiny");
     let images = fixtures().join("../../examples/toy");
     let mut outs = vec![];
-    for (token, word) in [("<cat1>", "cat"), ("<dog1>", "dog")] {
+    // The second concept's native file holds its changes as rank-4 LoRA pairs (--rank).
+    for (token, word, rank) in [("<cat1>", "cat", "0"), ("<dog1>", "dog", "4")] {
         let out = dir.join(token.trim_matches(|c| c == '<' || c == '>'));
         let _ = std::fs::remove_dir_all(&out);
         run_ok(
@@ -146,11 +147,19 @@ fn two_concepts_merge_in_closed_form() {
                     "--save-every",
                     "0",
                 ])
+                .args(if rank == "0" {
+                    vec![]
+                } else {
+                    vec!["--rank", rank]
+                })
                 .arg("--out")
                 .arg(&out),
         );
         outs.push(out);
     }
+    assert!(load(&dir.join("dog1.safetensors"))
+        .keys()
+        .any(|k| k.ends_with(".lora_down.weight")));
     let merged = dir.join("merged.safetensors");
     let _ = std::fs::remove_file(&merged);
     let o = run_ok(

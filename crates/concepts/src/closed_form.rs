@@ -111,15 +111,27 @@ pub fn merge_projection(
     c_tgt: &Matrix,
     v_tgt: &Matrix,
 ) -> Result<Matrix> {
-    let d = w0.cols;
-    if c_reg.cols != d || c_tgt.cols != d || v_tgt.cols != w0.rows || v_tgt.rows != c_tgt.rows {
+    merge_with_dual(w0, &target_dual(c_reg, c_tgt)?, c_tgt, v_tgt)
+}
+
+/// `d = C_tgt C⁻¹` `[n, d]` with `C = C_regᵀ C_reg`: the part every projection shares.
+pub fn target_dual(c_reg: &Matrix, c_tgt: &Matrix) -> Result<Matrix> {
+    if c_reg.cols != c_tgt.cols {
         bail!("closed-form merge: shapes do not agree")
     }
-    // C = C_regᵀ C_reg, then d = C_tgt C⁻¹ (C symmetric: solve C X = C_tgtᵀ, d = Xᵀ).
+    // C symmetric: solve C X = C_tgtᵀ, d = Xᵀ.
     let c = c_reg.transpose().mul_t(&c_reg.transpose());
     let x = solve(&c.to_rows(), &c_tgt.transpose().to_rows())
         .context("the regularization features' covariance is singular: give more captions")?;
-    let dm = Matrix::from_rows(x).transpose(); // [n, d]
+    Ok(Matrix::from_rows(x).transpose())
+}
+
+/// [`merge_projection`] with `d` from [`target_dual`].
+pub fn merge_with_dual(w0: &Matrix, dm: &Matrix, c_tgt: &Matrix, v_tgt: &Matrix) -> Result<Matrix> {
+    let d = w0.cols;
+    if dm.cols != d || c_tgt.cols != d || v_tgt.cols != w0.rows || v_tgt.rows != c_tgt.rows {
+        bail!("closed-form merge: shapes do not agree")
+    }
     let a = dm.mul_t(c_tgt); // d C_tgtᵀ [n, n]
                              // (V_tgt − W₀ C_tgtᵀ) as [out, n].
     let wc = w0.mul_t(c_tgt);
@@ -205,7 +217,7 @@ pub fn merge_concepts(
     let mut applied: Vec<(String, usize)> = vec![];
     let mut words: Vec<Vec<String>> = vec![];
     for c in concepts {
-        if c.projections.is_empty() {
+        if c.projections.is_empty() && c.lora.is_empty() {
             bail!(
                 "concept '{}' is not a Custom Diffusion concept (it holds no projection weights)",
                 c.trigger
@@ -252,17 +264,39 @@ pub fn merge_concepts(
             base.insert(l.name.clone(), l.weight.clone());
         }
     });
+    // Each concept's change of each module: whole weights, changes, or (`--rank`) LoRA pairs.
     let mut modules: Vec<String> = vec![];
     for c in concepts {
-        for p in &c.projections {
-            if p.network != crate::UNET {
-                bail!("'{}': only UNet projections can be merged", p.module)
+        let names = c
+            .projections
+            .iter()
+            .map(|p| (&p.network, &p.module))
+            .chain(c.lora.modules.iter().map(|m| (&m.network, &m.module)));
+        for (network, module) in names {
+            if network != crate::UNET {
+                bail!("'{module}': only UNet projections can be merged")
             }
-            if !modules.contains(&p.module) {
-                modules.push(p.module.clone());
+            if !modules.contains(module) {
+                modules.push(module.clone());
             }
         }
     }
+    // The target features are the same for every module: stack them once (a feature two
+    // concepts share, such as a common prefix "a photo of", is constrained once, by the first
+    // concept, as the authors drop duplicates) and solve the shared part once.
+    let mut rows: Vec<Vec<f64>> = vec![];
+    let mut owner: Vec<(usize, usize)> = vec![];
+    for (k, t) in targets.iter().enumerate() {
+        for i in 0..t.rows {
+            let r = t.row(i).to_vec();
+            if !rows.contains(&r) {
+                rows.push(r);
+                owner.push((k, i));
+            }
+        }
+    }
+    let c_tgt = Matrix::from_rows(rows);
+    let dm = target_dual(&c_reg, &c_tgt)?;
     let mut merged = vec![];
     let mut residual = 0f64;
     for m in &modules {
@@ -270,42 +304,46 @@ pub fn merge_concepts(
             format!("'{m}' is not a projection of this UNet (another base model?)")
         })?;
         let w0 = Matrix::from_tensor(&w0t.to_dtype(DType::F32)?)?;
-        let mut rows = vec![];
-        let mut v_rows = vec![];
-        for (c, t) in concepts.iter().zip(&targets) {
-            let w_i = match c.projections.iter().find(|p| &p.module == m) {
-                None => w0.clone(),
-                Some(p) => {
-                    let mut w = Matrix::from_tensor(&p.weight)?;
-                    if (w.rows, w.cols) != (w0.rows, w0.cols) {
-                        bail!(
-                            "'{m}': concept '{}' has a {}×{} weight, the model {}×{}",
-                            c.trigger,
-                            w.rows,
-                            w.cols,
-                            w0.rows,
-                            w0.cols
-                        )
-                    }
-                    if p.delta {
-                        w.data.iter_mut().zip(&w0.data).for_each(|(a, b)| *a += b);
-                    }
-                    w
+        let mut fine_tuned = vec![];
+        for c in concepts {
+            let mut w = w0.clone();
+            let mut add = |d: Matrix, what: &str| -> Result<()> {
+                if (d.rows, d.cols) != (w0.rows, w0.cols) {
+                    bail!(
+                        "'{m}': concept '{}' has a {}×{} {what}, the model {}×{}",
+                        c.trigger,
+                        d.rows,
+                        d.cols,
+                        w0.rows,
+                        w0.cols
+                    )
                 }
+                w.data.iter_mut().zip(&d.data).for_each(|(a, b)| *a += b);
+                Ok(())
             };
-            let v = t.mul_t(&w_i); // [n_i, out]
-            for i in 0..t.rows {
-                // A feature two concepts share (a common prefix such as "a photo of") is
-                // constrained once, by the first concept, as the authors drop duplicates.
-                let r = t.row(i).to_vec();
-                if !rows.contains(&r) {
-                    rows.push(r);
-                    v_rows.push(v.row(i).to_vec());
+            if let Some(p) = c.projections.iter().find(|p| &p.module == m) {
+                let mut d = Matrix::from_tensor(&p.weight)?;
+                if !p.delta {
+                    d.data.iter_mut().zip(&w0.data).for_each(|(a, b)| *a -= b);
                 }
+                add(d, "weight")?;
             }
+            if let Some(l) = c.lora.modules.iter().find(|l| &l.module == m) {
+                add(Matrix::from_tensor(&l.delta_weight()?)?, "LoRA change")?;
+            }
+            fine_tuned.push(w);
         }
-        let (c_tgt, v_tgt) = (Matrix::from_rows(rows), Matrix::from_rows(v_rows));
-        let w = merge_projection(&w0, &c_reg, &c_tgt, &v_tgt).with_context(|| m.clone())?;
+        let v_rows: Vec<Vec<f64>> = owner
+            .iter()
+            .map(|&(k, i)| {
+                let (x, w) = (&targets[k], &fine_tuned[k]);
+                (0..w.rows)
+                    .map(|o| x.row(i).iter().zip(w.row(o)).map(|(a, b)| a * b).sum())
+                    .collect()
+            })
+            .collect();
+        let v_tgt = Matrix::from_rows(v_rows);
+        let w = merge_with_dual(&w0, &dm, &c_tgt, &v_tgt).with_context(|| m.clone())?;
         residual = residual.max(constraint_residual(&w, &c_tgt, &v_tgt));
         merged.push(ProjectionWeights::new(
             crate::UNET,

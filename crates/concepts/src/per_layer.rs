@@ -62,6 +62,9 @@ pub fn substitute_tokens(
 /// kohya's XTI names (`IN01`…`OUT11`, on the 16-layer SD 1.x/2.x UNet), layer indices or ranges
 /// (`0-5`, in forward order).
 pub fn select_layers(spec: &str, keys: &[String]) -> Result<Vec<bool>> {
+    if keys.is_empty() {
+        bail!("this UNet has no cross-attention layers to select")
+    }
     let mut on = vec![false; keys.len()];
     for item in spec.split(',').map(str::trim) {
         if item.is_empty() {
@@ -165,6 +168,9 @@ impl PerLayerTokens {
     ) -> Result<Vec<String>> {
         concept.validate()?;
         let name = &concept.trigger;
+        if keys.is_empty() {
+            bail!("concept '{name}': this UNet has no cross-attention layers for per-layer words")
+        }
         let per_layer: Vec<Tensor> = if concept.layer_embeddings.is_empty() {
             let e = concept.embedding(TEXT_ENCODER).with_context(|| {
                 format!("concept '{name}' has no token embeddings to apply per layer")

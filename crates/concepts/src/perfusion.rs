@@ -15,8 +15,9 @@
 //!
 //! As an adapter on the frozen projection this is `W e + δ(e)` with
 //! `δ(e) = σ((s − β)/τ) o* − s (W i*)`. Several concepts (Appendix B) solve for all `s` at once,
-//! `s = G⁻¹ [(C⁻¹i*ₖ)ᵀ e]ₖ` with the Gram matrix `Gⱼₖ = i*ⱼᵀ C⁻¹ i*ₖ` (which makes the edits
-//! orthogonal in the C⁻¹ metric: concept `j`'s input gives `s = eⱼ`), and sum the gated terms.
+//! `s = G⁻¹ [(C⁻¹i*ₖ)ᵀ e]ₖ` with the Gram matrix `G = I*ᵀ C⁻¹ I*` (which makes the edits
+//! orthogonal in the C⁻¹ metric: with one C for all concepts, as for concepts of one base model,
+//! concept `j`'s input gives `s = eⱼ`), and sum the gated terms.
 
 use crate::{Concept, UNET};
 use anyhow::{bail, Context, Result};
@@ -324,9 +325,13 @@ pub fn apply_perfusion(
                     )
                 }
                 let wi = w.matmul(&i.unsqueeze(1)?)?.squeeze(1)?;
-                // A concept that does not edit this layer: o* = W i* leaves it unchanged.
+                // A concept that does not edit this layer adds nothing to it (zero rows).
                 let o = match layer {
-                    None => wi.clone(),
+                    None => {
+                        w_input.push(wi.zeros_like()?);
+                        outputs.push(wi.zeros_like()?);
+                        continue;
+                    }
                     Some(l) => {
                         let t = if proj == "to_k" {
                             &l.key_output

@@ -135,7 +135,12 @@ impl WeightChanges {
                     Ok(n) => *b = Some(n),
                     Err(e) => failure = Some(e),
                 },
-                (None, Some(d)) => *b = Some(d.clone()),
+                (None, Some(d)) => {
+                    match d.to_device(w.device()).and_then(|d| d.to_dtype(w.dtype())) {
+                        Ok(n) => *b = Some(n),
+                        Err(e) => failure = Some(e),
+                    }
+                }
                 _ => {}
             }
         });

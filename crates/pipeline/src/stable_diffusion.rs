@@ -234,6 +234,23 @@ impl StableDiffusion {
         if !scale.is_finite() {
             bail!("scale {scale} is not a finite number")
         }
+        // Every new word is checked before anything changes: a clash must not leave half a
+        // concept applied.
+        let mut names: Vec<String> = vec![];
+        if concept.has_tokens() {
+            names.extend(imprint_concepts::apply::token_names(
+                &concept.trigger,
+                concept.num_vectors(),
+            ));
+        }
+        for (t, v) in &concept.extra_tokens {
+            names.extend(imprint_concepts::apply::token_names(t, v.dim(0)?));
+        }
+        for (i, n) in names.iter().enumerate() {
+            if self.tokenizer.token_id(n).is_some() || names[..i].contains(n) {
+                bail!("concept '{}': token '{n}' is already in the tokenizer's vocabulary (is the concept applied twice, or does a trigger collide with a word?); rename it with `imprint concept convert --trigger`", concept.trigger)
+            }
+        }
         let keys = self.unet.embedding_keys();
         let only = match &options.layers {
             None => None,
@@ -525,7 +542,8 @@ impl StableDiffusion {
                 let masked = p.masked_image_latents.as_ref().context(
                     "a 9-channel inpainting UNet needs the masked image's latents",
                 )?;
-                Some(Tensor::cat(&[doubled(&p.mask)?, doubled(masked)?], 1)?)
+                let mask = p.mask.to_dtype(masked.dtype())?;
+                Some(Tensor::cat(&[doubled(&mask)?, doubled(masked)?], 1)?)
             }
             (None, true) => bail!("this UNet has 9 input channels (an inpainting model): give --init-image and --mask"),
             _ => None,

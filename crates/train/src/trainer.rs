@@ -438,7 +438,7 @@ pub fn run(
             let terms = LossTerms {
                 mask: batch.mask.as_ref(),
                 snr_gamma: t.snr_gamma,
-                normalize_by_mask: method.resize_augmentation(),
+                normalize_by_mask: method.mask_normalized_loss(),
                 extra_input: batch.inpaint.as_ref(),
             };
             let mut loss = diffusion_loss_with(
@@ -727,6 +727,14 @@ fn class_images(
         .filter(|e| e.path().is_file())
         .count();
     if existing < t.num_class_images {
+        if sd.unet.config.in_channels != 4 {
+            bail!(
+                "{}: {existing} class images, {} asked for; an inpainting model cannot generate the rest here: put {} class images in the folder (or lower --num-class-images)",
+                dir.display(),
+                t.num_class_images,
+                t.num_class_images
+            )
+        }
         let missing = t.num_class_images - existing;
         let bar = ProgressBar::new(missing as u64);
         bar.set_style(ProgressStyle::with_template(

@@ -101,13 +101,37 @@ pub(crate) fn from_raw(raw: RawFile, weights_path: &Path) -> Result<Concept> {
         })
         .collect();
     entries.sort();
+    // Token files: one tensor named as the file's stem (`<new1>.safetensors` holds "<new1>").
+    // Anything else beside the weights is not part of the concept.
     for p in entries {
-        let raw = super::read_raw(&p)?;
-        if raw.tensors.len() == 1 {
-            let (name, t) = raw.tensors.into_iter().next().context("one tensor")?;
-            tokens.push((name, t));
+        let stem = p
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Ok(raw) = super::read_raw(&p) else {
+            eprintln!(
+                "warning: {}: not a readable token file; skipped",
+                p.display()
+            );
+            continue;
+        };
+        if raw.tensors.len() == 1 && raw.tensors.contains_key(&stem) {
+            if tokens.iter().any(|(n, _)| *n == stem) {
+                continue; // the same token as .bin and .safetensors
+            }
+            let t = raw.tensors.into_values().next().context("one tensor")?;
+            tokens.push((stem, t));
         }
     }
+    // `<new2>` before `<new10>`: by the number in the name, then by name.
+    let number = |s: &str| -> u64 {
+        s.chars()
+            .filter(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .unwrap_or(0)
+    };
+    tokens.sort_by(|a, b| number(&a.0).cmp(&number(&b.0)).then_with(|| a.0.cmp(&b.0)));
     let mut concept = Concept {
         method: CUSTOM_DIFFUSION.to_string(),
         projections,

@@ -101,18 +101,40 @@ pub(crate) fn from_parts(
     if let Some(extra) = parts.keys().next() {
         bail!("LyCORIS module '{key}' has an unexpected part '{extra}'")
     }
-    for t in match &kind {
+    let factor = |f: &Factor| -> Vec<Tensor> {
+        match f {
+            Factor::Full(t) => vec![t.clone()],
+            Factor::LowRank { a, b } => vec![a.clone(), b.clone()],
+        }
+    };
+    let all: Vec<Tensor> = match &kind {
         LycorisKind::LoHa {
             w1_a,
             w1_b,
             w2_a,
             w2_b,
+            t1,
+            t2,
             ..
-        } => vec![w1_a, w1_b, w2_a, w2_b],
-        LycorisKind::Ia3 { weight, .. } => vec![weight],
-        LycorisKind::DiagOft { blocks, .. } => vec![blocks],
-        LycorisKind::LoKr { .. } => vec![],
-    } {
+        } => [w1_a, w1_b, w2_a, w2_b]
+            .into_iter()
+            .cloned()
+            .chain(t1.iter().cloned())
+            .chain(t2.iter().cloned())
+            .collect(),
+        LycorisKind::Ia3 { weight, .. } => vec![weight.clone()],
+        LycorisKind::DiagOft {
+            blocks, rescale, ..
+        } => std::iter::once(blocks.clone())
+            .chain(rescale.iter().cloned())
+            .collect(),
+        LycorisKind::LoKr { w1, w2, t2, .. } => factor(w1)
+            .into_iter()
+            .chain(factor(w2))
+            .chain(t2.iter().cloned())
+            .collect(),
+    };
+    for t in &all {
         let v = t
             .flatten_all()?
             .to_dtype(candle_core::DType::F32)?

@@ -312,6 +312,10 @@ impl super::Method for CustomDiffusionMethod {
         self.augment
     }
 
+    fn mask_normalized_loss(&self) -> bool {
+        true
+    }
+
     fn text_states(&self, sd: &StableDiffusion, ids: &Tensor) -> Result<TextStates> {
         let ids_of: Vec<u32> = self.tokens.iter().map(|t| t.token_ids[0]).collect();
         let vectors: Vec<Tensor> = self

@@ -51,6 +51,11 @@ pub trait Method {
     fn resize_augmentation(&self) -> bool {
         false
     }
+    /// Custom Diffusion's loss: each sample's squared error summed over the latent channels and
+    /// divided by the mask's area (an all-ones mask without one).
+    fn mask_normalized_loss(&self) -> bool {
+        false
+    }
     /// Called after each optimizer step (moving averages a method keeps outside the optimizer).
     fn after_step(&self) -> Result<()> {
         Ok(())
@@ -159,6 +164,11 @@ pub fn diffusion_loss_with(
         (Some(mask), true) => {
             let area = mask.to_dtype(DType::F32)?.reshape((b, ()))?.sum(1)?;
             (se.reshape((b, ()))?.sum(1)? / area.clamp(1e-8, f64::INFINITY)?)?
+        }
+        // No mask: the script's all-ones mask, whose area is one channel's.
+        (None, true) => {
+            let (_, _, h, w) = se.dims4()?;
+            (se.reshape((b, ()))?.sum(1)? / (h * w) as f64)?
         }
         _ => se.reshape((b, ()))?.mean(1)?,
     };
