@@ -112,3 +112,12 @@ pub fn debug_sample(
     run_ok(&mut cmd);
     load(out)["latents"].clone()
 }
+
+/// A fixture folder's `manifest.json`.
+pub fn manifest_of(dir: &Path) -> serde_json::Value {
+    let p = dir.join("manifest.json");
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}

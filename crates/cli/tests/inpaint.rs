@@ -14,9 +14,7 @@ fn dir() -> PathBuf {
 
 #[test]
 fn both_model_kinds_match_diffusers() {
-    let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap())
-            .unwrap();
+    let manifest: Value = manifest_of(&dir());
     let scratch = scratch("inpaint-parity");
     for run in manifest["runs"].as_array().unwrap() {
         let file = run["file"].as_str().unwrap();

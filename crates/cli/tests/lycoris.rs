@@ -20,7 +20,7 @@ fn model() -> PathBuf {
 }
 
 fn manifest() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap()).unwrap()
+    manifest_of(&dir())
 }
 
 fn sample(model: &Path, run: &Value, concepts: &[String], out: &Path) -> Tensor {

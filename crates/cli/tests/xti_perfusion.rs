@@ -16,7 +16,7 @@ fn dir() -> PathBuf {
 }
 
 fn manifest() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap()).unwrap()
+    manifest_of(&dir())
 }
 
 /// `imprint debug sample` as a manifest run, with the given concept arguments.
