@@ -3,8 +3,12 @@
 //! Every personalization method in imprint produces a [`Concept`]: a small bundle bound to a
 //! trigger word. Textual Inversion learns only token embeddings: one or more vectors per text
 //! encoder, held as [`TokenEmbedding`]s. LoRA learns low-rank deltas on the UNet's and text
-//! encoder's projections, held as [`LoraWeights`] ([`lora`]). One concept may hold both (hybrid
-//! methods); later methods (per-layer embeddings, ...) add parts to the same type rather than
+//! encoder's projections, held as [`LoraWeights`] ([`lora`]). P+ holds one embedding per UNet
+//! cross-attention layer ([`LayerEmbedding`], applied by [`per_layer`]); Perfusion a gated rank-1
+//! edit of every cross-attention key and value ([`perfusion`]); Custom Diffusion whole projection
+//! weights or their changes ([`weights`], merged in closed form by [`closed_form`]); the LyCORIS
+//! files users exchange their LoHa, LoKr, (IA)³ and OFT modules ([`lycoris`]). One concept may
+//! hold several parts (hybrid methods); new methods add parts to the same type rather than
 //! inventing their own.
 //!
 //! This crate is responsible for

@@ -2,7 +2,9 @@
 //!
 //! A run is a [`config`] (TOML with the command line's keys on top) that [`trainer`] executes:
 //! images from [`data`] (oriented, cropped, flipped; VAE latents cached per augmentation variant),
-//! captions from [`templates`], the method's trainable part ([`methods`]), the shared denoising
+//! captions from [`templates`], the method's trainable part ([`methods`]: Textual Inversion, P+,
+//! Perfusion, LoRA, DreamBooth, Custom Diffusion; each states what it trains, its captions, its
+//! text states and what it saves through the `Method` hooks), the shared denoising
 //! loss, AdamW ([`optim`]) with a schedule ([`lr_schedule`]), a progress bar, a JSONL log,
 //! validation grids, and [`checkpoint`]s that resume bit-exactly on CPU.
 //!
