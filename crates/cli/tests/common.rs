@@ -121,3 +121,17 @@ pub fn manifest_of(dir: &Path) -> serde_json::Value {
     )
     .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
+
+/// A manifest run's `concepts`, as paths inside `dir`.
+pub fn run_concepts(dir: &Path, run: &serde_json::Value) -> Vec<String> {
+    run["concepts"]
+        .as_array()
+        .expect("a concepts list")
+        .iter()
+        .map(|c| {
+            dir.join(c.as_str().expect("a file name"))
+                .display()
+                .to_string()
+        })
+        .collect()
+}

@@ -29,12 +29,7 @@ fn sample(model: &Path, run: &Value, concepts: &[String], out: &Path) -> Tensor 
 }
 
 fn concepts(run: &Value) -> Vec<String> {
-    run["concepts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| dir().join(c.as_str().unwrap()).display().to_string())
-        .collect()
+    run_concepts(&dir(), run)
 }
 
 #[test]

@@ -26,12 +26,7 @@ fn sample(run: &Value, concepts: &[String], out: &Path, model: &Path) -> Tensor 
 }
 
 fn concept_paths(run: &Value) -> Vec<String> {
-    run["concepts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| dir().join(c.as_str().unwrap()).display().to_string())
-        .collect()
+    run_concepts(&dir(), run)
 }
 
 #[test]

@@ -121,6 +121,19 @@ fn kron(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// A factor's tensors: the full matrix, or its two low-rank halves.
+fn factor_tensors(f: &Factor) -> Vec<&Tensor> {
+    match f {
+        Factor::Full(t) => vec![t],
+        Factor::LowRank { a, b } => vec![a, b],
+    }
+}
+
+/// `alpha / r`, a missing or zero alpha meaning `alpha = r` (LyCORIS's rule).
+fn alpha_over_rank(alpha: Option<f64>, r: usize) -> f64 {
+    alpha.filter(|a| *a != 0.0).unwrap_or(r as f64) / r as f64
+}
+
 /// `(I − Q)⁻¹` for small square blocks, by Gauss–Jordan (f64).
 fn inverse(m: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {
     let n = m.len();
@@ -140,13 +153,8 @@ impl LycorisModule {
         }
     }
 
-    /// How many numbers the module holds.
-    pub fn parameter_count(&self) -> usize {
-        let factor = |f: &Factor| match f {
-            Factor::Full(t) => t.elem_count(),
-            Factor::LowRank { a, b } => a.elem_count() + b.elem_count(),
-        };
-        let opt = |t: &Option<Tensor>| t.as_ref().map_or(0, Tensor::elem_count);
+    /// Every tensor the module holds.
+    pub fn tensors(&self) -> Vec<&Tensor> {
         match &self.kind {
             LycorisKind::LoHa {
                 w1_a,
@@ -156,20 +164,26 @@ impl LycorisModule {
                 t1,
                 t2,
                 ..
-            } => {
-                w1_a.elem_count()
-                    + w1_b.elem_count()
-                    + w2_a.elem_count()
-                    + w2_b.elem_count()
-                    + opt(t1)
-                    + opt(t2)
-            }
-            LycorisKind::LoKr { w1, w2, t2, .. } => factor(w1) + factor(w2) + opt(t2),
-            LycorisKind::Ia3 { weight, .. } => weight.elem_count(),
+            } => [w1_a, w1_b, w2_a, w2_b]
+                .into_iter()
+                .chain(t1)
+                .chain(t2)
+                .collect(),
+            LycorisKind::LoKr { w1, w2, t2, .. } => factor_tensors(w1)
+                .into_iter()
+                .chain(factor_tensors(w2))
+                .chain(t2)
+                .collect(),
+            LycorisKind::Ia3 { weight, .. } => vec![weight],
             LycorisKind::DiagOft {
                 blocks, rescale, ..
-            } => blocks.elem_count() + opt(rescale),
+            } => std::iter::once(blocks).chain(rescale).collect(),
         }
+    }
+
+    /// How many numbers the module holds.
+    pub fn parameter_count(&self) -> usize {
+        self.tensors().iter().map(|t| t.elem_count()).sum()
     }
 
     /// The change of `base` (`[out, in]` or `[out, in, kh, kw]`) at multiplier `m`, in `base`'s
@@ -208,8 +222,7 @@ impl LycorisModule {
                     f64_cpu(w2_a)?,
                     f64_cpu(w2_b)?,
                 );
-                let r = w1_b.dim(0)? as f64;
-                let scale = alpha.filter(|a| *a != 0.0).unwrap_or(r) / r;
+                let scale = alpha_over_rank(*alpha, w1_b.dim(0)?);
                 let prod = match (t1, t2) {
                     (Some(t1), Some(t2)) => {
                         (tucker(&f64_cpu(t1)?, &w1_a, &w1_b)?
@@ -238,10 +251,7 @@ impl LycorisModule {
                     }
                     (Factor::Full(_), Some(_)) => bail!("lokr_t2 with a full lokr_w2"),
                 };
-                let scale = match r2.or(r1) {
-                    None => 1.0,
-                    Some(r) => alpha.filter(|a| *a != 0.0).unwrap_or(r as f64) / r as f64,
-                };
+                let scale = r2.or(r1).map_or(1.0, |r| alpha_over_rank(*alpha, r));
                 let w1m = match (w1m.rank(), w2m.rank()) {
                     (2, 4) => w1m.unsqueeze(2)?.unsqueeze(3)?,
                     _ => w1m,

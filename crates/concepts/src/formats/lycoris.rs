@@ -101,40 +101,12 @@ pub(crate) fn from_parts(
     if let Some(extra) = parts.keys().next() {
         bail!("LyCORIS module '{key}' has an unexpected part '{extra}'")
     }
-    let factor = |f: &Factor| -> Vec<Tensor> {
-        match f {
-            Factor::Full(t) => vec![t.clone()],
-            Factor::LowRank { a, b } => vec![a.clone(), b.clone()],
-        }
+    let module = LycorisModule {
+        network: network.to_string(),
+        module: module.to_string(),
+        kind,
     };
-    let all: Vec<Tensor> = match &kind {
-        LycorisKind::LoHa {
-            w1_a,
-            w1_b,
-            w2_a,
-            w2_b,
-            t1,
-            t2,
-            ..
-        } => [w1_a, w1_b, w2_a, w2_b]
-            .into_iter()
-            .cloned()
-            .chain(t1.iter().cloned())
-            .chain(t2.iter().cloned())
-            .collect(),
-        LycorisKind::Ia3 { weight, .. } => vec![weight.clone()],
-        LycorisKind::DiagOft {
-            blocks, rescale, ..
-        } => std::iter::once(blocks.clone())
-            .chain(rescale.iter().cloned())
-            .collect(),
-        LycorisKind::LoKr { w1, w2, t2, .. } => factor(w1)
-            .into_iter()
-            .chain(factor(w2))
-            .chain(t2.iter().cloned())
-            .collect(),
-    };
-    for t in &all {
+    for t in module.tensors() {
         let v = t
             .flatten_all()?
             .to_dtype(candle_core::DType::F32)?
@@ -143,9 +115,5 @@ pub(crate) fn from_parts(
             bail!("LyCORIS module '{key}' has NaN or infinite values")
         }
     }
-    Ok(LycorisModule {
-        network: network.to_string(),
-        module: module.to_string(),
-        kind,
-    })
+    Ok(module)
 }
