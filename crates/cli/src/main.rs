@@ -30,6 +30,11 @@ enum Command {
     /// Concept files: inspect, convert between formats.
     #[command(subcommand)]
     Concept(commands::concept::ConceptCommand),
+    /// Quality metrics of generated images: CLIP-I, CLIP-T and DINO (DreamBench).
+    Eval(commands::eval::EvalArgs),
+    /// The toy world: train its base model and evaluators, write held-out concepts, bench methods.
+    #[command(subcommand)]
+    World(commands::world::WorldCommand),
     /// Model folders (init: random weights in a real architecture).
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
@@ -85,6 +90,8 @@ fn main() {
         Command::Model(c) => commands::model::run(c),
         Command::Concept(c) => commands::concept::run(c),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::World(c) => commands::world::run(c),
     };
     if let Err(e) = result {
         // One line: the context chain from outer to inner.

@@ -57,7 +57,13 @@ pub enum Activation {
 }
 
 impl Activation {
-    fn parse(s: &str) -> Result<Self> {
+    /// `hidden_act` of a transformers config.
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::parse_in(s, "text_encoder/config.json")
+    }
+
+    /// As [`Activation::parse`], naming `config` in the error.
+    pub fn parse_in(s: &str, config: &str) -> Result<Self> {
         match s {
             "quick_gelu" => Ok(Self::QuickGelu),
             "gelu" => Ok(Self::Gelu),
@@ -65,12 +71,12 @@ impl Activation {
             "relu" => Ok(Self::Relu),
             "silu" | "swish" => Ok(Self::Silu),
             other => bail!(
-                "text_encoder/config.json: unsupported hidden_act '{other}' (expected quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, relu or silu)"
+                "{config}: unsupported hidden_act '{other}' (expected quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, relu or silu)"
             ),
         }
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             // x · σ(1.702 x), CLIP's original approximation.
             Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
@@ -92,22 +98,24 @@ struct ClipAttention {
 }
 
 impl ClipAttention {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        let d = cfg.hidden_size;
-        if d % cfg.num_attention_heads != 0 {
-            bail!("text_encoder/config.json: hidden_size {d} is not divisible by num_attention_heads {}", cfg.num_attention_heads)
+    fn new(vb: VarBuilder, d: usize, heads: usize) -> Result<Self> {
+        if heads == 0 || d % heads != 0 {
+            bail!(
+                "{}: hidden_size {d} is not divisible by num_attention_heads {heads}",
+                vb.prefix()
+            )
         }
         Ok(Self {
             q_proj: Linear::new(vb.pp("q_proj"), d, d, true)?,
             k_proj: Linear::new(vb.pp("k_proj"), d, d, true)?,
             v_proj: Linear::new(vb.pp("v_proj"), d, d, true)?,
             out_proj: Linear::new(vb.pp("out_proj"), d, d, true)?,
-            heads: cfg.num_attention_heads,
-            head_dim: d / cfg.num_attention_heads,
+            heads,
+            head_dim: d / heads,
         })
     }
 
-    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let (b, s, d) = x.dims3()?;
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
             t.reshape((b, s, self.heads, self.head_dim))?
@@ -118,7 +126,7 @@ impl ClipAttention {
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let o = scaled_dot_product_attention(&q, &k, &v, scale, Some(causal_mask))?;
+        let o = scaled_dot_product_attention(&q, &k, &v, scale, mask)?;
         let o = o
             .reshape((b, self.heads, s, self.head_dim))?
             .transpose(1, 2)?
@@ -127,7 +135,9 @@ impl ClipAttention {
     }
 }
 
-struct ClipEncoderLayer {
+/// One pre-norm transformer layer of CLIP (`CLIPEncoderLayer`), shared by the text and vision
+/// towers.
+pub struct ClipEncoderLayer {
     self_attn: ClipAttention,
     layer_norm1: LayerNorm,
     fc1: Linear,
@@ -137,19 +147,28 @@ struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig, activation: Activation) -> Result<Self> {
-        let d = cfg.hidden_size;
+    /// `hidden`/`intermediate`/`heads`/`eps` as the tower's config names them.
+    pub fn new(
+        vb: VarBuilder,
+        hidden: usize,
+        intermediate: usize,
+        heads: usize,
+        eps: f64,
+        activation: Activation,
+    ) -> Result<Self> {
+        let d = hidden;
         Ok(Self {
-            self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
-            layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
-            fc1: Linear::new(vb.pp("mlp").pp("fc1"), d, cfg.intermediate_size, true)?,
-            fc2: Linear::new(vb.pp("mlp").pp("fc2"), cfg.intermediate_size, d, true)?,
-            layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
+            self_attn: ClipAttention::new(vb.pp("self_attn"), d, heads)?,
+            layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), d, eps)?,
+            fc1: Linear::new(vb.pp("mlp").pp("fc1"), d, intermediate, true)?,
+            fc2: Linear::new(vb.pp("mlp").pp("fc2"), intermediate, d, true)?,
+            layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), d, eps)?,
             activation,
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x [B, S, D]`; `mask` an additive `[S, S]` attention mask (the text tower's causal one).
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let h = (x + self
             .self_attn
             .forward(&self.layer_norm1.forward(x)?, mask)?)?;
@@ -196,7 +215,16 @@ impl ClipTextTransformer {
             .pp("position_embedding")
             .get((cfg.max_position_embeddings, cfg.hidden_size), "weight")?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| ClipEncoderLayer::new(vb.pp("encoder.layers").pp(i), cfg, activation))
+            .map(|i| {
+                ClipEncoderLayer::new(
+                    vb.pp("encoder.layers").pp(i),
+                    cfg.hidden_size,
+                    cfg.intermediate_size,
+                    cfg.num_attention_heads,
+                    cfg.layer_norm_eps,
+                    activation,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::new(
             vb.pp("final_layer_norm"),
@@ -288,7 +316,7 @@ impl ClipTextTransformer {
         let mut h = token_embeds.broadcast_add(&pos)?;
         let mask = causal_mask(s, self.device())?;
         for layer in &self.layers[..self.layers.len() - clip_skip] {
-            h = layer.forward(&h, &mask)?;
+            h = layer.forward(&h, Some(&mask))?;
         }
         let last_hidden_state = self.final_layer_norm.forward(&h)?;
         let pooler_output = self.pool(&last_hidden_state, input_ids)?;

@@ -239,6 +239,67 @@ impl SimpleBackend for RandomBackend {
     }
 }
 
+/// A `VarBuilder` whose weights are freshly invented (as `model init` invents them) and trainable:
+/// the start of a network trained from scratch (the toy world's models). Each weight is recorded
+/// with its name.
+pub fn random_trainable_var_builder(
+    seed: u64,
+    device: &Device,
+) -> (VarBuilder<'static>, crate::loading::TrainableVars) {
+    let vars: crate::loading::TrainableVars = Arc::new(Mutex::new(Vec::new()));
+    let backend: Box<dyn SimpleBackend> = Box::new(RandomVarBackend {
+        random: RandomBackend {
+            seed,
+            made: Arc::new(Mutex::new(HashMap::new())),
+        },
+        vars: vars.clone(),
+    });
+    (
+        VarBuilder::from_backend(backend, DType::F32, device.clone()),
+        vars,
+    )
+}
+
+/// [`RandomBackend`] whose weights are trainable variables (one per name, shared on reuse).
+struct RandomVarBackend {
+    random: RandomBackend,
+    vars: crate::loading::TrainableVars,
+}
+
+impl SimpleBackend for RandomVarBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut vars = self
+            .vars
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+        if let Some((_, v)) = vars.iter().find(|(n, _)| n == name) {
+            if v.shape() != &s {
+                candle_core::bail!("{name}: requested as {s:?} and as {:?}", v.shape())
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        let t = self.random.get(s, name, h, dtype, dev)?;
+        let var = candle_core::Var::from_tensor(&t)?;
+        vars.push((name.to_string(), var.clone()));
+        Ok(var.as_tensor().clone())
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.random.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.random.contains_tensor(name)
+    }
+}
+
 /// Builds a network through a random backend and writes its weights to `path` (atomically).
 fn write_random<F>(path: &Path, seed: u64, build: F) -> Result<()>
 where

@@ -405,7 +405,8 @@ impl SimpleBackend for SafetensorsReader {
 /// The variables a trainable `VarBuilder` made, by weight name.
 pub type TrainableVars = Arc<std::sync::Mutex<Vec<(String, candle_core::Var)>>>;
 
-fn take_vars(vars: &TrainableVars) -> Result<Vec<(String, candle_core::Var)>> {
+/// Takes the variables a trainable `VarBuilder` recorded.
+pub fn take_vars(vars: &TrainableVars) -> Result<Vec<(String, candle_core::Var)>> {
     Ok(std::mem::take(
         &mut *vars.lock().map_err(|_| anyhow::anyhow!("poisoned lock"))?,
     ))

@@ -301,8 +301,71 @@ fn write_file(path: &Path, contents: &[u8]) -> Result<()> {
 /// `tokenizer_config.json`, `special_tokens_map.json`) with the real CLIP vocabulary.
 /// `pad_token` is `"<|endoftext|>"` (SD 1.x) or `"!"` (SD 2.x).
 pub fn write_clip_tokenizer(dir: &Path, pad_token: &str) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let (vocab, merges) = clip_vocab_and_merges()?;
+    write_clip_tokenizer_with(dir, pad_token, &vocab, &merges)
+}
+
+/// CLIP's vocabulary cut down to what `words` need: the 512 byte tokens, the merges CLIP's BPE
+/// applies to those words (in their original rank order) and the two special tokens. The words
+/// tokenize exactly as with the full vocabulary (BPE takes the lowest-ranked merge present at
+/// each step; every merge it took is kept, in the same order), and any other text still
+/// tokenizes, in smaller pieces. A small world's text encoder needs a few hundred rows, not 49,408.
+pub fn pruned_clip_vocab_and_merges(words: &[&str]) -> Result<(Vec<String>, Vec<Merge>)> {
+    let (full_vocab, merges) = clip_vocab_and_merges()?;
+    let rank: HashMap<(&str, &str), usize> = merges
+        .iter()
+        .enumerate()
+        .map(|(i, (a, b))| ((a.as_str(), b.as_str()), i))
+        .collect();
+    let mut used = std::collections::BTreeSet::new();
+    for word in words {
+        let chars: Vec<char> = word.to_lowercase().chars().collect();
+        if chars.is_empty() {
+            continue;
+        }
+        let mut symbols: Vec<String> = chars.iter().map(|c| c.to_string()).collect();
+        if let Some(last) = symbols.last_mut() {
+            last.push_str(END_OF_WORD);
+        }
+        loop {
+            let best = symbols
+                .windows(2)
+                .filter_map(|w| rank.get(&(w[0].as_str(), w[1].as_str())).copied())
+                .min();
+            let Some(r) = best else { break };
+            used.insert(r);
+            let (a, b) = &merges[r];
+            let mut next = Vec::with_capacity(symbols.len());
+            let mut i = 0;
+            while i < symbols.len() {
+                if i + 1 < symbols.len() && &symbols[i] == a && &symbols[i + 1] == b {
+                    next.push(format!("{a}{b}"));
+                    i += 2;
+                } else {
+                    next.push(symbols[i].clone());
+                    i += 1;
+                }
+            }
+            symbols = next;
+        }
+    }
+    let kept: Vec<Merge> = used.iter().map(|&r| merges[r].clone()).collect();
+    let mut vocab: Vec<String> = full_vocab[..512].to_vec();
+    vocab.extend(kept.iter().map(|(a, b)| format!("{a}{b}")));
+    vocab.push(BOS_TOKEN.to_string());
+    vocab.push(EOS_TOKEN.to_string());
+    Ok((vocab, kept))
+}
+
+/// [`write_clip_tokenizer`] with a given vocabulary (in id order, the special tokens last) and
+/// merges (in rank order).
+pub fn write_clip_tokenizer_with(
+    dir: &Path,
+    pad_token: &str,
+    vocab: &[String],
+    merges: &[Merge],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     // vocab.json in id order (serde_json's map would sort the keys).
     let mut json = String::from("{");
     for (id, token) in vocab.iter().enumerate() {
@@ -316,14 +379,14 @@ pub fn write_clip_tokenizer(dir: &Path, pad_token: &str) -> Result<()> {
     json.push('}');
     write_file(&dir.join("vocab.json"), json.as_bytes())?;
     let mut text = String::from("#version: 0.2\n");
-    for (a, b) in &merges {
+    for (a, b) in merges {
         text.push_str(a);
         text.push(' ');
         text.push_str(b);
         text.push('\n');
     }
     write_file(&dir.join("merges.txt"), text.as_bytes())?;
-    let specials = clip_special_tokens(&vocab, pad_token)?;
+    let specials = clip_special_tokens(vocab, pad_token)?;
     write_file(
         &dir.join("tokenizer_config.json"),
         serde_json::to_string_pretty(&tokenizer_config_json(&specials, pad_token, true))?

@@ -23,6 +23,9 @@ pub enum TemplateSet {
     Object,
     /// A look: "a painting in the style of {}" and friends (`imagenet_style_templates_small`).
     Style,
+    /// Each image's own caption (`IMAGE.txt`) naming the new word, where the images have such
+    /// captions (the toy world's references do); object templates for any image that has none.
+    Captions,
 }
 
 impl FromStr for TemplateSet {
@@ -32,8 +35,11 @@ impl FromStr for TemplateSet {
         match s {
             "object" => Ok(Self::Object),
             "style" => Ok(Self::Style),
+            "captions" => Ok(Self::Captions),
             other => {
-                anyhow::bail!("unknown template set {other:?}: expected \"object\" or \"style\"")
+                anyhow::bail!(
+                    "unknown template set {other:?}: expected \"object\", \"style\" or \"captions\""
+                )
             }
         }
     }
@@ -44,6 +50,7 @@ impl fmt::Display for TemplateSet {
         f.write_str(match self {
             Self::Object => "object",
             Self::Style => "style",
+            Self::Captions => "captions",
         })
     }
 }
@@ -109,7 +116,26 @@ pub fn templates(set: TemplateSet) -> &'static [&'static str] {
     match set {
         TemplateSet::Object => &OBJECT_TEMPLATES,
         TemplateSet::Style => &STYLE_TEMPLATES,
+        TemplateSet::Captions => &OBJECT_TEMPLATES,
     }
+}
+
+/// A training caption for one image: with [`TemplateSet::Captions`] the image's own caption when
+/// it names `token` (the token replaced by the placeholder string, so multi-vector words expand),
+/// otherwise a random template of the set filled with the placeholder.
+pub fn caption_for_image(
+    set: TemplateSet,
+    image_caption: Option<&str>,
+    token: &str,
+    placeholder: &str,
+    rng: &mut impl Rng,
+) -> String {
+    if set == TemplateSet::Captions {
+        if let Some(c) = image_caption.filter(|c| c.contains(token)) {
+            return c.replace(token, placeholder);
+        }
+    }
+    random_caption(set, placeholder, rng)
 }
 
 /// Fills a template with the placeholder string, as Python's `template.format(placeholder)` does

@@ -1,9 +1,11 @@
 pub mod bench;
 pub mod concept;
 pub mod debug;
+pub mod eval;
 pub mod generate;
 pub mod model;
 pub mod train;
+pub mod world;
 
 use anyhow::Result;
 use imprint_pipeline::StableDiffusion;

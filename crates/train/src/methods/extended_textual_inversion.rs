@@ -123,10 +123,16 @@ impl super::Method for ExtendedTextualInversionMethod {
 
     fn caption(
         &self,
-        _image: &crate::data::TrainImage,
+        image: &crate::data::TrainImage,
         rng: &mut rand_chacha::ChaCha20Rng,
     ) -> String {
-        crate::templates::random_caption(self.templates, &self.xti.tokens.placeholder_string(), rng)
+        crate::templates::caption_for_image(
+            self.templates,
+            image.caption.as_deref(),
+            &self.xti.tokens.token,
+            &self.xti.tokens.placeholder_string(),
+            rng,
+        )
     }
 
     fn prompt(&self, prompt: &str) -> String {

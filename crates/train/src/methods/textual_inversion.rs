@@ -130,10 +130,16 @@ impl super::Method for TextualInversionMethod {
 
     fn caption(
         &self,
-        _image: &crate::data::TrainImage,
+        image: &crate::data::TrainImage,
         rng: &mut rand_chacha::ChaCha20Rng,
     ) -> String {
-        crate::templates::random_caption(self.templates, &self.ti.placeholder_string(), rng)
+        crate::templates::caption_for_image(
+            self.templates,
+            image.caption.as_deref(),
+            &self.ti.token,
+            &self.ti.placeholder_string(),
+            rng,
+        )
     }
 
     fn prompt(&self, prompt: &str) -> String {

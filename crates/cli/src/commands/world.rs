@@ -1,0 +1,181 @@
+//! `imprint world`: the toy world — training its base model and evaluators, writing a held-out
+//! concept's reference images, and benchmarking the personalization methods in it.
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use imprint_world::recipe::{train_world, Recipe};
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum WorldCommand {
+    /// Train the world's base model (VAE, CLIP text encoder, UNet) and evaluators (CLIP, ViT)
+    /// from scratch; resumes an interrupted run in the same --out.
+    Train(TrainArgs),
+    /// Write reference images (PNG + caption .txt) of held-out concept K.
+    Concept(ConceptArgs),
+    /// Train each method on held-out concepts and measure fidelity against editability; one
+    /// JSON line per method (and a baseline row), plus OUT/report.html.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The world folder (model/, clip/, dino/).
+    #[arg(long, default_value = "examples/world")]
+    pub world: PathBuf,
+    /// Comma-separated: ti, xti, perfusion, lora, dreambooth, custom-diffusion.
+    #[arg(
+        long,
+        default_value = "ti,xti,perfusion,lora,dreambooth,custom-diffusion",
+        value_delimiter = ','
+    )]
+    pub methods: Vec<String>,
+    /// Comma-separated held-out concept ids.
+    #[arg(long, default_value = "0,1,2", value_delimiter = ',')]
+    pub concepts: Vec<usize>,
+    /// Reference images per concept.
+    #[arg(long, default_value_t = 5)]
+    pub references: usize,
+    /// Samples per editability prompt.
+    #[arg(long, default_value_t = 2)]
+    pub samples: usize,
+    /// Multiply every method's training steps.
+    #[arg(long, default_value_t = 1.0)]
+    pub steps_scale: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Work folder: concepts, samples, report.html.
+    #[arg(long, default_value = "world-bench")]
+    pub out: PathBuf,
+    /// One JSON line per method (else a table).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Output folder: model/ (diffusers layout), clip/, dino/, train-log.jsonl.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Multiply every phase's steps by this (e.g. 0.01 for a quick look at the recipe).
+    #[arg(long, default_value_t = 1.0)]
+    pub steps_scale: f64,
+    /// Store the finished weights as float16 (the committed copy).
+    #[arg(long)]
+    pub half: bool,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Args)]
+pub struct ConceptArgs {
+    /// Held-out concept id (see `imprint world concept --list`).
+    #[arg(long, required_unless_present = "list")]
+    pub id: Option<usize>,
+    #[arg(long, default_value_t = 5)]
+    pub count: usize,
+    #[arg(long, required_unless_present = "list")]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// List the held-out concepts.
+    #[arg(long)]
+    pub list: bool,
+}
+
+pub fn run(c: WorldCommand) -> Result<()> {
+    match c {
+        WorldCommand::Train(a) => {
+            let mut r = Recipe {
+                seed: a.seed,
+                ..Recipe::default()
+            };
+            let scale = |n: usize| ((n as f64 * a.steps_scale).round() as usize).max(1);
+            r.vae_steps = scale(r.vae_steps);
+            r.clip_steps = scale(r.clip_steps);
+            r.unet_steps = scale(r.unet_steps);
+            r.dino_steps = scale(r.dino_steps);
+            r.save_every = scale(r.save_every);
+            let device = super::parse_device(&a.device)?;
+            train_world(&a.out, &r, &device)?;
+            if a.half {
+                imprint_world::recipe::to_half(&a.out)?;
+            }
+            eprintln!("world written to {}", a.out.display());
+            Ok(())
+        }
+        WorldCommand::Bench(a) => {
+            let cfg = imprint_world::bench::BenchConfig {
+                exe: std::env::current_exe().context("cannot find the imprint executable")?,
+                model: a.world.join("model"),
+                clip: a.world.join("clip"),
+                dino: a.world.join("dino"),
+                methods: a.methods,
+                concepts: a.concepts,
+                references: a.references,
+                samples: a.samples,
+                steps_scale: a.steps_scale,
+                seed: a.seed,
+                out: a.out.clone(),
+            };
+            let rows = imprint_world::bench::run_bench(&cfg, |line| eprintln!("{line}"))?;
+            if a.json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                println!(
+                    "{:<18} {:>7} {:>7} {:>7} {:>10} {:>12} {:>8}",
+                    "method", "DINO", "CLIP-I", "CLIP-T", "attributes", "size_bytes", "train_s"
+                );
+                for r in &rows {
+                    println!(
+                        "{:<18} {:>7.3} {:>7.3} {:>7.3} {:>10.3} {:>12} {:>8.0}",
+                        r.method,
+                        r.fidelity.dino,
+                        r.fidelity.clip_i,
+                        r.editability.clip_t,
+                        r.editability.attributes,
+                        r.size_bytes,
+                        r.train_s
+                    );
+                }
+            }
+            eprintln!("report: {}", a.out.join("report.html").display());
+            Ok(())
+        }
+        WorldCommand::Concept(a) => {
+            if a.list {
+                for c in imprint_world::held_out::HELD_OUT.iter() {
+                    println!("{}\t{}\t{}\t{}", c.id, c.name, c.class_word, c.description);
+                }
+                return Ok(());
+            }
+            let (Some(k), Some(out)) = (a.id, a.out) else {
+                unreachable!("clap requires --id and --out")
+            };
+            let n = imprint_world::held_out::HELD_OUT.len();
+            if k >= n {
+                anyhow::bail!("held-out concept {k} does not exist (ids 0–{})", n - 1)
+            }
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("{}: cannot create", out.display()))?;
+            for (i, (img, caption)) in
+                imprint_world::held_out::concept_references(k, a.count, a.seed)
+                    .into_iter()
+                    .enumerate()
+            {
+                let png = out.join(format!("{i:02}.png"));
+                imprint_pipeline::image_io::save_png(&img, &png)?;
+                imprint_models::io::write_atomic(
+                    &out.join(format!("{i:02}.txt")),
+                    caption.as_bytes(),
+                )?;
+            }
+            eprintln!("{} images of concept {k} in {}", a.count, out.display());
+            Ok(())
+        }
+    }
+}
