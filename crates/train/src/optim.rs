@@ -82,7 +82,10 @@ impl AdamW {
         let t = (self.step + 1) as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        let g = grad.to_dtype(self.vars[i].dtype())?;
+        // Detached: a weight's gradient is computed from the forward activations and records that
+        // graph; moments built from it would keep every step's activations alive, chained from
+        // step to step (unbounded memory growth in LoRA and DreamBooth training).
+        let g = grad.detach().to_dtype(self.vars[i].dtype())?;
         let p = self.vars[i]
             .as_tensor()
             .affine(1.0 - lr * c.weight_decay, 0.0)?;
@@ -142,6 +145,22 @@ mod tests {
         let expected = p0 * (1.0 - lr * 0.01) - lr * g / (g.abs() + 1e-8);
         let got = var.to_vec1::<f64>()?[0];
         assert!((got - expected).abs() < 1e-12, "{got} vs {expected}");
+        Ok(())
+    }
+
+    /// A weight's gradient records the forward graph (it is computed from the activations); the
+    /// moments must not keep it, or every step's activations stay alive.
+    #[test]
+    fn moments_do_not_keep_the_gradient_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Var::new(&[[1f32, 2.0], [3.0, 4.0]], &dev)?;
+        let x = Var::new(&[[0.5f32, -1.0]], &dev)?;
+        let activation = x.as_tensor().exp()?;
+        let loss = activation.matmul(w.as_tensor())?.sum_all()?;
+        let g = loss.backward()?.get(w.as_tensor()).unwrap().clone();
+        let mut opt = AdamW::new(vec![w.clone()], AdamWConfig::default())?;
+        opt.step(&[g], 0.1)?;
+        assert!(!opt.exp_avg[0].track_op() && !opt.exp_avg_sq[0].track_op());
         Ok(())
     }
 

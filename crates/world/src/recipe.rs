@@ -412,8 +412,10 @@ fn step_with(opt: &mut AdamW, vars: &[(String, Var)], loss: &Tensor, lr: f64) ->
     let grads = loss.backward()?;
     let mut gs = Vec::with_capacity(vars.len());
     for (_, v) in vars {
+        // Detached: a gradient computed through trainable weights records its own graph, which
+        // the optimizer's moments would otherwise keep alive (and every step's activations).
         gs.push(match grads.get(v.as_tensor()) {
-            Some(g) => g.clone(),
+            Some(g) => g.detach(),
             None => v.zeros_like()?,
         });
     }
