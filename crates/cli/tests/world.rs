@@ -160,6 +160,29 @@ fn world_concept_writes_captioned_references() {
         let caption = std::fs::read_to_string(dir.path().join(format!("{i:02}.txt"))).unwrap();
         assert!(caption.contains("heart"), "{caption}");
     }
+    let named = dir.path().join("named");
+    let out = imprint()
+        .args([
+            "world",
+            "concept",
+            "--id",
+            "0",
+            "--count",
+            "2",
+            "--subject",
+            "<my-star>",
+            "--out",
+        ])
+        .arg(&named)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let caption = std::fs::read_to_string(named.join("00.txt")).unwrap();
+    assert!(caption.starts_with("a <my-star> "), "{caption}");
     let list = imprint()
         .args(["world", "concept", "--list"])
         .output()

@@ -10,10 +10,13 @@
 pub mod clip;
 pub mod dreambench;
 pub mod metrics;
-pub mod preprocess;
 pub mod vit;
 
-pub use clip::{ClipConfig, ClipModel, ClipVisionConfig, ClipVisionTransformer};
+/// The image processors (moved to the models crate, where IP-Adapter's image encoder uses them).
+pub use imprint_models::image_processor as preprocess;
+
+pub use clip::{ClipConfig, ClipModel};
+pub use imprint_models::clip_vision::{ClipVisionConfig, ClipVisionTransformer};
 pub use metrics::{Evaluator, ImageFeatures, Scores};
 pub use preprocess::{ImageProcessor, Resample};
 pub use vit::{ViTConfig, ViTModel};

@@ -6,12 +6,12 @@
 //! the configured size), pre-norm layers (`layernorm_before` → self-attention → residual,
 //! `layernorm_after` → intermediate → output → residual) and the final `layernorm`.
 
-use crate::clip::patchify;
 use crate::preprocess::ImageProcessor;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use imprint_models::clip::Activation;
+use imprint_models::clip_vision::patchify;
 use imprint_models::loading::{read_json, weight_files, SafetensorsReader};
 use imprint_ops::{scaled_dot_product_attention, LayerNorm, Linear};
 use serde::Deserialize;

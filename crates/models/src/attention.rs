@@ -99,6 +99,18 @@ impl TextStates {
     }
 }
 
+/// IP-Adapter's decoupled cross-attention (Ye et al. 2023; diffusers' `IPAdapterAttnProcessor`):
+/// the last `num_tokens` states of the context are image-prompt tokens, attended to with their own
+/// key and value projections; `Attn(Q, K_txt, V_txt) + scale · Attn(Q, K_ip, V_ip)` goes through
+/// the shared output projection.
+#[derive(Clone, Debug)]
+pub struct ImagePromptAttention {
+    pub to_k_ip: Linear,
+    pub to_v_ip: Linear,
+    pub scale: f64,
+    pub num_tokens: usize,
+}
+
 /// Multi-head attention `Attention` with `to_q`, `to_k`, `to_v`, `to_out.0`.
 #[derive(Clone)]
 pub struct Attention {
@@ -108,6 +120,8 @@ pub struct Attention {
     pub to_out: Linear,
     heads: usize,
     dim_head: usize,
+    /// An IP-Adapter on this cross-attention layer.
+    pub image_prompt: Option<ImagePromptAttention>,
 }
 
 impl Attention {
@@ -128,15 +142,38 @@ impl Attention {
             to_out: Linear::new(vb.pp("to_out.0"), inner, query_dim, true)?,
             heads,
             dim_head,
+            image_prompt: None,
         })
+    }
+
+    /// The width of the attention (`heads · dim_head`), what IP-Adapter's projections map to.
+    pub fn inner_dim(&self) -> usize {
+        self.heads * self.dim_head
     }
 
     /// `x [B, S, query_dim]`, `context [B, S_kv, cross_dim]` (or `x` itself for self-attention).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let context = context.unwrap_or(x);
+        let (context, image) = match (context, &self.image_prompt) {
+            (Some(c), Some(ip)) => {
+                let s = c.dim(1)?;
+                if s <= ip.num_tokens {
+                    candle_core::bail!(
+                        "cross-attention with an IP-Adapter: the context has {s} states, fewer than the text plus {} image tokens",
+                        ip.num_tokens
+                    )
+                }
+                let text = c.narrow(1, 0, s - ip.num_tokens)?;
+                (
+                    text,
+                    Some((c.narrow(1, s - ip.num_tokens, ip.num_tokens)?, ip)),
+                )
+            }
+            (Some(c), None) => (c.clone(), None),
+            (None, _) => (x.clone(), None),
+        };
         let q = self.to_q.forward(x)?;
-        let k = self.to_k.forward(context)?;
-        let v = self.to_v.forward(context)?;
+        let k = self.to_k.forward(&context)?;
+        let v = self.to_v.forward(&context)?;
         let (b, s, _) = q.dims3()?;
         let split = |t: Tensor| -> Result<Tensor> {
             let (b, s, _) = t.dims3()?;
@@ -144,18 +181,30 @@ impl Attention {
                 .transpose(1, 2)?
                 .reshape((b * self.heads, s, self.dim_head))
         };
+        let merge = |o: Tensor| -> Result<Tensor> {
+            o.reshape((b, self.heads, s, self.dim_head))?
+                .transpose(1, 2)?
+                .reshape((b, s, self.heads * self.dim_head))
+        };
         let scale = (self.dim_head as f64).powf(-0.5);
+        let q = split(q)?;
         let o = scaled_dot_product_attention(
-            &split(q)?,
+            &q,
             &split(k)?.contiguous()?,
             &split(v)?.contiguous()?,
             scale,
             None,
         )?;
-        let o = o
-            .reshape((b, self.heads, s, self.dim_head))?
-            .transpose(1, 2)?
-            .reshape((b, s, self.heads * self.dim_head))?;
+        let mut o = merge(o)?;
+        if let Some((tokens, ip)) = image {
+            // A scale of 0 leaves the layer exactly as without the adapter.
+            if ip.scale != 0.0 {
+                let k = split(ip.to_k_ip.forward(&tokens)?)?.contiguous()?;
+                let v = split(ip.to_v_ip.forward(&tokens)?)?.contiguous()?;
+                let o_ip = merge(scaled_dot_product_attention(&q, &k, &v, scale, None)?)?;
+                o = (o + (o_ip * ip.scale)?)?;
+            }
+        }
         self.to_out.forward(&o)
     }
 }
@@ -428,6 +477,7 @@ impl SpatialSelfAttention {
                 to_out: lin("proj_attn")?,
                 heads: 1,
                 dim_head: channels,
+                image_prompt: None,
             }
         } else {
             Attention::new(vb, channels, channels, 1, channels, true)?

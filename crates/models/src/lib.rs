@@ -22,6 +22,8 @@
 
 pub mod attention;
 pub mod clip;
+pub mod clip_vision;
+pub mod image_processor;
 pub mod init;
 pub mod io;
 pub mod loading;

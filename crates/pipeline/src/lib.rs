@@ -16,6 +16,7 @@
 //! ```
 
 pub mod image_io;
+pub mod ip_adapter;
 pub mod noise;
 mod stable_diffusion;
 

@@ -46,6 +46,9 @@ pub struct StableDiffusion {
     /// Applied Perfusion edits with their scales, and the adapters that realize them together.
     perfusion: Vec<(PerfusionEdit, f64)>,
     perfusion_adapters: Vec<Arc<dyn Adapter>>,
+    /// An IP-Adapter's image tokens `(negative, positive)`, each `[1, N, cross_dim]`, appended to
+    /// the text states of every prompt.
+    pub image_prompt: Option<(Tensor, Tensor)>,
 }
 
 /// How one concept is applied: at what scale, to which UNet layers, with which Perfusion gate.
@@ -186,6 +189,7 @@ impl StableDiffusion {
             per_layer: PerLayerTokens::default(),
             perfusion: Vec::new(),
             perfusion_adapters: Vec::new(),
+            image_prompt: None,
         })
     }
 
@@ -478,14 +482,61 @@ impl StableDiffusion {
 
     /// The text states the denoising loop attends to: `[negative; prompt]` when guided.
     pub fn prompt_context(&self, opts: &SampleOptions) -> Result<TextStates> {
-        let cond = self.encode_prompt(&opts.prompt, opts.clip_skip)?;
+        let cond =
+            self.with_image_prompt(self.encode_prompt(&opts.prompt, opts.clip_skip)?, true)?;
         if opts.guidance > 1.0 {
             // diffusers applies clip skip to the prompt only; the negative prompt takes the last layer.
             let uncond = self.encode_prompt(opts.negative_prompt.as_deref().unwrap_or(""), 0)?;
+            let uncond = self.with_image_prompt(uncond, false)?;
             Ok(TextStates::cat(&[&uncond, &cond])?)
         } else {
             Ok(cond)
         }
+    }
+
+    /// Loads an IP-Adapter (h94 layout; its image encoder in `image_encoder/` beside the file
+    /// unless `encoder_dir`), attaches it to every cross-attention layer at `scale` (times each
+    /// layer's per-block factor) and makes the image tokens of `images` (embeddings averaged).
+    pub fn apply_ip_adapter(
+        &mut self,
+        path: &Path,
+        encoder_dir: Option<&Path>,
+        scale: &crate::ip_adapter::IpScale,
+        base: f64,
+        images: &[image::RgbImage],
+    ) -> Result<()> {
+        if self.image_prompt.is_some() {
+            bail!(
+                "one IP-Adapter at a time: {} would be the second",
+                path.display()
+            )
+        }
+        let adapter =
+            crate::ip_adapter::IpAdapter::load(path, encoder_dir, self.dtype, &self.device)?;
+        let tokens = adapter.tokens(images)?;
+        adapter.attach(&mut self.unet, scale, base)?;
+        self.image_prompt = Some(tokens);
+        Ok(())
+    }
+
+    /// Appends the image prompt's tokens (negative or positive) to text states.
+    fn with_image_prompt(&self, states: TextStates, positive: bool) -> Result<TextStates> {
+        let Some((neg, pos)) = &self.image_prompt else {
+            return Ok(states);
+        };
+        let tokens = if positive { pos } else { neg };
+        let append = |t: &Tensor| -> Result<Tensor> {
+            let b = t.dim(0)?;
+            let tok = tokens.to_dtype(t.dtype())?;
+            let tok = tok.broadcast_as((b, tok.dim(1)?, tok.dim(2)?))?;
+            Ok(Tensor::cat(&[t, &tok], 1)?)
+        };
+        Ok(match states {
+            TextStates::Shared(t) => TextStates::Shared(append(&t)?),
+            TextStates::PerLayer(ts) => {
+                TextStates::PerLayer(ts.iter().map(append).collect::<Result<_>>()?)
+            }
+        })
     }
 
     /// The guided denoising loop from `latents` (already at the noise level of step `begin`) to

@@ -2,7 +2,7 @@
 //! nothing but the renderer, in four phases:
 //!
 //! 1. **vae** — an `AutoencoderKL` with 4× downsampling (64 px → 16×16×4 latents), trained on
-//!    reconstruction (MSE) with a small KL term, as the latent-diffusion autoencoder (Rombach et al.
+//!    reconstruction (L1 + MSE) with a small KL term, as the latent-diffusion autoencoder (Rombach et al.
 //!    2022) without its perceptual and adversarial terms, which flat-coloured scenes do not need.
 //!    Its `scaling_factor` is then set to 1/std of the latents, as SD's 0.18215 was chosen.
 //! 2. **clip** — a `CLIPModel` (text and vision towers) trained contrastively on (scene, caption)
@@ -79,8 +79,8 @@ impl Default for Recipe {
     fn default() -> Self {
         Self {
             seed: 0,
-            vae_steps: 400,
-            vae_batch: 12,
+            vae_steps: 1500,
+            vae_batch: 8,
             vae_lr: 2e-3,
             clip_steps: 600,
             clip_batch: 64,
@@ -488,13 +488,16 @@ fn train_vae(out: &Path, r: &Recipe, device: &Device) -> Result<()> {
         let _ = rng.gen::<u32>();
         let z = dist.sample(&noise)?;
         let rec = vae.decode(&z)?;
-        let mse = (&rec - &x)?.sqr()?.mean_all()?;
+        let diff = (&rec - &x)?;
+        let mse = diff.sqr()?.mean_all()?;
+        // L1 beside L2, as the latent-diffusion autoencoder: sharper edges on small objects.
+        let l1 = diff.abs()?.mean_all()?;
         // KL(q ‖ N(0, 1)) per latent element.
         let kl = ((dist.mean.sqr()? + dist.logvar.exp()?)? - 1.0)?
             .sub(&dist.logvar)?
             .mean_all()?
             .affine(0.5, 0.0)?;
-        let loss = (&mse + (&kl * 1e-4)?)?;
+        let loss = ((&mse + &l1)? + (&kl * 1e-4)?)?;
         step_with(&mut opt, &vars, &loss, lr_at(r.vae_lr, step, r.vae_steps))?;
         phase.record(
             step,

@@ -92,6 +92,8 @@ pub enum DebugCommand {
         concept: Vec<super::ConceptArg>,
         #[command(flatten)]
         gate: super::GateArgs,
+        #[command(flatten)]
+        ip: super::IpAdapterArgs,
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -243,6 +245,7 @@ pub fn run(c: DebugCommand) -> Result<()> {
             strength,
             concept,
             gate,
+            ip,
             device,
         } => {
             let device = super::parse_device(&device)?;
@@ -252,6 +255,7 @@ pub fn run(c: DebugCommand) -> Result<()> {
             let mut sd = StableDiffusion::load(&model, DType::F32, &device)?;
             sd.truncate_long_prompts = true; // as the reference pipeline, for parity checks
             super::apply_concepts(&mut sd, &concept, &gate, &prompt)?;
+            super::apply_ip_adapter(&mut sd, &ip)?;
             let opts = SampleOptions {
                 prompt,
                 negative_prompt,

@@ -65,6 +65,8 @@ pub struct GenerateArgs {
     concept: Vec<super::ConceptArg>,
     #[command(flatten)]
     gate: super::GateArgs,
+    #[command(flatten)]
+    ip: super::IpAdapterArgs,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -91,6 +93,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let device = super::parse_device(&a.device)?;
     let mut sd = StableDiffusion::load(&a.model, DType::F32, &device)?;
     super::apply_concepts(&mut sd, &a.concept, &a.gate, &a.prompt)?;
+    super::apply_ip_adapter(&mut sd, &a.ip)?;
     let opts = GenerateOptions {
         prompt: a.prompt,
         negative_prompt: a.negative_prompt,

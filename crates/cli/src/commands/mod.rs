@@ -70,6 +70,74 @@ pub struct GateArgs {
     pub perfusion_tau: Option<f64>,
 }
 
+/// An image prompt through an IP-Adapter (`--ip-adapter FILE[:SCALE] --ip-image IMG`).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct IpAdapterArgs {
+    /// IP-Adapter weights in the h94/IP-Adapter layout (`.safetensors`, or the pickled `.bin`)
+    /// with an optional scale (default 1): the image encoder is read from `image_encoder/`
+    /// beside FILE.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    pub ip_adapter: Option<String>,
+    /// The image prompt; repeatable (their image embeddings are averaged).
+    #[arg(long, value_name = "IMG")]
+    pub ip_image: Vec<PathBuf>,
+    /// The adapter's image encoder (a CLIPVisionModelWithProjection folder), if not beside FILE.
+    #[arg(long, value_name = "DIR")]
+    pub image_encoder: Option<PathBuf>,
+    /// Per-block scales in InstantStyle's form, e.g. '{"up": {"block_0": [0.0, 1.0, 0.0]}}'
+    /// (a list per block gives each of its attentions a scale; blocks not named get 0), each
+    /// multiplied by SCALE.
+    #[arg(long, value_name = "JSON")]
+    pub ip_adapter_blocks: Option<String>,
+}
+
+/// Loads the image prompt's adapter and images into `sd`, checking every input first.
+pub fn apply_ip_adapter(sd: &mut StableDiffusion, a: &IpAdapterArgs) -> Result<()> {
+    use anyhow::{bail, Context};
+    let Some(spec) = &a.ip_adapter else {
+        if !a.ip_image.is_empty() || a.ip_adapter_blocks.is_some() {
+            bail!("--ip-image and --ip-adapter-blocks need --ip-adapter FILE[:SCALE]")
+        }
+        return Ok(());
+    };
+    let (path, scale) = match spec.rsplit_once(':') {
+        Some((p, s)) if s.parse::<f64>().is_ok() => (PathBuf::from(p), s.parse::<f64>()?),
+        _ => (PathBuf::from(spec), 1.0),
+    };
+    if !scale.is_finite() {
+        bail!("--ip-adapter: scale {scale} is not a finite number")
+    }
+    if !path.is_file() {
+        bail!("{}: IP-Adapter file not found", path.display())
+    }
+    if a.ip_image.is_empty() {
+        bail!("--ip-adapter needs at least one --ip-image IMG (the image prompt)")
+    }
+    let images = a
+        .ip_image
+        .iter()
+        .map(|p| imprint_pipeline::image_io::read_rgb(p))
+        .collect::<Result<Vec<_>>>()?;
+    let per_block = match &a.ip_adapter_blocks {
+        Some(json) => {
+            let v: serde_json::Value = serde_json::from_str(json)
+                .with_context(|| format!("--ip-adapter-blocks: not JSON: {json}"))?;
+            if !v.is_object() {
+                bail!("--ip-adapter-blocks: expected an object like {{\"up\": {{\"block_0\": [0.0, 1.0, 0.0]}}}}")
+            }
+            imprint_pipeline::ip_adapter::IpScale::PerBlock(v)
+        }
+        None => imprint_pipeline::ip_adapter::IpScale::All(scale),
+    };
+    sd.apply_ip_adapter(
+        &path,
+        a.image_encoder.as_deref(),
+        &per_block,
+        scale,
+        &images,
+    )
+}
+
 /// Applies each `--concept` in order, then warns (on stderr) if the prompt names none of them.
 pub fn apply_concepts(
     sd: &mut StableDiffusion,

@@ -80,6 +80,10 @@ pub struct ConceptArgs {
     pub out: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Name the concept with this phrase in the captions (e.g. "<checker-star>" or "sks star")
+    /// instead of its class word, ready for `train … --templates captions` or a LoRA.
+    #[arg(long)]
+    pub subject: Option<String>,
     /// List the held-out concepts.
     #[arg(long)]
     pub list: bool,
@@ -162,13 +166,14 @@ pub fn run(c: WorldCommand) -> Result<()> {
             }
             std::fs::create_dir_all(&out)
                 .with_context(|| format!("{}: cannot create", out.display()))?;
-            for (i, (img, caption)) in
-                imprint_world::held_out::concept_references(k, a.count, a.seed)
-                    .into_iter()
-                    .enumerate()
-            {
+            let scenes = imprint_world::held_out::concept_reference_scenes(k, a.count, a.seed);
+            for (i, s) in scenes.iter().enumerate() {
                 let png = out.join(format!("{i:02}.png"));
-                imprint_pipeline::image_io::save_png(&img, &png)?;
+                imprint_pipeline::image_io::save_png(&s.scene.render(64), &png)?;
+                let caption = match &a.subject {
+                    Some(subject) => s.caption_with(subject),
+                    None => s.caption(),
+                };
                 imprint_models::io::write_atomic(
                     &out.join(format!("{i:02}.txt")),
                     caption.as_bytes(),

@@ -8,6 +8,7 @@ pub mod a1111;
 pub mod custom_diffusion;
 pub mod diffusers;
 pub mod diffusers_lora;
+pub mod ip_adapter;
 pub mod kohya;
 pub mod kohya_xti;
 pub mod lycoris;

@@ -288,6 +288,31 @@ impl UNet2DConditionModel {
         down.chain(mid).chain(up).collect()
     }
 
+    /// Every transformer block with its module path, in the order of diffusers' `attn_processors`
+    /// (down blocks, then up blocks, then the mid block: the order modules were registered in, not
+    /// forward order). That order numbers IP-Adapter's weights: the cross-attention (`attn2`) of
+    /// the i-th block here is processor `2i + 1`.
+    pub fn transformer_blocks_in_processor_order_mut(
+        &mut self,
+    ) -> Vec<(String, &mut crate::attention::BasicTransformerBlock)> {
+        let down = self.down_blocks.iter_mut().flat_map(|d| &mut d.attentions);
+        let up = self.up_blocks.iter_mut().flat_map(|u| &mut u.attentions);
+        let mid = self.mid_block.attentions.iter_mut();
+        down.chain(up)
+            .chain(mid)
+            .flat_map(|t| t.transformer_blocks.iter_mut())
+            .map(|b| {
+                let path = b
+                    .attn2
+                    .to_k
+                    .name
+                    .trim_end_matches(".attn2.to_k")
+                    .to_string();
+                (path, b)
+            })
+            .collect()
+    }
+
     /// Every cross-attention layer in forward order, with its module paths.
     pub fn cross_attention_layers(&self) -> Vec<CrossAttentionLayer> {
         let mut layers = vec![];

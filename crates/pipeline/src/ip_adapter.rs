@@ -1,0 +1,416 @@
+//! IP-Adapter (Ye et al. 2023): image prompts through decoupled cross-attention, loaded from the
+//! h94/IP-Adapter layout and run as diffusers' `IPAdapterAttnProcessor` does.
+//!
+//! An image encoder (`CLIPVisionModelWithProjection`, the `image_encoder/` folder beside the
+//! file) embeds the prompt images; `image_proj` turns the embedding into a few tokens — the base
+//! variant a Linear to `num_tokens × cross_dim` then a LayerNorm, the "Plus" variant a perceiver
+//! Resampler over the encoder's penultimate hidden states — and every cross-attention layer gets
+//! its own `to_k_ip` / `to_v_ip` (models' [`ImagePromptAttention`]). The tokens are appended to the
+//! text states; each adapted layer splits them off again. Under classifier-free guidance the
+//! negative image embedding is zeros (base) or the encoder's states of an all-zero image (Plus).
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use image::RgbImage;
+use imprint_models::attention::ImagePromptAttention;
+use imprint_models::clip_vision::ClipVisionModelWithProjection;
+use imprint_models::image_processor::{ImageProcessor, Resample, ResizeTo};
+use imprint_models::unet::UNet2DConditionModel;
+use imprint_ops::{layer_norm, Linear};
+use std::path::{Path, PathBuf};
+
+/// `image_proj` of an IP-Adapter.
+pub enum ImageProjection {
+    /// diffusers' `ImageProjection`: `LayerNorm(reshape(proj(image_embeds), [N, D]))`.
+    Base {
+        proj: Linear,
+        norm: (Tensor, Tensor),
+        num_tokens: usize,
+        cross_dim: usize,
+    },
+    /// diffusers' `IPAdapterPlusImageProjection` (h94's `Resampler`).
+    Plus(Resampler),
+}
+
+/// The perceiver Resampler of IP-Adapter Plus: learned latent queries attend to the projected
+/// encoder states (and to themselves), each layer followed by a GELU feed-forward, both residual.
+pub struct Resampler {
+    latents: Tensor,
+    proj_in: Linear,
+    proj_out: Linear,
+    norm_out: (Tensor, Tensor),
+    layers: Vec<ResamplerLayer>,
+    heads: usize,
+    dim_head: usize,
+}
+
+struct ResamplerLayer {
+    norm1: (Tensor, Tensor),
+    norm2: (Tensor, Tensor),
+    to_q: Linear,
+    to_kv: Linear,
+    to_out: Linear,
+    ff_norm: (Tensor, Tensor),
+    ff_in: Linear,
+    ff_out: Linear,
+}
+
+fn ln(x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor> {
+    Ok(layer_norm(x, w, b, 1e-5)?)
+}
+
+impl Resampler {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let (_, n, dim) = self.latents.dims3()?;
+        let mut latents = self.latents.broadcast_as((b, n, dim))?.contiguous()?;
+        let x = self.proj_in.forward(x)?;
+        let (h, dh) = (self.heads, self.dim_head);
+        let heads = |t: Tensor| -> Result<Tensor> {
+            let (b, l, _) = t.dims3()?;
+            Ok(t.reshape((b, l, h, dh))?.transpose(1, 2)?.contiguous()?)
+        };
+        for layer in &self.layers {
+            // PerceiverAttention: q from the latents, k/v from [x; latents], both scaled by
+            // dh^(-1/4) before the product (h94's `attention` in resampler.py).
+            let xn = ln(&x, &layer.norm1)?;
+            let ln_ = ln(&latents, &layer.norm2)?;
+            let q = layer.to_q.forward(&ln_)?;
+            let kv = layer.to_kv.forward(&Tensor::cat(&[&xn, &ln_], 1)?)?;
+            let inner = h * dh;
+            let k = kv.narrow(D::Minus1, 0, inner)?;
+            let v = kv.narrow(D::Minus1, inner, inner)?;
+            let s = 1.0 / (dh as f64).sqrt().sqrt();
+            let (q, k, v) = (heads((q * s)?)?, heads((k * s)?)?, heads(v)?);
+            let w = imprint_ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+            let o = w.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))?;
+            latents = (layer.to_out.forward(&o)? + latents)?;
+            let f = layer.ff_out.forward(
+                &layer
+                    .ff_in
+                    .forward(&ln(&latents, &layer.ff_norm)?)?
+                    .gelu_erf()?,
+            )?;
+            latents = (f + latents)?;
+        }
+        ln(&self.proj_out.forward(&latents)?, &self.norm_out)
+    }
+}
+
+impl ImageProjection {
+    /// Image tokens `[B, N, cross_dim]` from the encoder's output for this variant.
+    pub fn forward(&self, embeds: &Tensor) -> Result<Tensor> {
+        match self {
+            ImageProjection::Base {
+                proj,
+                norm,
+                num_tokens,
+                cross_dim,
+            } => {
+                let b = embeds.dim(0)?;
+                ln(
+                    &proj
+                        .forward(embeds)?
+                        .reshape((b, *num_tokens, *cross_dim))?,
+                    norm,
+                )
+            }
+            ImageProjection::Plus(r) => r.forward(embeds),
+        }
+    }
+
+    pub fn is_plus(&self) -> bool {
+        matches!(self, ImageProjection::Plus(_))
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        match self {
+            ImageProjection::Base { num_tokens, .. } => *num_tokens,
+            ImageProjection::Plus(r) => r.latents.dim(1).unwrap_or(0),
+        }
+    }
+}
+
+/// Scales per layer: one number for every layer, or InstantStyle's per-block form
+/// (`{"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}, "mid": 0.5}`), where a
+/// block's value is one number or one per attention of the block and every layer not named gets 0.
+#[derive(Clone, Debug)]
+pub enum IpScale {
+    All(f64),
+    PerBlock(serde_json::Value),
+}
+
+impl IpScale {
+    /// The scale of the transformer block at `path` (e.g. `up_blocks.1.attentions.0.transformer_blocks.0`).
+    pub fn for_block(&self, path: &str, base: f64) -> Result<f64> {
+        let IpScale::PerBlock(v) = self else {
+            let IpScale::All(s) = self else {
+                unreachable!()
+            };
+            return Ok(*s);
+        };
+        let parts: Vec<&str> = path.split('.').collect();
+        let value = match parts.as_slice() {
+            ["mid_block", "attentions", _a, ..] => v.get("mid").cloned(),
+            [kind @ ("down_blocks" | "up_blocks"), block, "attentions", att, ..] => {
+                let key = if *kind == "down_blocks" { "down" } else { "up" };
+                let Some(entry) = v.get(key).and_then(|b| b.get(format!("block_{block}"))) else {
+                    return Ok(0.0);
+                };
+                if entry.is_number() {
+                    Some(entry.clone())
+                } else {
+                    let i: usize = att.parse().unwrap_or(0);
+                    let list = entry.as_array().with_context(|| {
+                        format!("per-block IP-Adapter scale for {key}.block_{block}: expected a number or a list")
+                    })?;
+                    Some(list.get(i).cloned().with_context(|| {
+                        format!(
+                            "per-block IP-Adapter scale for {key}.block_{block} has {} entries; attention {i} needs one",
+                            list.len()
+                        )
+                    })?)
+                }
+            }
+            _ => None,
+        };
+        match value {
+            None => Ok(0.0),
+            Some(x) => Ok(x
+                .as_f64()
+                .with_context(|| format!("per-block IP-Adapter scale: {x} is not a number"))?
+                * base),
+        }
+    }
+}
+
+/// A loaded IP-Adapter with its image encoder.
+pub struct IpAdapter {
+    pub image_proj: ImageProjection,
+    /// `(to_k_ip, to_v_ip)` per transformer block, in diffusers' `attn_processors` order.
+    layers: Vec<(Linear, Linear)>,
+    pub encoder: ClipVisionModelWithProjection,
+    pub processor: ImageProcessor,
+    pub path: PathBuf,
+}
+
+impl IpAdapter {
+    /// Loads FILE and its image encoder (`image_encoder/` beside FILE unless `encoder_dir`).
+    pub fn load(
+        path: &Path,
+        encoder_dir: Option<&Path>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let enc_dir = match encoder_dir {
+            Some(d) => d.to_path_buf(),
+            None => path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("image_encoder"),
+        };
+        if !enc_dir.join("config.json").is_file() {
+            bail!(
+                "{}: no image encoder (a CLIPVisionModelWithProjection folder with config.json); pass --image-encoder DIR",
+                enc_dir.display()
+            )
+        }
+        let encoder = ClipVisionModelWithProjection::load(&enc_dir, dtype, device)?;
+        let t = imprint_concepts::formats::ip_adapter::read_tensors(path)?;
+        let get = |k: &str| -> Result<Tensor> {
+            Ok(t.get(k)
+                .with_context(|| format!("{}: lacks {k}", path.display()))?
+                .to_dtype(dtype)?
+                .to_device(device)?)
+        };
+        let lin = |prefix: &str, bias: bool| -> Result<Linear> {
+            Ok(Linear::from_weights(
+                prefix,
+                get(&format!("{prefix}.weight"))?,
+                if bias {
+                    Some(get(&format!("{prefix}.bias"))?)
+                } else {
+                    None
+                },
+            ))
+        };
+        let norm = |prefix: &str| -> Result<(Tensor, Tensor)> {
+            Ok((
+                get(&format!("{prefix}.weight"))?,
+                get(&format!("{prefix}.bias"))?,
+            ))
+        };
+        let image_proj = if t.contains_key("image_proj.latents") {
+            let mut layers = vec![];
+            for j in 0.. {
+                let p = format!("image_proj.layers.{j}");
+                if !t.contains_key(&format!("{p}.0.to_q.weight")) {
+                    break;
+                }
+                layers.push(ResamplerLayer {
+                    norm1: norm(&format!("{p}.0.norm1"))?,
+                    norm2: norm(&format!("{p}.0.norm2"))?,
+                    to_q: lin(&format!("{p}.0.to_q"), false)?,
+                    to_kv: lin(&format!("{p}.0.to_kv"), false)?,
+                    to_out: lin(&format!("{p}.0.to_out"), false)?,
+                    ff_norm: norm(&format!("{p}.1.0"))?,
+                    ff_in: lin(&format!("{p}.1.1"), false)?,
+                    ff_out: lin(&format!("{p}.1.3"), false)?,
+                });
+            }
+            let Some(first) = layers.first() else {
+                bail!(
+                    "{}: an IP-Adapter Plus file without Resampler layers",
+                    path.display()
+                )
+            };
+            // diffusers infers the heads from to_q with a head width of 64.
+            let dim_head = 64;
+            let heads = first.to_q.out_dim() / dim_head;
+            if heads == 0 || first.to_q.out_dim() % dim_head != 0 {
+                bail!(
+                    "{}: Resampler to_q width {} is not a multiple of 64",
+                    path.display(),
+                    first.to_q.out_dim()
+                )
+            }
+            ImageProjection::Plus(Resampler {
+                latents: get("image_proj.latents")?,
+                proj_in: lin("image_proj.proj_in", true)?,
+                proj_out: lin("image_proj.proj_out", true)?,
+                norm_out: norm("image_proj.norm_out")?,
+                layers,
+                heads,
+                dim_head,
+            })
+        } else {
+            let proj = lin("image_proj.proj", true)?;
+            let norm = norm("image_proj.norm")?;
+            let cross_dim = norm.0.dim(0)?;
+            if cross_dim == 0 || proj.out_dim() % cross_dim != 0 {
+                bail!("{}: image_proj.proj makes {} values, not a whole number of {cross_dim}-wide tokens", path.display(), proj.out_dim())
+            }
+            if proj.in_dim() != encoder.projection_dim {
+                bail!(
+                    "{}: image_proj takes {}-wide image embeddings, the image encoder makes {}",
+                    path.display(),
+                    proj.in_dim(),
+                    encoder.projection_dim
+                )
+            }
+            ImageProjection::Base {
+                num_tokens: proj.out_dim() / cross_dim,
+                proj,
+                norm,
+                cross_dim,
+            }
+        };
+        let mut layers = vec![];
+        let mut indices: Vec<usize> = t
+            .keys()
+            .filter_map(|k| {
+                k.strip_prefix("ip_adapter.")?
+                    .strip_suffix(".to_k_ip.weight")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        indices.sort_unstable();
+        for (i, idx) in indices.iter().enumerate() {
+            if *idx != 2 * i + 1 {
+                bail!("{}: ip_adapter indices must be 1, 3, 5, … (one per cross-attention in diffusers' attn_processors order); found {idx} at position {i}", path.display())
+            }
+            layers.push((
+                lin(&format!("ip_adapter.{idx}.to_k_ip"), false)?,
+                lin(&format!("ip_adapter.{idx}.to_v_ip"), false)?,
+            ));
+        }
+        let size = encoder.vision_model.config.image_size;
+        // diffusers' default when the pipeline has no feature extractor:
+        // CLIPImageProcessor(size=image_size, crop_size=image_size).
+        let processor = ImageProcessor {
+            resize: Some((ResizeTo::ShortestEdge(size), Resample::Bicubic)),
+            center_crop: Some((size, size)),
+            rescale_factor: Some(1.0 / 255.0),
+            mean_std: Some((
+                [0.481_454_66, 0.457_827_5, 0.408_210_73],
+                [0.268_629_54, 0.261_302_58, 0.275_777_11],
+            )),
+        };
+        Ok(Self {
+            image_proj,
+            layers,
+            encoder,
+            processor,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Puts the adapter's projections on every cross-attention layer of `unet`, at `scale`.
+    pub fn attach(
+        &self,
+        unet: &mut UNet2DConditionModel,
+        scale: &IpScale,
+        base: f64,
+    ) -> Result<()> {
+        let blocks = unet.transformer_blocks_in_processor_order_mut();
+        if blocks.len() != self.layers.len() {
+            bail!(
+                "{}: the adapter has weights for {} cross-attention layers, this UNet has {}",
+                self.path.display(),
+                self.layers.len(),
+                blocks.len()
+            )
+        }
+        let num_tokens = self.image_proj.num_tokens();
+        let mut plan = vec![];
+        for ((path, block), (k, v)) in blocks.into_iter().zip(&self.layers) {
+            let inner = block.attn2.inner_dim();
+            if k.out_dim() != inner || v.out_dim() != inner {
+                bail!(
+                    "{}: ip_adapter weights for {path} are {} wide, the layer is {inner}",
+                    self.path.display(),
+                    k.out_dim()
+                )
+            }
+            plan.push((block, scale.for_block(&path, base)?, k, v));
+        }
+        for (block, s, k, v) in plan {
+            block.attn2.image_prompt = Some(ImagePromptAttention {
+                to_k_ip: k.clone(),
+                to_v_ip: v.clone(),
+                scale: s,
+                num_tokens,
+            });
+        }
+        Ok(())
+    }
+
+    /// Image tokens `(negative, positive)`, each `[1, N, cross_dim]`, of the averaged embedding
+    /// of `images`.
+    pub fn tokens(&self, images: &[RgbImage]) -> Result<(Tensor, Tensor)> {
+        if images.is_empty() {
+            bail!("an IP-Adapter needs at least one --ip-image")
+        }
+        let dev = self.encoder.visual_projection.weight.device().clone();
+        let dtype = self.encoder.visual_projection.weight.dtype();
+        let px = self
+            .processor
+            .preprocess_batch(images, &dev)?
+            .to_dtype(dtype)?;
+        let (embeds, out) = self.encoder.forward(&px)?;
+        let (pos, neg) = if self.image_proj.is_plus() {
+            let h = &out.hidden_states;
+            let pen = h[h.len() - 2].mean_keepdim(0)?;
+            let (_, zero_out) = self.encoder.forward(&px.narrow(0, 0, 1)?.zeros_like()?)?;
+            let zh = &zero_out.hidden_states;
+            (pen, zh[zh.len() - 2].clone())
+        } else {
+            let e = embeds.mean_keepdim(0)?;
+            let z = e.zeros_like()?;
+            (e, z)
+        };
+        let both = self.image_proj.forward(&Tensor::cat(&[&neg, &pos], 0)?)?;
+        Ok((both.narrow(0, 0, 1)?, both.narrow(0, 1, 1)?))
+    }
+}
