@@ -111,6 +111,46 @@ pub struct ImagePromptAttention {
     pub num_tokens: usize,
 }
 
+/// Regional prompting by attention masking: outside its region, a word's tokens are hidden from
+/// the pixels' cross-attention (the softmax runs over the other tokens), so two subjects named in
+/// one prompt each stay in their own part of the picture.
+#[derive(Clone, Debug)]
+pub struct RegionMask {
+    /// Key positions (token indices in the prompt) of the word.
+    pub tokens: Vec<usize>,
+    /// The region at latent resolution, `[h, w]`, 1 inside and 0 outside.
+    pub mask: Tensor,
+    /// Rows of the batch whose prompt names the word (the conditional half under guidance).
+    pub rows: Vec<usize>,
+}
+
+impl RegionMask {
+    /// Whether each of a layer's `sq` query positions lies inside the region: the latent mask
+    /// average-pooled to the layer's resolution, inside where at least half is.
+    fn inside(&self, sq: usize) -> Result<Vec<bool>> {
+        let (h, w) = self.mask.dims2()?;
+        let mut f = 1;
+        while (h / f) * (w / f) > sq && f <= h.max(w) {
+            f *= 2;
+        }
+        if (h / f) * (w / f) != sq || h % f != 0 || w % f != 0 {
+            candle_core::bail!(
+                "region mask of {h}×{w} latents does not match an attention layer of {sq} positions"
+            )
+        }
+        let (hs, ws) = (h / f, w / f);
+        let pooled = self
+            .mask
+            .reshape((hs, f, ws, f))?
+            .mean(3)?
+            .mean(1)?
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        Ok(pooled.iter().map(|&v| v >= 0.5).collect())
+    }
+}
+
 /// Multi-head attention `Attention` with `to_q`, `to_k`, `to_v`, `to_out.0`.
 #[derive(Clone)]
 pub struct Attention {
@@ -122,6 +162,8 @@ pub struct Attention {
     dim_head: usize,
     /// An IP-Adapter on this cross-attention layer.
     pub image_prompt: Option<ImagePromptAttention>,
+    /// Regional prompting on this cross-attention layer.
+    pub regions: Vec<RegionMask>,
 }
 
 impl Attention {
@@ -143,6 +185,7 @@ impl Attention {
             heads,
             dim_head,
             image_prompt: None,
+            regions: vec![],
         })
     }
 
@@ -153,6 +196,7 @@ impl Attention {
 
     /// `x [B, S, query_dim]`, `context [B, S_kv, cross_dim]` (or `x` itself for self-attention).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let cross = context.is_some();
         let (context, image) = match (context, &self.image_prompt) {
             (Some(c), Some(ip)) => {
                 let s = c.dim(1)?;
@@ -188,13 +232,12 @@ impl Attention {
         };
         let scale = (self.dim_head as f64).powf(-0.5);
         let q = split(q)?;
-        let o = scaled_dot_product_attention(
-            &q,
-            &split(k)?.contiguous()?,
-            &split(v)?.contiguous()?,
-            scale,
-            None,
-        )?;
+        let (k, v) = (split(k)?.contiguous()?, split(v)?.contiguous()?);
+        let o = if self.regions.is_empty() || !cross {
+            scaled_dot_product_attention(&q, &k, &v, scale, None)?
+        } else {
+            self.regional_attention(&q, &k, &v, b, scale)?
+        };
         let mut o = merge(o)?;
         if let Some((tokens, ip)) = image {
             // A scale of 0 leaves the layer exactly as without the adapter.
@@ -206,6 +249,65 @@ impl Attention {
             }
         }
         self.to_out.forward(&o)
+    }
+}
+
+impl Attention {
+    /// Attention with each batch row's regional masks as an additive `[Sq, Sk]` bias (−∞ where a
+    /// query outside a region meets that region's word).
+    fn regional_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        b: usize,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let (_, sq, _) = q.dims3()?;
+        let sk = k.dim(1)?;
+        let h = self.heads;
+        let mut rows = Vec::with_capacity(b);
+        for row in 0..b {
+            let (qr, kr, vr) = (
+                q.narrow(0, row * h, h)?,
+                k.narrow(0, row * h, h)?,
+                v.narrow(0, row * h, h)?,
+            );
+            let here: Vec<&RegionMask> = self
+                .regions
+                .iter()
+                .filter(|r| r.rows.contains(&row))
+                .collect();
+            if here.is_empty() {
+                rows.push(scaled_dot_product_attention(&qr, &kr, &vr, scale, None)?);
+                continue;
+            }
+            let mut bias = vec![0f32; sq * sk];
+            for r in here {
+                let inside = r.inside(sq)?;
+                for (qi, &ins) in inside.iter().enumerate() {
+                    if !ins {
+                        for &t in r.tokens.iter().filter(|&&t| t < sk) {
+                            bias[qi * sk + t] = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+            if bias.iter().all(|&v| v == 0.0) {
+                // Every query inside its regions: plain attention, bit for bit.
+                rows.push(scaled_dot_product_attention(&qr, &kr, &vr, scale, None)?);
+                continue;
+            }
+            let bias = Tensor::from_vec(bias, (sq, sk), q.device())?;
+            rows.push(scaled_dot_product_attention(
+                &qr,
+                &kr,
+                &vr,
+                scale,
+                Some(&bias),
+            )?);
+        }
+        Tensor::cat(&rows, 0)
     }
 }
 
@@ -478,6 +580,7 @@ impl SpatialSelfAttention {
                 heads: 1,
                 dim_head: channels,
                 image_prompt: None,
+                regions: vec![],
             }
         } else {
             Attention::new(vb, channels, channels, 1, channels, true)?
@@ -497,5 +600,42 @@ impl SpatialSelfAttention {
             .transpose(1, 2)?;
         let o = self.attention.forward(&t, None)?;
         o.transpose(1, 2)?.reshape((b, c, h, w))? + x
+    }
+}
+
+#[cfg(test)]
+mod region_tests {
+    use super::*;
+    use candle_core::{Device, IndexOp};
+
+    /// Inside its region a word is attended to as without a region; outside, the softmax runs
+    /// as if the word's tokens were not in the context at all. Rows not listed are untouched.
+    #[test]
+    fn regions_hide_a_word_outside_its_mask_only() -> Result<()> {
+        let dev = Device::Cpu;
+        let (vb, _) = crate::init::random_trainable_var_builder(7, &dev);
+        let mut attn = Attention::new(vb, 8, 6, 2, 4, false)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 4, 8), &dev)?; // 2 rows, a 2×2 layer
+        let ctx = Tensor::randn(0f32, 1.0, (2, 5, 6), &dev)?;
+        let plain = attn.forward(&x, Some(&ctx))?;
+        attn.regions = vec![RegionMask {
+            tokens: vec![2, 3],
+            mask: Tensor::new(&[[1f32, 0.0], [0.0, 0.0]], &dev)?,
+            rows: vec![1],
+        }];
+        let regional = attn.forward(&x, Some(&ctx))?;
+        // Row 0 is not masked; position 0 of row 1 is inside the region.
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        assert!(diff(&regional.i(0)?, &plain.i(0)?)? < 1e-6);
+        assert!(diff(&regional.i((1, 0))?, &plain.i((1, 0))?)? < 1e-6);
+        // Outside: the same as attending to the context without tokens 2 and 3.
+        let kept = Tensor::cat(&[&ctx.i((1..2, 0..2))?, &ctx.i((1..2, 4..5))?], 1)?;
+        attn.regions.clear();
+        let without = attn.forward(&x.i(1..2)?, Some(&kept))?;
+        assert!(diff(&regional.i((1, 1..4))?, &without.i((0, 1..4))?)? < 1e-5);
+        assert!(diff(&regional.i((1, 1..4))?, &plain.i((1, 1..4))?)? > 1e-3);
+        Ok(())
     }
 }

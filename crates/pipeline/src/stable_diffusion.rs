@@ -519,6 +519,56 @@ impl StableDiffusion {
         Ok(())
     }
 
+    /// Regional prompting (`--region WORD:MASK`): in every cross-attention layer, pixels outside
+    /// a region's mask (white = inside, at `width × height` pixels, binarized at 0.5 and
+    /// sampled to the latents) do not attend to that word's tokens in `prompt`. `guided`: the
+    /// batch holds `[uncond; cond]`, and only the conditional row is masked.
+    pub fn set_regions(
+        &mut self,
+        prompt: &str,
+        regions: &[(String, PathBuf)],
+        width: usize,
+        height: usize,
+        guided: bool,
+    ) -> Result<()> {
+        let ids: Vec<i64> = self.tokenize(prompt)?.flatten_all()?.to_vec1()?;
+        let factor = self.vae_scale_factor();
+        let mut masks = vec![];
+        for (word, path) in regions {
+            let expanded = expand_prompt(word, &self.concepts);
+            let word_ids: Vec<i64> = self
+                .tokenizer
+                .tokenize(&expanded)
+                .into_iter()
+                .map(|i| i as i64)
+                .collect();
+            if word_ids.is_empty() {
+                bail!("--region: '{word}' has no tokens")
+            }
+            let mut tokens = vec![];
+            for start in 0..ids.len().saturating_sub(word_ids.len() - 1) {
+                if ids[start..start + word_ids.len()] == word_ids[..] {
+                    tokens.extend(start..start + word_ids.len());
+                }
+            }
+            if tokens.is_empty() {
+                bail!("--region: '{word}' does not occur in the prompt \"{prompt}\"")
+            }
+            let (_, latent) =
+                crate::image_io::read_mask(path, width, height, factor, &self.device)?;
+            let mask = latent.squeeze(0)?.squeeze(0)?;
+            masks.push(imprint_models::attention::RegionMask {
+                tokens,
+                mask,
+                rows: vec![usize::from(guided)],
+            });
+        }
+        for (_, block) in self.unet.transformer_blocks_in_processor_order_mut() {
+            block.attn2.regions = masks.clone();
+        }
+        Ok(())
+    }
+
     /// Appends the image prompt's tokens (negative or positive) to text states.
     fn with_image_prompt(&self, states: TextStates, positive: bool) -> Result<TextStates> {
         let Some((neg, pos)) = &self.image_prompt else {

@@ -94,6 +94,9 @@ pub enum DebugCommand {
         gate: super::GateArgs,
         #[command(flatten)]
         ip: super::IpAdapterArgs,
+        /// Regional prompting (`WORD:MASK`, as generate).
+        #[arg(long, value_name = "WORD:MASK", value_parser = super::parse_region_arg)]
+        region: Vec<(String, std::path::PathBuf)>,
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -246,6 +249,7 @@ pub fn run(c: DebugCommand) -> Result<()> {
             concept,
             gate,
             ip,
+            region,
             device,
         } => {
             let device = super::parse_device(&device)?;
@@ -256,6 +260,11 @@ pub fn run(c: DebugCommand) -> Result<()> {
             sd.truncate_long_prompts = true; // as the reference pipeline, for parity checks
             super::apply_concepts(&mut sd, &concept, &gate, &prompt)?;
             super::apply_ip_adapter(&mut sd, &ip)?;
+            if !region.is_empty() {
+                let (_, _, h, w) = initial.dims4()?;
+                let f = sd.vae_scale_factor();
+                sd.set_regions(&prompt, &region, w * f, h * f, guidance > 1.0)?;
+            }
             let opts = SampleOptions {
                 prompt,
                 negative_prompt,

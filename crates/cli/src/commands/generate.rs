@@ -67,6 +67,11 @@ pub struct GenerateArgs {
     gate: super::GateArgs,
     #[command(flatten)]
     ip: super::IpAdapterArgs,
+    /// Regional prompting: WORD acts only inside MASK (white), by cross-attention masking, so two
+    /// subjects of one prompt do not blend (`--region "<a>:left.png" --region "<b>:right.png"`).
+    /// Repeatable; txt2img.
+    #[arg(long, value_name = "WORD:MASK", value_parser = super::parse_region_arg)]
+    region: Vec<(String, PathBuf)>,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -94,6 +99,19 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut sd = StableDiffusion::load(&a.model, DType::F32, &device)?;
     super::apply_concepts(&mut sd, &a.concept, &a.gate, &a.prompt)?;
     super::apply_ip_adapter(&mut sd, &a.ip)?;
+    if !a.region.is_empty() {
+        if a.init_image.is_some() {
+            bail!("--region works with txt2img; drop --init-image")
+        }
+        let size = sd.default_size();
+        sd.set_regions(
+            &a.prompt,
+            &a.region,
+            a.width.unwrap_or(size),
+            a.height.unwrap_or(size),
+            a.guidance > 1.0,
+        )?;
+    }
     let opts = GenerateOptions {
         prompt: a.prompt,
         negative_prompt: a.negative_prompt,

@@ -70,6 +70,17 @@ pub struct GateArgs {
     pub perfusion_tau: Option<f64>,
 }
 
+/// `--region WORD:MASK`: the word (a concept's trigger, or any words of the prompt) and the mask
+/// image of where it may act (white = inside).
+pub fn parse_region_arg(s: &str) -> std::result::Result<(String, PathBuf), String> {
+    match s.split_once(':') {
+        Some((w, p)) if !w.trim().is_empty() && !p.is_empty() => {
+            Ok((w.trim().to_string(), PathBuf::from(p)))
+        }
+        _ => Err(format!("expected WORD:MASK.png, got '{s}'")),
+    }
+}
+
 /// An image prompt through an IP-Adapter (`--ip-adapter FILE[:SCALE] --ip-image IMG`).
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct IpAdapterArgs {

@@ -1,0 +1,97 @@
+//! Regional prompting (`--region WORD:MASK`) through `imprint debug sample` on the diffusers-made
+//! tiny model.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+
+fn sample(out: &Path, prompt: &str, regions: &[String]) -> std::process::Output {
+    let mut cmd = imprint();
+    cmd.args(["debug", "sample", "--model"])
+        .arg(fixtures().join("diffusers-made/model"))
+        .args([
+            "--prompt",
+            prompt,
+            "--scheduler",
+            "ddim",
+            "--steps",
+            "4",
+            "--guidance",
+            "7.5",
+        ])
+        .arg("--latents")
+        .arg(fixtures().join("ip_adapter/case_0.safetensors"))
+        .arg("--output")
+        .arg(out);
+    for r in regions {
+        cmd.arg("--region").arg(r);
+    }
+    cmd.output().unwrap()
+}
+
+fn mask(dir: &Path, name: &str, inside: impl Fn(u32, u32) -> bool) -> PathBuf {
+    let p = dir.join(name);
+    image::GrayImage::from_fn(16, 16, |x, y| {
+        image::Luma([if inside(x, y) { 255 } else { 0 }])
+    })
+    .save(&p)
+    .unwrap();
+    p
+}
+
+#[test]
+fn a_region_covering_everything_changes_nothing_and_a_half_region_does() {
+    let dir = scratch("region");
+    let prompt = "a photo of a cat and a dog";
+    let plain = dir.join("plain.safetensors");
+    assert!(sample(&plain, prompt, &[]).status.success());
+    let all = mask(&dir, "all.png", |_, _| true);
+    let left = mask(&dir, "left.png", |x, _| x < 8);
+    let full = dir.join("full.safetensors");
+    let out = sample(&full, prompt, &[format!("cat:{}", all.display())]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        rel_err(&load(&full)["latents"], &load(&plain)["latents"]),
+        0.0
+    );
+    let half = dir.join("half.safetensors");
+    let out = sample(
+        &half,
+        prompt,
+        &[
+            format!("cat:{}", left.display()),
+            format!("dog:{}", mask(&dir, "right.png", |x, _| x >= 8).display()),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(rel_err(&load(&half)["latents"], &load(&plain)["latents"]) > 1e-3);
+}
+
+#[test]
+fn regions_for_absent_words_or_broken_masks_are_refused_without_output() {
+    let dir = scratch("region-bad");
+    let out = dir.join("out.safetensors");
+    let all = mask(&dir, "all.png", |_, _| true);
+    let broken = dir.join("broken.png");
+    std::fs::write(&broken, b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    for (arg, needle) in [
+        (format!("horse:{}", all.display()), "does not occur"),
+        (format!("cat:{}", broken.display()), "broken.png"),
+        ("cat".to_string(), "WORD:MASK"),
+    ] {
+        let o = sample(&out, "a photo of a cat", &[arg.clone()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(needle), "{arg}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!out.exists());
+    }
+}
