@@ -169,8 +169,8 @@ impl ViTModel {
         })
     }
 
-    /// Loads a transformers `ViTModel` folder (`config.json`, `model.safetensors`, and its
-    /// `preprocessor_config.json` where present).
+    /// Loads a transformers `ViTModel` folder (`config.json`, `model.safetensors` and
+    /// `preprocessor_config.json`, which the metric needs to preprocess as the reference).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let ctx = || format!("{}: not a usable ViTModel folder", dir.display());
         let cfg: ViTConfig = read_json(&dir.join("config.json")).with_context(ctx)?;

@@ -112,8 +112,10 @@ pub struct ImagePromptAttention {
 }
 
 /// Regional prompting by attention masking: outside its region, a word's tokens are hidden from
-/// the pixels' cross-attention (the softmax runs over the other tokens), so two subjects named in
-/// one prompt each stay in their own part of the picture.
+/// the pixels' cross-attention (the softmax runs over the other tokens). CLIP's text encoder is
+/// causal, so the states after the word (the rest of the prompt, the end and padding tokens) still
+/// carry some of it: the masking confines the word's own tokens, which is most but not all of its
+/// effect. Exact (no change at all) where every query lies inside its regions.
 #[derive(Clone, Debug)]
 pub struct RegionMask {
     /// Key positions (token indices in the prompt) of the word.

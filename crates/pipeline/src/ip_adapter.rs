@@ -141,46 +141,90 @@ pub enum IpScale {
 }
 
 impl IpScale {
-    /// The scale of the transformer block at `path` (e.g. `up_blocks.1.attentions.0.transformer_blocks.0`).
+    /// The scale of the transformer block at `path` (e.g. `up_blocks.1.attentions.0.transformer_blocks.0`),
+    /// expanded as diffusers' `_maybe_expand_lora_scales` does: a number for a direction
+    /// (`"up": 0.5`) or a block (`"block_1": 0.5`) covers all its attentions, a one-element list
+    /// is broadcast, `"mid"` takes a number or a one-element list; unnamed layers get 0.
     pub fn for_block(&self, path: &str, base: f64) -> Result<f64> {
-        let IpScale::PerBlock(v) = self else {
-            let IpScale::All(s) = self else {
-                unreachable!()
-            };
-            return Ok(*s);
+        let v = match self {
+            IpScale::All(s) => return Ok(*s),
+            IpScale::PerBlock(v) => v,
+        };
+        let number = |x: &serde_json::Value, what: &str| -> Result<f64> {
+            x.as_f64().with_context(|| {
+                format!("per-block IP-Adapter scale for {what}: {x} is not a number")
+            })
+        };
+        let pick = |x: &serde_json::Value, i: usize, what: &str| -> Result<f64> {
+            if x.is_number() {
+                return number(x, what);
+            }
+            let list = x.as_array().with_context(|| {
+                format!("per-block IP-Adapter scale for {what}: expected a number or a list")
+            })?;
+            match list.as_slice() {
+                [one] => number(one, what),
+                _ => number(
+                    list.get(i).with_context(|| {
+                        format!("per-block IP-Adapter scale for {what} has {} entries; attention {i} needs one", list.len())
+                    })?,
+                    what,
+                ),
+            }
         };
         let parts: Vec<&str> = path.split('.').collect();
-        let value = match parts.as_slice() {
-            ["mid_block", "attentions", _a, ..] => v.get("mid").cloned(),
+        let s = match parts.as_slice() {
+            ["mid_block", "attentions", a, ..] => match v.get("mid") {
+                Some(x) => pick(x, a.parse().unwrap_or(0), "mid")?,
+                None => 0.0,
+            },
             [kind @ ("down_blocks" | "up_blocks"), block, "attentions", att, ..] => {
                 let key = if *kind == "down_blocks" { "down" } else { "up" };
-                let Some(entry) = v.get(key).and_then(|b| b.get(format!("block_{block}"))) else {
-                    return Ok(0.0);
-                };
-                if entry.is_number() {
-                    Some(entry.clone())
-                } else {
-                    let i: usize = att.parse().unwrap_or(0);
-                    let list = entry.as_array().with_context(|| {
-                        format!("per-block IP-Adapter scale for {key}.block_{block}: expected a number or a list")
-                    })?;
-                    Some(list.get(i).cloned().with_context(|| {
-                        format!(
-                            "per-block IP-Adapter scale for {key}.block_{block} has {} entries; attention {i} needs one",
-                            list.len()
-                        )
-                    })?)
+                let i: usize = att.parse().unwrap_or(0);
+                match v.get(key) {
+                    None => 0.0,
+                    Some(x) if x.is_number() => number(x, key)?,
+                    Some(x) => match x.get(format!("block_{block}")) {
+                        Some(b) => pick(b, i, &format!("{key}.block_{block}"))?,
+                        None => 0.0,
+                    },
                 }
             }
-            _ => None,
+            _ => 0.0,
         };
-        match value {
-            None => Ok(0.0),
-            Some(x) => Ok(x
-                .as_f64()
-                .with_context(|| format!("per-block IP-Adapter scale: {x} is not a number"))?
-                * base),
+        Ok(s * base)
+    }
+
+    /// Refuses keys that name nothing (`"upp"`, `"block_9"`), as diffusers does.
+    pub fn validate(&self, unet_paths: &[String]) -> Result<()> {
+        let IpScale::PerBlock(v) = self else {
+            return Ok(());
+        };
+        let Some(obj) = v.as_object() else {
+            bail!("per-block IP-Adapter scales must be a JSON object")
+        };
+        for (k, x) in obj {
+            let prefix = match k.as_str() {
+                "down" => "down_blocks",
+                "up" => "up_blocks",
+                "mid" => continue,
+                other => bail!(
+                    "per-block IP-Adapter scales: unknown key '{other}' (expected down, mid or up)"
+                ),
+            };
+            if let Some(blocks) = x.as_object() {
+                for b in blocks.keys() {
+                    let n = b.strip_prefix("block_").with_context(|| {
+                        format!("per-block IP-Adapter scales: '{k}.{b}' is not block_N")
+                    })?;
+                    let p = format!("{prefix}.{n}.attentions.");
+                    if !unet_paths.iter().any(|u| u.starts_with(&p)) {
+                        bail!("per-block IP-Adapter scales: '{k}.{b}' has no cross-attention in this UNet")
+                    }
+                }
+            }
         }
+        Ok(())
     }
 }
 
@@ -363,6 +407,8 @@ impl IpAdapter {
             )
         }
         let num_tokens = self.image_proj.num_tokens();
+        let paths: Vec<String> = blocks.iter().map(|(p, _)| p.clone()).collect();
+        scale.validate(&paths)?;
         let mut plan = vec![];
         for ((path, block), (k, v)) in blocks.into_iter().zip(&self.layers) {
             let inner = block.attn2.inner_dim();
@@ -412,5 +458,41 @@ impl IpAdapter {
         };
         let both = self.image_proj.forward(&Tensor::cat(&[&neg, &pos], 0)?)?;
         Ok((both.narrow(0, 0, 1)?, both.narrow(0, 1, 1)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const UP: &str = "up_blocks.1.attentions.2.transformer_blocks.0";
+    const DOWN: &str = "down_blocks.0.attentions.1.transformer_blocks.0";
+    const MID: &str = "mid_block.attentions.0.transformer_blocks.0";
+
+    #[test]
+    fn per_block_scales_expand_as_diffusers() -> Result<()> {
+        let s = IpScale::PerBlock(json!({"up": {"block_1": [0.0, 0.5, 1.0]}}));
+        assert_eq!(s.for_block(UP, 0.8)?, 0.8);
+        assert_eq!(s.for_block(DOWN, 0.8)?, 0.0);
+        assert_eq!(s.for_block(MID, 0.8)?, 0.0);
+        let s = IpScale::PerBlock(json!({"down": 0.5, "mid": [0.25], "up": {"block_1": [2.0]}}));
+        assert_eq!(s.for_block(DOWN, 1.0)?, 0.5);
+        assert_eq!(s.for_block(MID, 1.0)?, 0.25);
+        assert_eq!(s.for_block(UP, 1.0)?, 2.0);
+        assert_eq!(IpScale::All(0.7).for_block(UP, 1.0)?, 0.7);
+        let short = IpScale::PerBlock(json!({"up": {"block_1": [0.0, 1.0]}}));
+        assert!(short.for_block(UP, 1.0).is_err());
+        let paths = vec![UP.to_string(), DOWN.to_string(), MID.to_string()];
+        assert!(IpScale::PerBlock(json!({"upp": 1.0}))
+            .validate(&paths)
+            .is_err());
+        assert!(IpScale::PerBlock(json!({"up": {"block_9": 1.0}}))
+            .validate(&paths)
+            .is_err());
+        assert!(IpScale::PerBlock(json!({"up": {"block_1": 1.0}}))
+            .validate(&paths)
+            .is_ok());
+        Ok(())
     }
 }

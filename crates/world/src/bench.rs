@@ -289,6 +289,18 @@ fn train(
         }
         other => bail!("unknown method '{other}' (known: {})", METHODS.join(", ")),
     }
+    // A rerun into the same --out trains afresh (the trainers refuse an existing output folder).
+    for stale in [
+        dir.join("concept.safetensors"),
+        dir.join("model"),
+        dir.join("concept"),
+    ] {
+        if stale.is_dir() {
+            std::fs::remove_dir_all(&stale).ok();
+        } else if stale.is_file() {
+            std::fs::remove_file(&stale).ok();
+        }
+    }
     run(
         Command::new(&cfg.exe).args(&args),
         &format!("training {method} on concept {}", c.id),

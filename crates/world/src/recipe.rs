@@ -435,6 +435,66 @@ fn save_vars(
     save_safetensors_atomic(path, &t, None)
 }
 
+/// Writes the world's tokenizer into `dir` unless the same one is there; a different one (the
+/// caption grammar changed since the text encoder was trained) is refused rather than rebinding
+/// the trained embedding rows to other words. Files go through a temporary folder and are
+/// renamed into place.
+fn install_tokenizer(
+    dir: &Path,
+    vocab: &[String],
+    merges: &[imprint_models::tokenizer::Merge],
+) -> Result<()> {
+    let tmp = dir.with_extension("tokenizer-tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    write_clip_tokenizer_with(&tmp, "<|endoftext|>", vocab, merges)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    for name in ["vocab.json", "merges.txt"] {
+        if let Ok(existing) = std::fs::read(dir.join(name)) {
+            if existing != std::fs::read(tmp.join(name))? {
+                let _ = std::fs::remove_dir_all(&tmp);
+                bail!(
+                    "{}: a different tokenizer is already here (the caption grammar changed since this world was trained); train into a new --out",
+                    dir.join(name).display()
+                )
+            }
+        }
+    }
+    for entry in std::fs::read_dir(&tmp)? {
+        let entry = entry?;
+        std::fs::rename(entry.path(), dir.join(entry.file_name()))
+            .with_context(|| format!("{}: cannot write", dir.display()))?;
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+    Ok(())
+}
+
+/// Gaussian noise from a seeded stream (Box–Muller on ChaCha8), so a run and its resumption draw
+/// the same noise on every machine.
+fn seeded_randn(
+    shape: &[usize],
+    seed: u64,
+    stream: u64,
+    step: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut rng = crate::scene::seeded_rng(
+        seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .wrapping_add(stream),
+        step as u64,
+    );
+    let n: usize = shape.iter().product();
+    let mut v = Vec::with_capacity(n + 1);
+    while v.len() < n {
+        let u1: f64 = rng.gen::<f64>().max(f64::MIN_POSITIVE);
+        let u2: f64 = rng.gen::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt();
+        v.push((r * (2.0 * std::f64::consts::PI * u2).cos()) as f32);
+        v.push((r * (2.0 * std::f64::consts::PI * u2).sin()) as f32);
+    }
+    v.truncate(n);
+    Ok(Tensor::from_vec(v, shape, device)?)
+}
+
 /// Runs every phase whose output is missing under `out`.
 pub fn train_world(out: &Path, recipe: &Recipe, device: &Device) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
@@ -443,8 +503,11 @@ pub fn train_world(out: &Path, recipe: &Recipe, device: &Device) -> Result<()> {
     let words = vocabulary_words();
     let word_refs: Vec<&str> = words.iter().map(|s| s.as_str()).collect();
     let (vocab, merges) = pruned_clip_vocab_and_merges(&word_refs)?;
+    if recipe.save_every == 0 {
+        bail!("save_every must be at least 1")
+    }
     for dir in [out.join("clip"), model.join("tokenizer")] {
-        write_clip_tokenizer_with(&dir, "<|endoftext|>", &vocab, &merges)?;
+        install_tokenizer(&dir, &vocab, &merges)?;
     }
     if !model
         .join("vae/diffusion_pytorch_model.safetensors")
@@ -475,7 +538,6 @@ fn train_vae(out: &Path, r: &Recipe, device: &Device) -> Result<()> {
     let mut opt = optimizer(&vars, 0.0)?;
     let mut phase = Phase::new("vae", out, r.vae_steps, r.save_every, 1)?;
     let start = phase.resume(&vars, &mut opt)?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(r.seed ^ 0x7ae);
     for step in start..r.vae_steps {
         let batch = scenes(r.seed, STREAM_VAE, step, r.vae_batch);
         let imgs: Vec<RgbImage> = batch
@@ -484,8 +546,7 @@ fn train_vae(out: &Path, r: &Recipe, device: &Device) -> Result<()> {
             .collect();
         let x = images_to_tensor(&imgs, device)?;
         let dist = vae.encode(&x)?;
-        let noise = Tensor::randn(0f32, 1f32, dist.mean.shape(), device)?;
-        let _ = rng.gen::<u32>();
+        let noise = seeded_randn(dist.mean.dims(), r.seed, 10 + STREAM_VAE, step, device)?;
         let z = dist.sample(&noise)?;
         let rec = vae.decode(&z)?;
         let diff = (&rec - &x)?;
@@ -612,14 +673,15 @@ fn train_clip(out: &Path, r: &Recipe, vocab: usize, device: &Device) -> Result<(
     }
     write_json(&dir.join("config.json"), &cfg_json)?;
     write_json(&dir.join("preprocessor_config.json"), &clip_preprocessor())?;
-    save_vars(&dir.join("model.safetensors"), &vars, |n| {
-        Some(n.to_string())
-    })?;
-    // Its text tower is the diffusion model's text encoder.
+    // Its text tower is the diffusion model's text encoder. Written before clip/model.safetensors,
+    // which marks the phase done.
     let te = out.join("model/text_encoder");
     write_json(&te.join("config.json"), &text_config(vocab))?;
     save_vars(&te.join("model.safetensors"), &vars, |n| {
         n.starts_with("text_model.").then(|| n.to_string())
+    })?;
+    save_vars(&dir.join("model.safetensors"), &vars, |n| {
+        Some(n.to_string())
     })?;
     phase.finish();
     Ok(())
@@ -670,12 +732,12 @@ fn train_unet(out: &Path, r: &Recipe, device: &Device) -> Result<()> {
         let (latents, states) = {
             let x = images_to_tensor(&imgs, device)?;
             let d = vae.encode(&x)?;
-            let noise = Tensor::randn(0f32, 1f32, d.mean.shape(), device)?;
+            let noise = seeded_randn(d.mean.dims(), r.seed, 10 + STREAM_UNET, step, device)?;
             let z = vae.scale_latents(&d.sample(&noise)?)?.detach();
             let ids = tokenize_batch(&tokenizer, &captions, device)?;
             (z, te.forward(&ids, 0)?.last_hidden_state.detach())
         };
-        let noise = Tensor::randn(0f32, 1f32, latents.shape(), device)?;
+        let noise = seeded_randn(latents.dims(), r.seed, 20 + STREAM_UNET, step, device)?;
         let t: Vec<usize> = (0..r.unet_batch)
             .map(|_| rng.gen_range(0..schedule.num_train_timesteps()))
             .collect();
@@ -691,11 +753,7 @@ fn train_unet(out: &Path, r: &Recipe, device: &Device) -> Result<()> {
             &opt,
         )?;
     }
-    save_vars(
-        &model.join("unet/diffusion_pytorch_model.safetensors"),
-        &vars,
-        |n| Some(n.to_string()),
-    )?;
+    // model_index.json first: the UNet's weights mark the phase done.
     write_json(
         &model.join("model_index.json"),
         &json!({
@@ -705,6 +763,11 @@ fn train_unet(out: &Path, r: &Recipe, device: &Device) -> Result<()> {
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]
         }),
+    )?;
+    save_vars(
+        &model.join("unet/diffusion_pytorch_model.safetensors"),
+        &vars,
+        |n| Some(n.to_string()),
     )?;
     phase.finish();
     Ok(())
@@ -749,7 +812,12 @@ fn train_dino(out: &Path, r: &Recipe, device: &Device) -> Result<()> {
         let mut labels = vec![Vec::new(); 4];
         let mut i = 0u64;
         while imgs.len() < r.dino_batch {
-            let (scene, _) = sample_scene_seeded(seed, (step * r.dino_batch * 4) as u64 + i);
+            // A sub-stream per step; single-object scenes are most of the world, so the cap is
+            // never reached in practice.
+            if i > 100 * r.dino_batch as u64 {
+                bail!("dino phase: too few single-object scenes in step {step}'s stream")
+            }
+            let (scene, _) = sample_scene_seeded(seed.wrapping_add((step as u64) << 32), i);
             i += 1;
             let [o] = scene.objects.as_slice() else {
                 continue;

@@ -35,7 +35,7 @@ pub struct ScoreArgs {
     pub prompt: Option<String>,
     #[command(flatten)]
     pub models: ModelArgs,
-    /// Print one JSON line instead of a table.
+    /// Print one compact JSON line (else indented JSON).
     #[arg(long)]
     pub json: bool,
 }
