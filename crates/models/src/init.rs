@@ -275,20 +275,21 @@ impl SimpleBackend for RandomVarBackend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let mut vars = self
+        let existing = self
             .vars
             .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
-        if let Some((_, v)) = vars.iter().find(|(n, _)| n == name) {
+            .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_tensor().clone());
+        if let Some(v) = existing {
             if v.shape() != &s {
                 candle_core::bail!("{name}: requested as {s:?} and as {:?}", v.shape())
             }
-            return Ok(v.as_tensor().clone());
+            return Ok(v);
         }
         let t = self.random.get(s, name, h, dtype, dev)?;
-        let var = candle_core::Var::from_tensor(&t)?;
-        vars.push((name.to_string(), var.clone()));
-        Ok(var.as_tensor().clone())
+        crate::loading::record_var(&self.vars, name, &t)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

@@ -412,6 +412,19 @@ pub fn take_vars(vars: &TrainableVars) -> Result<Vec<(String, candle_core::Var)>
     ))
 }
 
+/// Makes `t` a trainable variable named `name` and records it in `vars`.
+pub(crate) fn record_var(
+    vars: &TrainableVars,
+    name: &str,
+    t: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let var = candle_core::Var::from_tensor(t)?;
+    vars.lock()
+        .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?
+        .push((name.to_string(), var.clone()));
+    Ok(var.as_tensor().clone())
+}
+
 /// Reads weights as trainable variables, recording each.
 struct TrainableBackend {
     reader: SafetensorsReader,
@@ -428,13 +441,7 @@ impl SimpleBackend for TrainableBackend {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let t = self.reader.get(s, name, h, dtype, dev)?;
-        let var = candle_core::Var::from_tensor(&t)?;
-        let mut vars = self
-            .vars
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
-        vars.push((name.to_string(), var.clone()));
-        Ok(var.as_tensor().clone())
+        record_var(&self.vars, name, &t)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

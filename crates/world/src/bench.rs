@@ -160,135 +160,116 @@ fn train(
         .map(|s| s.to_string())
         .collect()
     };
-    let mut args: Vec<String> = vec!["train".into(), method.into()];
-    let gen: Vec<String>;
-    let kept: PathBuf;
-    match method {
-        "ti" | "xti" => {
-            let out = dir.join("concept.safetensors");
-            args.extend(common(&out.display().to_string()));
-            args.extend(
-                [
-                    "--token",
-                    &token,
-                    "--init-word",
-                    c.class_word,
-                    "--templates",
-                    "captions",
-                    "--steps",
-                    &steps(400.0),
-                    "--lr",
-                    "5e-3",
-                    "--batch-size",
-                    "4",
-                    "--grad-accum",
-                    "1",
-                    "--lr-schedule",
-                    "constant",
-                ]
-                .iter()
-                .map(|s| s.to_string()),
-            );
-            gen = vec!["--concept".into(), out.display().to_string()];
-            kept = out;
-        }
-        "perfusion" => {
-            let out = dir.join("concept.safetensors");
-            args.extend(common(&out.display().to_string()));
-            args.extend(
-                [
-                    "--token",
-                    &token,
-                    "--superclass",
-                    c.class_word,
-                    "--templates",
-                    "captions",
-                    "--steps",
-                    &steps(300.0),
-                    "--batch-size",
-                    "4",
-                ]
-                .iter()
-                .map(|s| s.to_string()),
-            );
-            gen = vec!["--concept".into(), out.display().to_string()];
-            kept = out;
-        }
-        "lora" => {
-            let out = dir.join("concept.safetensors");
-            args.extend(common(&out.display().to_string()));
-            args.extend(
-                [
-                    "--instance-prompt",
-                    &format!("a {phrase}"),
-                    "--rank",
-                    "4",
-                    "--steps",
-                    &steps(400.0),
-                    "--lr",
-                    "1e-3",
-                    "--batch-size",
-                    "4",
-                ]
-                .iter()
-                .map(|s| s.to_string()),
-            );
-            gen = vec!["--concept".into(), out.display().to_string()];
-            kept = out;
-        }
-        "dreambooth" => {
-            let out = dir.join("model");
-            let class_dir = dir.join("class-images");
-            args.extend(common(&out.display().to_string()));
-            args.extend(
-                [
-                    "--instance-prompt",
-                    &format!("a {phrase}"),
-                    "--steps",
-                    &steps(300.0),
-                    "--lr",
-                    "5e-5",
-                    "--batch-size",
-                    "4",
-                    "--class-prompt",
-                    &format!("a {}", c.class_word),
-                    "--class-images",
-                    &class_dir.display().to_string(),
-                    "--num-class-images",
-                    "16",
-                    "--prior-weight",
-                    "1.0",
-                ]
-                .iter()
-                .map(|s| s.to_string()),
-            );
-            gen = vec!["--model".into(), out.display().to_string()];
-            kept = out.join("unet");
-        }
-        "custom-diffusion" => {
-            let out = dir.join("concept");
-            args.extend(common(&out.display().to_string()));
-            args.extend(
-                [
-                    "--token",
-                    &token,
-                    "--init-word",
-                    c.class_word,
-                    "--instance-prompt",
-                    &format!("a {phrase}"),
-                    "--steps",
-                    &steps(250.0),
-                    "--batch-size",
-                    "2",
-                ]
-                .iter()
-                .map(|s| s.to_string()),
-            );
-            gen = vec!["--concept".into(), out.display().to_string()];
-            kept = out;
-        }
+    let strings = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let instance = format!("a {phrase}");
+    let class_prompt = format!("a {}", c.class_word);
+    let class_dir = dir.join("class-images").display().to_string();
+    let (out_name, extra) = match method {
+        "ti" | "xti" => (
+            "concept.safetensors",
+            strings(&[
+                "--token",
+                &token,
+                "--init-word",
+                c.class_word,
+                "--templates",
+                "captions",
+                "--steps",
+                &steps(400.0),
+                "--lr",
+                "5e-3",
+                "--batch-size",
+                "4",
+                "--grad-accum",
+                "1",
+                "--lr-schedule",
+                "constant",
+            ]),
+        ),
+        "perfusion" => (
+            "concept.safetensors",
+            strings(&[
+                "--token",
+                &token,
+                "--superclass",
+                c.class_word,
+                "--templates",
+                "captions",
+                "--steps",
+                &steps(300.0),
+                "--batch-size",
+                "4",
+            ]),
+        ),
+        "lora" => (
+            "concept.safetensors",
+            strings(&[
+                "--instance-prompt",
+                &instance,
+                "--rank",
+                "4",
+                "--steps",
+                &steps(400.0),
+                "--lr",
+                "1e-3",
+                "--batch-size",
+                "4",
+            ]),
+        ),
+        "dreambooth" => (
+            "model",
+            strings(&[
+                "--instance-prompt",
+                &instance,
+                "--steps",
+                &steps(300.0),
+                "--lr",
+                "5e-5",
+                "--batch-size",
+                "4",
+                "--class-prompt",
+                &class_prompt,
+                "--class-images",
+                &class_dir,
+                "--num-class-images",
+                "16",
+                "--prior-weight",
+                "1.0",
+            ]),
+        ),
+        "custom-diffusion" => (
+            "concept",
+            strings(&[
+                "--token",
+                &token,
+                "--init-word",
+                c.class_word,
+                "--instance-prompt",
+                &instance,
+                "--steps",
+                &steps(250.0),
+                "--batch-size",
+                "2",
+            ]),
+        ),
         other => bail!("unknown method '{other}' (known: {})", METHODS.join(", ")),
-    }
+    };
+    let out = dir.join(out_name);
+    let mut args: Vec<String> = vec!["train".into(), method.into()];
+    args.extend(common(&out.display().to_string()));
+    args.extend(extra);
+    // DreamBooth makes a whole model; the others a concept applied to the base model.
+    let (gen, kept) = if method == "dreambooth" {
+        (
+            vec!["--model".to_string(), out.display().to_string()],
+            out.join("unet"),
+        )
+    } else {
+        (
+            vec!["--concept".to_string(), out.display().to_string()],
+            out.clone(),
+        )
+    };
     // A rerun into the same --out trains afresh (the trainers refuse an existing output folder).
     for stale in [
         dir.join("concept.safetensors"),
