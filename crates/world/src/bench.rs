@@ -103,15 +103,8 @@ fn run(cmd: &mut Command, what: &str, log: &Path) -> Result<()> {
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     std::fs::write(log, &text).ok();
     if !out.status.success() {
-        let tail: String = text
-            .lines()
-            .rev()
-            .take(8)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n");
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(8)..].join("\n");
         bail!("{what} failed (log: {}):\n{tail}", log.display())
     }
     Ok(())
@@ -407,14 +400,8 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Ve
         let c = concept(k);
         let cdir = cfg.out.join(format!("concept-{k}"));
         let refs_dir = cdir.join("references");
-        std::fs::create_dir_all(&refs_dir)?;
         let scenes = concept_reference_scenes(k, cfg.references, cfg.seed);
-        for (i, s) in scenes.iter().enumerate() {
-            s.scene
-                .render(crate::recipe::IMAGE_SIZE as u32)
-                .save(refs_dir.join(format!("{i:02}.png")))?;
-            std::fs::write(refs_dir.join(format!("{i:02}.txt")), s.caption())?;
-        }
+        crate::held_out::write_references(&scenes, None, &refs_dir)?;
         let refs = eval.features(&read_images(&refs_dir)?)?;
         report.references(k, &refs_dir, cfg.references);
         let prompts = editability_prompts(k);
@@ -424,14 +411,7 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Ve
             let (_, phrase) = subject(m, c);
             // The method's training images: the references, captioned with its word.
             let images = mdir.join("images");
-            std::fs::create_dir_all(&images)?;
-            for (i, s) in scenes.iter().enumerate() {
-                std::fs::copy(
-                    refs_dir.join(format!("{i:02}.png")),
-                    images.join(format!("{i:02}.png")),
-                )?;
-                std::fs::write(images.join(format!("{i:02}.txt")), s.caption_with(&phrase))?;
-            }
+            crate::held_out::write_references(&scenes, Some(&phrase), &images)?;
             let t0 = Instant::now();
             let (gen, size) = if m == "baseline" {
                 (vec![], 0)

@@ -285,6 +285,31 @@ pub fn concept_reference_scenes(k: usize, count: usize, seed: u64) -> Vec<Concep
         .collect()
 }
 
+/// Writes reference scenes into `dir` as `NN.png` + `NN.txt` (the caption naming the concept by
+/// `subject`, or by its class word), each file atomically: the folder `imprint world concept`
+/// writes and the world bench trains on.
+pub fn write_references(
+    scenes: &[ConceptScene],
+    subject: Option<&str>,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    for (i, s) in scenes.iter().enumerate() {
+        let mut png = Vec::new();
+        s.scene
+            .render(64)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+        imprint_models::io::write_atomic(&dir.join(format!("{i:02}.png")), &png)?;
+        let caption = match subject {
+            Some(subject) => s.caption_with(subject),
+            None => s.caption(),
+        };
+        imprint_models::io::write_atomic(&dir.join(format!("{i:02}.txt")), caption.as_bytes())?;
+    }
+    Ok(())
+}
+
 /// `count` reference images of concept `k` at 64 px with their class-word captions.
 pub fn concept_references(k: usize, count: usize, seed: u64) -> Vec<(RgbImage, String)> {
     concept_reference_scenes(k, count, seed)

@@ -164,21 +164,8 @@ pub fn run(c: WorldCommand) -> Result<()> {
             if k >= n {
                 anyhow::bail!("held-out concept {k} does not exist (ids 0–{})", n - 1)
             }
-            std::fs::create_dir_all(&out)
-                .with_context(|| format!("{}: cannot create", out.display()))?;
             let scenes = imprint_world::held_out::concept_reference_scenes(k, a.count, a.seed);
-            for (i, s) in scenes.iter().enumerate() {
-                let png = out.join(format!("{i:02}.png"));
-                imprint_pipeline::image_io::save_png(&s.scene.render(64), &png)?;
-                let caption = match &a.subject {
-                    Some(subject) => s.caption_with(subject),
-                    None => s.caption(),
-                };
-                imprint_models::io::write_atomic(
-                    &out.join(format!("{i:02}.txt")),
-                    caption.as_bytes(),
-                )?;
-            }
+            imprint_world::held_out::write_references(&scenes, a.subject.as_deref(), &out)?;
             eprintln!("{} images of concept {k} in {}", a.count, out.display());
             Ok(())
         }
