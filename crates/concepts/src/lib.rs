@@ -42,6 +42,7 @@
 pub mod apply;
 pub mod closed_form;
 pub mod formats;
+pub mod inclusive;
 pub mod lora;
 pub mod lycoris;
 pub mod merge;

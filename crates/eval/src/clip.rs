@@ -103,6 +103,12 @@ impl ClipModel {
         Ok(self.text_projection.forward(&out.pooler_output)?)
     }
 
+    /// The text projection of pooled text states `[B, hidden]` (for callers that pool token
+    /// embeddings of their own, such as ITI-GEN's learned tokens).
+    pub fn project_text(&self, pooled: &Tensor) -> Result<Tensor> {
+        Ok(self.text_projection.forward(pooled)?)
+    }
+
     /// Tokenizes `prompts` as the reference tokenizer does (padded to the maximum length,
     /// truncated) and returns their text features. A prompt over the length limit is refused
     /// rather than silently cut, since the metric would then score another text.

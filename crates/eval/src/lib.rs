@@ -7,6 +7,7 @@
 //! - [`metrics`]: the three metrics over folders of images.
 //! - [`dreambench`]: the whole protocol over google/dreambooth's dataset layout.
 
+pub mod attribute;
 pub mod clip;
 pub mod dreambench;
 pub mod metrics;

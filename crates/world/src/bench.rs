@@ -53,6 +53,15 @@ pub struct BenchConfig {
     pub steps_scale: f64,
     pub seed: u64,
     pub out: PathBuf,
+    /// Uses of a concept to measure too ([`crate::uses::USES`]).
+    pub uses: Vec<String>,
+}
+
+/// A bench run's results: the methods' rows and one JSON object per use.
+#[derive(Clone, Debug)]
+pub struct BenchOutcome {
+    pub rows: Vec<Row>,
+    pub uses: Vec<serde_json::Value>,
 }
 
 /// One row of the table: a method averaged over the concepts.
@@ -95,7 +104,8 @@ fn subject(method: &str, c: &HeldOutConcept) -> (Option<String>, String) {
     }
 }
 
-fn run(cmd: &mut Command, what: &str, log: &Path) -> Result<()> {
+/// Runs one `imprint` command, keeping its output in `log`; a failure shows the log's tail.
+pub(crate) fn run_command(cmd: &mut Command, what: &str, log: &Path) -> Result<()> {
     let out = cmd
         .output()
         .with_context(|| format!("{what}: cannot start {:?}", cmd.get_program()))?;
@@ -275,7 +285,7 @@ fn train(
             std::fs::remove_file(&stale).ok();
         }
     }
-    run(
+    run_command(
         Command::new(&cfg.exe).args(&args),
         &format!("training {method} on concept {}", c.id),
         &dir.join("train.log"),
@@ -376,7 +386,8 @@ fn measure(
 }
 
 /// Runs the bench; `progress` hears one line per finished (method, concept).
-pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Vec<Row>> {
+pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchOutcome> {
+    crate::uses::check_uses(&cfg.uses)?;
     for m in &cfg.methods {
         if m != "baseline" && !METHODS.contains(&m.as_str()) {
             bail!("unknown method '{m}' (known: {})", METHODS.join(", "))
@@ -449,7 +460,7 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Ve
                     cmd.args(["--model", &cfg.model.display().to_string()]);
                 }
                 cmd.args(&gen);
-                run(
+                run_command(
                     &mut cmd,
                     &format!("sampling {m} on concept {k}"),
                     &mdir.join("sample.log"),
@@ -507,8 +518,20 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Ve
             }
         })
         .collect();
+    let mut uses = vec![];
+    for u in &cfg.uses {
+        if u == "debias" {
+            let (result, html) = crate::uses::run_debias(cfg, &eval.clip)?;
+            progress(&format!(
+                "debias: KL from uniform {:.3} → {:.3}",
+                result.before.kl_uniform, result.after.kl_uniform
+            ));
+            report.body += &html;
+            uses.push(serde_json::to_value(&result)?);
+        }
+    }
     report.finish(&rows)?;
-    Ok(rows)
+    Ok(BenchOutcome { rows, uses })
 }
 
 /// `report.html`: references, samples per prompt, and the scatter plot.
@@ -724,6 +747,7 @@ mod tests {
             steps_scale: 1.0,
             seed: 0,
             out: "o".into(),
+            uses: vec![],
         };
         let e = run_bench(&cfg, |_| {}).unwrap_err();
         assert!(e.to_string().contains("unknown method 'magic'"), "{e}");

@@ -82,6 +82,7 @@ pub mod read;
 pub mod recipe;
 pub mod render;
 pub mod scene;
+pub mod uses;
 
 pub use caption::{parse_caption, Requested, RequestedObject};
 pub use held_out::{

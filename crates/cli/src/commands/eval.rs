@@ -20,6 +20,29 @@ pub enum EvalCommand {
     /// The DreamBench protocol over google/dreambooth's dataset and a folder of samples
     /// (`SAMPLES/<subject>/<NN>/*.png`, NN the prompt's index); prints the paper's table.
     Dreambench(DreamBenchArgs),
+    /// How generated images fall into an attribute's categories (a zero-shot CLIP classifier) and
+    /// the KL divergence of that histogram from uniform, as ITI-GEN measures balance.
+    Classify(ClassifyArgs),
+}
+
+#[derive(Args)]
+pub struct ClassifyArgs {
+    /// Folder of generated images.
+    #[arg(long)]
+    pub generated: PathBuf,
+    /// A transformers CLIPModel folder.
+    #[arg(long)]
+    pub clip: PathBuf,
+    /// The categories, comma-separated (e.g. "red,green,blue,yellow").
+    #[arg(long, value_delimiter = ',')]
+    pub categories: Vec<String>,
+    /// The class prompt, `{}` standing for the category (e.g. "a {} circle").
+    #[arg(long, default_value = "a photo of a {}")]
+    pub template: String,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Args)]
@@ -88,6 +111,28 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 println!("{}", serde_json::to_string(&result)?);
             } else {
                 print!("{}", result.table(&d.method));
+            }
+            Ok(())
+        }
+        Some(EvalCommand::Classify(c)) => {
+            let device = super::parse_device(&c.device)?;
+            let clip = imprint_eval::ClipModel::load(&c.clip, &device)?;
+            let images = imprint_eval::metrics::read_images(&c.generated)?;
+            let h = imprint_eval::attribute::histogram(&clip, &images, &c.categories, &c.template)?;
+            if c.json {
+                println!("{}", serde_json::to_string(&h)?);
+            } else {
+                for (cat, n) in h.categories.iter().zip(&h.counts) {
+                    println!(
+                        "{cat:>16} {n:>5} {:5.1} %",
+                        100.0 * *n as f64 / images.len() as f64
+                    );
+                }
+                println!(
+                    "KL from uniform: {:.4} (0 = balanced, {:.4} = one category)",
+                    h.kl_uniform,
+                    (h.categories.len() as f64).ln()
+                );
             }
             Ok(())
         }

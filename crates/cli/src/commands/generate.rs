@@ -72,8 +72,37 @@ pub struct GenerateArgs {
     /// Repeatable; txt2img.
     #[arg(long, value_name = "WORD:MASK", value_parser = super::parse_region_arg)]
     region: Vec<(String, PathBuf)>,
+    /// Bias correction: sample the categories of ATTRIBUTE in equal proportion, with the
+    /// inclusive tokens of a `--concept` made by `imprint train debias --attribute ATTRIBUTE`
+    /// (image i gets category i mod M's words appended to the prompt).
+    #[arg(long, value_name = "ATTRIBUTE")]
+    balance: Option<String>,
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+/// The inclusive tokens of `attribute` among the concepts a user applies.
+fn balance_tokens(
+    concepts: &[super::ConceptArg],
+    attribute: &str,
+) -> Result<imprint_concepts::inclusive::InclusiveTokens> {
+    let mut seen = vec![];
+    for c in concepts {
+        let concept = imprint_concepts::formats::load_any(&c.path)?;
+        if let Some(t) = imprint_concepts::inclusive::inclusive_tokens(&concept) {
+            if t.attribute == attribute {
+                return Ok(t);
+            }
+            seen.push(t.attribute);
+        }
+    }
+    if seen.is_empty() {
+        bail!("--balance {attribute}: no --concept holds inclusive tokens; make them with `imprint train debias --attribute {attribute}` and pass the file with --concept")
+    }
+    bail!(
+        "--balance {attribute}: the applied concepts balance {} instead",
+        seen.join(", ")
+    )
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
@@ -96,8 +125,21 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
     }
     let device = super::parse_device(&a.device)?;
+    let balance = match &a.balance {
+        Some(attr) => {
+            if !a.region.is_empty() {
+                bail!("--balance and --region cannot be combined")
+            }
+            Some(balance_tokens(&a.concept, attr)?)
+        }
+        None => None,
+    };
     let mut sd = StableDiffusion::load(&a.model, DType::F32, &device)?;
-    super::apply_concepts(&mut sd, &a.concept, &a.gate, &a.prompt)?;
+    let checked_prompt = match &balance {
+        Some(t) => format!("{} {}", a.prompt, t.categories[0].1),
+        None => a.prompt.clone(),
+    };
+    super::apply_concepts(&mut sd, &a.concept, &a.gate, &checked_prompt)?;
     super::apply_ip_adapter(&mut sd, &a.ip)?;
     if !a.region.is_empty() {
         if a.init_image.is_some() {
@@ -134,7 +176,32 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }),
         progress: true,
     };
-    let images = sd.generate(&opts)?;
+    let images = match &balance {
+        None => sd.generate(&opts)?,
+        Some(tokens) => {
+            // One batch per category (seed + k), interleaved so image i shows category i mod M.
+            let m = tokens.categories.len();
+            let mut groups = Vec::with_capacity(m);
+            for (k, (category, trigger)) in tokens.categories.iter().enumerate() {
+                let count = (opts.num_images + m - 1 - k) / m;
+                if count == 0 {
+                    groups.push(vec![].into_iter());
+                    continue;
+                }
+                eprintln!("{}: {count} image(s) of '{category}'", tokens.attribute);
+                let o = GenerateOptions {
+                    prompt: format!("{} {trigger}", opts.prompt),
+                    num_images: count,
+                    seed: opts.seed + k as u64,
+                    ..opts.clone()
+                };
+                groups.push(sd.generate(&o)?.into_iter());
+            }
+            (0..opts.num_images)
+                .map(|i| groups[i % m].next().expect("group sizes add up"))
+                .collect()
+        }
+    };
     if images.len() == 1 {
         image_io::save_png(&images[0], &a.out)?;
         println!("{}", a.out.display());

@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod concept;
+pub mod debias;
 pub mod debug;
 pub mod eval;
 pub mod generate;

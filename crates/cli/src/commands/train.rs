@@ -34,6 +34,10 @@ pub enum TrainCommand {
     /// writes diffusers' Custom Diffusion folder at --out and imprint's file OUT.safetensors.
     #[command(name = "custom-diffusion")]
     CustomDiffusion(CustomDiffusionArgs),
+    /// Bias correction (ITI-GEN): inclusive tokens for each category of an attribute, learned
+    /// from one folder of images per category in CLIP space (no diffusion backprop); then
+    /// `generate --balance ATTRIBUTE` samples the categories in equal proportion.
+    Debias(super::debias::DebiasArgs),
 }
 
 #[derive(Args, Debug)]
@@ -375,6 +379,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
             extended_textual_inversion_defaults(),
             train_extended_textual_inversion,
         ),
+        TrainCommand::Debias(a) => super::debias::run(a),
         TrainCommand::TextualInversion(a) => {
             train_ti_like(a, textual_inversion_defaults(), train_textual_inversion)
         }

@@ -16,6 +16,20 @@ pub enum WorldCommand {
     /// Train each method on held-out concepts and measure fidelity against editability; one
     /// JSON line per method (and a baseline row), plus OUT/report.html.
     Bench(BenchArgs),
+    /// Write the colour categories of the world's bias (DIR/<colour>/NN.png: one circle of that
+    /// colour per scene), the --categories folder of `imprint train debias`.
+    Categories(CategoriesArgs),
+}
+
+#[derive(Args)]
+pub struct CategoriesArgs {
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Images per colour.
+    #[arg(long, default_value_t = 8)]
+    pub count: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Args)]
@@ -50,6 +64,9 @@ pub struct BenchArgs {
     /// One JSON line per method (else a table).
     #[arg(long)]
     pub json: bool,
+    /// Uses of a concept to measure too (comma-separated): debias.
+    #[arg(long, value_delimiter = ',')]
+    pub uses: Vec<String>,
 }
 
 #[derive(Args)]
@@ -123,18 +140,23 @@ pub fn run(c: WorldCommand) -> Result<()> {
                 steps_scale: a.steps_scale,
                 seed: a.seed,
                 out: a.out.clone(),
+                uses: a.uses,
             };
-            let rows = imprint_world::bench::run_bench(&cfg, |line| eprintln!("{line}"))?;
+            let outcome = imprint_world::bench::run_bench(&cfg, |line| eprintln!("{line}"))?;
+            let rows = &outcome.rows;
             if a.json {
-                for r in &rows {
+                for r in rows {
                     println!("{}", serde_json::to_string(r)?);
+                }
+                for u in &outcome.uses {
+                    println!("{}", serde_json::to_string(u)?);
                 }
             } else {
                 println!(
                     "{:<18} {:>7} {:>7} {:>7} {:>10} {:>12} {:>8}",
                     "method", "DINO", "CLIP-I", "CLIP-T", "attributes", "size_bytes", "train_s"
                 );
-                for r in &rows {
+                for r in rows {
                     println!(
                         "{:<18} {:>7.3} {:>7.3} {:>7.3} {:>10.3} {:>12} {:>8.0}",
                         r.method,
@@ -147,7 +169,20 @@ pub fn run(c: WorldCommand) -> Result<()> {
                     );
                 }
             }
+            if !a.json {
+                for u in &outcome.uses {
+                    println!("{}", serde_json::to_string(u)?);
+                }
+            }
             eprintln!("report: {}", a.out.join("report.html").display());
+            Ok(())
+        }
+        WorldCommand::Categories(a) => {
+            let colors = imprint_world::uses::DEBIAS_COLORS;
+            imprint_world::uses::write_color_categories(&a.out, &colors, a.count, a.seed)?;
+            for c in colors {
+                println!("{}", a.out.join(c.word()).display());
+            }
             Ok(())
         }
         WorldCommand::Concept(a) => {

@@ -5,6 +5,7 @@
 pub mod custom_diffusion;
 pub mod dreambooth;
 pub mod extended_textual_inversion;
+pub mod iti_gen;
 pub mod lora;
 pub mod perfusion;
 pub mod textual_inversion;
