@@ -131,7 +131,7 @@ fn dir_size(p: &Path) -> u64 {
 
 /// Trains `method` on the references in `images`; returns (what to generate with, bytes kept).
 /// The step counts are the papers' recipes shortened for a 64 px, few-million-parameter model.
-fn train(
+pub(crate) fn train(
     cfg: &BenchConfig,
     method: &str,
     c: &HeldOutConcept,
@@ -526,6 +526,19 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
                 "debias: KL from uniform {:.3} → {:.3}",
                 result.before.kl_uniform, result.after.kl_uniform
             ));
+            report.body += &html;
+            uses.push(serde_json::to_value(&result)?);
+        } else if u == "multi" {
+            let (result, html) = crate::uses::run_multi(cfg, &eval)?;
+            progress(&format!(
+                "multi: {}",
+                serde_json::to_string(&result.variants)?
+            ));
+            report.body += &html;
+            uses.push(serde_json::to_value(&result)?);
+        } else if u == "style" {
+            let (result, html) = crate::uses::run_style(cfg, &eval.clip)?;
+            progress(&format!("style: {}", serde_json::to_string(&result.cases)?));
             report.body += &html;
             uses.push(serde_json::to_value(&result)?);
         }

@@ -6,10 +6,22 @@
 //!   world CLIP's zero-shot colour histogram of 32 samples of "a circle" over
 //!   [`DEBIAS_COLORS`], and its KL divergence from uniform.
 //!
+//! * **multi** — two held-out concepts (TI) in one prompt, "a A at the left and a B at the right
+//!   on a solid gray background", jointly and with regional prompting (`--region A:left.png
+//!   --region B:right.png`): how often each appears on its side (the renderer's reader finds a
+//!   blob in its colours there) and its fidelity (DINO of that half of the picture to its own
+//!   references).
+//! * **style** — a "pattern" concept (zigzag-heart's gold-and-black zigzag, its TI word placed
+//!   where colour and pattern words go: "a <z> heart") applied to shapes it was never seen on,
+//!   and P+'s style mixing: split-ring's per-layer vectors on the coarse layers (down, mid) with
+//!   zigzag-heart's on the fine ones (up). Measured by how often the concept's colours appear and
+//!   which shape the world CLIP sees.
+//!
 //! Each use runs the same `imprint` commands a user runs and adds a section with its pictures to
 //! the bench's report.
 
-use crate::bench::{run_command, BenchConfig};
+use crate::bench::{run_command, train, BenchConfig};
+use crate::held_out::{concept, concept_reference_scenes, write_references};
 use crate::scene::{
     pick_color_avoiding, sample_scene_seeded, Color, Object, Pattern, Scene, Shape,
 };
@@ -22,7 +34,7 @@ use std::process::Command;
 use std::time::Instant;
 
 /// The uses the bench knows.
-pub const USES: [&str; 1] = ["debias"];
+pub const USES: [&str; 3] = ["debias", "multi", "style"];
 
 /// The colour categories the debias use balances "a circle" over.
 pub const DEBIAS_COLORS: [Color; 4] = [Color::Red, Color::Green, Color::Blue, Color::Yellow];
@@ -203,6 +215,319 @@ pub fn run_debias(cfg: &BenchConfig, clip: &ClipModel) -> Result<(DebiasResult, 
         },
         html,
     ))
+}
+
+/// Trains `method` (ti or xti, the bench's recipe) on held-out concept `k` with its references
+/// captioned by `phrase` (which holds the token `<world-K>`); returns the concept file.
+fn train_concept(
+    cfg: &BenchConfig,
+    method: &str,
+    k: usize,
+    phrase: &str,
+    dir: &Path,
+) -> Result<std::path::PathBuf> {
+    let scenes = concept_reference_scenes(k, cfg.references, cfg.seed);
+    let images = dir.join("images");
+    write_references(&scenes, Some(phrase), &images)?;
+    train(cfg, method, concept(k), &images, dir)?;
+    Ok(dir.join("concept.safetensors"))
+}
+
+/// White on the left or right half of a 64 px mask.
+fn half_mask(path: &Path, left: bool) -> Result<()> {
+    let img = image::GrayImage::from_fn(64, 64, |x, _| {
+        image::Luma([if (x < 32) == left { 255 } else { 0 }])
+    });
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    imprint_models::io::write_atomic(path, &png)?;
+    Ok(())
+}
+
+/// One half of a sample centred on a 64 px canvas filled with its corner colour (the
+/// background), so the DINO processor sees it undistorted.
+fn half_on_canvas(img: &image::RgbImage, left: bool) -> image::RgbImage {
+    let x0 = if left { 0 } else { 32 };
+    let fill = *img.get_pixel(x0 + if left { 0 } else { 31 }, 0);
+    image::RgbImage::from_fn(64, 64, |x, y| {
+        if (16..48).contains(&x) {
+            *img.get_pixel(x0 + x - 16, y)
+        } else {
+            fill
+        }
+    })
+}
+
+/// How one concept fared in the multi-concept samples.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConceptInPicture {
+    pub concept: usize,
+    /// Share of samples with a blob in the concept's colours on its side.
+    pub appears: f64,
+    /// DINO of its half of the picture to its references.
+    pub dino: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MultiVariant {
+    pub variant: &'static str,
+    pub concepts: Vec<ConceptInPicture>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MultiResult {
+    #[serde(rename = "use")]
+    pub name: &'static str,
+    pub prompt: String,
+    pub variants: Vec<MultiVariant>,
+}
+
+/// Two held-out concepts in one picture, jointly and with regional prompting.
+pub fn run_multi(
+    cfg: &BenchConfig,
+    eval: &imprint_eval::Evaluator,
+) -> Result<(MultiResult, String)> {
+    let pair = match cfg.concepts.as_slice() {
+        [a, b, ..] => [*a, *b],
+        _ => [0, 1],
+    };
+    let dir = cfg.out.join("multi");
+    std::fs::create_dir_all(&dir)?;
+    let mut files = vec![];
+    let mut refs = vec![];
+    for &k in &pair {
+        let token = format!("<world-{k}>");
+        let kdir = dir.join(format!("concept-{k}"));
+        files.push(train_concept(cfg, "ti", k, &token, &kdir)?);
+        let rdir = kdir.join("references");
+        write_references(
+            &concept_reference_scenes(k, cfg.references, cfg.seed),
+            None,
+            &rdir,
+        )?;
+        refs.push(eval.dino_features(&imprint_eval::metrics::read_images(&rdir)?)?);
+    }
+    let (ta, tb) = (
+        format!("<world-{}>", pair[0]),
+        format!("<world-{}>", pair[1]),
+    );
+    let prompt = format!("a {ta} at the left and a {tb} at the right on a solid gray background");
+    half_mask(&dir.join("left.png"), true)?;
+    half_mask(&dir.join("right.png"), false)?;
+    let n = 8;
+    let mut concepts_args = vec![];
+    for f in &files {
+        concepts_args.push("--concept".to_string());
+        concepts_args.push(f.display().to_string());
+    }
+    let mut regions = concepts_args.clone();
+    for (t, side) in [(&ta, "left.png"), (&tb, "right.png")] {
+        regions.push("--region".into());
+        regions.push(format!("{t}:{}", dir.join(side).display()));
+    }
+    let mut variants = vec![];
+    let mut html = format!("<h2>Two concepts in one picture</h2><p>“{}”, {n} samples each.</p><table class=t><tr><th>variant</th>", html_escape(&prompt));
+    for &k in &pair {
+        html += &format!("<th>concept {k} appears</th><th>concept {k} DINO</th>");
+    }
+    html += "</tr>";
+    let mut pictures = String::new();
+    for (variant, extra) in [("joint", &concepts_args), ("regions", &regions)] {
+        let imgs = sample(
+            cfg,
+            &prompt,
+            extra,
+            &dir.join(format!("{variant}.png")),
+            &dir.join(format!("{variant}.log")),
+            n,
+        )?;
+        let mut per = vec![];
+        html += &format!("<tr><td>{variant}</td>");
+        for (side, (&k, r)) in pair.iter().zip(&refs).enumerate() {
+            let left = side == 0;
+            let colors = concept(k).colors();
+            let appears = imgs
+                .iter()
+                .filter(|img| {
+                    crate::read::read(img)
+                        .objects
+                        .iter()
+                        .any(|b| colors.contains(&b.color) && (b.centroid.0 < 32.0) == left)
+                })
+                .count() as f64
+                / n as f64;
+            let halves: Vec<image::RgbImage> =
+                imgs.iter().map(|i| half_on_canvas(i, left)).collect();
+            let dino =
+                imprint_eval::metrics::mean_pairwise_cosine(&eval.dino_features(&halves)?, r)?;
+            html += &format!("<td>{appears:.2}</td><td>{dino:.3}</td>");
+            per.push(ConceptInPicture {
+                concept: k,
+                appears,
+                dino,
+            });
+        }
+        html += "</tr>";
+        pictures += &format!("<div>{variant}<br><img src=\"multi/{variant}.png\" width=384></div>");
+        variants.push(MultiVariant {
+            variant,
+            concepts: per,
+        });
+    }
+    html += "</table>";
+    html += &pictures;
+    Ok((
+        MultiResult {
+            name: "multi",
+            prompt,
+            variants,
+        },
+        html,
+    ))
+}
+
+/// One style sample set: what was asked and what came out.
+#[derive(Clone, Debug, Serialize)]
+pub struct StyleCase {
+    pub case: String,
+    pub prompt: String,
+    /// Share of samples whose main object is painted in the pattern concept's colours.
+    pub pattern_colors: f64,
+    /// The shape the world CLIP sees most often, and how often.
+    pub shape: String,
+    pub shape_share: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StyleResult {
+    #[serde(rename = "use")]
+    pub name: &'static str,
+    pub cases: Vec<StyleCase>,
+}
+
+/// The pattern concept on new shapes, and P+ style mixing.
+pub fn run_style(cfg: &BenchConfig, clip: &ClipModel) -> Result<(StyleResult, String)> {
+    let dir = cfg.out.join("style");
+    std::fs::create_dir_all(&dir)?;
+    let (pattern, shape_concept) = (1usize, 2usize);
+    let pc = concept(pattern);
+    let token = format!("<world-{pattern}>");
+    // The word stands where colour and pattern words go: "a <world-1> heart".
+    let ti = train_concept(
+        cfg,
+        "ti",
+        pattern,
+        &format!("{token} {}", pc.class_word),
+        &dir.join("pattern-ti"),
+    )?;
+    let xti_pattern = train_concept(cfg, "xti", pattern, &token, &dir.join("pattern-xti"))?;
+    let shape_token = format!("<world-{shape_concept}>");
+    let xti_shape = train_concept(
+        cfg,
+        "xti",
+        shape_concept,
+        &shape_token,
+        &dir.join("shape-xti"),
+    )?;
+    let shapes: Vec<String> = crate::scene::Shape::BASE
+        .iter()
+        .map(|s| s.word().to_string())
+        .collect();
+    let colors = pc.colors();
+    let n = 8;
+    let mut cases = vec![];
+    let mut html = String::from("<h2>Style: a pattern concept on new shapes, and P+ style mixing</h2><table class=t><tr><th>case</th><th>prompt</th><th>pattern colours</th><th>shape seen</th></tr>");
+    let mut pictures = String::new();
+    let mut plan: Vec<(String, String, Vec<String>)> = vec![];
+    for shape in ["square", "circle", "star", "triangle"] {
+        plan.push((
+            format!("ti on a {shape}"),
+            format!("a {token} {shape} on a solid gray background"),
+            vec!["--concept".into(), ti.display().to_string()],
+        ));
+    }
+    plan.push((
+        "split-ring (P+)".into(),
+        format!("a {shape_token} on a solid gray background"),
+        vec!["--concept".into(), xti_shape.display().to_string()],
+    ));
+    plan.push((
+        "zigzag-heart (P+)".into(),
+        format!("a {token} on a solid gray background"),
+        vec!["--concept".into(), xti_pattern.display().to_string()],
+    ));
+    plan.push((
+        "mix: split-ring coarse + zigzag-heart fine".into(),
+        format!("a {shape_token} on a solid gray background"),
+        vec![
+            "--concept".into(),
+            format!("{}@down,mid", xti_shape.display()),
+            "--concept".into(),
+            format!("{}@up", xti_pattern.display()),
+        ],
+    ));
+    for (i, (case, prompt, extra)) in plan.into_iter().enumerate() {
+        let out = dir.join(format!("case-{i}.png"));
+        let imgs = sample(
+            cfg,
+            &prompt,
+            &extra,
+            &out,
+            &dir.join(format!("case-{i}.log")),
+            n,
+        )?;
+        let pattern_colors = imgs
+            .iter()
+            .filter(|img| {
+                // The main (largest) object is painted in the concept's colours.
+                crate::read::read(img)
+                    .objects
+                    .first()
+                    .is_some_and(|b| colors.contains(&b.color))
+            })
+            .count() as f64
+            / n as f64;
+        let h = histogram(clip, &imgs, &shapes, "a {}")?;
+        let (best, count) = h
+            .counts
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, c)| **c)
+            .map(|(i, c)| (h.categories[i].clone(), *c))
+            .unwrap_or_default();
+        let shape_share = count as f64 / n as f64;
+        html += &format!(
+            "<tr><td>{}</td><td>{}</td><td>{pattern_colors:.2}</td><td>{best} ({shape_share:.2})</td></tr>",
+            html_escape(&case),
+            html_escape(&prompt)
+        );
+        pictures += &format!(
+            "<div>{}<br><img src=\"style/case-{i}.png\" width=384></div>",
+            html_escape(&case)
+        );
+        cases.push(StyleCase {
+            case,
+            prompt,
+            pattern_colors,
+            shape: best,
+            shape_share,
+        });
+    }
+    html += "</table>";
+    html += &pictures;
+    Ok((
+        StyleResult {
+            name: "style",
+            cases,
+        },
+        html,
+    ))
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// Checks the names of `--uses`.

@@ -64,7 +64,7 @@ pub struct BenchArgs {
     /// One JSON line per method (else a table).
     #[arg(long)]
     pub json: bool,
-    /// Uses of a concept to measure too (comma-separated): debias.
+    /// Uses of a concept to measure too (comma-separated): debias, multi, style.
     #[arg(long, value_delimiter = ',')]
     pub uses: Vec<String>,
 }
