@@ -48,6 +48,7 @@ pub mod lycoris;
 pub mod merge;
 pub mod per_layer;
 pub mod perfusion;
+pub mod spectral;
 pub mod weights;
 
 pub use lora::{LoraModule, LoraWeights, LORA, UNET};
@@ -166,6 +167,8 @@ pub struct Concept {
     pub lycoris: Vec<lycoris::LycorisModule>,
     /// Whole projection weights or their changes (Custom Diffusion's cross-attention K/V).
     pub projections: Vec<ProjectionWeights>,
+    /// SVDiff's spectral shifts of the networks' weights.
+    pub spectral_shifts: Vec<spectral::SpectralShift>,
     /// Further words trained with this one (Custom Diffusion's joint modifier tokens): `(trigger,
     /// [n, dim])` for the first text encoder.
     pub extra_tokens: Vec<(String, Tensor)>,
@@ -248,7 +251,11 @@ impl Concept {
             )
         }
         if !self.has_tokens() {
-            if self.lora.is_empty() && self.lycoris.is_empty() && self.projections.is_empty() {
+            if self.lora.is_empty()
+                && self.lycoris.is_empty()
+                && self.projections.is_empty()
+                && self.spectral_shifts.is_empty()
+            {
                 bail!(
                     "concept '{}' holds neither token embeddings nor LoRA weights",
                     self.trigger

@@ -1,7 +1,7 @@
 //! Attention, the transformer block and the spatial transformer (diffusers
 //! `models/attention_processor.py`, `models/attention.py`, `models/transformers/transformer_2d.py`).
 
-use crate::visit::{Projection, VisitProjections};
+use crate::visit::{Norm, Projection, VisitProjections};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use imprint_ops::{
@@ -406,6 +406,11 @@ impl VisitProjections for BasicTransformerBlock {
         self.attn2.visit_projections(f);
         self.ff.visit_projections(f);
     }
+    fn visit_norms(&mut self, f: &mut dyn FnMut(Norm<'_>)) {
+        f(Norm::Layer(&mut self.norm1));
+        f(Norm::Layer(&mut self.norm2));
+        f(Norm::Layer(&mut self.norm3));
+    }
 }
 
 /// `proj_in` / `proj_out` of the spatial transformer: 1×1 conv, or linear with
@@ -558,6 +563,10 @@ impl VisitProjections for Transformer2DModel {
         self.proj_in.visit(f);
         self.transformer_blocks.visit_projections(f);
         self.proj_out.visit(f);
+    }
+    fn visit_norms(&mut self, f: &mut dyn FnMut(Norm<'_>)) {
+        f(Norm::Group(&mut self.norm));
+        self.transformer_blocks.visit_norms(f);
     }
 }
 

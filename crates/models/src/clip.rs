@@ -6,7 +6,7 @@
 //! [`ClipTextTransformer::forward_embeds`] takes token embeddings directly, which is how textual
 //! inversion substitutes learned vectors for new tokens.
 
-use crate::visit::{Projection, VisitProjections};
+use crate::visit::{Norm, Projection, VisitProjections};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -194,7 +194,7 @@ pub struct ClipTextOutput {
 pub struct ClipTextTransformer {
     /// `[vocab, D]`: the token embedding table (new tokens append rows here).
     pub token_embedding: Tensor,
-    position_embedding: Tensor,
+    pub position_embedding: Tensor,
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
     pub config: ClipTextConfig,
@@ -364,6 +364,10 @@ impl VisitProjections for ClipEncoderLayer {
         f(Projection::Linear(&mut self.fc1));
         f(Projection::Linear(&mut self.fc2));
     }
+    fn visit_norms(&mut self, f: &mut dyn FnMut(Norm<'_>)) {
+        f(Norm::Layer(&mut self.layer_norm1));
+        f(Norm::Layer(&mut self.layer_norm2));
+    }
 }
 
 /// Every projection of the text model, named `text_model.encoder.layers.N.self_attn.q_proj`,
@@ -371,6 +375,10 @@ impl VisitProjections for ClipEncoderLayer {
 impl VisitProjections for ClipTextTransformer {
     fn visit_projections(&mut self, f: &mut dyn FnMut(Projection<'_>)) {
         self.layers.visit_projections(f);
+    }
+    fn visit_norms(&mut self, f: &mut dyn FnMut(Norm<'_>)) {
+        self.layers.visit_norms(f);
+        f(Norm::Layer(&mut self.final_layer_norm));
     }
 }
 

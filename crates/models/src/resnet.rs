@@ -1,7 +1,7 @@
 //! ResNet blocks and the down/up samplers shared by the UNet and the VAE (diffusers
 //! `models/resnet.py`, `models/downsampling.py`, `models/upsampling.py`).
 
-use crate::visit::{Projection, VisitProjections};
+use crate::visit::{Norm, Projection, VisitProjections};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use imprint_ops::{
@@ -112,6 +112,10 @@ impl VisitProjections for ResnetBlock2D {
         if let Some(c) = &mut self.conv_shortcut {
             f(Projection::Conv2d(c));
         }
+    }
+    fn visit_norms(&mut self, f: &mut dyn FnMut(Norm<'_>)) {
+        f(Norm::Group(&mut self.norm1));
+        f(Norm::Group(&mut self.norm2));
     }
 }
 

@@ -43,6 +43,6 @@ pub use attention::scaled_dot_product_attention;
 pub use checkpoint::{checkpoint, BlockFn, Checkpointing, SideGrads};
 pub use conv::{Conv2d, Conv2dConfig};
 pub use linear::Linear;
-pub use norm::{group_norm, group_norm_silu, layer_norm, GroupNorm, LayerNorm};
+pub use norm::{group_norm, group_norm_silu, layer_norm, shifted_weight, GroupNorm, LayerNorm};
 pub use resample::upsample_nearest2x;
 pub use softmax::softmax_last_dim;

@@ -15,7 +15,12 @@ use rayon::prelude::*;
 /// `torch.nn.GroupNorm` (affine).
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
+    /// The reference's module path (e.g. `down_blocks.0.resnets.0.norm1`).
+    pub name: String,
     pub weight: Tensor,
+    /// SVDiff's spectral shift of the weight (a one-element tensor, trained): the weight acts as
+    /// `γ · relu(‖γ‖ + δ) / ‖γ‖`, the one singular value of a vector shifted.
+    pub weight_shift: Option<Tensor>,
     pub bias: Tensor,
     pub num_groups: usize,
     pub eps: f64,
@@ -30,7 +35,9 @@ impl GroupNorm {
             )
         }
         Ok(Self {
+            name: vb.prefix(),
             weight: vb.get(channels, "weight")?,
+            weight_shift: None,
             bias: vb.get(channels, "bias")?,
             num_groups,
             eps,
@@ -38,12 +45,14 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        group_norm(x, &self.weight, &self.bias, self.num_groups, self.eps)
+        let w = shifted_weight(&self.weight, self.weight_shift.as_ref())?;
+        group_norm(x, &w, &self.bias, self.num_groups, self.eps)
     }
 
     /// `silu(self.forward(x))`, fused.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        group_norm_silu(x, &self.weight, &self.bias, self.num_groups, self.eps)
+        let w = shifted_weight(&self.weight, self.weight_shift.as_ref())?;
+        group_norm_silu(x, &w, &self.bias, self.num_groups, self.eps)
     }
 }
 
@@ -53,10 +62,28 @@ impl candle_core::Module for GroupNorm {
     }
 }
 
+/// SVDiff (Han et al. 2023, §3.1) on a 1-D weight: its SVD has the single singular value ‖γ‖, so
+/// the shifted weight is `γ · relu(‖γ‖ + δ) / ‖γ‖`.
+pub fn shifted_weight(weight: &Tensor, shift: Option<&Tensor>) -> Result<Tensor> {
+    let Some(delta) = shift else {
+        return Ok(weight.clone());
+    };
+    let norm = weight.sqr()?.sum_all()?.sqrt()?;
+    let factor = (norm
+        .broadcast_add(&delta.flatten_all()?.sum_all()?)?
+        .relu()?
+        / norm)?;
+    weight.broadcast_mul(&factor.to_dtype(weight.dtype())?)
+}
+
 /// `torch.nn.LayerNorm` over the last dimension (affine).
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
+    /// The reference's module path (e.g. `text_model.final_layer_norm`).
+    pub name: String,
     pub weight: Tensor,
+    /// SVDiff's spectral shift, as [`GroupNorm::weight_shift`].
+    pub weight_shift: Option<Tensor>,
     pub bias: Tensor,
     pub eps: f64,
 }
@@ -64,14 +91,17 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
+            name: vb.prefix(),
             weight: vb.get(dim, "weight")?,
+            weight_shift: None,
             bias: vb.get(dim, "bias")?,
             eps,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, &self.weight, &self.bias, self.eps)
+        let w = shifted_weight(&self.weight, self.weight_shift.as_ref())?;
+        layer_norm(x, &w, &self.bias, self.eps)
     }
 }
 

@@ -318,6 +318,32 @@ impl StableDiffusion {
             scale,
         )?;
         let unet_weights = prepare_projections(&mut self.unet, UNET, &concept.projections, scale)?;
+        // SVDiff: σ + scale·δ (the SVDs come from the cache or are computed once per model).
+        let te_tables = imprint_concepts::spectral::embedding_weights(&self.text_encoder)?;
+        let te_spectral = imprint_concepts::spectral::prepare_spectral(
+            &mut self.text_encoder,
+            te_tables,
+            TEXT_ENCODER,
+            &concept.spectral_shifts,
+            scale,
+        )?;
+        let unet_spectral = imprint_concepts::spectral::prepare_spectral(
+            &mut self.unet,
+            Default::default(),
+            UNET,
+            &concept.spectral_shifts,
+            scale,
+        )?;
+        if let Some(s) = concept
+            .spectral_shifts
+            .iter()
+            .find(|s| s.network != UNET && s.network != TEXT_ENCODER)
+        {
+            bail!(
+                "the concept shifts weights of '{}', which Stable Diffusion 1.x/2.x does not have",
+                s.network
+            )
+        }
         // Further words (Custom Diffusion's joint modifier tokens) are checked as whole concepts.
         let extra: Vec<Concept> = concept
             .extra_tokens
@@ -369,7 +395,16 @@ impl StableDiffusion {
         unet_lycoris.apply(&mut self.unet)?;
         te_weights.apply(&mut self.text_encoder)?;
         unet_weights.apply(&mut self.unet)?;
-        if !(unet_lycoris.is_empty() && unet_weights.is_empty()) && !self.perfusion.is_empty() {
+        if let Some(c) = &te_spectral {
+            c.apply(&mut self.text_encoder)?;
+            c.apply_embeddings(&mut self.text_encoder)?;
+        }
+        if let Some(c) = &unet_spectral {
+            c.apply(&mut self.unet)?;
+        }
+        if !(unet_lycoris.is_empty() && unet_weights.is_empty() && unet_spectral.is_none())
+            && !self.perfusion.is_empty()
+        {
             // Perfusion's edits read the projection weights: rebuild them on the new ones.
             self.set_perfusion(self.perfusion.clone())?;
         }

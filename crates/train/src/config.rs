@@ -181,6 +181,33 @@ pub struct LoraConfig {
     pub trainer: TrainerOptions,
 }
 
+/// SVDiff: DreamBooth's data and prior preservation, spectral shifts trained.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct SvdiffConfig {
+    /// The caption of every image without an `IMAGE.txt`, e.g. "a photo of sks dog".
+    pub instance_prompt: Option<String>,
+    /// Also shift the text encoder's singular values.
+    pub train_text_encoder: bool,
+    #[serde(flatten)]
+    pub trainer: TrainerOptions,
+}
+
+/// The defaults of an SVDiff run (svdiff-pytorch's README).
+pub fn svdiff_defaults() -> toml::Table {
+    use crate::methods::svdiff as s;
+    let mut t = common_defaults();
+    let own: toml::Table = format!(
+        "train-text-encoder = false\nsteps = {}\nlr = {:e}\nscale-lr = false\nbatch-size = 1\ngrad-accum = 1\n",
+        s::DEFAULT_STEPS,
+        s::DEFAULT_LR
+    )
+    .parse()
+    .expect("valid defaults");
+    merge(&mut t, own);
+    t
+}
+
 /// The defaults of a LoRA run (diffusers' `train_dreambooth_lora.py` recipe).
 pub fn lora_defaults() -> toml::Table {
     use crate::methods::lora as l;

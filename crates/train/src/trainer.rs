@@ -263,6 +263,28 @@ pub fn train_lora(cfg: &LoraConfig, hooks: &Hooks) -> Result<Outcome> {
     run(&sd, &method, t, &config_text, resume, hooks)
 }
 
+/// Trains SVDiff's spectral shifts as `cfg` says; writes the native concept file.
+pub fn train_svdiff(cfg: &crate::config::SvdiffConfig, hooks: &Hooks) -> Result<Outcome> {
+    let t = &cfg.trainer;
+    let config_text = toml::to_string(cfg)?;
+    let mut sd = load_model(t)?;
+    let resume = load_resume(t, &config_text)?;
+    let method = crate::methods::svdiff::SvdiffMethod::attach(
+        &mut sd,
+        cfg.train_text_encoder,
+        cfg.instance_prompt.clone(),
+    )?;
+    eprintln!(
+        "svdiff: {} spectral shifts train ({} bytes as f32)",
+        method.parameter_count(),
+        4 * method.parameter_count()
+    );
+    if t.gradient_checkpointing {
+        sd.unet.enable_gradient_checkpointing()?;
+    }
+    run(&sd, &method, t, &config_text, resume, hooks)
+}
+
 /// Fine-tunes the whole UNet (and optionally the text encoder) as `cfg` says; writes a model folder.
 pub fn train_dreambooth(cfg: &DreamBoothConfig, hooks: &Hooks) -> Result<Outcome> {
     let t = &cfg.trainer;

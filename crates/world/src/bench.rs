@@ -25,13 +25,14 @@ use std::process::Command;
 use std::time::Instant;
 
 /// The methods the bench knows, in table order.
-pub const METHODS: [&str; 6] = [
+pub const METHODS: [&str; 7] = [
     "ti",
     "xti",
     "perfusion",
     "lora",
     "dreambooth",
     "custom-diffusion",
+    "svdiff",
 ];
 
 /// What a bench run does.
@@ -98,7 +99,7 @@ fn subject(method: &str, c: &HeldOutConcept) -> (Option<String>, String) {
     let token = format!("<world-{}>", c.id);
     match method {
         "ti" | "xti" | "perfusion" => (Some(token.clone()), token),
-        "lora" | "dreambooth" => (Some("sks".into()), format!("sks {}", c.class_word)),
+        "lora" | "dreambooth" | "svdiff" => (Some("sks".into()), format!("sks {}", c.class_word)),
         "custom-diffusion" => (Some(token.clone()), format!("{token} {}", c.class_word)),
         _ => (None, c.class_word.to_string()),
     }
@@ -253,6 +254,19 @@ pub(crate) fn train(
                 &steps(250.0),
                 "--batch-size",
                 "2",
+            ]),
+        ),
+        "svdiff" => (
+            "concept.safetensors",
+            strings(&[
+                "--instance-prompt",
+                &instance,
+                "--steps",
+                &steps(400.0),
+                "--lr",
+                "1e-3",
+                "--batch-size",
+                "4",
             ]),
         ),
         other => bail!("unknown method '{other}' (known: {})", METHODS.join(", ")),

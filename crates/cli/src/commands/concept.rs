@@ -17,7 +17,7 @@ pub enum ConceptCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Convert a concept file to another format (native, diffusers, a1111 or kohya).
+    /// Convert a concept file to another format (native, diffusers, a1111, kohya or svdiff).
     Convert {
         input: PathBuf,
         output: PathBuf,
@@ -25,7 +25,8 @@ pub enum ConceptCommand {
         /// embeddings, pytorch_lora_weights.safetensors with lora_A/lora_B keys for LoRA), a1111
         /// (emb_params .safetensors; A1111 names it by file name) or kohya (lora_unet_…/lora_te_…
         /// LoRA; embeddings alone are written as a1111, which kohya reads; P+ per-layer
-        /// embeddings as kohya's XTI file with keys IN01…OUT11).
+        /// embeddings as kohya's XTI file with keys IN01…OUT11) or svdiff (a folder with
+        /// spectral_shifts.safetensors and spectral_shifts_te.safetensors).
         #[arg(long)]
         format: Format,
         /// Rename the trigger word.
@@ -173,7 +174,14 @@ fn parameter_count(c: &Concept) -> usize {
                 .map(|l| l.key_output.elem_count() + l.value_output.elem_count())
                 .sum::<usize>()
     });
-    embeddings + layers + lora + lycoris + perfusion
+    let projections: usize = c
+        .projections
+        .iter()
+        .map(|p| p.weight.elem_count() + p.bias.as_ref().map_or(0, |b| b.elem_count()))
+        .sum();
+    let spectral: usize = c.spectral_shifts.iter().map(|s| s.delta.elem_count()).sum();
+    let extra: usize = c.extra_tokens.iter().map(|(_, v)| v.elem_count()).sum();
+    embeddings + layers + lora + lycoris + perfusion + projections + spectral + extra
 }
 
 fn inspect(file: &Path, json: bool) -> Result<()> {

@@ -34,6 +34,10 @@ pub enum TrainCommand {
     /// writes diffusers' Custom Diffusion folder at --out and imprint's file OUT.safetensors.
     #[command(name = "custom-diffusion")]
     CustomDiffusion(CustomDiffusionArgs),
+    /// SVDiff: shifts of the singular values of every UNet weight (and optionally the text
+    /// encoder's), ~1 MB per concept on SD 1.5, with DreamBooth's instance prompt and prior
+    /// preservation.
+    Svdiff(SvdiffArgs),
     /// Bias correction (ITI-GEN): inclusive tokens for each category of an attribute, learned
     /// from one folder of images per category in CLIP space (no diffusion backprop); then
     /// `generate --balance ATTRIBUTE` samples the categories in equal proportion.
@@ -62,6 +66,18 @@ pub struct CustomDiffusionArgs {
     /// Store the native file's weight changes as rank-R truncated SVDs (and report the cost).
     #[arg(long)]
     rank: Option<usize>,
+    #[command(flatten)]
+    trainer: TrainerArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct SvdiffArgs {
+    /// The caption of images without an IMAGE.txt, e.g. "a photo of sks dog".
+    #[arg(long)]
+    instance_prompt: Option<String>,
+    /// Also shift the text encoder's singular values.
+    #[arg(long)]
+    train_text_encoder: bool,
     #[command(flatten)]
     trainer: TrainerArgs,
 }
@@ -380,6 +396,23 @@ pub fn run(c: TrainCommand) -> Result<()> {
             train_extended_textual_inversion,
         ),
         TrainCommand::Debias(a) => super::debias::run(a),
+        TrainCommand::Svdiff(a) => {
+            let mut flags = toml::Table::new();
+            flags!(flags, a, [instance_prompt => "instance-prompt"]);
+            if a.train_text_encoder {
+                flags.insert("train-text-encoder".into(), toml::Value::Boolean(true));
+            }
+            trainer_flags(&a.trainer, &mut flags)?;
+            require(&flags, &a.trainer.config, &["model", "images", "out"])?;
+            let cfg: imprint_train::config::SvdiffConfig = resolve(
+                imprint_train::config::svdiff_defaults(),
+                a.trainer.config.as_deref(),
+                flags,
+            )?;
+            launch(&cfg.trainer.out, |hooks| {
+                imprint_train::trainer::train_svdiff(&cfg, hooks)
+            })
+        }
         TrainCommand::TextualInversion(a) => {
             train_ti_like(a, textual_inversion_defaults(), train_textual_inversion)
         }

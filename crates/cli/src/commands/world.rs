@@ -37,10 +37,10 @@ pub struct BenchArgs {
     /// The world folder (model/, clip/, dino/).
     #[arg(long, default_value = "examples/world")]
     pub world: PathBuf,
-    /// Comma-separated: ti, xti, perfusion, lora, dreambooth, custom-diffusion.
+    /// Comma-separated: ti, xti, perfusion, lora, dreambooth, custom-diffusion, svdiff.
     #[arg(
         long,
-        default_value = "ti,xti,perfusion,lora,dreambooth,custom-diffusion",
+        default_value = "ti,xti,perfusion,lora,dreambooth,custom-diffusion,svdiff",
         value_delimiter = ','
     )]
     pub methods: Vec<String>,

@@ -14,6 +14,7 @@ pub mod kohya_xti;
 pub mod lycoris;
 pub mod native;
 pub mod pt;
+pub mod svdiff;
 
 use crate::Concept;
 use anyhow::{bail, Context, Result};
@@ -37,6 +38,8 @@ pub enum Format {
     /// ([`kohya`]). A concept with only token embeddings is written as [`Format::A1111`], which
     /// kohya's scripts also read; per-layer embeddings (P+) as kohya's XTI file ([`kohya_xti`]).
     Kohya,
+    /// SVDiff's `spectral_shifts.safetensors` folder.
+    Svdiff,
 }
 
 impl Format {
@@ -46,6 +49,7 @@ impl Format {
             Format::Diffusers => "diffusers",
             Format::A1111 => "a1111",
             Format::Kohya => "kohya",
+            Format::Svdiff => "svdiff",
         }
     }
 }
@@ -64,9 +68,10 @@ impl std::str::FromStr for Format {
             "diffusers" => Format::Diffusers,
             "a1111" => Format::A1111,
             "kohya" => Format::Kohya,
+            "svdiff" => Format::Svdiff,
             other => {
                 bail!(
-                    "unknown concept format '{other}' (expected native, diffusers, a1111 or kohya)"
+                    "unknown concept format '{other}' (expected native, diffusers, a1111, kohya or svdiff)"
                 )
             }
         })
@@ -150,6 +155,9 @@ pub(crate) fn read_safetensors(bytes: &[u8]) -> Result<RawFile> {
 /// (`load_textual_inversion`), or else `pytorch_lora_weights.safetensors` (`load_lora_weights`).
 pub fn resolve(path: &Path) -> std::path::PathBuf {
     if path.is_dir() {
+        if let Some(shifts) = svdiff::resolve(path) {
+            return shifts;
+        }
         if let Some(weights) = custom_diffusion::resolve(path) {
             return weights;
         }
@@ -197,6 +205,9 @@ fn detect_raw(raw: &RawFile) -> Result<Format> {
     if custom_diffusion::is_custom_diffusion(raw) {
         return Ok(Format::Diffusers);
     }
+    if svdiff::is_svdiff(raw) {
+        return Ok(Format::Svdiff);
+    }
     if kohya::is_kohya(raw) || kohya_xti::is_kohya_xti(raw) {
         return Ok(Format::Kohya);
     }
@@ -241,6 +252,7 @@ pub fn load_with_format(path: &Path) -> Result<(Concept, Format)> {
             Format::A1111 => a1111::from_raw(raw, path)?,
             Format::Kohya if kohya_xti::is_kohya_xti(&raw) => kohya_xti::from_raw(raw, path)?,
             Format::Kohya => kohya::from_raw(raw)?,
+            Format::Svdiff => svdiff::from_raw(raw, path)?,
         };
         concept.validate()?;
         Ok((concept, format))
@@ -254,6 +266,17 @@ pub fn save(concept: &Concept, path: &Path, format: Format) -> Result<()> {
         .validate()
         .with_context(|| format!("{}: cannot save", path.display()))?;
     let has_lora = !concept.lora.is_empty();
+    if !concept.spectral_shifts.is_empty() || format == Format::Svdiff {
+        return match format {
+            Format::Native => native::save(concept, path),
+            Format::Svdiff => svdiff::save(concept, path),
+            _ => bail!(
+                "{}: concept '{}' holds SVDiff spectral shifts, which only imprint's native format and the svdiff folder hold",
+                path.display(),
+                concept.trigger
+            ),
+        };
+    }
     if !concept.lycoris.is_empty() {
         bail!(
             "{}: imprint applies LyCORIS modules (generate, model merge) but does not write them; keep the original file",
@@ -299,6 +322,7 @@ pub fn save(concept: &Concept, path: &Path, format: Format) -> Result<()> {
         Format::A1111 => a1111::save(concept, path),
         Format::Kohya if has_lora => kohya::save(concept, path),
         Format::Kohya => a1111::save(concept, path),
+        Format::Svdiff => svdiff::save(concept, path),
     }
 }
 

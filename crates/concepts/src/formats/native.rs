@@ -51,6 +51,8 @@ const SUPERCLASS_KEY: &str = "perfusion.superclass";
 /// Whole projections (Custom Diffusion): `<network>.<module>.weight_delta` / `.bias_delta`, or
 /// the weights themselves as `.weight_full` / `.bias_full`.
 const PROJECTION_PARTS: [&str; 4] = [".weight_delta", ".bias_delta", ".weight_full", ".bias_full"];
+/// SVDiff: `<network>.<module>.delta` `[r]` (one per singular value; `[1]` for a norm).
+const SPECTRAL: &str = ".delta";
 /// Further words trained with the trigger: `extra_tokens.<trigger>` `[n, dim]`.
 const EXTRA_TOKEN: &str = "extra_tokens.";
 const BETA_KEY: &str = "perfusion.beta";
@@ -78,7 +80,19 @@ pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
     let mut outputs: BTreeMap<String, [Option<Tensor>; 2]> = BTreeMap::new();
     let mut projection_parts: BTreeMap<String, [Option<Tensor>; 4]> = BTreeMap::new();
     let mut extra_tokens = vec![];
+    let mut spectral_shifts = vec![];
     for (name, t) in raw.tensors {
+        if let Some(target) = name.strip_suffix(SPECTRAL) {
+            let Some((network, module)) = target.split_once('.') else {
+                bail!("spectral shift '{name}' names no network")
+            };
+            spectral_shifts.push(crate::spectral::SpectralShift {
+                network: network.to_string(),
+                module: module.to_string(),
+                delta: t.to_dtype(candle_core::DType::F32)?.flatten_all()?,
+            });
+            continue;
+        }
         if let Some(trigger) = name.strip_prefix(EXTRA_TOKEN) {
             let e = TokenEmbedding::new(crate::TEXT_ENCODER, t)
                 .with_context(|| format!("tensor '{name}'"))?;
@@ -203,6 +217,7 @@ pub(crate) fn from_raw(raw: RawFile) -> Result<Concept> {
         perfusion,
         lycoris: vec![],
         projections,
+        spectral_shifts,
         extra_tokens,
         base_model: meta.get(BASE_MODEL_KEY).cloned(),
         metadata,
@@ -238,6 +253,12 @@ pub(crate) fn save(concept: &Concept, path: &Path) -> Result<()> {
     }
     for (trigger, v) in &concept.extra_tokens {
         tensors.insert(format!("{EXTRA_TOKEN}{trigger}"), v.clone());
+    }
+    for s in &concept.spectral_shifts {
+        tensors.insert(
+            format!("{}.{}{SPECTRAL}", s.network, s.module),
+            s.delta.clone(),
+        );
     }
     for l in &concept.layer_embeddings {
         tensors.insert(

@@ -2,7 +2,7 @@
 
 use crate::attention::{TextConditioning, Transformer2DConfig, Transformer2DModel};
 use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
-use crate::visit::{Projection, VisitProjections};
+use crate::visit::{Norm, Projection, VisitProjections};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -153,6 +153,14 @@ impl VisitProjections for DownBlock {
             f(Projection::Conv2d(&mut d.conv));
         }
     }
+    fn visit_norms(&mut self, f: &mut dyn FnMut(Norm<'_>)) {
+        for (i, r) in self.resnets.iter_mut().enumerate() {
+            r.visit_norms(f);
+            if let Some(a) = self.attentions.get_mut(i) {
+                a.visit_norms(f);
+            }
+        }
+    }
 }
 
 /// `UNetMidBlock2DCrossAttn`: resnet, then (attention, resnet) pairs.
@@ -204,6 +212,13 @@ impl VisitProjections for MidBlock {
         for (a, r) in self.attentions.iter_mut().zip(self.resnets[1..].iter_mut()) {
             a.visit_projections(f);
             r.visit_projections(f);
+        }
+    }
+    fn visit_norms(&mut self, f: &mut dyn FnMut(Norm<'_>)) {
+        self.resnets[0].visit_norms(f);
+        for (a, r) in self.attentions.iter_mut().zip(self.resnets[1..].iter_mut()) {
+            a.visit_norms(f);
+            r.visit_norms(f);
         }
     }
 }
@@ -292,6 +307,14 @@ impl VisitProjections for UpBlock {
         }
         if let Some(u) = &mut self.upsampler {
             f(Projection::Conv2d(&mut u.conv));
+        }
+    }
+    fn visit_norms(&mut self, f: &mut dyn FnMut(Norm<'_>)) {
+        for (i, r) in self.resnets.iter_mut().enumerate() {
+            r.visit_norms(f);
+            if let Some(a) = self.attentions.get_mut(i) {
+                a.visit_norms(f);
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 use super::blocks::{BlockCommon, CrossAttnSettings, DownBlock, MidBlock, UpBlock};
 use super::config::{BlockKind, UNet2DConditionConfig};
 use crate::attention::TextConditioning;
-use crate::visit::{Projection, VisitProjections};
+use crate::visit::{Norm, Projection, VisitProjections};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -389,5 +389,11 @@ impl VisitProjections for UNet2DConditionModel {
         self.mid_block.visit_projections(f);
         self.up_blocks.visit_projections(f);
         f(Projection::Conv2d(&mut self.conv_out));
+    }
+    fn visit_norms(&mut self, f: &mut dyn FnMut(Norm<'_>)) {
+        self.down_blocks.visit_norms(f);
+        self.mid_block.visit_norms(f);
+        self.up_blocks.visit_norms(f);
+        f(Norm::Group(&mut self.conv_norm_out));
     }
 }

@@ -8,6 +8,7 @@ pub mod extended_textual_inversion;
 pub mod iti_gen;
 pub mod lora;
 pub mod perfusion;
+pub mod svdiff;
 pub mod textual_inversion;
 
 use crate::data::TrainImage;
