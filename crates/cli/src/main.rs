@@ -22,6 +22,9 @@ enum Command {
     Train(commands::train::TrainCommand),
     /// Generate images from a prompt (txt2img, or img2img with --init-image).
     Generate(commands::generate::GenerateArgs),
+    /// Make a concept in seconds: one pass of an encoder from `imprint train encoder` over the
+    /// concept's images (and optionally up to 15 Textual Inversion steps).
+    Personalize(commands::personalize::PersonalizeArgs),
     /// Parity and inspection commands (tokenize, forward, sample).
     #[command(subcommand)]
     Debug(commands::debug::DebugCommand),
@@ -85,6 +88,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => commands::generate::run(a),
+        Command::Personalize(a) => commands::personalize::personalize(a),
         Command::Train(c) => commands::train::run(c),
         Command::Debug(c) => commands::debug::run(c),
         Command::Model(c) => commands::model::run(c),

@@ -74,6 +74,10 @@ pub struct TextualInversionConfig {
     pub num_vectors: usize,
     /// `object` or `style` caption templates.
     pub templates: String,
+    /// Start from this concept file's vectors instead of the init word's (e.g. an encoder's
+    /// output, refined by `imprint personalize --tune-steps`).
+    #[serde(default)]
+    pub init_concept: Option<std::path::PathBuf>,
     #[serde(flatten)]
     pub trainer: TrainerOptions,
 }

@@ -87,13 +87,29 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
     let config_text = toml::to_string(cfg)?;
     let mut sd = load_model(t)?;
     let resume = load_resume(t, &config_text)?;
-    let ti = TextualInversion::new(
-        &mut sd.tokenizer,
-        &sd.text_encoder,
-        &cfg.token,
-        &cfg.init_word,
-        cfg.num_vectors,
-    )?;
+    let ti = match &cfg.init_concept {
+        None => TextualInversion::new(
+            &mut sd.tokenizer,
+            &sd.text_encoder,
+            &cfg.token,
+            &cfg.init_word,
+            cfg.num_vectors,
+        )?,
+        Some(path) => {
+            let c = imprint_concepts::formats::load_any(path)?;
+            let e = c
+                .embedding(imprint_concepts::TEXT_ENCODER)
+                .with_context(|| {
+                    format!("{}: --init-concept has no token embedding", path.display())
+                })?;
+            TextualInversion::with_vectors(
+                &mut sd.tokenizer,
+                &sd.text_encoder,
+                &cfg.token,
+                &e.vectors,
+            )?
+        }
+    };
     let method = TextualInversionMethod {
         ti,
         templates,
@@ -112,6 +128,9 @@ pub fn train_extended_textual_inversion(
     hooks: &Hooks,
 ) -> Result<Outcome> {
     let t = &cfg.trainer;
+    if cfg.init_concept.is_some() {
+        bail!("--init-concept starts Textual Inversion; P+ starts from its init word")
+    }
     let templates = cfg.templates.parse()?;
     let config_text = toml::to_string(cfg)?;
     let mut sd = load_model(t)?;

@@ -207,7 +207,12 @@ impl ConceptScene {
 /// shape before or after it. The caption states the concept's class word, size (unless medium)
 /// and position, the companion in full and the background.
 pub fn sample_concept_scene(k: usize, rng: &mut impl Rng) -> ConceptScene {
-    let c = concept(k);
+    sample_look_scene(concept(k), rng)
+}
+
+/// A varied scene of any look `c` (a held-out concept, or a base look the encoder trains on).
+pub fn sample_look_scene(c: &HeldOutConcept, rng: &mut impl Rng) -> ConceptScene {
+    let k = c.id;
     let n = if chance(rng, 0.3) { 2 } else { 1 };
     let geometry = sample_geometry(rng, n);
     let concept_object = if n == 2 && chance(rng, 0.5) { 1 } else { 0 };

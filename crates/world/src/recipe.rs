@@ -85,7 +85,7 @@ impl Default for Recipe {
             clip_steps: 600,
             clip_batch: 64,
             clip_lr: 5e-4,
-            unet_steps: 2000,
+            unet_steps: 5000,
             unet_batch: 16,
             unet_lr: 3e-4,
             dino_steps: 400,
@@ -338,7 +338,12 @@ impl<'a> Phase<'a> {
             .get("step")
             .context("checkpoint lacks step")?
             .to_scalar::<i64>()? as usize;
-        opt.step = step;
+        // A checkpoint made from finished weights to train a phase further carries fresh moments
+        // and `opt_step` 0, so Adam's bias correction starts over with them.
+        opt.step = match t.get("opt_step") {
+            Some(s) => s.to_scalar::<i64>()? as usize,
+            None => step,
+        };
         self.bar.set_position(step as u64);
         Ok(step)
     }

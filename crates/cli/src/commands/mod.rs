@@ -5,6 +5,7 @@ pub mod debug;
 pub mod eval;
 pub mod generate;
 pub mod model;
+pub mod personalize;
 pub mod train;
 pub mod world;
 

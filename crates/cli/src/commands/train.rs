@@ -38,6 +38,10 @@ pub enum TrainCommand {
     /// encoder's), ~1 MB per concept on SD 1.5, with DreamBooth's instance prompt and prior
     /// preservation.
     Svdiff(SvdiffArgs),
+    /// Train an encoder (E4T-style) that maps a concept's images to its word, over many concepts
+    /// of a domain (a folder of concept folders, or `--data world`); then `imprint personalize`
+    /// makes a concept in seconds.
+    Encoder(super::personalize::EncoderArgs),
     /// Bias correction (ITI-GEN): inclusive tokens for each category of an attribute, learned
     /// from one folder of images per category in CLIP space (no diffusion backprop); then
     /// `generate --balance ATTRIBUTE` samples the categories in equal proportion.
@@ -250,6 +254,9 @@ pub struct TiArgs {
     /// object or style caption templates.
     #[arg(long)]
     templates: Option<String>,
+    /// Start from this concept file's vectors instead of the init word's.
+    #[arg(long)]
+    init_concept: Option<PathBuf>,
     #[command(flatten)]
     trainer: TrainerArgs,
 }
@@ -396,6 +403,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
             train_extended_textual_inversion,
         ),
         TrainCommand::Debias(a) => super::debias::run(a),
+        TrainCommand::Encoder(a) => super::personalize::train(a),
         TrainCommand::Svdiff(a) => {
             let mut flags = toml::Table::new();
             flags!(flags, a, [instance_prompt => "instance-prompt"]);
@@ -426,7 +434,7 @@ fn train_ti_like(
     train: fn(&TextualInversionConfig, &Hooks) -> anyhow::Result<Outcome>,
 ) -> Result<()> {
     let mut flags = toml::Table::new();
-    flags!(flags, a, [token => "token", init_word => "init-word", num_vectors => "num-vectors", templates => "templates"]);
+    flags!(flags, a, [token => "token", init_word => "init-word", num_vectors => "num-vectors", templates => "templates", init_concept => "init-concept"]);
     trainer_flags(&a.trainer, &mut flags)?;
     require(
         &flags,

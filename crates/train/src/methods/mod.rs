@@ -4,6 +4,7 @@
 
 pub mod custom_diffusion;
 pub mod dreambooth;
+pub mod encoder;
 pub mod extended_textual_inversion;
 pub mod iti_gen;
 pub mod lora;
