@@ -142,10 +142,16 @@ pub fn bases(
     if let Some(p) = path.as_ref().filter(|p| p.is_file()) {
         if let Ok(t) = candle_core::safetensors::load(p, &Device::Cpu) {
             let mut out = HashMap::new();
-            for name in weights.keys() {
+            for (name, w) in weights {
                 let get = |part: &str| t.get(&format!("{name}.{part}")).cloned();
+                let Ok(m) = as_matrix(w) else { continue };
+                let (rows, cols) = (m.dim(0)?, m.dim(1)?);
+                let r = rows.min(cols);
                 if let (Some(u), Some(s), Some(vt)) = (get("u"), get("s"), get("vt")) {
-                    out.insert(name.clone(), Svd { u, s, vt });
+                    // A cache that does not fit the weights is recomputed, not trusted.
+                    if u.dims() == [rows, r] && s.dims() == [r] && vt.dims() == [r, cols] {
+                        out.insert(name.clone(), Svd { u, s, vt });
+                    }
                 }
             }
             if out.len() == weights.len() {
@@ -202,12 +208,14 @@ pub fn projection_weights(model: &mut dyn VisitProjections) -> Result<BTreeMap<S
     }
 }
 
-/// The text encoder's embedding tables by SVDiff's module names.
+/// The text encoder's embedding tables by SVDiff's module names: the base vocabulary's rows only
+/// (words concepts added stay as they are, and the SVD stays the base model's).
 pub fn embedding_weights(te: &ClipTextTransformer) -> Result<BTreeMap<String, Tensor>> {
+    let base_rows = te.config.vocab_size.min(te.token_embedding.dim(0)?);
     let mut out = BTreeMap::new();
     for (name, w) in [
-        (TOKEN_EMBEDDING, &te.token_embedding),
-        (POSITION_EMBEDDING, &te.position_embedding),
+        (TOKEN_EMBEDDING, te.token_embedding.narrow(0, 0, base_rows)?),
+        (POSITION_EMBEDDING, te.position_embedding.clone()),
     ] {
         out.insert(
             name.to_string(),
@@ -340,7 +348,8 @@ impl SpectralChanges {
         }
     }
 
-    /// Replaces the text encoder's shifted embedding tables.
+    /// Replaces the text encoder's shifted embedding tables (the base vocabulary's rows; rows of
+    /// added words stay).
     pub fn apply_embeddings(&self, te: &mut ClipTextTransformer) -> Result<()> {
         for (name, new) in &self.embeddings {
             let slot = if name == TOKEN_EMBEDDING {
@@ -348,7 +357,13 @@ impl SpectralChanges {
             } else {
                 &mut te.position_embedding
             };
-            *slot = new.to_device(slot.device())?.to_dtype(slot.dtype())?;
+            let new = new.to_device(slot.device())?.to_dtype(slot.dtype())?;
+            let (rows, total) = (new.dim(0)?, slot.dim(0)?);
+            *slot = if rows < total {
+                Tensor::cat(&[new, slot.narrow(0, rows, total - rows)?], 0)?
+            } else {
+                new
+            };
         }
         Ok(())
     }

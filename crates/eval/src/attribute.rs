@@ -42,21 +42,17 @@ pub fn classify(clip: &ClipModel, images: &[RgbImage], prompts: &[String]) -> Re
         bail!("no images to classify")
     }
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let text = unit(&clip.prompt_features(&refs)?)?;
+    let text = crate::metrics::unit_rows(&clip.prompt_features(&refs)?)?;
     let device = text.device().clone();
     let mut out = Vec::with_capacity(images.len());
     for chunk in images.chunks(32) {
         let px = clip.processor.preprocess_batch(chunk, &device)?;
-        let img = unit(&clip.image_features(&px)?)?;
+        let img = crate::metrics::unit_rows(&clip.image_features(&px)?)?;
         let logits = img.matmul(&text.t()?)?;
         let best: Vec<u32> = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1()?;
         out.extend(best.into_iter().map(|b| b as usize));
     }
     Ok(out)
-}
-
-fn unit(x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
-    Ok(x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)?)
 }
 
 /// KL(p ‖ uniform) of a histogram's counts; empty bins add nothing.

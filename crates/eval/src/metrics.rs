@@ -25,7 +25,8 @@ pub struct Scores {
 }
 
 /// Rows normalized to unit length.
-fn unit_rows(x: &Tensor) -> Result<Tensor> {
+/// Rows scaled to unit length (cosine similarity is then a dot product).
+pub fn unit_rows(x: &Tensor) -> Result<Tensor> {
     let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
     Ok(x.broadcast_div(&norm)?)
 }

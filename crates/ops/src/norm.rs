@@ -69,6 +69,10 @@ pub fn shifted_weight(weight: &Tensor, shift: Option<&Tensor>) -> Result<Tensor>
         return Ok(weight.clone());
     };
     let norm = weight.sqr()?.sum_all()?.sqrt()?;
+    if norm.to_dtype(DType::F64)?.to_scalar::<f64>()? == 0.0 {
+        // An all-zero weight has no direction to scale.
+        return Ok(weight.clone());
+    }
     let factor = (norm
         .broadcast_add(&delta.flatten_all()?.sum_all()?)?
         .relu()?

@@ -319,7 +319,25 @@ impl StableDiffusion {
         )?;
         let unet_weights = prepare_projections(&mut self.unet, UNET, &concept.projections, scale)?;
         // SVDiff: σ + scale·δ (the SVDs come from the cache or are computed once per model).
-        let te_tables = imprint_concepts::spectral::embedding_weights(&self.text_encoder)?;
+        if let Some(s) = concept
+            .spectral_shifts
+            .iter()
+            .find(|s| s.network != UNET && s.network != TEXT_ENCODER)
+        {
+            bail!(
+                "the concept shifts weights of '{}', which Stable Diffusion 1.x/2.x does not have",
+                s.network
+            )
+        }
+        let te_tables = if concept
+            .spectral_shifts
+            .iter()
+            .any(|s| s.network == TEXT_ENCODER)
+        {
+            imprint_concepts::spectral::embedding_weights(&self.text_encoder)?
+        } else {
+            Default::default()
+        };
         let te_spectral = imprint_concepts::spectral::prepare_spectral(
             &mut self.text_encoder,
             te_tables,
@@ -334,16 +352,6 @@ impl StableDiffusion {
             &concept.spectral_shifts,
             scale,
         )?;
-        if let Some(s) = concept
-            .spectral_shifts
-            .iter()
-            .find(|s| s.network != UNET && s.network != TEXT_ENCODER)
-        {
-            bail!(
-                "the concept shifts weights of '{}', which Stable Diffusion 1.x/2.x does not have",
-                s.network
-            )
-        }
         // Further words (Custom Diffusion's joint modifier tokens) are checked as whole concepts.
         let extra: Vec<Concept> = concept
             .extra_tokens

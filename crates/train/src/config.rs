@@ -193,6 +193,10 @@ pub struct SvdiffConfig {
     pub instance_prompt: Option<String>,
     /// Also shift the text encoder's singular values.
     pub train_text_encoder: bool,
+    /// The rare word that names the subject in the instance prompt ("sks"), recorded as the
+    /// concept's trigger; guessed from the prompt when absent.
+    #[serde(default)]
+    pub token: Option<String>,
     #[serde(flatten)]
     pub trainer: TrainerOptions,
 }

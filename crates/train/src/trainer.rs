@@ -102,6 +102,14 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
                 .with_context(|| {
                     format!("{}: --init-concept has no token embedding", path.display())
                 })?;
+            if e.num_vectors() != cfg.num_vectors {
+                bail!(
+                    "{}: --init-concept has {} vector(s) but --num-vectors is {}",
+                    path.display(),
+                    e.num_vectors(),
+                    cfg.num_vectors
+                )
+            }
             TextualInversion::with_vectors(
                 &mut sd.tokenizer,
                 &sd.text_encoder,
@@ -292,6 +300,7 @@ pub fn train_svdiff(cfg: &crate::config::SvdiffConfig, hooks: &Hooks) -> Result<
         &mut sd,
         cfg.train_text_encoder,
         cfg.instance_prompt.clone(),
+        cfg.token.clone(),
     )?;
     eprintln!(
         "svdiff: {} spectral shifts train ({} bytes as f32)",

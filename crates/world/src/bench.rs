@@ -25,7 +25,7 @@ use std::process::Command;
 use std::time::Instant;
 
 /// The methods the bench knows, in table order.
-pub const METHODS: [&str; 7] = [
+pub const METHODS: [&str; 9] = [
     "ti",
     "xti",
     "perfusion",
@@ -33,6 +33,8 @@ pub const METHODS: [&str; 7] = [
     "dreambooth",
     "custom-diffusion",
     "svdiff",
+    "encoder",
+    "encoder+tune",
 ];
 
 /// What a bench run does.
@@ -44,6 +46,8 @@ pub struct BenchConfig {
     pub model: PathBuf,
     pub clip: PathBuf,
     pub dino: PathBuf,
+    /// The world's concept encoder (`imprint train encoder`), for the encoder rows.
+    pub encoder: PathBuf,
     pub methods: Vec<String>,
     pub concepts: Vec<usize>,
     /// Reference images per concept.
@@ -98,7 +102,7 @@ pub struct Editability {
 fn subject(method: &str, c: &HeldOutConcept) -> (Option<String>, String) {
     let token = format!("<world-{}>", c.id);
     match method {
-        "ti" | "xti" | "perfusion" => (Some(token.clone()), token),
+        "ti" | "xti" | "perfusion" | "encoder" | "encoder+tune" => (Some(token.clone()), token),
         "lora" | "dreambooth" | "svdiff" => (Some("sks".into()), format!("sks {}", c.class_word)),
         "custom-diffusion" => (Some(token.clone()), format!("{token} {}", c.class_word)),
         _ => (None, c.class_word.to_string()),
@@ -256,6 +260,7 @@ pub(crate) fn train(
                 "2",
             ]),
         ),
+        "encoder" | "encoder+tune" => ("concept.safetensors", vec![]),
         "svdiff" => (
             "concept.safetensors",
             strings(&[
@@ -272,9 +277,37 @@ pub(crate) fn train(
         other => bail!("unknown method '{other}' (known: {})", METHODS.join(", ")),
     };
     let out = dir.join(out_name);
-    let mut args: Vec<String> = vec!["train".into(), method.into()];
-    args.extend(common(&out.display().to_string()));
-    args.extend(extra);
+    let args: Vec<String> = if method.starts_with("encoder") {
+        // One encoder pass (and 15 Textual Inversion steps for encoder+tune).
+        let mut a = strings(&[
+            "personalize",
+            "--token",
+            &token,
+            "--class-word",
+            c.class_word,
+        ]);
+        a.extend(strings(&[
+            "--encoder",
+            &cfg.encoder.display().to_string(),
+            "--model",
+            &model,
+        ]));
+        a.extend(strings(&[
+            "--images",
+            &images,
+            "--out",
+            &out.display().to_string(),
+        ]));
+        if method == "encoder+tune" {
+            a.extend(strings(&["--tune-steps", "15"]));
+        }
+        a
+    } else {
+        let mut a: Vec<String> = vec!["train".into(), method.into()];
+        a.extend(common(&out.display().to_string()));
+        a.extend(extra);
+        a
+    };
     // DreamBooth makes a whole model; the others a concept applied to the base model.
     let (gen, kept) = if method == "dreambooth" {
         (
@@ -407,6 +440,12 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
             bail!("unknown method '{m}' (known: {})", METHODS.join(", "))
         }
     }
+    if cfg.methods.iter().any(|m| m.starts_with("encoder")) && !cfg.encoder.is_dir() {
+        bail!(
+            "{}: no concept encoder for the encoder rows (make one with `imprint train encoder`, or leave encoder and encoder+tune out of --methods)",
+            cfg.encoder.display()
+        )
+    }
     for &k in &cfg.concepts {
         if k >= crate::held_out::HELD_OUT.len() {
             bail!(
@@ -532,6 +571,8 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
             }
         })
         .collect();
+    // The methods' table is written before the uses run, so a failing use loses nothing.
+    report.finish(&rows)?;
     let mut uses = vec![];
     for u in &cfg.uses {
         if u == "debias" {
@@ -643,7 +684,7 @@ impl Report {
     }
 }
 
-fn html_escape(s: &str) -> String {
+pub(crate) fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -767,6 +808,7 @@ mod tests {
             model: "m".into(),
             clip: "c".into(),
             dino: "d".into(),
+            encoder: "e".into(),
             methods: vec!["magic".into()],
             concepts: vec![0],
             references: 1,

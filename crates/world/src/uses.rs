@@ -20,7 +20,7 @@
 //! Each use runs the same `imprint` commands a user runs and adds a section with its pictures to
 //! the bench's report.
 
-use crate::bench::{run_command, train, BenchConfig};
+use crate::bench::{html_escape, run_command, train, BenchConfig};
 use crate::held_out::{concept, concept_reference_scenes, write_references};
 use crate::scene::{
     pick_color_avoiding, sample_scene_seeded, Color, Object, Pattern, Scene, Shape,
@@ -522,12 +522,6 @@ pub fn run_style(cfg: &BenchConfig, clip: &ClipModel) -> Result<(StyleResult, St
         },
         html,
     ))
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }
 
 /// Checks the names of `--uses`.

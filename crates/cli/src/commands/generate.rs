@@ -179,27 +179,28 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let images = match &balance {
         None => sd.generate(&opts)?,
         Some(tokens) => {
-            // One batch per category (seed + k), interleaved so image i shows category i mod M.
+            // Image i: category i mod M's words, seed + i (as image i of a plain batch).
             let m = tokens.categories.len();
-            let mut groups = Vec::with_capacity(m);
-            for (k, (category, trigger)) in tokens.categories.iter().enumerate() {
+            for (k, (category, _)) in tokens.categories.iter().enumerate() {
                 let count = (opts.num_images + m - 1 - k) / m;
-                if count == 0 {
-                    groups.push(vec![].into_iter());
-                    continue;
-                }
                 eprintln!("{}: {count} image(s) of '{category}'", tokens.attribute);
+            }
+            let prompts = imprint_concepts::inclusive::balanced_prompts(
+                &opts.prompt,
+                tokens,
+                opts.num_images,
+            );
+            let mut images = Vec::with_capacity(prompts.len());
+            for (i, prompt) in prompts.into_iter().enumerate() {
                 let o = GenerateOptions {
-                    prompt: format!("{} {trigger}", opts.prompt),
-                    num_images: count,
-                    seed: opts.seed + k as u64,
+                    prompt,
+                    num_images: 1,
+                    seed: opts.seed + i as u64,
                     ..opts.clone()
                 };
-                groups.push(sd.generate(&o)?.into_iter());
+                images.extend(sd.generate(&o)?);
             }
-            (0..opts.num_images)
-                .map(|i| groups[i % m].next().expect("group sizes add up"))
-                .collect()
+            images
         }
     };
     if images.len() == 1 {

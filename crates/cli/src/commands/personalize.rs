@@ -166,7 +166,9 @@ pub fn personalize(a: PersonalizeArgs) -> Result<()> {
     }
     let resolution = sd.default_size();
     drop(sd);
-    let start = a.out.with_extension("encoder.safetensors");
+    let start = a
+        .out
+        .with_extension(format!("encoder-{}.safetensors", std::process::id()));
     imprint_concepts::formats::save(&concept, &start, imprint_concepts::formats::Format::Native)?;
     let captions = imprint_eval::metrics::image_files(&a.images)?
         .iter()
@@ -208,8 +210,9 @@ pub fn personalize(a: PersonalizeArgs) -> Result<()> {
         flags,
     )?;
     let hooks = imprint_train::trainer::Hooks::default();
-    imprint_train::trainer::train_textual_inversion(&cfg, &hooks)?;
+    let tuned = imprint_train::trainer::train_textual_inversion(&cfg, &hooks);
     let _ = std::fs::remove_file(&start);
+    tuned?;
     eprintln!(
         "encoder pass {encode_s:.2} s + {} tuning steps: {:.2} s in all",
         a.tune_steps,

@@ -79,6 +79,9 @@ pub struct SvdiffArgs {
     /// The caption of images without an IMAGE.txt, e.g. "a photo of sks dog".
     #[arg(long)]
     instance_prompt: Option<String>,
+    /// The rare word naming the subject ("sks"), recorded as the concept's trigger.
+    #[arg(long)]
+    token: Option<String>,
     /// Also shift the text encoder's singular values.
     #[arg(long)]
     train_text_encoder: bool,
@@ -406,7 +409,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
         TrainCommand::Encoder(a) => super::personalize::train(a),
         TrainCommand::Svdiff(a) => {
             let mut flags = toml::Table::new();
-            flags!(flags, a, [instance_prompt => "instance-prompt"]);
+            flags!(flags, a, [instance_prompt => "instance-prompt", token => "token"]);
             if a.train_text_encoder {
                 flags.insert("train-text-encoder".into(), toml::Value::Boolean(true));
             }

@@ -37,10 +37,11 @@ pub struct BenchArgs {
     /// The world folder (model/, clip/, dino/).
     #[arg(long, default_value = "examples/world")]
     pub world: PathBuf,
-    /// Comma-separated: ti, xti, perfusion, lora, dreambooth, custom-diffusion, svdiff.
+    /// Comma-separated: ti, xti, perfusion, lora, dreambooth, custom-diffusion, svdiff, encoder,
+    /// encoder+tune.
     #[arg(
         long,
-        default_value = "ti,xti,perfusion,lora,dreambooth,custom-diffusion,svdiff",
+        default_value = "ti,xti,perfusion,lora,dreambooth,custom-diffusion,svdiff,encoder,encoder+tune",
         value_delimiter = ','
     )]
     pub methods: Vec<String>,
@@ -133,6 +134,7 @@ pub fn run(c: WorldCommand) -> Result<()> {
                 model: a.world.join("model"),
                 clip: a.world.join("clip"),
                 dino: a.world.join("dino"),
+                encoder: a.world.join("encoder"),
                 methods: a.methods,
                 concepts: a.concepts,
                 references: a.references,

@@ -46,7 +46,7 @@ fn shifts(raw: RawFile, network: &str) -> Result<Vec<SpectralShift>> {
 pub(crate) fn from_raw(raw: RawFile, path: &Path) -> Result<Concept> {
     let te_file = path
         .file_name()
-        .is_some_and(|n| n.to_string_lossy().contains("_te"));
+        .is_some_and(|n| n.to_string_lossy() == TEXT_ENCODER_FILE);
     let mut all = shifts(raw, if te_file { TEXT_ENCODER } else { UNET })?;
     if !te_file {
         let te = path.with_file_name(TEXT_ENCODER_FILE);
@@ -78,7 +78,12 @@ pub fn save(concept: &Concept, dir: &Path) -> Result<()> {
     if concept.has_tokens() || !concept.lora.is_empty() || !concept.projections.is_empty() {
         bail!("{}: the SVDiff folder holds spectral shifts only; this concept has more (use --format native)", dir.display())
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    // Both files are written to a fresh folder first; then each replaces its old copy, and an
+    // old text-encoder file the concept has no counterpart for is removed (it would otherwise be
+    // read back as part of this concept).
+    let tmp = PathBuf::from(format!("{}.partial-{}", dir.display(), std::process::id()));
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let mut written = vec![];
     for (network, file) in [(UNET, UNET_FILE), (TEXT_ENCODER, TEXT_ENCODER_FILE)] {
         let t: HashMap<String, Tensor> = concept
             .spectral_shifts
@@ -87,8 +92,18 @@ pub fn save(concept: &Concept, dir: &Path) -> Result<()> {
             .map(|s| (format!("{}{SUFFIX}", s.module), s.delta.clone()))
             .collect();
         if !t.is_empty() {
-            save_safetensors_atomic(&dir.join(file), &t, None)?;
+            save_safetensors_atomic(&tmp.join(file), &t, None)?;
+            written.push(file);
         }
     }
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    for file in [UNET_FILE, TEXT_ENCODER_FILE] {
+        if written.contains(&file) {
+            std::fs::rename(tmp.join(file), dir.join(file))?;
+        } else if dir.join(file).exists() {
+            std::fs::remove_file(dir.join(file))?;
+        }
+    }
+    let _ = std::fs::remove_dir(&tmp);
     Ok(())
 }

@@ -307,6 +307,21 @@ pub fn train_encoder(
     }
     let token_id = sd.tokenizer.add_token(PLACEHOLDER)?;
     let schedule = NoiseSchedule::new(&sd.scheduler_config)?;
+    let prediction = sd.scheduler_config.prediction()?;
+    let resolution = sd.default_size();
+    // What a checkpoint must have been made with to be resumed.
+    let run_key = format!(
+        "model={} vision={} batch={} references={} lr={} penalty={} hidden={} seed={} steps={}",
+        cfg.model.display(),
+        cfg.init_vision.display(),
+        cfg.batch,
+        cfg.references,
+        cfg.lr,
+        cfg.offset_penalty,
+        cfg.mapper_hidden,
+        cfg.seed,
+        cfg.steps
+    );
     let mut opt = crate::optim::AdamW::new(
         vars.iter().map(|(_, v)| v.clone()).collect(),
         crate::optim::AdamWConfig::default(),
@@ -314,6 +329,17 @@ pub fn train_encoder(
     let ckpt = PathBuf::from(format!("{}.checkpoint.safetensors", cfg.out.display()));
     let mut start = 0;
     if ckpt.is_file() {
+        let bytes = std::fs::read(&ckpt)?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: unreadable checkpoint ({e})", ckpt.display()))?;
+        let made_with = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("run").cloned())
+            .unwrap_or_default();
+        if made_with != run_key {
+            bail!("{}: a checkpoint of another run ({made_with}); delete it or train with the same options", ckpt.display())
+        }
         let t = candle_core::safetensors::load(&ckpt, &device)?;
         for (i, (name, v)) in vars.iter().enumerate() {
             let get = |k: String| {
@@ -365,7 +391,9 @@ pub fn train_encoder(
                 &vector,
             )?);
             ids.push(row);
-            targets.push(image_tensor(&s.target, &device)?);
+            targets.push(imprint_pipeline::image_io::rgb_to_tensor(
+                &s.target, resolution, resolution, &device,
+            )?);
             penalty.push(offset.sqr()?.mean_all()?);
         }
         let ids = Tensor::cat(&ids, 0)?;
@@ -376,18 +404,21 @@ pub fn train_encoder(
         let dist = sd.vae.encode(&Tensor::cat(&targets, 0)?)?;
         let z = sd
             .vae
-            .scale_latents(&dist.sample(&dist.mean.randn_like(0.0, 1.0)?)?)?
+            .scale_latents(&dist.sample(&seeded_normal(dist.mean.dims(), &mut rng, &device)?)?)?
             .detach();
-        let noise = z.randn_like(0.0, 1.0)?;
+        let noise = seeded_normal(z.dims(), &mut rng, &device)?;
         let t: Vec<usize> = (0..cfg.batch)
             .map(|_| rng.gen_range(0..schedule.num_train_timesteps()))
             .collect();
-        let noisy = schedule.add_noise(&z, &noise, &t)?;
-        let ts = Tensor::new(t.iter().map(|&v| v as i64).collect::<Vec<_>>(), &device)?;
-        let pred = sd
-            .unet
-            .forward(&noisy, &ts, TextConditioning::Shared(&states))?;
-        let diffusion = (pred - noise)?.sqr()?.mean_all()?;
+        let diffusion = super::diffusion_loss(
+            &sd.unet,
+            &schedule,
+            prediction,
+            &z,
+            &noise,
+            &t,
+            TextConditioning::Shared(&states),
+        )?;
         let penalty = Tensor::stack(&penalty, 0)?.mean_all()?;
         let loss = (&diffusion + (penalty * cfg.offset_penalty)?)?;
         let grads = loss.backward()?;
@@ -414,12 +445,16 @@ pub fn train_encoder(
                 t.insert(format!("v.{name}"), opt.exp_avg_sq[i].clone());
             }
             t.insert("step".into(), Tensor::new((step + 1) as i64, &Device::Cpu)?);
-            save_safetensors_atomic(&ckpt, &t, None)?;
+            let meta = HashMap::from([("run".to_string(), run_key.clone())]);
+            save_safetensors_atomic(&ckpt, &t, Some(meta))?;
         }
     }
     // The folder: tower (as loaded) and mapper, written to a temporary name and renamed.
-    let tmp = PathBuf::from(format!("{}.partial", cfg.out.display()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    let tmp = PathBuf::from(format!(
+        "{}.partial-{}",
+        cfg.out.display(),
+        std::process::id()
+    ));
     std::fs::create_dir_all(&tmp)?;
     let mut weights = clip_weights;
     for (name, v) in &vars {
@@ -439,17 +474,13 @@ pub fn train_encoder(
     Ok(last)
 }
 
-/// An RGB image as `[1, 3, H, W]` in [−1, 1], the VAE's input.
-fn image_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let data: Vec<f32> = img
-        .as_raw()
-        .iter()
-        .map(|&v| v as f32 / 127.5 - 1.0)
+/// Standard normal noise drawn from `rng` (so a resumed run draws the same).
+fn seeded_normal(dims: &[usize], rng: &mut impl Rng, device: &Device) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rand_distr::Distribution::<f32>::sample(&rand_distr::StandardNormal, rng))
         .collect();
-    Ok(Tensor::from_vec(data, (1, h, w, 3), device)?
-        .permute((0, 3, 1, 2))?
-        .contiguous()?)
+    Ok(Tensor::from_vec(v, dims, device)?)
 }
 
 /// One encoder pass: the concept's embedding `[1, dim]` for `images`, from the class word's

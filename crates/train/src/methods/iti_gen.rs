@@ -53,9 +53,7 @@ pub struct ItiGenLosses {
     pub consistency: f64,
 }
 
-fn unit(x: &Tensor) -> Result<Tensor> {
-    Ok(x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)?)
-}
+use imprint_eval::metrics::unit_rows as unit;
 
 /// Row-wise cosine of two `[N, D]` tensors.
 fn cosine(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -181,6 +179,15 @@ pub fn train_iti_gen(
     let right = Tensor::new(pairs.iter().map(|p| p.1).collect::<Vec<_>>(), &device)?;
     let image_dirs =
         (image_means.index_select(&left, 0)? - image_means.index_select(&right, 0)?)?;
+    let dir_norms: Vec<f32> = image_dirs.sqr()?.sum(D::Minus1)?.sqrt()?.to_vec1()?;
+    if let Some(k) = dir_norms.iter().position(|n| *n < 1e-6) {
+        let (i, j) = pairs[k];
+        bail!(
+            "categories '{}' and '{}' look the same to CLIP (identical reference images?): no direction to learn between them",
+            cfg.categories[i as usize].0,
+            cfg.categories[j as usize].0
+        )
+    }
 
     let mut last = ItiGenLosses {
         direction: 0.0,
@@ -188,9 +195,11 @@ pub fn train_iti_gen(
     };
     for step in 0..cfg.steps {
         let embeds = substitute_tokens(&clip.text_model, &ids, &all_ids, vectors.as_tensor())?;
-        let text = text_features(clip, &embeds, &ids, eos)?;
+        // Unit text features, as the image side, before their differences (ITI-GEN's model.py);
+        // the pairs' losses are summed and divided by M − 1 as there.
+        let text = unit(&text_features(clip, &embeds, &ids, eos)?)?;
         let text_dirs = (text.index_select(&left, 0)? - text.index_select(&right, 0)?)?;
-        let direction = (1.0 - cosine(&text_dirs, &image_dirs)?)?.mean_all()?;
+        let direction = ((1.0 - cosine(&text_dirs, &image_dirs)?)?.sum_all()? / (m - 1) as f64)?;
         let consistency = (cfg.consistency - cosine(&text, &plain.broadcast_as(text.shape())?)?)?
             .relu()?
             .mean_all()?;

@@ -79,6 +79,7 @@ struct Shift {
 pub struct SvdiffMethod {
     shifts: Vec<Shift>,
     pub instance_prompt: Option<String>,
+    pub token: Option<String>,
 }
 
 /// Attaches zero shifts to every projection and norm of `model`.
@@ -182,6 +183,7 @@ impl SvdiffMethod {
         sd: &mut StableDiffusion,
         train_text_encoder: bool,
         instance_prompt: Option<String>,
+        token: Option<String>,
     ) -> Result<Self> {
         let mut shifts = vec![];
         attach_network(&mut sd.unet, UNET, &mut shifts)?;
@@ -194,6 +196,7 @@ impl SvdiffMethod {
         Ok(Self {
             shifts,
             instance_prompt,
+            token,
         })
     }
 
@@ -247,15 +250,20 @@ impl super::Method for SvdiffMethod {
                 })
             })
             .collect::<Result<_>>()?;
+        // The trigger: --token, else the prompt's first word that is not an article, "photo",
+        // "picture" or "of" (DreamBooth-style prompts name the rare word first: "a photo of sks dog").
+        const COMMON: [&str; 6] = ["a", "an", "the", "photo", "picture", "of"];
         let trigger = self
-            .instance_prompt
-            .as_deref()
-            .and_then(|p| {
-                p.split_whitespace()
-                    .find(|w| w.len() > 1 && *w != "a" && *w != "photo" && *w != "of")
+            .token
+            .clone()
+            .or_else(|| {
+                self.instance_prompt.as_deref().and_then(|p| {
+                    p.split_whitespace()
+                        .find(|w| !COMMON.contains(&w.to_ascii_lowercase().as_str()))
+                        .map(str::to_string)
+                })
             })
-            .unwrap_or("")
-            .to_string();
+            .unwrap_or_default();
         let mut concept = Concept {
             trigger,
             method: SVDIFF.to_string(),
