@@ -1,24 +1,41 @@
 #!/usr/bin/env bash
-# imprint's main job on the small example the repo ships: build imprint, write the tiny
-# random-weight model (the real SD 1.x diffusers layout, a few MB), teach it the example concept
-# (examples/toy: four pictures of a red toy robot) as the new word <red-toy> with Textual Inversion,
-# then generate a grid of images with that word. Real models work the same way (--model DIR).
+# imprint's main job on the example the repo ships: the toy world's base model (examples/world, a
+# small Stable Diffusion in the real diffusers layout that imprint trained on rendered, captioned
+# scenes) has never seen held-out concept 0, "checker-star" (a teal star with a magenta checkered
+# fill). Textual Inversion teaches it the new word <checker-star> from five reference pictures;
+# then a grid shows the concept in new scenes, beside the base model's grid for the same prompt
+# with the class word, and the world's evaluators score both (DINO and CLIP-I: likeness to the
+# references; CLIP-T: agreement with the prompt). Real models work the same way (--model DIR).
 # Usage: examples/quickstart.sh [OUT_DIR]   (default: examples/out)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-examples/out}"
 cargo build --release -p imprint-cli
 imprint=target/release/imprint
-model=examples/.models/tiny
-[ -f "$model/model_index.json" ] || "$imprint" model init --config tiny --out "$model" --seed 0
+world=examples/world
 mkdir -p "$out"
-"$imprint" train textual-inversion --model "$model" --images examples/toy \
-  --token "<red-toy>" --init-word toy --num-vectors 2 --out "$out/red-toy.safetensors" \
-  --resolution 64 --steps 60 --batch-size 2 --grad-accum 1 --lr 5e-3 --save-every 20 \
-  --validation-prompt "a photo of <red-toy>" --validation-every 30 --num-validation-images 4
-"$imprint" concept inspect "$out/red-toy.safetensors"
-"$imprint" generate --model "$model" --concept "$out/red-toy.safetensors" \
-  --prompt "a photo of <red-toy> on the moon" --negative-prompt "blurry" \
-  --num-images 4 --steps 20 --scheduler dpm++2m --seed 42 --out "$out/grid.png"
-echo "concept: $out/red-toy.safetensors (log, config and checkpoints beside it)"
-echo "images:  $out/grid.png, validation grids in $out/red-toy.validation/"
+rm -rf "$out/checker-star" "$out/checker-star.safetensors" "$out/samples" "$out/base-samples"
+"$imprint" world concept --id 0 --count 5 --subject "<checker-star>" --out "$out/checker-star"
+"$imprint" train textual-inversion --model "$world/model" --images "$out/checker-star" \
+  --token "<checker-star>" --init-word star --templates captions \
+  --out "$out/checker-star.safetensors" --resolution 64 --steps 300 --batch-size 4 \
+  --grad-accum 1 --lr 5e-3 --save-every 100 \
+  --validation-prompt "a <checker-star> on a solid yellow background" --validation-every 150 \
+  --num-validation-images 4
+"$imprint" concept inspect "$out/checker-star.safetensors"
+prompt="a <checker-star> at the top left of a striped gray background"
+base_prompt="a star at the top left of a striped gray background"
+mkdir -p "$out/samples" "$out/base-samples"
+"$imprint" generate --model "$world/model" --concept "$out/checker-star.safetensors" \
+  --prompt "$prompt" --num-images 8 --steps 25 --guidance 5 --seed 42 --out "$out/samples/s.png"
+"$imprint" generate --model "$world/model" \
+  --prompt "$base_prompt" --num-images 8 --steps 25 --guidance 5 --seed 42 --out "$out/base-samples/s.png"
+mv "$out/samples/s.png" "$out/grid.png"
+mv "$out/base-samples/s.png" "$out/base-grid.png"
+for s in samples base-samples; do
+  echo "$s:"
+  "$imprint" eval --generated "$out/$s" --references "$out/checker-star" --prompt "$base_prompt" \
+    --clip "$world/clip" --dino "$world/dino" --json
+done
+echo "concept: $out/checker-star.safetensors (log, config and checkpoints beside it)"
+echo "images:  $out/grid.png (with the concept), $out/base-grid.png (the base model's star)"
