@@ -345,6 +345,62 @@ pub(crate) fn train(
     Ok((gen, size))
 }
 
+/// Samples `n` images of `prompt` with the world's sampling settings into `out` (`out` itself
+/// for one image; `OUT-<i>.png` and the grid at `out` for several) and reads them back. `extra`
+/// are further `generate` arguments (concepts, regions; a `--model` of its own replaces the
+/// world's).
+pub(crate) fn sample_images(
+    cfg: &BenchConfig,
+    prompt: &str,
+    extra: &[String],
+    seed: u64,
+    out: &Path,
+    log: &Path,
+    n: usize,
+) -> Result<Vec<RgbImage>> {
+    let mut cmd = Command::new(&cfg.exe);
+    cmd.args([
+        "generate",
+        "--prompt",
+        prompt,
+        "--num-images",
+        &n.to_string(),
+    ]);
+    cmd.args([
+        "--steps",
+        "25",
+        "--guidance",
+        "5",
+        "--width",
+        "64",
+        "--height",
+        "64",
+    ]);
+    cmd.args([
+        "--seed",
+        &seed.to_string(),
+        "--out",
+        &out.display().to_string(),
+    ]);
+    if !extra.iter().any(|a| a == "--model") {
+        cmd.args(["--model", &cfg.model.display().to_string()]);
+    }
+    cmd.args(extra);
+    run_command(&mut cmd, &format!("sampling '{prompt}'"), log)?;
+    if n == 1 {
+        return Ok(vec![imprint_eval::preprocess::read_image_rgb(out)?]);
+    }
+    let stem = out.with_extension("");
+    (0..n)
+        .map(|i| {
+            imprint_eval::preprocess::read_image_rgb(Path::new(&format!(
+                "{}-{i}.png",
+                stem.display()
+            )))
+        })
+        .collect()
+}
+
 /// Scores the attributes a prompt asks for in one sample; returns (found, asked).
 pub fn attribute_hits(
     requested: &Requested,
@@ -488,47 +544,16 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
             let sdir = mdir.join("samples");
             std::fs::create_dir_all(&sdir)?;
             for (pi, p) in prompts.iter().enumerate() {
-                let out = sdir.join(format!("p{pi}.png"));
-                let mut cmd = Command::new(&cfg.exe);
-                cmd.args([
-                    "generate",
-                    "--prompt",
+                let imgs = sample_images(
+                    cfg,
                     &p.text(&phrase),
-                    "--num-images",
-                    &cfg.samples.to_string(),
-                    "--steps",
-                    "25",
-                    "--guidance",
-                    "5",
-                    "--width",
-                    "64",
-                    "--height",
-                    "64",
-                    "--seed",
-                    &(cfg.seed + pi as u64).to_string(),
-                    "--out",
-                    &out.display().to_string(),
-                ]);
-                if gen.first().map(|s| s.as_str()) != Some("--model") {
-                    cmd.args(["--model", &cfg.model.display().to_string()]);
-                }
-                cmd.args(&gen);
-                run_command(
-                    &mut cmd,
-                    &format!("sampling {m} on concept {k}"),
+                    &gen,
+                    cfg.seed + pi as u64,
+                    &sdir.join(format!("p{pi}.png")),
                     &mdir.join("sample.log"),
-                )?;
-                let imgs = if cfg.samples == 1 {
-                    vec![imprint_eval::preprocess::read_image_rgb(&out)?]
-                } else {
-                    (0..cfg.samples)
-                        .map(|i| {
-                            imprint_eval::preprocess::read_image_rgb(
-                                &sdir.join(format!("p{pi}-{i}.png")),
-                            )
-                        })
-                        .collect::<Result<Vec<_>>>()?
-                };
+                    cfg.samples,
+                )
+                .with_context(|| format!("sampling {m} on concept {k}"))?;
                 samples.push(imgs);
             }
             let sample_s = t1.elapsed().as_secs_f64();

@@ -20,7 +20,7 @@
 //! Each use runs the same `imprint` commands a user runs and adds a section with its pictures to
 //! the bench's report.
 
-use crate::bench::{html_escape, run_command, train, BenchConfig};
+use crate::bench::{html_escape, run_command, sample_images, train, BenchConfig};
 use crate::held_out::{concept, concept_reference_scenes, write_references};
 use crate::scene::{
     pick_color_avoiding, sample_scene_seeded, Color, Object, Pattern, Scene, Shape,
@@ -110,36 +110,7 @@ fn sample(
     log: &Path,
     n: usize,
 ) -> Result<Vec<image::RgbImage>> {
-    let mut cmd = Command::new(&cfg.exe);
-    cmd.args(["generate", "--model", &cfg.model.display().to_string()]);
-    cmd.args(["--prompt", prompt, "--num-images", &n.to_string()]);
-    cmd.args([
-        "--steps",
-        "25",
-        "--guidance",
-        "5",
-        "--width",
-        "64",
-        "--height",
-        "64",
-    ]);
-    cmd.args([
-        "--seed",
-        &cfg.seed.to_string(),
-        "--out",
-        &out.display().to_string(),
-    ]);
-    cmd.args(extra);
-    run_command(&mut cmd, &format!("sampling '{prompt}'"), log)?;
-    let stem = out.with_extension("");
-    (0..n)
-        .map(|i| {
-            imprint_eval::preprocess::read_image_rgb(Path::new(&format!(
-                "{}-{i}.png",
-                stem.display()
-            )))
-        })
-        .collect()
+    sample_images(cfg, prompt, extra, cfg.seed, out, log, n)
 }
 
 /// Measures the world's circle-colour bias, learns inclusive tokens for [`DEBIAS_COLORS`] and
