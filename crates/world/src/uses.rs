@@ -98,7 +98,31 @@ pub struct DebiasResult {
     pub prompt: &'static str,
     pub before: Histogram,
     pub after: Histogram,
+    /// The same images read by the renderer's reader: the largest object's colour among the
+    /// categories (images whose largest object has another colour are left out).
+    pub before_read: Histogram,
+    pub after_read: Histogram,
     pub train_s: f64,
+}
+
+/// The histogram of the largest object's colour over [`DEBIAS_COLORS`], read off the pixels.
+fn read_histogram(images: &[image::RgbImage], names: &[String]) -> Histogram {
+    let mut counts = vec![0usize; DEBIAS_COLORS.len()];
+    for img in images {
+        let reading = crate::read::read(img);
+        if let Some(k) = reading
+            .objects
+            .first()
+            .and_then(|b| DEBIAS_COLORS.iter().position(|c| *c == b.color))
+        {
+            counts[k] += 1;
+        }
+    }
+    Histogram {
+        categories: names.to_vec(),
+        kl_uniform: imprint_eval::attribute::kl_from_uniform(&counts),
+        counts,
+    }
 }
 
 /// Samples `prompt` into `out` (a grid, plus `out-<i>.png`) and returns the images.
@@ -131,6 +155,7 @@ pub fn run_debias(cfg: &BenchConfig, clip: &ClipModel) -> Result<(DebiasResult, 
         DEBIAS_SAMPLES,
     )?;
     let before = histogram(clip, &before_imgs, &names, template)?;
+    let before_read = read_histogram(&before_imgs, &names);
     let tokens = dir.join("color.safetensors");
     let t0 = Instant::now();
     let mut cmd = Command::new(&cfg.exe);
@@ -160,6 +185,7 @@ pub fn run_debias(cfg: &BenchConfig, clip: &ClipModel) -> Result<(DebiasResult, 
         DEBIAS_SAMPLES,
     )?;
     let after = histogram(clip, &after_imgs, &names, template)?;
+    let after_read = read_histogram(&after_imgs, &names);
     let row = |h: &Histogram| {
         h.categories
             .iter()
@@ -169,12 +195,16 @@ pub fn run_debias(cfg: &BenchConfig, clip: &ClipModel) -> Result<(DebiasResult, 
             .join(", ")
     };
     let html = format!(
-        "<h2>Correcting the world's bias (ITI-GEN)</h2><p>“{BIASED_PROMPT}”, {DEBIAS_SAMPLES} samples, classified by the world CLIP among “{template}” for {}. Before: {} — KL from uniform {:.3}. After <code>train debias</code> + <code>generate --balance color</code> ({train_s:.0} s of training): {} — KL {:.3}.</p><div><img src=\"debias/before.png\" width=384> <img src=\"debias/after.png\" width=384></div>",
+        "<h2>Correcting the world's bias (ITI-GEN)</h2><p>“{BIASED_PROMPT}”, {DEBIAS_SAMPLES} samples, classified by the world CLIP among “{template}” for {}. Before: {} — KL from uniform {:.3}. After <code>train debias</code> + <code>generate --balance color</code> ({train_s:.0} s of training): {} — KL {:.3}. Read off the pixels (the largest object's colour, when it is one of the categories): before {} — KL {:.3}; after {} — KL {:.3}.</p><div><img src=\"debias/before.png\" width=384> <img src=\"debias/after.png\" width=384></div>",
         names.join(", "),
         row(&before),
         before.kl_uniform,
         row(&after),
-        after.kl_uniform
+        after.kl_uniform,
+        row(&before_read),
+        before_read.kl_uniform,
+        row(&after_read),
+        after_read.kl_uniform
     );
     Ok((
         DebiasResult {
@@ -182,6 +212,8 @@ pub fn run_debias(cfg: &BenchConfig, clip: &ClipModel) -> Result<(DebiasResult, 
             prompt: BIASED_PROMPT,
             before,
             after,
+            before_read,
+            after_read,
             train_s,
         },
         html,
