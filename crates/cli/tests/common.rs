@@ -135,3 +135,23 @@ pub fn run_concepts(dir: &Path, run: &serde_json::Value) -> Vec<String> {
         })
         .collect()
 }
+
+/// The stdout of a finished command, after checking that it succeeded (stderr in the panic).
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A toy world trained for a few steps per phase (seconds): its text encoder is its CLIP's text
+/// tower and it has the committed world's layout.
+pub fn smoke_world(dir: &Path) {
+    ok(imprint()
+        .args(["world", "train", "--steps-scale", "0.002", "--out"])
+        .arg(dir)
+        .output()
+        .unwrap());
+}

@@ -7,23 +7,6 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn ok(out: std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn smoke_world(dir: &Path) {
-    ok(imprint()
-        .args(["world", "train", "--steps-scale", "0.002", "--out"])
-        .arg(dir)
-        .output()
-        .unwrap());
-}
-
 #[test]
 fn inclusive_tokens_balance_generation_over_the_categories() {
     let tmp = tempfile::tempdir().unwrap();

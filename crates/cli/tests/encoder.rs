@@ -7,15 +7,6 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn ok(out: std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 fn concept_images(k: &str, subject: &str, out: &Path) {
     ok(imprint()
         .args([
@@ -38,11 +29,7 @@ fn concept_images(k: &str, subject: &str, out: &Path) {
 fn an_encoder_trains_and_makes_concepts_in_one_pass() {
     let tmp = tempfile::tempdir().unwrap();
     let world = tmp.path().join("world");
-    ok(imprint()
-        .args(["world", "train", "--steps-scale", "0.002", "--out"])
-        .arg(&world)
-        .output()
-        .unwrap());
+    smoke_world(&world);
     let train = |data: &str, out: &Path| {
         imprint()
             .args([
