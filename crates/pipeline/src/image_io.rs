@@ -16,6 +16,25 @@ pub fn read_rgb(path: &Path) -> Result<RgbImage> {
     Ok(flatten_alpha(img))
 }
 
+/// Reads an image prompt as diffusers' `load_image` does: EXIF orientation applied
+/// (`ImageOps.exif_transpose`), then `convert("RGB")`, which drops alpha rather than compositing.
+pub fn read_image_prompt(path: &Path) -> Result<RgbImage> {
+    use image::ImageDecoder;
+    let mut decoder = image::ImageReader::open(path)
+        .with_context(|| format!("{}: cannot open image", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("{}: cannot read image", path.display()))?
+        .into_decoder()
+        .with_context(|| format!("{}: not a readable image", path.display()))?;
+    let orientation = decoder
+        .orientation()
+        .with_context(|| format!("{}: unreadable EXIF orientation", path.display()))?;
+    let mut img = DynamicImage::from_decoder(decoder)
+        .with_context(|| format!("{}: not a readable image", path.display()))?;
+    img.apply_orientation(orientation);
+    Ok(img.to_rgb8())
+}
+
 /// Composites an image with alpha over white (opaque images are only converted to 8-bit RGB).
 pub fn flatten_alpha(img: DynamicImage) -> RgbImage {
     if !img.color().has_alpha() {
@@ -114,6 +133,34 @@ pub fn grid(images: &[RgbImage]) -> Result<RgbImage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An RGBA PNG tagged "rotate 90° clockwise" (EXIF orientation 6) reads rotated, with its
+    /// alpha dropped, not composited.
+    #[test]
+    fn image_prompts_follow_exif_orientation_and_drop_alpha() {
+        use image::ImageEncoder;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prompt.png");
+        // 2×1: a transparent red pixel, then an opaque blue one.
+        let pixels: [u8; 8] = [255, 0, 0, 0, 0, 0, 255, 255];
+        let mut png = Vec::new();
+        let mut enc = image::codecs::png::PngEncoder::new(&mut png);
+        // Big-endian TIFF header, one IFD entry: Orientation (0x0112), SHORT, 1, value 6.
+        let exif = vec![
+            b'M', b'M', 0, 42, 0, 0, 0, 8, 0, 1, 0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0,
+            0, 0, 0,
+        ];
+        enc.set_exif_metadata(exif).unwrap();
+        enc.write_image(&pixels, 2, 1, image::ExtendedColorType::Rgba8)
+            .unwrap();
+        std::fs::write(&path, png).unwrap();
+        let img = read_image_prompt(&path).unwrap();
+        assert_eq!(img.dimensions(), (1, 2));
+        assert_eq!(img.get_pixel(0, 0).0, [255, 0, 0]);
+        assert_eq!(img.get_pixel(0, 1).0, [0, 0, 255]);
+        // The composite reader keeps the file's orientation and whitens the transparent pixel.
+        assert_eq!(read_rgb(&path).unwrap().get_pixel(0, 0).0, [255, 255, 255]);
+    }
 
     #[test]
     fn pixels_round_trip() -> Result<()> {

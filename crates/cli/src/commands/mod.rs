@@ -129,7 +129,7 @@ pub fn apply_ip_adapter(sd: &mut StableDiffusion, a: &IpAdapterArgs) -> Result<(
     let images = a
         .ip_image
         .iter()
-        .map(|p| imprint_pipeline::image_io::read_rgb(p))
+        .map(|p| imprint_pipeline::image_io::read_image_prompt(p))
         .collect::<Result<Vec<_>>>()?;
     let per_block = match &a.ip_adapter_blocks {
         Some(json) => {
