@@ -88,11 +88,6 @@ pub fn weight_change(svd: &Svd, delta: &Tensor) -> Result<Tensor> {
     Ok(svd.u.broadcast_mul(&d.unsqueeze(0)?)?.matmul(&svd.vt)?)
 }
 
-/// The shifted 1-D weight `γ · relu(‖γ‖ + δ) / ‖γ‖`.
-pub fn shifted_norm_weight(weight: &Tensor, delta: &Tensor) -> Result<Tensor> {
-    Ok(imprint_ops::shifted_weight(weight, Some(delta))?)
-}
-
 fn cache_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("IMPRINT_CACHE_DIR") {
         return Some(PathBuf::from(d));
@@ -302,8 +297,10 @@ pub fn prepare_spectral(
                 )
             }
             let w32 = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-            out.norms
-                .insert(s.module.clone(), shifted_norm_weight(&w32, &delta)?);
+            out.norms.insert(
+                s.module.clone(),
+                imprint_ops::shifted_weight(&w32, Some(&delta))?,
+            );
         }
     }
     Ok(Some(out))
@@ -420,9 +417,12 @@ mod tests {
     #[test]
     fn a_norm_shift_scales_the_weight_by_its_norm() {
         let g = Tensor::new(&[3f32, 4.0], &Device::Cpu).unwrap();
-        let w = shifted_norm_weight(&g, &Tensor::new(&[5f32], &Device::Cpu).unwrap()).unwrap();
+        let w = imprint_ops::shifted_weight(&g, Some(&Tensor::new(&[5f32], &Device::Cpu).unwrap()))
+            .unwrap();
         assert_eq!(w.to_vec1::<f32>().unwrap(), [6.0, 8.0]);
-        let w = shifted_norm_weight(&g, &Tensor::new(&[-9f32], &Device::Cpu).unwrap()).unwrap();
+        let w =
+            imprint_ops::shifted_weight(&g, Some(&Tensor::new(&[-9f32], &Device::Cpu).unwrap()))
+                .unwrap();
         assert_eq!(w.to_vec1::<f32>().unwrap(), [0.0, 0.0]);
     }
 }

@@ -125,18 +125,6 @@ fn read_histogram(images: &[image::RgbImage], names: &[String]) -> Histogram {
     }
 }
 
-/// Samples `prompt` into `out` (a grid, plus `out-<i>.png`) and returns the images.
-fn sample(
-    cfg: &BenchConfig,
-    prompt: &str,
-    extra: &[String],
-    out: &Path,
-    log: &Path,
-    n: usize,
-) -> Result<Vec<image::RgbImage>> {
-    sample_images(cfg, prompt, extra, cfg.seed, out, log, n)
-}
-
 /// Measures the world's circle-colour bias, learns inclusive tokens for [`DEBIAS_COLORS`] and
 /// measures again with `--balance`. Returns the result and its report section.
 pub fn run_debias(cfg: &BenchConfig, clip: &ClipModel) -> Result<(DebiasResult, String)> {
@@ -146,10 +134,11 @@ pub fn run_debias(cfg: &BenchConfig, clip: &ClipModel) -> Result<(DebiasResult, 
     write_color_categories(&categories_dir, &DEBIAS_COLORS, 8, cfg.seed)?;
     let names: Vec<String> = DEBIAS_COLORS.iter().map(|c| c.word().to_string()).collect();
     let template = "a {} circle";
-    let before_imgs = sample(
+    let before_imgs = sample_images(
         cfg,
         BIASED_PROMPT,
         &[],
+        cfg.seed,
         &dir.join("before.png"),
         &dir.join("before.log"),
         DEBIAS_SAMPLES,
@@ -171,7 +160,7 @@ pub fn run_debias(cfg: &BenchConfig, clip: &ClipModel) -> Result<(DebiasResult, 
         &dir.join("train.log"),
     )?;
     let train_s = t0.elapsed().as_secs_f64();
-    let after_imgs = sample(
+    let after_imgs = sample_images(
         cfg,
         BIASED_PROMPT,
         &[
@@ -180,6 +169,7 @@ pub fn run_debias(cfg: &BenchConfig, clip: &ClipModel) -> Result<(DebiasResult, 
             "--balance".into(),
             "color".into(),
         ],
+        cfg.seed,
         &dir.join("after.png"),
         &dir.join("after.log"),
         DEBIAS_SAMPLES,
@@ -336,10 +326,11 @@ pub fn run_multi(
     html += "</tr>";
     let mut pictures = String::new();
     for (variant, extra) in [("joint", &concepts_args), ("regions", &regions)] {
-        let imgs = sample(
+        let imgs = sample_images(
             cfg,
             &prompt,
             extra,
+            cfg.seed,
             &dir.join(format!("{variant}.png")),
             &dir.join(format!("{variant}.log")),
             n,
@@ -471,10 +462,11 @@ pub fn run_style(cfg: &BenchConfig, clip: &ClipModel) -> Result<(StyleResult, St
     ));
     for (i, (case, prompt, extra)) in plan.into_iter().enumerate() {
         let out = dir.join(format!("case-{i}.png"));
-        let imgs = sample(
+        let imgs = sample_images(
             cfg,
             &prompt,
             &extra,
+            cfg.seed,
             &out,
             &dir.join(format!("case-{i}.log")),
             n,
