@@ -204,3 +204,144 @@ fn pickled_bin_adapter_gives_the_same_result() {
     let b = sample("ip-adapter.bin", &s.join("b.safetensors"));
     assert_eq!(rel_err(&a, &b), 0.0);
 }
+
+/// Trains 3 TI steps on the diffusers-made model with validation at every step; `ip` adds an image
+/// prompt to the validation. Returns (learned vectors, final grid, grid at step 1).
+fn train_with_validation(
+    name: &str,
+    method: &str,
+    ip: Option<&str>,
+) -> (Vec<f32>, image::RgbImage, image::RgbImage) {
+    let work = scratch(&format!("ip-validation-{name}"));
+    let out = work.join("concept.safetensors");
+    let images = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy");
+    let mut cmd = imprint();
+    cmd.args(["train", method, "--model"])
+        .arg(model())
+        .arg("--images")
+        .arg(&images)
+        .arg("--out")
+        .arg(&out)
+        .args(["--steps", "3", "--resolution", "32", "--batch-size", "1"])
+        .args([
+            "--validation-prompt",
+            "a photo of <toy>",
+            "--validation-every",
+            "1",
+        ])
+        .args(["--num-validation-images", "1", "--validation-steps", "3"]);
+    if method == "ti" {
+        cmd.args([
+            "--token",
+            "<toy>",
+            "--init-word",
+            "one",
+            "--grad-accum",
+            "1",
+        ]);
+    } else {
+        cmd.args(["--instance-prompt", "a photo of <toy>", "--lr", "1e-2"]);
+    }
+    if let Some(spec) = ip {
+        cmd.arg("--validation-ip-adapter")
+            .arg(format!("{}:{spec}", dir_file("ip-adapter.safetensors")))
+            .arg("--validation-ip-image")
+            .arg(dir().join("image.png"));
+    }
+    ok(cmd.output().unwrap());
+    let vectors: Vec<f32> = load(&out)
+        .into_iter()
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into_iter()
+        .flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    let grid = |step: usize| {
+        image::open(work.join(format!("concept.validation/step-{step:06}.png")))
+            .unwrap()
+            .to_rgb8()
+    };
+    (vectors, grid(3), grid(1))
+}
+
+fn dir_file(name: &str) -> String {
+    dir().join(name).display().to_string()
+}
+
+#[test]
+fn validation_image_prompt_leaves_training_unchanged() {
+    let (plain, plain_grid, plain_first) = train_with_validation("plain", "ti", None);
+    let (zero, zero_grid, _) = train_with_validation("zero", "ti", Some("0.0"));
+    let (full, full_grid, full_first) = train_with_validation("full", "ti", Some("1.0"));
+    // Training never sees the adapter: the learned vectors are bit for bit the same.
+    assert_eq!(plain, zero);
+    assert_eq!(plain, full);
+    // At scale 0 the validation images are the base model's; at scale 1 the image prompt shows,
+    // at the first validation and after training continued past it.
+    assert_eq!(plain_grid, zero_grid);
+    assert_ne!(plain_grid, full_grid);
+    assert_ne!(plain_first, full_first);
+}
+
+#[test]
+fn validation_image_prompt_sees_a_lora_being_trained() {
+    // The adapter goes on a copy of the model: that copy must carry the LoRA as trained so far.
+    let (plain, plain_grid, plain_first) = train_with_validation("lora-plain", "lora", None);
+    let (zero, zero_grid, zero_first) = train_with_validation("lora-zero", "lora", Some("0.0"));
+    assert_eq!(plain, zero);
+    assert_ne!(
+        plain_first, plain_grid,
+        "the LoRA moved between step 1 and 3"
+    );
+    assert_eq!(plain_grid, zero_grid);
+    assert_eq!(plain_first, zero_first);
+}
+
+#[test]
+fn broken_validation_image_prompt_fails_before_training() {
+    let work = scratch("ip-validation-broken");
+    let out = work.join("concept.safetensors");
+    let images = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy");
+    for (adapter, image, expect) in [
+        (
+            dir_file("ip-adapter.safetensors"),
+            dir().join("bad.png"),
+            "bad.png",
+        ),
+        (
+            dir_file("missing.safetensors"),
+            dir().join("image.png"),
+            "not found",
+        ),
+    ] {
+        let output = imprint()
+            .args([
+                "train",
+                "ti",
+                "--token",
+                "<toy>",
+                "--init-word",
+                "one",
+                "--model",
+            ])
+            .arg(model())
+            .arg("--images")
+            .arg(&images)
+            .arg("--out")
+            .arg(&out)
+            .args(["--steps", "2", "--resolution", "32"])
+            .args(["--validation-prompt", "a photo of <toy>"])
+            .arg("--ip-adapter")
+            .arg(&adapter)
+            .arg("--ip-image")
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(err.contains(expect), "{err}");
+        assert!(
+            std::fs::read_dir(&work).unwrap().next().is_none(),
+            "nothing may be written"
+        );
+    }
+}

@@ -132,6 +132,7 @@ pub fn select_layers(spec: &str, keys: &[String]) -> Result<Vec<bool>> {
 }
 
 /// One applied concept whose vectors vary by layer (or that is restricted to some layers).
+#[derive(Clone)]
 struct Applied {
     token_ids: Vec<u32>,
     /// The distinct `[n, dim]` vectors it uses (on the text encoder's device and dtype, scaled).
@@ -143,7 +144,7 @@ struct Applied {
 }
 
 /// The per-layer concepts applied to one model, and the encoding of prompts through them.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct PerLayerTokens {
     applied: Vec<Applied>,
 }

@@ -572,6 +572,7 @@ impl VisitProjections for Transformer2DModel {
 
 /// The VAE's single-head spatial self-attention (`Attention` with a group norm and a residual;
 /// older checkpoints name its weights `query`/`key`/`value`/`proj_attn`).
+#[derive(Clone)]
 pub struct SpatialSelfAttention {
     pub group_norm: GroupNorm,
     pub attention: Attention,

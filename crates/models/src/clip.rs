@@ -88,6 +88,7 @@ impl Activation {
     }
 }
 
+#[derive(Clone)]
 struct ClipAttention {
     q_proj: Linear,
     k_proj: Linear,
@@ -137,6 +138,7 @@ impl ClipAttention {
 
 /// One pre-norm transformer layer of CLIP (`CLIPEncoderLayer`), shared by the text and vision
 /// towers.
+#[derive(Clone)]
 pub struct ClipEncoderLayer {
     self_attn: ClipAttention,
     layer_norm1: LayerNorm,
@@ -191,6 +193,7 @@ pub struct ClipTextOutput {
 }
 
 /// `text_model` of `CLIPTextModel`.
+#[derive(Clone)]
 pub struct ClipTextTransformer {
     /// `[vocab, D]`: the token embedding table (new tokens append rows here).
     pub token_embedding: Tensor,

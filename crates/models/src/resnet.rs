@@ -121,6 +121,7 @@ impl VisitProjections for ResnetBlock2D {
 
 /// `Downsample2D` with a convolution. With `padding == 0` (the VAE) diffusers pads right and bottom
 /// by one first, so the stride-2 conv sees the same window as the padded UNet one.
+#[derive(Clone)]
 pub struct Downsample2D {
     pub conv: Conv2d,
     padding: usize,
@@ -149,6 +150,7 @@ impl Downsample2D {
 }
 
 /// `Upsample2D`: nearest 2× (or to an explicit size) then a 3×3 conv.
+#[derive(Clone)]
 pub struct Upsample2D {
     pub conv: Conv2d,
 }

@@ -140,6 +140,7 @@ enum Segment<'a> {
     Added(u32),
 }
 
+#[derive(Clone)]
 pub struct ClipTokenizer {
     encoder: HashMap<String, u32>,
     decoder: HashMap<u32, String>,
@@ -158,7 +159,25 @@ pub struct ClipTokenizer {
     whitespace: Regex,
     clip_split: Regex,
     byte_level_split: Regex,
-    cache: Mutex<HashMap<String, Vec<u32>>>,
+    cache: BpeCache,
+}
+
+/// Words already split by BPE; a clone starts with a copy of the entries.
+#[derive(Default)]
+struct BpeCache(Mutex<HashMap<String, Vec<u32>>>);
+
+impl Clone for BpeCache {
+    fn clone(&self) -> Self {
+        let entries = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Self(Mutex::new(entries))
+    }
+}
+
+impl std::ops::Deref for BpeCache {
+    type Target = Mutex<HashMap<String, Vec<u32>>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -745,7 +764,7 @@ impl ClipTokenizer {
             whitespace: Regex::new(r"\s+").expect("valid regex"),
             clip_split: Regex::new(CLIP_SPLIT_PATTERN).expect("valid regex"),
             byte_level_split: Regex::new(BYTE_LEVEL_SPLIT_PATTERN).expect("valid regex"),
-            cache: Mutex::new(HashMap::new()),
+            cache: BpeCache::default(),
         };
         for (rank, (a, b)) in merges.iter().enumerate() {
             let id = |s: &str| {

@@ -120,6 +120,7 @@ fn vae_resnet(
 }
 
 /// `UNetMidBlock2D` without time embedding: resnet, (attention), resnet.
+#[derive(Clone)]
 struct VaeMidBlock {
     resnets: [ResnetBlock2D; 2],
     attention: Option<SpatialSelfAttention>,
@@ -154,16 +155,19 @@ impl VaeMidBlock {
     }
 }
 
+#[derive(Clone)]
 struct EncoderBlock {
     resnets: Vec<ResnetBlock2D>,
     downsampler: Option<Downsample2D>,
 }
 
+#[derive(Clone)]
 struct DecoderBlock {
     resnets: Vec<ResnetBlock2D>,
     upsampler: Option<Upsample2D>,
 }
 
+#[derive(Clone)]
 pub struct Encoder {
     conv_in: Conv2d,
     down_blocks: Vec<EncoderBlock>,
@@ -231,6 +235,7 @@ impl Encoder {
     }
 }
 
+#[derive(Clone)]
 pub struct Decoder {
     conv_in: Conv2d,
     mid_block: VaeMidBlock,
@@ -310,6 +315,7 @@ impl LatentDistribution {
     }
 }
 
+#[derive(Clone)]
 pub struct AutoencoderKL {
     encoder: Encoder,
     decoder: Decoder,

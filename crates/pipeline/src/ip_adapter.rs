@@ -19,6 +19,88 @@ use imprint_models::unet::UNet2DConditionModel;
 use imprint_ops::{layer_norm, Linear};
 use std::path::{Path, PathBuf};
 
+/// An image prompt as the command line gives it: `--ip-adapter FILE[:SCALE] --ip-image IMG…
+/// [--image-encoder DIR] [--ip-adapter-blocks JSON]`.
+#[derive(Clone, Debug, Default)]
+pub struct ImagePromptSpec {
+    /// `FILE[:SCALE]` (scale 1 when absent).
+    pub adapter: String,
+    pub images: Vec<PathBuf>,
+    pub image_encoder: Option<PathBuf>,
+    /// Per-block scales in InstantStyle's JSON form, each multiplied by SCALE.
+    pub blocks: Option<String>,
+}
+
+/// A loaded image prompt: the adapter, its scales and the image tokens, ready to attach to a UNet.
+pub struct ImagePrompt {
+    adapter: IpAdapter,
+    scale: IpScale,
+    base: f64,
+    /// `(negative, positive)`, each `[1, N, cross_dim]`.
+    pub tokens: (Tensor, Tensor),
+}
+
+/// Splits `FILE[:SCALE]`; a suffix that is not a number belongs to the path.
+pub fn parse_adapter_spec(spec: &str) -> Result<(PathBuf, f64)> {
+    let (path, scale) = match spec.rsplit_once(':') {
+        Some((p, s)) if s.parse::<f64>().is_ok() => (PathBuf::from(p), s.parse::<f64>()?),
+        _ => (PathBuf::from(spec), 1.0),
+    };
+    if !scale.is_finite() {
+        bail!("--ip-adapter: scale {scale} is not a finite number")
+    }
+    Ok((path, scale))
+}
+
+impl ImagePromptSpec {
+    /// Checks every input (adapter file, images, per-block JSON), then loads the adapter and its
+    /// image encoder and embeds the images.
+    pub fn load(&self, dtype: DType, device: &Device) -> Result<ImagePrompt> {
+        let (path, base) = parse_adapter_spec(&self.adapter)?;
+        if !path.is_file() {
+            bail!("{}: IP-Adapter file not found", path.display())
+        }
+        if self.images.is_empty() {
+            bail!("--ip-adapter needs at least one --ip-image IMG (the image prompt)")
+        }
+        let images = self
+            .images
+            .iter()
+            .map(|p| crate::image_io::read_image_prompt(p))
+            .collect::<Result<Vec<_>>>()?;
+        let scale = match &self.blocks {
+            Some(json) => {
+                let v: serde_json::Value = serde_json::from_str(json)
+                    .with_context(|| format!("--ip-adapter-blocks: not JSON: {json}"))?;
+                if !v.is_object() {
+                    bail!("--ip-adapter-blocks: expected an object like {{\"up\": {{\"block_0\": [0.0, 1.0, 0.0]}}}}")
+                }
+                IpScale::PerBlock(v)
+            }
+            None => IpScale::All(base),
+        };
+        let adapter = IpAdapter::load(&path, self.image_encoder.as_deref(), dtype, device)?;
+        let tokens = adapter.tokens(&images)?;
+        Ok(ImagePrompt {
+            adapter,
+            scale,
+            base,
+            tokens,
+        })
+    }
+}
+
+impl ImagePrompt {
+    /// Gives every cross-attention layer of `unet` the adapter's image branch at its scale.
+    pub fn attach(&self, unet: &mut UNet2DConditionModel) -> Result<()> {
+        self.adapter.attach(unet, &self.scale, self.base)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.adapter.path
+    }
+}
+
 /// `image_proj` of an IP-Adapter.
 pub enum ImageProjection {
     /// diffusers' `ImageProjection`: `LayerNorm(reshape(proj(image_embeds), [N, D]))`.

@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The loaded components of one model folder.
+#[derive(Clone)]
 pub struct StableDiffusion {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextTransformer,
@@ -537,28 +538,17 @@ impl StableDiffusion {
         }
     }
 
-    /// Loads an IP-Adapter (h94 layout; its image encoder in `image_encoder/` beside the file
-    /// unless `encoder_dir`), attaches it to every cross-attention layer at `scale` (times each
-    /// layer's per-block factor) and makes the image tokens of `images` (embeddings averaged).
-    pub fn apply_ip_adapter(
-        &mut self,
-        path: &Path,
-        encoder_dir: Option<&Path>,
-        scale: &crate::ip_adapter::IpScale,
-        base: f64,
-        images: &[image::RgbImage],
-    ) -> Result<()> {
+    /// Attaches a loaded image prompt: every cross-attention layer gets the adapter's image
+    /// branch, and every prompt's text states get its image tokens.
+    pub fn apply_image_prompt(&mut self, prompt: &crate::ip_adapter::ImagePrompt) -> Result<()> {
         if self.image_prompt.is_some() {
             bail!(
                 "one IP-Adapter at a time: {} would be the second",
-                path.display()
+                prompt.path().display()
             )
         }
-        let adapter =
-            crate::ip_adapter::IpAdapter::load(path, encoder_dir, self.dtype, &self.device)?;
-        let tokens = adapter.tokens(images)?;
-        adapter.attach(&mut self.unet, scale, base)?;
-        self.image_prompt = Some(tokens);
+        prompt.attach(&mut self.unet)?;
+        self.image_prompt = Some(prompt.tokens.clone());
         Ok(())
     }
 
@@ -613,7 +603,8 @@ impl StableDiffusion {
     }
 
     /// Appends the image prompt's tokens (negative or positive) to text states.
-    fn with_image_prompt(&self, states: TextStates, positive: bool) -> Result<TextStates> {
+    /// Appends the image prompt's tokens, if any, to `states` (the negative ones unless `positive`).
+    pub fn with_image_prompt(&self, states: TextStates, positive: bool) -> Result<TextStates> {
         let Some((neg, pos)) = &self.image_prompt else {
             return Ok(states);
         };

@@ -37,6 +37,16 @@ pub struct TrainerOptions {
     pub validation_every: usize,
     pub num_validation_images: usize,
     pub validation_steps: usize,
+    /// An IP-Adapter (`FILE[:SCALE]`, h94 layout) for the validation images only: it is attached
+    /// to a copy of the model at each validation, so training never sees it.
+    #[serde(default)]
+    pub validation_ip_adapter: Option<String>,
+    /// The validation's image prompt (repeatable; embeddings averaged).
+    #[serde(default)]
+    pub validation_ip_image: Vec<PathBuf>,
+    /// The adapter's image encoder, if not `image_encoder/` beside the adapter file.
+    #[serde(default)]
+    pub validation_image_encoder: Option<PathBuf>,
     pub max_grad_norm: Option<f64>,
     /// Recompute UNet blocks in the backward pass instead of keeping their activations.
     pub gradient_checkpointing: bool,
@@ -350,6 +360,8 @@ pub fn extended_textual_inversion_defaults() -> toml::Table {
 const OPTIONAL_KEYS: &[&str] = &[
     "resume",
     "validation-prompt",
+    "validation-ip-adapter",
+    "validation-image-encoder",
     "max-grad-norm",
     "instance-prompt",
     "alpha",
@@ -422,6 +434,14 @@ impl TrainerOptions {
         }
         if !(self.lr > 0.0) {
             bail!("lr must be positive")
+        }
+        if self.validation_ip_adapter.is_some() && self.validation_prompt.is_none() {
+            bail!("--validation-ip-adapter gives the validation images an image prompt: it needs --validation-prompt")
+        }
+        if self.validation_ip_adapter.is_none()
+            && (!self.validation_ip_image.is_empty() || self.validation_image_encoder.is_some())
+        {
+            bail!("--validation-ip-image and --validation-image-encoder need --validation-ip-adapter FILE[:SCALE]")
         }
         if self.class_prompt.is_some() != self.class_images.is_some() {
             bail!("prior preservation needs both --class-prompt and --class-images")

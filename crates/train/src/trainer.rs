@@ -346,6 +346,24 @@ pub fn run(
     resume: Option<Checkpoint>,
     hooks: &Hooks,
 ) -> Result<Outcome> {
+    // Loaded (and tried on a copy of the UNet) before anything is written: a broken image prompt
+    // must fail the run at its start, not at the first validation.
+    let image_prompt = match &t.validation_ip_adapter {
+        Some(adapter) => {
+            let spec = imprint_pipeline::ip_adapter::ImagePromptSpec {
+                adapter: adapter.clone(),
+                images: t.validation_ip_image.clone(),
+                image_encoder: t.validation_image_encoder.clone(),
+                blocks: None,
+            };
+            let prompt = spec
+                .load(sd.dtype, &sd.device)
+                .context("--validation-ip-adapter")?;
+            prompt.attach(&mut sd.unet.clone())?;
+            Some(prompt)
+        }
+        None => None,
+    };
     let paths = OutputPaths::new(&t.out)?;
     let device = sd.device.clone();
     let prediction = sd.scheduler_config.prediction()?;
@@ -594,7 +612,7 @@ pub fn run(
         }
         if let Some(prompt) = &t.validation_prompt {
             if t.validation_every > 0 && done % t.validation_every == 0 && done < t.steps {
-                let grid = validate(sd, method, prompt, t)?;
+                let grid = validate(sd, method, prompt, t, image_prompt.as_ref())?;
                 bar.println(format!(
                     "validation grid: {}",
                     save_grid(&paths.validation, done, &grid)?.display()
@@ -617,7 +635,7 @@ pub fn run(
     bar.finish_with_message("done");
     method.save(&paths.concept, Some(base_model_name(&t.model)), t.steps)?;
     if let Some(prompt) = &t.validation_prompt {
-        let grid = validate(sd, method, prompt, t)?;
+        let grid = validate(sd, method, prompt, t, image_prompt.as_ref())?;
         save_grid(&paths.validation, t.steps, &grid)?;
     }
     Ok(Outcome::Finished { steps: t.steps })
@@ -835,6 +853,9 @@ const RESUMABLE_CHANGES: &[&str] = &[
     "validation-every",
     "num-validation-images",
     "validation-steps",
+    "validation-ip-adapter",
+    "validation-ip-image",
+    "validation-image-encoder",
     "device",
 ];
 
@@ -857,13 +878,26 @@ fn check_resumable(saved: &str, current: &str) -> Result<()> {
     Ok(())
 }
 
-/// Images of the validation prompt with the current trained tensors, as one grid.
+/// Images of the validation prompt with the current trained tensors, as one grid. An image
+/// prompt is attached to a copy of the model (its modules share the trained tensors), so the
+/// training forward never sees the adapter's branch.
 fn validate(
     sd: &StableDiffusion,
     method: &dyn Method,
     prompt: &str,
     t: &TrainerOptions,
+    image_prompt: Option<&imprint_pipeline::ip_adapter::ImagePrompt>,
 ) -> Result<image::RgbImage> {
+    let with_adapter;
+    let sd = match image_prompt {
+        Some(p) => {
+            let mut copy = sd.clone();
+            copy.apply_image_prompt(p)?;
+            with_adapter = copy;
+            &with_adapter
+        }
+        None => sd,
+    };
     method.begin_forward(None);
     let prompt = method.prompt(prompt);
     let opts = SampleOptions {
@@ -874,7 +908,10 @@ fn validate(
     };
     let cond = method.text_states(sd, &sd.tokenize(&prompt)?)?.detach();
     let uncond = method.text_states(sd, &sd.tokenize("")?)?.detach();
-    let context = TextStates::cat(&[&uncond, &cond])?;
+    let context = TextStates::cat(&[
+        &sd.with_image_prompt(uncond, false)?,
+        &sd.with_image_prompt(cond, true)?,
+    ])?;
     let size = t.resolution / sd.vae_scale_factor();
     let mut images = vec![];
     for i in 0..t.num_validation_images.max(1) {

@@ -106,49 +106,29 @@ pub struct IpAdapterArgs {
 
 /// Loads the image prompt's adapter and images into `sd`, checking every input first.
 pub fn apply_ip_adapter(sd: &mut StableDiffusion, a: &IpAdapterArgs) -> Result<()> {
-    use anyhow::{bail, Context};
-    let Some(spec) = &a.ip_adapter else {
-        if !a.ip_image.is_empty() || a.ip_adapter_blocks.is_some() {
-            bail!("--ip-image and --ip-adapter-blocks need --ip-adapter FILE[:SCALE]")
-        }
+    let Some(spec) = a.spec()? else {
         return Ok(());
     };
-    let (path, scale) = match spec.rsplit_once(':') {
-        Some((p, s)) if s.parse::<f64>().is_ok() => (PathBuf::from(p), s.parse::<f64>()?),
-        _ => (PathBuf::from(spec), 1.0),
-    };
-    if !scale.is_finite() {
-        bail!("--ip-adapter: scale {scale} is not a finite number")
-    }
-    if !path.is_file() {
-        bail!("{}: IP-Adapter file not found", path.display())
-    }
-    if a.ip_image.is_empty() {
-        bail!("--ip-adapter needs at least one --ip-image IMG (the image prompt)")
-    }
-    let images = a
-        .ip_image
-        .iter()
-        .map(|p| imprint_pipeline::image_io::read_image_prompt(p))
-        .collect::<Result<Vec<_>>>()?;
-    let per_block = match &a.ip_adapter_blocks {
-        Some(json) => {
-            let v: serde_json::Value = serde_json::from_str(json)
-                .with_context(|| format!("--ip-adapter-blocks: not JSON: {json}"))?;
-            if !v.is_object() {
-                bail!("--ip-adapter-blocks: expected an object like {{\"up\": {{\"block_0\": [0.0, 1.0, 0.0]}}}}")
+    let prompt = spec.load(sd.dtype, &sd.device)?;
+    sd.apply_image_prompt(&prompt)
+}
+
+impl IpAdapterArgs {
+    /// The image prompt asked for, if any; images or blocks without an adapter are an error.
+    pub fn spec(&self) -> Result<Option<imprint_pipeline::ip_adapter::ImagePromptSpec>> {
+        let Some(adapter) = &self.ip_adapter else {
+            if !self.ip_image.is_empty() || self.ip_adapter_blocks.is_some() {
+                anyhow::bail!("--ip-image and --ip-adapter-blocks need --ip-adapter FILE[:SCALE]")
             }
-            imprint_pipeline::ip_adapter::IpScale::PerBlock(v)
-        }
-        None => imprint_pipeline::ip_adapter::IpScale::All(scale),
-    };
-    sd.apply_ip_adapter(
-        &path,
-        a.image_encoder.as_deref(),
-        &per_block,
-        scale,
-        &images,
-    )
+            return Ok(None);
+        };
+        Ok(Some(imprint_pipeline::ip_adapter::ImagePromptSpec {
+            adapter: adapter.clone(),
+            images: self.ip_image.clone(),
+            image_encoder: self.image_encoder.clone(),
+            blocks: self.ip_adapter_blocks.clone(),
+        }))
+    }
 }
 
 /// Applies each `--concept` in order, then warns (on stderr) if the prompt names none of them.

@@ -207,6 +207,16 @@ pub struct TrainerArgs {
     num_validation_images: Option<usize>,
     #[arg(long)]
     validation_steps: Option<usize>,
+    /// An IP-Adapter (FILE[:SCALE], h94 layout) for the validation images only; training never
+    /// sees it.
+    #[arg(long, alias = "ip-adapter", value_name = "FILE[:SCALE]")]
+    validation_ip_adapter: Option<String>,
+    /// The validation's image prompt (repeatable: embeddings averaged).
+    #[arg(long, alias = "ip-image", value_name = "IMG")]
+    validation_ip_image: Vec<PathBuf>,
+    /// The adapter's image encoder, if not image_encoder/ beside FILE.
+    #[arg(long, alias = "image-encoder", value_name = "DIR")]
+    validation_image_encoder: Option<PathBuf>,
     #[arg(long)]
     max_grad_norm: Option<f64>,
     /// Recompute UNet blocks in the backward pass instead of storing their activations.
@@ -281,12 +291,19 @@ fn trainer_flags(a: &TrainerArgs, t: &mut toml::Table) -> Result<()> {
     if a.inpainting {
         t.insert("inpainting".into(), toml::Value::Boolean(true));
     }
+    if !a.validation_ip_image.is_empty() {
+        t.insert(
+            "validation-ip-image".into(),
+            toml::Value::try_from(&a.validation_ip_image)?,
+        );
+    }
     flags!(t, a, [model => "model", images => "images", out => "out", steps => "steps", lr => "lr",
         scale_lr => "scale-lr", batch_size => "batch-size", grad_accum => "grad-accum", resolution => "resolution",
         lr_schedule => "lr-schedule", lr_warmup_steps => "lr-warmup-steps", crop => "crop", flip => "flip",
         seed => "seed", save_every => "save-every", resume => "resume", validation_prompt => "validation-prompt",
         validation_every => "validation-every", num_validation_images => "num-validation-images",
-        validation_steps => "validation-steps", max_grad_norm => "max-grad-norm", device => "device",
+        validation_steps => "validation-steps", validation_ip_adapter => "validation-ip-adapter",
+        validation_image_encoder => "validation-image-encoder", max_grad_norm => "max-grad-norm", device => "device",
         snr_gamma => "snr-gamma", noise_offset => "noise-offset", use_masks => "use-masks",
         class_prompt => "class-prompt", class_images => "class-images", num_class_images => "num-class-images",
         prior_weight => "prior-weight"]);

@@ -65,6 +65,7 @@ fn transformer(
 }
 
 /// `DownBlock2D` (no attention) or `CrossAttnDownBlock2D`.
+#[derive(Clone)]
 pub struct DownBlock {
     pub resnets: Vec<ResnetBlock2D>,
     pub attentions: Vec<Transformer2DModel>,
@@ -164,6 +165,7 @@ impl VisitProjections for DownBlock {
 }
 
 /// `UNetMidBlock2DCrossAttn`: resnet, then (attention, resnet) pairs.
+#[derive(Clone)]
 pub struct MidBlock {
     pub resnets: Vec<ResnetBlock2D>,
     pub attentions: Vec<Transformer2DModel>,
@@ -225,6 +227,7 @@ impl VisitProjections for MidBlock {
 
 /// `UpBlock2D` or `CrossAttnUpBlock2D`: each resnet takes the previous state concatenated with a
 /// skip connection from the down path.
+#[derive(Clone)]
 pub struct UpBlock {
     pub resnets: Vec<ResnetBlock2D>,
     pub attentions: Vec<Transformer2DModel>,

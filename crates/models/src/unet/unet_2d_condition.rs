@@ -41,6 +41,7 @@ fn timestep_features(
 }
 
 /// `TimestepEmbedding`: linear, SiLU, linear.
+#[derive(Clone)]
 pub struct TimestepEmbedding {
     pub linear_1: Linear,
     pub linear_2: Linear,
@@ -60,6 +61,7 @@ impl TimestepEmbedding {
 }
 
 /// The denoising UNet.
+#[derive(Clone)]
 pub struct UNet2DConditionModel {
     pub conv_in: Conv2d,
     pub time_embedding: TimestepEmbedding,
