@@ -78,6 +78,7 @@
 pub mod bench;
 pub mod caption;
 pub mod encoder_data;
+pub mod follow;
 pub mod held_out;
 pub mod read;
 pub mod recipe;

@@ -65,6 +65,9 @@ pub enum DebugCommand {
         steps: usize,
         #[arg(long)]
         guidance: f64,
+        /// diffusers' guidance_rescale (0 = off).
+        #[arg(long, default_value_t = 0.0)]
+        guidance_rescale: f64,
         /// Holds `latents` [1,4,h,w] (unit variance) and optionally `noise` [N,1,4,h,w]: the noise
         /// stochastic schedulers draw, one entry per draw.
         #[arg(long)]
@@ -239,6 +242,7 @@ pub fn run(c: DebugCommand) -> Result<()> {
             karras,
             steps,
             guidance,
+            guidance_rescale,
             latents,
             output,
             seed,
@@ -272,6 +276,7 @@ pub fn run(c: DebugCommand) -> Result<()> {
                 karras,
                 steps,
                 guidance,
+                guidance_rescale,
                 clip_skip,
                 progress: false,
             };

@@ -46,6 +46,10 @@ pub struct GenerateArgs {
     steps: usize,
     #[arg(long, default_value_t = 7.5)]
     guidance: f64,
+    /// Rescale the guided prediction toward the text prediction's spread (diffusers'
+    /// guidance_rescale; 0.7 for zero-terminal-SNR models such as the world's).
+    #[arg(long, default_value_t = 0.0)]
+    guidance_rescale: f64,
     /// ddim, euler, euler-a, dpm++2m or ddpm.
     #[arg(long, default_value = "dpm++2m")]
     scheduler: SchedulerKind,
@@ -161,6 +165,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         karras: a.karras,
         steps: a.steps,
         guidance: a.guidance,
+        guidance_rescale: a.guidance_rescale,
         clip_skip: a.clip_skip,
         seed: a.seed,
         num_images: a.num_images,

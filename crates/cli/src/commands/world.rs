@@ -19,6 +19,36 @@ pub enum WorldCommand {
     /// Write the colour categories of the world's bias (DIR/<colour>/NN.png: one circle of that
     /// colour per scene), the --categories folder of `imprint train debias`.
     Categories(CategoriesArgs),
+    /// Measure how well a model follows the world's captions: random captions are sampled and
+    /// read back (background, object colours and places, object count), next to the same samples
+    /// scored against other captions and to the renderer's own pictures.
+    Follow(FollowArgs),
+}
+
+#[derive(Args)]
+pub struct FollowArgs {
+    /// The model folder (diffusers layout).
+    #[arg(long, default_value = "examples/world/model")]
+    pub model: PathBuf,
+    /// How many captions (one sample each).
+    #[arg(long, default_value_t = 64)]
+    pub captions: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 25)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (the world bench samples at 5).
+    #[arg(long, default_value_t = 5.0)]
+    pub guidance: f64,
+    /// diffusers' guidance_rescale (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub guidance_rescale: f64,
+    /// Write the samples, the renders and report.html here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// One JSON line per attribute (else a table).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -177,6 +207,43 @@ pub fn run(c: WorldCommand) -> Result<()> {
                 }
             }
             eprintln!("report: {}", a.out.join("report.html").display());
+            Ok(())
+        }
+        WorldCommand::Follow(a) => {
+            let cfg = imprint_world::follow::FollowConfig {
+                model: a.model,
+                captions: a.captions,
+                seed: a.seed,
+                steps: a.steps,
+                guidance: a.guidance,
+                guidance_rescale: a.guidance_rescale,
+                out: a.out.clone(),
+            };
+            let bar = indicatif::ProgressBar::new(a.captions as u64);
+            let table = imprint_world::follow::run_follow(&cfg, |line| {
+                bar.inc(1);
+                bar.set_message(line.to_string());
+            })?;
+            bar.finish_and_clear();
+            if a.json {
+                for row in &table {
+                    println!("{}", serde_json::to_string(row)?);
+                }
+            } else {
+                println!(
+                    "{:<28} {:>6} {:>8} {:>20} {:>9}",
+                    "attribute", "asked", "samples", "ignoring the caption", "rendered"
+                );
+                for r in &table {
+                    println!(
+                        "{:<28} {:>6} {:>8.3} {:>20.3} {:>9.3}",
+                        r.attribute, r.asked, r.samples, r.ignoring_caption, r.rendered
+                    );
+                }
+            }
+            if let Some(out) = &a.out {
+                eprintln!("report: {}", out.join("report.html").display());
+            }
             Ok(())
         }
         WorldCommand::Categories(a) => {
