@@ -141,3 +141,108 @@ fn shifts_for_layers_the_model_lacks_are_refused() {
     );
     assert!(!bad.with_extension("png").exists());
 }
+
+/// Two subjects for Cut-Mix-Unmix: the toy photos and a second folder of two of them.
+fn second_subject(dir: &Path) -> std::path::PathBuf {
+    let second = dir.join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    for name in ["toy-0.png", "toy-2.png"] {
+        std::fs::copy(
+            fixtures().join("../../examples/toy").join(name),
+            second.join(name),
+        )
+        .unwrap();
+    }
+    second
+}
+
+fn log_lines(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.with_extension("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn cut_mix_unmix_adds_the_weighted_attention_penalty_to_the_loss() {
+    let dir = scratch("svdiff-cut-mix");
+    let second = second_subject(&dir);
+    let run = |name: &str, weight: &str| {
+        let out = dir.join(format!("{name}.safetensors"));
+        ok(train(
+            &out,
+            &[
+                "--second-images",
+                second.to_str().unwrap(),
+                "--second-instance-prompt",
+                "a photo of zwx toy",
+                "--subjects",
+                "sks toy,zwx toy",
+                "--cut-mix-prob",
+                "1",
+                "--unmix-weight",
+                weight,
+            ],
+        ));
+        log_lines(&out)
+    };
+    let plain = run("plain", "0");
+    let weighted = run("weighted", "1000");
+    let unmix = plain[0]["unmix"].as_f64().unwrap();
+    assert!(unmix > 0.0 && unmix.is_finite(), "{unmix}");
+    // The first step sees the same batch and weights in both runs: the losses differ by the
+    // weighted penalty exactly.
+    assert!((weighted[0]["unmix"].as_f64().unwrap() - unmix).abs() < 1e-9);
+    let gap = weighted[0]["loss"].as_f64().unwrap() - plain[0]["loss"].as_f64().unwrap();
+    assert!(
+        (gap - 1000.0 * unmix).abs() < 1e-3 * (1000.0 * unmix).max(1e-3),
+        "loss gap {gap} vs 1000 × unmix {unmix}"
+    );
+    // A run without cut-mix logs no unmix term.
+    let single = dir.join("single.safetensors");
+    ok(train(&single, &[]));
+    assert!(log_lines(&single)[0].get("unmix").is_none());
+}
+
+#[test]
+fn cut_mix_options_are_checked_before_anything_is_written() {
+    let dir = scratch("svdiff-cut-mix-bad");
+    let second = second_subject(&dir);
+    let out = dir.join("concept.safetensors");
+    for (extra, expect) in [
+        (
+            vec!["--second-images", second.to_str().unwrap()],
+            "--subjects",
+        ),
+        (vec!["--subjects", "sks toy,zwx toy"], "--second-images"),
+        (
+            vec![
+                "--second-images",
+                second.to_str().unwrap(),
+                "--second-instance-prompt",
+                "a photo of zwx toy",
+                "--subjects",
+                "sks toy,zwx toy",
+                "--cut-mix-prompt",
+                "a {left} and a toy",
+            ],
+            "{right}",
+        ),
+        (
+            vec![
+                "--second-images",
+                second.to_str().unwrap(),
+                "--subjects",
+                "sks toy,zwx toy",
+            ],
+            "--second-instance-prompt",
+        ),
+    ] {
+        let output = train(&out, &extra);
+        assert!(!output.status.success());
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(err.contains(expect), "{err}");
+        assert!(!out.exists() && !out.with_extension("log.jsonl").exists());
+    }
+}

@@ -153,6 +153,92 @@ impl RegionMask {
     }
 }
 
+/// SVDiff's unmix regularizer (Han et al. 2023, §3.3), observed during a training forward: for
+/// each region, the attention probabilities of its word's tokens at the queries *outside* the
+/// region (where the other subject of a cut-mix image lies), squared and averaged over heads,
+/// those queries and the tokens. Every cross-attention layer shares one probe; the trainer sets
+/// the batch's regions before the forward and takes the per-layer penalties after it.
+#[derive(Debug, Default)]
+pub struct UnmixProbe {
+    regions: std::sync::Mutex<Vec<RegionMask>>,
+    penalties: std::sync::Mutex<Vec<Tensor>>,
+}
+
+impl UnmixProbe {
+    /// The regions of the next forward (each with the batch rows it applies to).
+    pub fn set_regions(&self, regions: Vec<RegionMask>) {
+        *self.regions.lock().unwrap_or_else(|e| e.into_inner()) = regions;
+        self.penalties
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// The penalties of the layers since [`Self::set_regions`]; clears the regions, so later
+    /// forwards (validation, recomputation) observe nothing.
+    pub fn take_penalties(&self) -> Vec<Tensor> {
+        self.regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        std::mem::take(&mut *self.penalties.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// `q [B·H, Sq, d]`, `k [B·H, Sk, d]` of one cross-attention layer.
+    fn observe(&self, q: &Tensor, k: &Tensor, heads: usize, scale: f64) -> Result<()> {
+        let regions = self
+            .regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if regions.is_empty() {
+            return Ok(());
+        }
+        let (_, sq, _) = q.dims3()?;
+        let sk = k.dim(1)?;
+        let mut found = vec![];
+        for r in &regions {
+            let outside: Vec<f32> = r
+                .inside(sq)?
+                .iter()
+                .map(|&i| if i { 0.0 } else { 1.0 })
+                .collect();
+            let n_out = outside.iter().sum::<f32>();
+            let tokens: Vec<u32> = r
+                .tokens
+                .iter()
+                .filter(|&&t| t < sk)
+                .map(|&t| t as u32)
+                .collect();
+            if n_out == 0.0 || tokens.is_empty() {
+                continue;
+            }
+            let outside = Tensor::from_vec(outside, (1, sq, 1), q.device())?.to_dtype(q.dtype())?;
+            let ids = Tensor::new(tokens.as_slice(), q.device())?;
+            for &row in &r.rows {
+                let (qr, kr) = (
+                    q.narrow(0, row * heads, heads)?,
+                    k.narrow(0, row * heads, heads)?,
+                );
+                // Softmax over all keys from differentiable primitives (the max only steadies it).
+                let logits = (qr.matmul(&kr.t()?)? * scale)?;
+                let shifted = logits.broadcast_sub(&logits.max_keepdim(2)?.detach())?;
+                let e = shifted.exp()?;
+                let probs = e.broadcast_div(&e.sum_keepdim(2)?)?;
+                let p = probs.index_select(&ids, 2)?;
+                let penalty = (p.sqr()?.broadcast_mul(&outside)?.sum_all()?
+                    / (heads as f64 * n_out as f64 * tokens.len() as f64))?;
+                found.push(penalty);
+            }
+        }
+        self.penalties
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(found);
+        Ok(())
+    }
+}
+
 /// Multi-head attention `Attention` with `to_q`, `to_k`, `to_v`, `to_out.0`.
 #[derive(Clone)]
 pub struct Attention {
@@ -166,6 +252,8 @@ pub struct Attention {
     pub image_prompt: Option<ImagePromptAttention>,
     /// Regional prompting on this cross-attention layer.
     pub regions: Vec<RegionMask>,
+    /// SVDiff's unmix regularizer, when training with cut-mix samples.
+    pub unmix: Option<Arc<UnmixProbe>>,
 }
 
 impl Attention {
@@ -188,6 +276,7 @@ impl Attention {
             dim_head,
             image_prompt: None,
             regions: vec![],
+            unmix: None,
         })
     }
 
@@ -235,6 +324,9 @@ impl Attention {
         let scale = (self.dim_head as f64).powf(-0.5);
         let q = split(q)?;
         let (k, v) = (split(k)?.contiguous()?, split(v)?.contiguous()?);
+        if let (Some(probe), true) = (&self.unmix, cross) {
+            probe.observe(&q, &k, self.heads, scale)?;
+        }
         let o = if self.regions.is_empty() || !cross {
             scaled_dot_product_attention(&q, &k, &v, scale, None)?
         } else {
@@ -593,6 +685,7 @@ impl SpatialSelfAttention {
                 dim_head: channels,
                 image_prompt: None,
                 regions: vec![],
+                unmix: None,
             }
         } else {
             Attention::new(vb, channels, channels, 1, channels, true)?
@@ -619,6 +712,59 @@ impl SpatialSelfAttention {
 mod region_tests {
     use super::*;
     use candle_core::{Device, IndexOp};
+
+    /// The unmix penalty is the mean squared attention probability of the region's tokens at
+    /// the queries outside it, computed here by hand; it carries a gradient, and nothing is
+    /// observed once the penalties are taken.
+    #[test]
+    fn unmix_probe_penalizes_a_word_outside_its_region() -> Result<()> {
+        let dev = Device::Cpu;
+        let (vb, _) = crate::init::random_trainable_var_builder(3, &dev);
+        let mut attn = Attention::new(vb, 8, 6, 2, 4, false)?;
+        let probe = Arc::new(UnmixProbe::default());
+        attn.unmix = Some(probe.clone());
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 4, 8), &dev)?)?;
+        let ctx = Tensor::randn(0f32, 1.0, (2, 5, 6), &dev)?;
+        probe.set_regions(vec![RegionMask {
+            tokens: vec![1, 2],
+            mask: Tensor::new(&[[1f32, 0.0], [1.0, 0.0]], &dev)?,
+            rows: vec![1],
+        }]);
+        attn.forward(&x, Some(&ctx))?;
+        let penalties = probe.take_penalties();
+        assert_eq!(penalties.len(), 1);
+        let got = penalties[0].to_scalar::<f32>()?;
+        // By hand: row 1, both heads, queries 1 and 3 (outside), tokens 1 and 2.
+        let q = attn.to_q.forward(&x.as_tensor().i(1)?)?.to_vec2::<f32>()?;
+        let k = attn.to_k.forward(&ctx.i(1)?)?.to_vec2::<f32>()?;
+        let mut sum = 0f64;
+        for h in 0..2 {
+            for qi in [1, 3] {
+                let logits: Vec<f64> = (0..5)
+                    .map(|ki| {
+                        (0..4)
+                            .map(|d| (q[qi][h * 4 + d] * k[ki][h * 4 + d]) as f64)
+                            .sum::<f64>()
+                            / 2.0
+                    })
+                    .collect();
+                let z: f64 = logits.iter().map(|l| l.exp()).sum();
+                for t in [1, 2] {
+                    sum += (logits[t].exp() / z).powi(2);
+                }
+            }
+        }
+        let want = sum / 8.0;
+        assert!((got as f64 - want).abs() < 1e-6, "{got} vs {want}");
+        let grads = penalties[0].backward()?;
+        let g = grads
+            .get(x.as_tensor())
+            .expect("a gradient reaches the input");
+        assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        attn.forward(&x, Some(&ctx))?;
+        assert!(probe.take_penalties().is_empty());
+        Ok(())
+    }
 
     /// Inside its region a word is attended to as without a region; outside, the softmax runs
     /// as if the word's tokens were not in the context at all. Rows not listed are untouched.

@@ -576,25 +576,9 @@ impl StableDiffusion {
         let factor = self.vae_scale_factor();
         let mut masks = vec![];
         for (word, path) in regions {
-            let expanded = expand_prompt(word, &self.concepts);
-            let word_ids: Vec<i64> = self
-                .tokenizer
-                .tokenize(&expanded)
-                .into_iter()
-                .map(|i| i as i64)
-                .collect();
-            if word_ids.is_empty() {
-                bail!("--region: '{word}' has no tokens")
-            }
-            let mut tokens = vec![];
-            for start in 0..ids.len().saturating_sub(word_ids.len() - 1) {
-                if ids[start..start + word_ids.len()] == word_ids[..] {
-                    tokens.extend(start..start + word_ids.len());
-                }
-            }
-            if tokens.is_empty() {
-                bail!("--region: '{word}' does not occur in the prompt \"{prompt}\"")
-            }
+            let tokens = self
+                .word_positions(&ids, word)
+                .with_context(|| format!("--region: in the prompt \"{prompt}\""))?;
             let (_, latent) =
                 crate::image_io::read_mask(path, width, height, factor, &self.device)?;
             let mask = latent.squeeze(0)?.squeeze(0)?;
@@ -611,6 +595,31 @@ impl StableDiffusion {
     }
 
     /// Appends the image prompt's tokens (negative or positive) to text states.
+    /// Positions of `word`'s tokens (applied concepts expanded) at every place they occur in a
+    /// prompt's token ids; an error if it has no tokens or does not occur.
+    pub fn word_positions(&self, ids: &[i64], word: &str) -> Result<Vec<usize>> {
+        let expanded = expand_prompt(word, &self.concepts);
+        let word_ids: Vec<i64> = self
+            .tokenizer
+            .tokenize(&expanded)
+            .into_iter()
+            .map(|i| i as i64)
+            .collect();
+        if word_ids.is_empty() {
+            bail!("'{word}' has no tokens")
+        }
+        let mut tokens = vec![];
+        for start in 0..ids.len().saturating_sub(word_ids.len() - 1) {
+            if ids[start..start + word_ids.len()] == word_ids[..] {
+                tokens.extend(start..start + word_ids.len());
+            }
+        }
+        if tokens.is_empty() {
+            bail!("'{word}' does not occur")
+        }
+        Ok(tokens)
+    }
+
     /// Appends the image prompt's tokens, if any, to `states` (the negative ones unless `positive`).
     pub fn with_image_prompt(&self, states: TextStates, positive: bool) -> Result<TextStates> {
         let Some((neg, pos)) = &self.image_prompt else {

@@ -70,10 +70,39 @@ pub struct TrainerOptions {
     pub num_class_images: usize,
     /// Weight of the class (prior) loss.
     pub prior_weight: f64,
+    /// Cut-Mix-Unmix (SVDiff, Han et al. 2023, §3.3): a second subject's images, trained jointly
+    /// with `images`' subject, plus cut-mix images of the two side by side.
+    #[serde(default)]
+    pub second_images: Option<PathBuf>,
+    /// The caption of the second subject's images without an `IMAGE.txt`.
+    #[serde(default)]
+    pub second_instance_prompt: Option<String>,
+    /// The phrases naming the two subjects in cut-mix captions, e.g. ["sks dog", "zwx cat"].
+    #[serde(default)]
+    pub subjects: Option<Vec<String>>,
+    /// The cut-mix caption, with `{left}` and `{right}` (default [`DEFAULT_CUT_MIX_PROMPT`]).
+    #[serde(default)]
+    pub cut_mix_prompt: Option<String>,
+    /// Share of training samples drawn from the cut-mix images (default
+    /// [`DEFAULT_CUT_MIX_PROB`]).
+    #[serde(default)]
+    pub cut_mix_prob: Option<f64>,
+    /// Weight of the unmix regularizer on the cut-mix samples (default [`DEFAULT_UNMIX_WEIGHT`]).
+    #[serde(default)]
+    pub unmix_weight: Option<f64>,
     pub adam: AdamWConfig,
     /// cpu, cuda, cuda:N or metal.
     pub device: String,
 }
+
+/// The cut-mix caption of SVDiff's paper ("photo of a [V1] dog on the left and a [V2] sculpture on
+/// the right").
+pub const DEFAULT_CUT_MIX_PROMPT: &str =
+    "a photo of a {left} on the left and a {right} on the right";
+/// Half of the samples are cut-mix images (our choice; the paper does not give one).
+pub const DEFAULT_CUT_MIX_PROB: f64 = 0.5;
+/// Weight of the unmix term against the diffusion loss (our choice, measured in the world bench).
+pub const DEFAULT_UNMIX_WEIGHT: f64 = 1.0;
 
 /// `imprint train textual-inversion`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -370,6 +399,12 @@ const OPTIONAL_KEYS: &[&str] = &[
     "class-images",
     "extract-lora",
     "rank",
+    "second-images",
+    "second-instance-prompt",
+    "subjects",
+    "cut-mix-prompt",
+    "cut-mix-prob",
+    "unmix-weight",
 ];
 
 /// Defaults, then the config file, then the flags given on the command line. An unknown key in the
@@ -442,6 +477,27 @@ impl TrainerOptions {
             && (!self.validation_ip_image.is_empty() || self.validation_image_encoder.is_some())
         {
             bail!("--validation-ip-image and --validation-image-encoder need --validation-ip-adapter FILE[:SCALE]")
+        }
+        if self.second_images.is_some() {
+            match &self.subjects {
+                Some(s) if s.len() == 2 && s.iter().all(|p| !p.trim().is_empty()) => {}
+                _ => bail!("--second-images (Cut-Mix-Unmix) needs --subjects \"PHRASE A,PHRASE B\": how the cut-mix captions name the two subjects, e.g. \"sks dog,zwx cat\""),
+            }
+            if self.gradient_checkpointing {
+                bail!("Cut-Mix-Unmix's unmix term reads the cross-attention of the forward pass, which --gradient-checkpointing recomputes; drop one of the two")
+            }
+            if let Some(p) = self.cut_mix_prob {
+                if !(0.0..=1.0).contains(&p) {
+                    bail!("--cut-mix-prob must lie in [0, 1] (got {p})")
+                }
+            }
+        } else if self.subjects.is_some()
+            || self.second_instance_prompt.is_some()
+            || self.cut_mix_prompt.is_some()
+            || self.cut_mix_prob.is_some()
+            || self.unmix_weight.is_some()
+        {
+            bail!("--subjects, --second-instance-prompt, --cut-mix-prompt, --cut-mix-prob and --unmix-weight are Cut-Mix-Unmix options: they need --second-images DIR")
         }
         if self.class_prompt.is_some() != self.class_images.is_some() {
             bail!("prior preservation needs both --class-prompt and --class-images")

@@ -40,7 +40,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::imageops::{self, FilterType};
 use image::metadata::Orientation;
-use image::{DynamicImage, GrayImage, ImageBuffer, ImageDecoder, ImageFormat, ImageReader, Pixel};
+use image::{
+    DynamicImage, GrayImage, ImageBuffer, ImageDecoder, ImageFormat, ImageReader, Pixel, RgbImage,
+};
 use imprint_models::vae::LatentDistribution;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -70,6 +72,82 @@ pub struct TrainImage {
     /// `IMAGE.mask.png` as luminance (white = subject), oriented per its own EXIF, the same size
     /// as `rgb`. Transparent mask pixels count as background.
     pub mask: Option<GrayImage>,
+    /// Where each subject of a cut-mix image lies ([`cut_mix`]); empty for ordinary images.
+    /// Cut-mix images are never flipped: their caption says which side each subject is on.
+    pub regions: Vec<SubjectRegion>,
+}
+
+/// A subject's place in a cut-mix image: the phrase naming it in the caption and the columns it
+/// covers, `[start, end)` in pixels of the image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubjectRegion {
+    pub phrase: String,
+    pub columns: (u32, u32),
+}
+
+/// SVDiff's cut-mix samples (Han et al. 2023, §3.3): for every pair of an image of subject A and
+/// one of subject B (both sides, at most `limit` images), a `resolution`² image whose left half is
+/// the centre strip of one subject's centre-cropped image and whose right half is the other's,
+/// captioned by `template` with `{left}` and `{right}` replaced by the subjects' phrases (e.g.
+/// "a photo of a {left} on the left and a {right} on the right").
+pub fn cut_mix(
+    a: &[TrainImage],
+    b: &[TrainImage],
+    phrases: [&str; 2],
+    template: &str,
+    resolution: u32,
+    limit: usize,
+) -> Result<Vec<TrainImage>> {
+    if !template.contains("{left}") || !template.contains("{right}") {
+        bail!("the cut-mix prompt must name both sides with {{left}} and {{right}} (got \"{template}\")")
+    }
+    let r = resolution;
+    let half = r / 2;
+    let square = |img: &TrainImage| -> RgbImage {
+        let sized = img.resized_for(r).rgb;
+        let (w, h) = sized.dimensions();
+        imageops::crop_imm(&sized, (w - r) / 2, (h - r) / 2, r, r).to_image()
+    };
+    let (sa, sb): (Vec<RgbImage>, Vec<RgbImage>) = (
+        a.iter().map(square).collect(),
+        b.iter().map(square).collect(),
+    );
+    let mut out = vec![];
+    'pairs: for i in 0..sa.len() {
+        for j in 0..sb.len() {
+            for a_left in [true, false] {
+                if out.len() >= limit {
+                    break 'pairs;
+                }
+                let (left, right, lp, rp, lpath) = if a_left {
+                    (&sa[i], &sb[j], phrases[0], phrases[1], &a[i].path)
+                } else {
+                    (&sb[j], &sa[i], phrases[1], phrases[0], &b[j].path)
+                };
+                let mut img = RgbImage::new(r, r);
+                let strip = |src: &RgbImage| imageops::crop_imm(src, r / 4, 0, half, r).to_image();
+                imageops::replace(&mut img, &strip(left), 0, 0);
+                imageops::replace(&mut img, &strip(right), half as i64, 0);
+                out.push(TrainImage {
+                    path: lpath.with_extension(format!("cut-mix-{i}-{j}-{a_left}")),
+                    rgb: img,
+                    caption: Some(template.replace("{left}", lp).replace("{right}", rp)),
+                    mask: None,
+                    regions: vec![
+                        SubjectRegion {
+                            phrase: lp.to_string(),
+                            columns: (0, half),
+                        },
+                        SubjectRegion {
+                            phrase: rp.to_string(),
+                            columns: (half, r),
+                        },
+                    ],
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl TrainImage {
@@ -91,6 +169,7 @@ impl TrainImage {
                 .mask
                 .as_ref()
                 .map(|m| imageops::resize(m, w, h, MASK_FILTER)),
+            regions: self.regions.clone(),
         }
     }
 }
@@ -210,6 +289,7 @@ pub fn load_train_image(path: &Path) -> Result<TrainImage> {
         rgb,
         caption,
         mask,
+        regions: vec![],
     })
 }
 
@@ -701,6 +781,39 @@ mod tests {
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
+    #[test]
+    fn cut_mix_puts_each_subject_on_its_named_side() -> Result<()> {
+        let solid = |c: [u8; 3], name: &str| TrainImage {
+            path: PathBuf::from(name),
+            rgb: RgbImage::from_pixel(48, 32, Rgb(c)),
+            caption: None,
+            mask: None,
+            regions: vec![],
+        };
+        let a = [solid([255, 0, 0], "a.png")];
+        let b = [solid([0, 0, 255], "b1.png"), solid([0, 255, 0], "b2.png")];
+        let mixed = cut_mix(&a, &b, ["sks dog", "zwx cat"], DEFAULT_PROMPT, 32, 100)?;
+        assert_eq!(mixed.len(), 4);
+        let first = &mixed[0];
+        assert_eq!(first.rgb.dimensions(), (32, 32));
+        assert_eq!(first.rgb.get_pixel(3, 5).0, [255, 0, 0]);
+        assert_eq!(first.rgb.get_pixel(20, 5).0, [0, 0, 255]);
+        assert_eq!(
+            first.caption.as_deref(),
+            Some("a photo of a sks dog on the left and a zwx cat on the right")
+        );
+        assert_eq!(first.regions[0].columns, (0, 16));
+        assert_eq!(first.regions[1].phrase, "zwx cat");
+        let swapped = &mixed[1];
+        assert_eq!(swapped.rgb.get_pixel(3, 5).0, [0, 0, 255]);
+        assert_eq!(swapped.regions[0].phrase, "zwx cat");
+        assert_eq!(cut_mix(&a, &b, ["x", "y"], DEFAULT_PROMPT, 32, 3)?.len(), 3);
+        assert!(cut_mix(&a, &b, ["x", "y"], "a {left} only", 32, 3).is_err());
+        Ok(())
+    }
+
+    const DEFAULT_PROMPT: &str = crate::config::DEFAULT_CUT_MIX_PROMPT;
+
     /// A minimal big-endian TIFF header with one IFD entry: Orientation (0x0112), SHORT, 1 value.
     fn exif_orientation(value: u16) -> Vec<u8> {
         let mut t = b"MM\0\x2a\0\0\0\x08".to_vec();
@@ -730,6 +843,7 @@ mod tests {
             rgb,
             caption: None,
             mask: None,
+            regions: vec![],
         }
     }
 

@@ -61,13 +61,75 @@ struct LogLine {
     lr: f64,
     grad_norm: f64,
     seconds: f64,
+    /// Cut-Mix-Unmix: the unmix penalty (before its weight), included in `loss`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unmix: Option<f64>,
 }
 
 fn load_model(t: &TrainerOptions) -> Result<StableDiffusion> {
     t.validate()?;
     OutputPaths::new(&t.out)?;
     let device = imprint_pipeline::parse_device(&t.device)?;
-    StableDiffusion::load(&t.model, DType::F32, &device)
+    let mut sd = StableDiffusion::load(&t.model, DType::F32, &device)?;
+    if t.second_images.is_some() {
+        // One probe shared by every cross-attention layer (Cut-Mix-Unmix's unmix term).
+        let probe = Arc::new(imprint_models::attention::UnmixProbe::default());
+        for (_, block) in sd.unet.transformer_blocks_in_processor_order_mut() {
+            block.attn2.unmix = Some(probe.clone());
+        }
+    }
+    Ok(sd)
+}
+
+/// The unmix probe the model carries when training with cut-mix samples.
+fn unmix_probe(sd: &StableDiffusion) -> Option<Arc<imprint_models::attention::UnmixProbe>> {
+    let transformers = sd.unet.transformers();
+    let block = transformers.first()?.transformer_blocks.first()?;
+    block.attn2.unmix.clone()
+}
+
+/// Cut-Mix-Unmix's training set: the second subject's images (captioned by their `IMAGE.txt` or
+/// the second instance prompt) and the cut-mix images of both subjects.
+fn cut_mix_images(
+    t: &TrainerOptions,
+    first: &[data::TrainImage],
+) -> Result<(Vec<data::TrainImage>, Vec<data::TrainImage>)> {
+    let Some(dir) = &t.second_images else {
+        return Ok((vec![], vec![]));
+    };
+    let folder = data::load_image_folder(dir, (t.resolution / 2) as u32)
+        .with_context(|| format!("--second-images {}", dir.display()))?;
+    for w in &folder.warnings {
+        eprintln!("warning: {w}");
+    }
+    let mut second = vec![];
+    for img in &folder.images {
+        let mut img = img.resized_for(t.resolution as u32);
+        if img.caption.is_none() {
+            img.caption = Some(t.second_instance_prompt.clone().with_context(|| {
+                format!(
+                    "{}: no caption; give --second-instance-prompt (e.g. \"a photo of zwx cat\") or an IMAGE.txt",
+                    img.path.display()
+                )
+            })?);
+        }
+        second.push(img);
+    }
+    let subjects = t.subjects.as_deref().unwrap_or_default();
+    let [a, b] = subjects else {
+        bail!("--subjects needs two phrases")
+    };
+    let mixed = data::cut_mix(
+        first,
+        &second,
+        [a.as_str(), b.as_str()],
+        t.cut_mix_prompt
+            .as_deref()
+            .unwrap_or(crate::config::DEFAULT_CUT_MIX_PROMPT),
+        t.resolution as u32,
+        200,
+    )?;
+    Ok((second, mixed))
 }
 
 /// The checkpoint to resume from, refused if it belongs to another run.
@@ -380,11 +442,28 @@ pub fn run(
         eprintln!("warning: {w}");
     }
     // Shrink each photo once to its training size: renders are then only crops.
-    let images: Vec<_> = folder
+    let mut images: Vec<_> = folder
         .images
         .iter()
         .map(|i| i.resized_for(t.resolution as u32))
         .collect();
+    // Cut-Mix-Unmix: the second subject's images join the first's; the cut-mix images follow
+    // them, drawn with their own probability.
+    let (second, mixed) = cut_mix_images(t, &images)?;
+    images.extend(second);
+    let singles = images.len();
+    images.extend(mixed);
+    let mix = (images.len() > singles).then(|| {
+        (
+            singles,
+            t.cut_mix_prob
+                .unwrap_or(crate::config::DEFAULT_CUT_MIX_PROB),
+        )
+    });
+    let probe = unmix_probe(sd);
+    let unmix_weight = t
+        .unmix_weight
+        .unwrap_or(crate::config::DEFAULT_UNMIX_WEIGHT);
     let augment = Augment {
         resolution: t.resolution as u32,
         crop: if t.crop == "random" {
@@ -488,6 +567,7 @@ pub fn run(
         };
         let mut grad_sums: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0f64;
+        let mut unmix_sum = 0f64;
         for micro in 0..t.grad_accum {
             // Training-time randomness inside the method (LoRA dropout), keyed for exact resume.
             method.begin_forward(Some(
@@ -501,8 +581,12 @@ pub fn run(
                 &mut rng,
                 method.resize_augmentation(),
                 &|img, rng| method.caption(img, rng),
+                mix,
             )?;
             let text = method.text_states(sd, &batch.ids)?;
+            if let Some(probe) = &probe {
+                probe.set_regions(batch.regions.clone());
+            }
             let terms = LossTerms {
                 mask: batch.mask.as_ref(),
                 snr_gamma: t.snr_gamma,
@@ -519,6 +603,16 @@ pub fn run(
                 text.conditioning(),
                 terms,
             )?;
+            if let Some(probe) = &probe {
+                // Cut-Mix-Unmix: each subject's tokens should not be attended to where the other
+                // subject lies; the penalty is averaged over layers (zero without cut-mix rows).
+                let penalties = probe.take_penalties();
+                if !penalties.is_empty() {
+                    let unmix = Tensor::stack(&penalties, 0)?.mean_all()?;
+                    unmix_sum += unmix.to_scalar::<f32>()? as f64;
+                    loss = (loss + (unmix * unmix_weight)?)?;
+                }
+            }
             if let Some((prompt, class_images)) = &class {
                 // Prior preservation: the same loss on the model's own class images, weighted.
                 let batch = make_batch(
@@ -528,6 +622,7 @@ pub fn run(
                     &mut rng,
                     false,
                     &|_, _| prompt.clone(),
+                    None,
                 )?;
                 let text = method.text_states(sd, &batch.ids)?;
                 let terms = LossTerms {
@@ -603,6 +698,7 @@ pub fn run(
             lr,
             grad_norm,
             seconds: started.elapsed().as_secs_f64(),
+            unmix: probe.as_ref().map(|_| unmix_sum / t.grad_accum as f64),
         };
         writeln!(log, "{}", serde_json::to_string(&line)?)?;
         bar.set_message(format!("loss {loss:.4}"));
@@ -658,9 +754,13 @@ struct Batch {
     mask: Option<Tensor>,
     /// Inpainting runs: `[B, 5, h, w]`, the random mask and the masked image's latents.
     inpaint: Option<Tensor>,
+    /// Where each subject of the batch's cut-mix images lies, for the unmix term.
+    regions: Vec<imprint_models::attention::RegionMask>,
 }
 
-/// One batch of `batch_size` examples from `images` (the instance or the class set).
+/// One batch of `batch_size` examples from `images` (the instance or the class set). `mix`:
+/// Cut-Mix-Unmix's instance set, whose images from this index on are cut-mix images, drawn with
+/// this probability.
 fn make_batch(
     b: &Batcher,
     cache: &mut LatentCache,
@@ -668,6 +768,7 @@ fn make_batch(
     rng: &mut SeededNoise,
     zoom: bool,
     caption: &dyn Fn(&data::TrainImage, &mut rand_chacha::ChaCha20Rng) -> String,
+    mix: Option<(usize, f64)>,
 ) -> Result<Batch> {
     let (sd, t) = (b.sd, b.t);
     let device = &sd.device;
@@ -675,10 +776,25 @@ fn make_batch(
     let mut captions = vec![];
     let mut masks = vec![];
     let mut inpaint = vec![];
-    for _ in 0..t.batch_size {
-        let index = rng.rng().gen_range(0..images.len());
+    let mut regions = vec![];
+    for row in 0..t.batch_size {
+        let index = match mix {
+            // The extra draw only with cut-mix images, so other runs keep their random stream.
+            Some((singles, p)) => {
+                if rng.rng().gen_bool(p) {
+                    rng.rng().gen_range(singles..images.len())
+                } else {
+                    rng.rng().gen_range(0..singles)
+                }
+            }
+            None => rng.rng().gen_range(0..images.len()),
+        };
         let mut variant = b.augment.sample_variant(images, index, rng.rng());
-        if zoom {
+        if !images[index].regions.is_empty() {
+            variant.flip = false;
+            regions.push((row, index));
+        }
+        if zoom && images[index].regions.is_empty() {
             variant.zoom = Some(data::Zoom::sample(t.resolution as u32, rng.rng()));
         }
         let dist = cache.get_or_encode(&variant, || {
@@ -730,6 +846,7 @@ fn make_batch(
         .iter()
         .map(|c| sd.tokenize(c))
         .collect::<Result<Vec<_>>>()?;
+    let regions = subject_regions(sd, &ids, images, &regions, t.resolution)?;
     let mask = if !masks.is_empty() && masks.iter().all(Option::is_some) {
         let m: Vec<Tensor> = masks.into_iter().flatten().collect();
         Some(Tensor::stack(&m, 0)?.to_device(device)?)
@@ -747,6 +864,7 @@ fn make_batch(
         } else {
             Some(Tensor::cat(&inpaint, 0)?)
         },
+        regions,
     })
 }
 
@@ -778,6 +896,42 @@ fn inpainting_input(
     let masked = sd.vae.scale_latents(&dist.sample(&eps)?)?;
     let latent = Tensor::from_vec(latent, (1, 1, g, g), device)?;
     Ok(Tensor::cat(&[&latent, &masked], 1)?)
+}
+
+/// The attention regions of a batch's cut-mix rows: each subject's phrase located in its row's
+/// caption, and its columns as a mask on the latent grid.
+fn subject_regions(
+    sd: &StableDiffusion,
+    ids: &[Tensor],
+    images: &[data::TrainImage],
+    rows: &[(usize, usize)],
+    resolution: usize,
+) -> Result<Vec<imprint_models::attention::RegionMask>> {
+    let f = sd.vae_scale_factor();
+    let g = resolution / f;
+    let mut out = vec![];
+    for &(row, index) in rows {
+        let row_ids: Vec<i64> = ids[row].flatten_all()?.to_vec1()?;
+        for r in &images[index].regions {
+            let tokens = sd.word_positions(&row_ids, &r.phrase).with_context(|| {
+                format!(
+                    "cut-mix subject '{}' in the caption of {}",
+                    r.phrase,
+                    images[index].path.display()
+                )
+            })?;
+            let (x0, x1) = (r.columns.0 as usize / f, (r.columns.1 as usize).div_ceil(f));
+            let mask: Vec<f32> = (0..g * g)
+                .map(|i| f32::from(u8::from((x0..x1).contains(&(i % g)))))
+                .collect();
+            out.push(imprint_models::attention::RegionMask {
+                tokens,
+                mask: Tensor::from_vec(mask, (g, g), &sd.device)?,
+                rows: vec![row],
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// The class images for prior preservation: those in `dir`, completed to `num_class_images` by

@@ -86,7 +86,33 @@ pub struct SvdiffArgs {
     #[arg(long)]
     train_text_encoder: bool,
     #[command(flatten)]
+    cut_mix: CutMixArgs,
+    #[command(flatten)]
     trainer: TrainerArgs,
+}
+
+/// Cut-Mix-Unmix (SVDiff §3.3): two subjects trained together, with cut-mix images of both and
+/// the unmix regularizer on their cross-attention.
+#[derive(Args, Debug)]
+pub struct CutMixArgs {
+    /// The second subject's images (the first's are --images).
+    #[arg(long, value_name = "DIR")]
+    second_images: Option<PathBuf>,
+    /// The caption of the second subject's images without an IMAGE.txt, e.g. "a photo of zwx cat".
+    #[arg(long)]
+    second_instance_prompt: Option<String>,
+    /// How the cut-mix captions name the two subjects, first then second: "sks dog,zwx cat".
+    #[arg(long, value_delimiter = ',', value_name = "A,B")]
+    subjects: Vec<String>,
+    /// The cut-mix caption (default "a photo of a {left} on the left and a {right} on the right").
+    #[arg(long)]
+    cut_mix_prompt: Option<String>,
+    /// Share of training samples that are cut-mix images (default 0.5).
+    #[arg(long)]
+    cut_mix_prob: Option<f64>,
+    /// Weight of the unmix regularizer (default 1).
+    #[arg(long)]
+    unmix_weight: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -310,6 +336,15 @@ fn trainer_flags(a: &TrainerArgs, t: &mut toml::Table) -> Result<()> {
     Ok(())
 }
 
+fn cut_mix_flags(a: &CutMixArgs, t: &mut toml::Table) -> Result<()> {
+    if !a.subjects.is_empty() {
+        t.insert("subjects".into(), toml::Value::try_from(&a.subjects)?);
+    }
+    flags!(t, a, [second_images => "second-images", second_instance_prompt => "second-instance-prompt",
+        cut_mix_prompt => "cut-mix-prompt", cut_mix_prob => "cut-mix-prob", unmix_weight => "unmix-weight"]);
+    Ok(())
+}
+
 /// Runs a configured training with Ctrl-C wired to a clean stop.
 fn launch(out: &std::path::Path, train: impl FnOnce(&Hooks) -> Result<Outcome>) -> Result<()> {
     let hooks = Hooks {
@@ -430,6 +465,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
             if a.train_text_encoder {
                 flags.insert("train-text-encoder".into(), toml::Value::Boolean(true));
             }
+            cut_mix_flags(&a.cut_mix, &mut flags)?;
             trainer_flags(&a.trainer, &mut flags)?;
             require(&flags, &a.trainer.config, &["model", "images", "out"])?;
             let cfg: imprint_train::config::SvdiffConfig = resolve(

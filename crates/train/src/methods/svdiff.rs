@@ -14,6 +14,13 @@
 //! * **Output**: imprint's native file; `imprint concept convert --format svdiff` writes the
 //!   public `spectral_shifts.safetensors` folder.
 //!
+//! * **Cut-Mix-Unmix** (§3.3, `--second-images DIR --subjects "A,B"`): two subjects trained
+//!   together; besides each subject's own images, cut-mix images (one subject's centre strip on
+//!   the left, the other's on the right, captioned "a photo of a A on the left and a B on the
+//!   right") and the unmix regularizer, which penalizes each subject's tokens' cross-attention
+//!   where the other subject lies ([`imprint_models::attention::UnmixProbe`]; the data in
+//!   [`crate::data::cut_mix`], the loss in the shared loop).
+//!
 //! The text encoder's embedding tables are shifted when a file has them (generation), but not
 //! trained here.
 
