@@ -29,6 +29,9 @@ pub enum Mode {
     /// A whole Custom Diffusion step: the modifier token's vector and the changes of every
     /// cross-attention key and value weight, AdamW.
     CustomDiffusionStep,
+    /// A whole SVDiff step: a spectral shift on every UNet linear, conv and norm weight (the
+    /// SVDs from the model's cache, computed before timing), backward to the shifts, AdamW.
+    SvdiffStep,
     /// Forward + backward to rank-4 LoRA deltas on the attention projections.
     Lora,
     /// Forward + backward to every UNet weight.
@@ -69,7 +72,11 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub fn run(a: BenchArgs) -> Result<()> {
     if matches!(
         a.mode,
-        Mode::TiStep | Mode::XtiStep | Mode::PerfusionStep | Mode::CustomDiffusionStep
+        Mode::TiStep
+            | Mode::XtiStep
+            | Mode::PerfusionStep
+            | Mode::CustomDiffusionStep
+            | Mode::SvdiffStep
     ) {
         return method_step(&a);
     }
@@ -217,6 +224,21 @@ fn method_step(a: &BenchArgs) -> Result<()> {
                 None,
             )?,
         ),
+        Mode::SvdiffStep => {
+            let started = Instant::now();
+            let m = imprint_train::methods::svdiff::SvdiffMethod::attach(
+                &mut sd,
+                false,
+                Some(format!("a photo of a {token}")),
+                Some(token.to_string()),
+            )?;
+            eprintln!(
+                "svdiff: {} shifts; SVDs ready in {:.1} s (cached after the first run)",
+                m.parameter_count(),
+                started.elapsed().as_secs_f64()
+            );
+            Box::new(m)
+        }
         _ => Box::new(TextualInversionMethod {
             ti: TextualInversion::new(&mut sd.tokenizer, &sd.text_encoder, token, "toy", 1)?,
             templates: TemplateSet::Object,
@@ -288,6 +310,7 @@ fn method_step(a: &BenchArgs) -> Result<()> {
         Mode::XtiStep => "xti-step",
         Mode::PerfusionStep => "perfusion-step",
         Mode::CustomDiffusionStep => "custom-diffusion-step",
+        Mode::SvdiffStep => "svdiff-step",
         _ => "ti-step",
     };
     report(a, name, iter_s);
