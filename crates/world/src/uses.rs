@@ -10,7 +10,8 @@
 //!   on a solid gray background", jointly and with regional prompting (`--region A:left.png
 //!   --region B:right.png`): how often each appears on its side (the renderer's reader finds a
 //!   blob in its colours there) and its fidelity (DINO of that half of the picture to its own
-//!   references).
+//!   references). Beside them, SVDiff trained on both concepts at once with Cut-Mix-Unmix
+//!   ("a sks star at the left and a weird heart at the right"), with and without its unmix term.
 //! * **style** — a "pattern" concept (zigzag-heart's gold-and-black zigzag, its TI word placed
 //!   where colour and pattern words go: "a <z> heart") applied to shapes it was never seen on,
 //!   and P+'s style mixing: split-ring's per-layer vectors on the coarse layers (down, mid) with
@@ -226,6 +227,60 @@ fn train_concept(
     Ok(dir.join("concept.safetensors"))
 }
 
+/// Trains SVDiff on the two concepts at once with Cut-Mix-Unmix (`weight`: the unmix weight, the
+/// default when `None`); returns the concept file.
+fn train_cut_mix(
+    cfg: &BenchConfig,
+    pair: [usize; 2],
+    phrases: &[String; 2],
+    weight: Option<&str>,
+    dir: &Path,
+) -> Result<std::path::PathBuf> {
+    let mut folders = vec![];
+    for (i, &k) in pair.iter().enumerate() {
+        let images = dir.join(format!("images-{k}"));
+        write_references(
+            &concept_reference_scenes(k, cfg.references, cfg.seed),
+            Some(&phrases[i]),
+            &images,
+        )?;
+        folders.push(images);
+    }
+    let out = dir.join("concept.safetensors");
+    if out.exists() {
+        std::fs::remove_file(&out)?;
+    }
+    let steps = ((400.0 * cfg.steps_scale).round() as usize)
+        .max(1)
+        .to_string();
+    let mut cmd = Command::new(&cfg.exe);
+    cmd.args(["train", "svdiff", "--model"])
+        .arg(&cfg.model)
+        .arg("--images")
+        .arg(&folders[0])
+        .arg("--second-images")
+        .arg(&folders[1])
+        .arg("--subjects")
+        .arg(phrases.join(","))
+        .args([
+            "--cut-mix-prompt",
+            "a {left} at the left and a {right} at the right",
+        ])
+        .args(["--resolution", "64", "--seed", &cfg.seed.to_string()])
+        .args(["--save-every", "100000", "--steps", &steps, "--lr", "1e-3"])
+        .args(["--batch-size", "4", "--out"])
+        .arg(&out);
+    if let Some(w) = weight {
+        cmd.args(["--unmix-weight", w]);
+    }
+    run_command(
+        &mut cmd,
+        "training SVDiff with Cut-Mix-Unmix",
+        &dir.join("train.log"),
+    )?;
+    Ok(out)
+}
+
 /// White on the left or right half of a 64 px mask.
 fn half_mask(path: &Path, left: bool) -> Result<()> {
     let img = image::GrayImage::from_fn(64, 64, |x, _| {
@@ -318,21 +373,51 @@ pub fn run_multi(
         regions.push("--region".into());
         regions.push(format!("{t}:{}", dir.join(side).display()));
     }
+    // SVDiff trained on both concepts at once with Cut-Mix-Unmix (its §3.3), with and without
+    // the unmix term: each concept is named by a rare word and its class word.
+    let phrases = [
+        format!("sks {}", concept(pair[0]).class_word),
+        format!("weird {}", concept(pair[1]).class_word),
+    ];
+    let svdiff_prompt = format!(
+        "a {} at the left and a {} at the right on a solid gray background",
+        phrases[0], phrases[1]
+    );
+    let mut cut_mix = vec![];
+    for (variant, weight) in [
+        ("svdiff cut-mix-unmix", None),
+        ("svdiff cut-mix, no unmix", Some("0")),
+    ] {
+        let vdir = dir.join(variant.replace([' ', ','], "-"));
+        let file = train_cut_mix(cfg, pair, &phrases, weight, &vdir)?;
+        cut_mix.push((
+            variant,
+            svdiff_prompt.clone(),
+            vec!["--concept".to_string(), file.display().to_string()],
+        ));
+    }
     let mut variants = vec![];
-    let mut html = format!("<h2>Two concepts in one picture</h2><p>“{}”, {n} samples each.</p><table class=t><tr><th>variant</th>", html_escape(&prompt));
+    let mut html = format!("<h2>Two concepts in one picture</h2><p>TI: “{}”; SVDiff: “{}”; {n} samples each.</p><table class=t><tr><th>variant</th>", html_escape(&prompt), html_escape(&svdiff_prompt));
     for &k in &pair {
         html += &format!("<th>concept {k} appears</th><th>concept {k} DINO</th>");
     }
     html += "</tr>";
     let mut pictures = String::new();
-    for (variant, extra) in [("joint", &concepts_args), ("regions", &regions)] {
+    let mut cases = vec![
+        ("joint", prompt.clone(), concepts_args.clone()),
+        ("regions", prompt.clone(), regions.clone()),
+    ];
+    cases.extend(cut_mix);
+    for (variant, prompt, extra) in &cases {
+        let variant: &'static str = variant;
+        let file_stem = variant.replace([' ', ','], "-");
         let imgs = sample_images(
             cfg,
-            &prompt,
+            prompt,
             extra,
             cfg.seed,
-            &dir.join(format!("{variant}.png")),
-            &dir.join(format!("{variant}.log")),
+            &dir.join(format!("{file_stem}.png")),
+            &dir.join(format!("{file_stem}.log")),
             n,
         )?;
         let mut per = vec![];
@@ -362,7 +447,8 @@ pub fn run_multi(
             });
         }
         html += "</tr>";
-        pictures += &format!("<div>{variant}<br><img src=\"multi/{variant}.png\" width=384></div>");
+        pictures +=
+            &format!("<div>{variant}<br><img src=\"multi/{file_stem}.png\" width=384></div>");
         variants.push(MultiVariant {
             variant,
             concepts: per,
