@@ -203,10 +203,14 @@ pub(crate) fn train(
                 c.class_word,
                 "--templates",
                 "captions",
+                // The same budget as the other methods (400 steps of 4 images); Perfusion's own
+                // recipe accumulates 16 micro-batches per step, 12× the images.
                 "--steps",
-                &steps(300.0),
+                &steps(400.0),
                 "--batch-size",
                 "4",
+                "--grad-accum",
+                "1",
             ]),
         ),
         "lora" => (
