@@ -156,8 +156,11 @@ impl RegionMask {
 /// SVDiff's unmix regularizer (Han et al. 2023, §3.3), observed during a training forward: for
 /// each region, the attention probabilities of its word's tokens at the queries *outside* the
 /// region (where the other subject of a cut-mix image lies), squared and averaged over heads,
-/// those queries and the tokens. Every cross-attention layer shares one probe; the trainer sets
-/// the batch's regions before the forward and takes the per-layer penalties after it.
+/// those queries and the tokens. The paper regularizes each subject's special token; here a
+/// region holds every token of the subject's phrase (rare word and class word: "sks dog"), since
+/// the class word names the subject too and would otherwise carry it across. Every
+/// cross-attention layer shares one probe; the trainer sets the batch's regions before the
+/// forward and takes the per-layer penalties after it.
 #[derive(Debug, Default)]
 pub struct UnmixProbe {
     regions: std::sync::Mutex<Vec<RegionMask>>,

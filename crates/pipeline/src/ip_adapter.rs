@@ -19,6 +19,50 @@ use imprint_models::unet::UNet2DConditionModel;
 use imprint_ops::{layer_norm, Linear};
 use std::path::{Path, PathBuf};
 
+/// Puts an adapter's `(to_k_ip, to_v_ip)` pairs (diffusers' `attn_processors` order) on every
+/// cross-attention layer of `unet`, at `scale`.
+fn attach_layers(
+    path: &Path,
+    layers: &[(Linear, Linear)],
+    num_tokens: usize,
+    unet: &mut UNet2DConditionModel,
+    scale: &IpScale,
+    base: f64,
+) -> Result<()> {
+    let blocks = unet.transformer_blocks_in_processor_order_mut();
+    if blocks.len() != layers.len() {
+        bail!(
+            "{}: the adapter has weights for {} cross-attention layers, this UNet has {}",
+            path.display(),
+            layers.len(),
+            blocks.len()
+        )
+    }
+    let paths: Vec<String> = blocks.iter().map(|(p, _)| p.clone()).collect();
+    scale.validate(&paths)?;
+    let mut plan = vec![];
+    for ((block_path, block), (k, v)) in blocks.into_iter().zip(layers) {
+        let inner = block.attn2.inner_dim();
+        if k.out_dim() != inner || v.out_dim() != inner {
+            bail!(
+                "{}: ip_adapter weights for {block_path} are {} wide, the layer is {inner}",
+                path.display(),
+                k.out_dim()
+            )
+        }
+        plan.push((block, scale.for_block(&block_path, base)?, k, v));
+    }
+    for (block, s, k, v) in plan {
+        block.attn2.image_prompt = Some(ImagePromptAttention {
+            to_k_ip: k.clone(),
+            to_v_ip: v.clone(),
+            scale: s,
+            num_tokens,
+        });
+    }
+    Ok(())
+}
+
 /// An image prompt as the command line gives it: `--ip-adapter FILE[:SCALE] --ip-image IMG…
 /// [--image-encoder DIR] [--ip-adapter-blocks JSON]`.
 #[derive(Clone, Debug, Default)]
@@ -31,9 +75,11 @@ pub struct ImagePromptSpec {
     pub blocks: Option<String>,
 }
 
-/// A loaded image prompt: the adapter, its scales and the image tokens, ready to attach to a UNet.
+/// A loaded image prompt: the adapter's per-layer projections, their scales and the image
+/// tokens, ready to attach to a UNet (the image encoder is not kept: the tokens are made once).
 pub struct ImagePrompt {
-    adapter: IpAdapter,
+    path: PathBuf,
+    layers: Vec<(Linear, Linear)>,
     scale: IpScale,
     base: f64,
     /// `(negative, positive)`, each `[1, N, cross_dim]`.
@@ -53,6 +99,35 @@ pub fn parse_adapter_spec(spec: &str) -> Result<(PathBuf, f64)> {
 }
 
 impl ImagePromptSpec {
+    /// The checks that need no model: the adapter file exists, every image decodes, the image
+    /// encoder folder has a config (training runs them before any setup).
+    pub fn check(&self) -> Result<()> {
+        let (path, _) = parse_adapter_spec(&self.adapter)?;
+        if !path.is_file() {
+            bail!("{}: IP-Adapter file not found", path.display())
+        }
+        if self.images.is_empty() {
+            bail!("--ip-adapter needs at least one --ip-image IMG (the image prompt)")
+        }
+        for p in &self.images {
+            crate::image_io::read_image_prompt(p)?;
+        }
+        let enc = match &self.image_encoder {
+            Some(d) => d.clone(),
+            None => path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("image_encoder"),
+        };
+        if !enc.join("config.json").is_file() {
+            bail!(
+                "{}: no image encoder (a CLIPVisionModelWithProjection folder with config.json); pass --image-encoder DIR",
+                enc.display()
+            )
+        }
+        Ok(())
+    }
+
     /// Checks every input (adapter file, images, per-block JSON), then loads the adapter and its
     /// image encoder and embeds the images.
     pub fn load(&self, dtype: DType, device: &Device) -> Result<ImagePrompt> {
@@ -82,7 +157,8 @@ impl ImagePromptSpec {
         let adapter = IpAdapter::load(&path, self.image_encoder.as_deref(), dtype, device)?;
         let tokens = adapter.tokens(&images)?;
         Ok(ImagePrompt {
-            adapter,
+            path: adapter.path.clone(),
+            layers: adapter.layers.clone(),
             scale,
             base,
             tokens,
@@ -93,11 +169,19 @@ impl ImagePromptSpec {
 impl ImagePrompt {
     /// Gives every cross-attention layer of `unet` the adapter's image branch at its scale.
     pub fn attach(&self, unet: &mut UNet2DConditionModel) -> Result<()> {
-        self.adapter.attach(unet, &self.scale, self.base)
+        let num_tokens = self.tokens.0.dim(1)?;
+        attach_layers(
+            &self.path,
+            &self.layers,
+            num_tokens,
+            unet,
+            &self.scale,
+            self.base,
+        )
     }
 
     pub fn path(&self) -> &Path {
-        &self.adapter.path
+        &self.path
     }
 }
 
@@ -479,39 +563,14 @@ impl IpAdapter {
         scale: &IpScale,
         base: f64,
     ) -> Result<()> {
-        let blocks = unet.transformer_blocks_in_processor_order_mut();
-        if blocks.len() != self.layers.len() {
-            bail!(
-                "{}: the adapter has weights for {} cross-attention layers, this UNet has {}",
-                self.path.display(),
-                self.layers.len(),
-                blocks.len()
-            )
-        }
-        let num_tokens = self.image_proj.num_tokens();
-        let paths: Vec<String> = blocks.iter().map(|(p, _)| p.clone()).collect();
-        scale.validate(&paths)?;
-        let mut plan = vec![];
-        for ((path, block), (k, v)) in blocks.into_iter().zip(&self.layers) {
-            let inner = block.attn2.inner_dim();
-            if k.out_dim() != inner || v.out_dim() != inner {
-                bail!(
-                    "{}: ip_adapter weights for {path} are {} wide, the layer is {inner}",
-                    self.path.display(),
-                    k.out_dim()
-                )
-            }
-            plan.push((block, scale.for_block(&path, base)?, k, v));
-        }
-        for (block, s, k, v) in plan {
-            block.attn2.image_prompt = Some(ImagePromptAttention {
-                to_k_ip: k.clone(),
-                to_v_ip: v.clone(),
-                scale: s,
-                num_tokens,
-            });
-        }
-        Ok(())
+        attach_layers(
+            &self.path,
+            &self.layers,
+            self.image_proj.num_tokens(),
+            unet,
+            scale,
+            base,
+        )
     }
 
     /// Image tokens `(negative, positive)`, each `[1, N, cross_dim]`, of the averaged embedding

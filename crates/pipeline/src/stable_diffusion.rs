@@ -981,6 +981,9 @@ impl StableDiffusion {
 /// the text prediction's standard deviation (unbiased, over all but the batch axis), mixed with
 /// the unscaled one by `phi`.
 pub fn rescale_guidance(guided: &Tensor, text: &Tensor, phi: f64) -> Result<Tensor> {
+    if !(0.0..=1.0).contains(&phi) {
+        bail!("--guidance-rescale must lie in [0, 1] (got {phi})")
+    }
     if phi == 0.0 {
         return Ok(guided.clone());
     }
@@ -1015,6 +1018,17 @@ mod tests {
             let want = 0.7 * x * ratio + 0.3 * x;
             assert!((*g as f64 - want).abs() < 1e-5, "{g} vs {want}");
         }
+        // Each batch row is rescaled by its own spread.
+        let pair = Tensor::cat(&[&guided, &(&guided * 10.0)?], 0)?;
+        let texts = Tensor::cat(&[&text, &text], 0)?;
+        let rows: Vec<Vec<f32>> = rescale_guidance(&pair, &texts, 1.0)?
+            .flatten_from(1)?
+            .to_vec2()?;
+        for (i, x) in [1.0f64, 3.0, 5.0, 7.0].iter().enumerate() {
+            assert!((rows[0][i] as f64 - x * ratio).abs() < 1e-5);
+            assert!((rows[1][i] as f64 - x * ratio).abs() < 1e-5);
+        }
+        assert!(rescale_guidance(&guided, &text, 1.5).is_err());
         let off: Vec<f32> = rescale_guidance(&guided, &text, 0.0)?
             .flatten_all()?
             .to_vec1()?;

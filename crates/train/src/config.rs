@@ -491,6 +491,11 @@ impl TrainerOptions {
                     bail!("--cut-mix-prob must lie in [0, 1] (got {p})")
                 }
             }
+            if let Some(w) = self.unmix_weight {
+                if !(w >= 0.0 && w.is_finite()) {
+                    bail!("--unmix-weight must be a finite number ≥ 0 (got {w})")
+                }
+            }
         } else if self.subjects.is_some()
             || self.second_instance_prompt.is_some()
             || self.cut_mix_prompt.is_some()

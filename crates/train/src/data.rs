@@ -86,8 +86,10 @@ pub struct SubjectRegion {
 }
 
 /// SVDiff's cut-mix samples (Han et al. 2023, §3.3): for every pair of an image of subject A and
-/// one of subject B (both sides, at most `limit` images), a `resolution`² image whose left half is
-/// the centre strip of one subject's centre-cropped image and whose right half is the other's,
+/// one of subject B (both sides; at most `limit` images, spread evenly over the pairs), a
+/// `resolution`² image whose left half is the centre strip of one subject's centre-cropped image
+/// and whose right half is the other's (subject masks cut and mixed the same way, where any image
+/// has one),
 /// captioned by `template` with `{left}` and `{right}` replaced by the subjects' phrases (e.g.
 /// "a photo of a {left} on the left and a {right} on the right").
 pub fn cut_mix(
@@ -103,49 +105,85 @@ pub fn cut_mix(
     }
     let r = resolution;
     let half = r / 2;
-    let square = |img: &TrainImage| -> RgbImage {
-        let sized = img.resized_for(r).rgb;
-        let (w, h) = sized.dimensions();
-        imageops::crop_imm(&sized, (w - r) / 2, (h - r) / 2, r, r).to_image()
+    // Each image centre-cropped to a square at the training size, with its subject mask (all
+    // subject where it has none).
+    let square = |img: &TrainImage| -> (RgbImage, GrayImage) {
+        let sized = img.resized_for(r);
+        let (w, h) = sized.rgb.dimensions();
+        let (x, y) = ((w - r) / 2, (h - r) / 2);
+        let mask = match &sized.mask {
+            Some(m) => imageops::crop_imm(m, x, y, r, r).to_image(),
+            None => GrayImage::from_pixel(r, r, image::Luma([255])),
+        };
+        (imageops::crop_imm(&sized.rgb, x, y, r, r).to_image(), mask)
     };
-    let (sa, sb): (Vec<RgbImage>, Vec<RgbImage>) = (
-        a.iter().map(square).collect(),
-        b.iter().map(square).collect(),
-    );
-    let mut out = vec![];
-    'pairs: for i in 0..sa.len() {
+    let sa: Vec<_> = a.iter().map(square).collect();
+    let sb: Vec<_> = b.iter().map(square).collect();
+    let any_mask = a.iter().chain(b).any(|i| i.mask.is_some());
+    // Every (A, B) pair on both sides; past `limit`, an even spread over them, so every image
+    // of both subjects takes part.
+    let mut combos = vec![];
+    for i in 0..sa.len() {
         for j in 0..sb.len() {
             for a_left in [true, false] {
-                if out.len() >= limit {
-                    break 'pairs;
-                }
-                let (left, right, lp, rp, lpath) = if a_left {
-                    (&sa[i], &sb[j], phrases[0], phrases[1], &a[i].path)
-                } else {
-                    (&sb[j], &sa[i], phrases[1], phrases[0], &b[j].path)
-                };
-                let mut img = RgbImage::new(r, r);
-                let strip = |src: &RgbImage| imageops::crop_imm(src, r / 4, 0, half, r).to_image();
-                imageops::replace(&mut img, &strip(left), 0, 0);
-                imageops::replace(&mut img, &strip(right), half as i64, 0);
-                out.push(TrainImage {
-                    path: lpath.with_extension(format!("cut-mix-{i}-{j}-{a_left}")),
-                    rgb: img,
-                    caption: Some(template.replace("{left}", lp).replace("{right}", rp)),
-                    mask: None,
-                    regions: vec![
-                        SubjectRegion {
-                            phrase: lp.to_string(),
-                            columns: (0, half),
-                        },
-                        SubjectRegion {
-                            phrase: rp.to_string(),
-                            columns: (half, r),
-                        },
-                    ],
-                });
+                combos.push((i, j, a_left));
             }
         }
+    }
+    let take = combos.len().min(limit);
+    let mut out = vec![];
+    for n in 0..take {
+        let (i, j, a_left) = combos[n * combos.len() / take];
+        let (left, right, lp, rp, lpath) = if a_left {
+            (&sa[i], &sb[j], phrases[0], phrases[1], &a[i].path)
+        } else {
+            (&sb[j], &sa[i], phrases[1], phrases[0], &b[j].path)
+        };
+        let mut img = RgbImage::new(r, r);
+        imageops::replace(
+            &mut img,
+            &imageops::crop_imm(&left.0, r / 4, 0, half, r).to_image(),
+            0,
+            0,
+        );
+        imageops::replace(
+            &mut img,
+            &imageops::crop_imm(&right.0, r / 4, 0, half, r).to_image(),
+            half as i64,
+            0,
+        );
+        let mask = any_mask.then(|| {
+            let mut m = GrayImage::new(r, r);
+            imageops::replace(
+                &mut m,
+                &imageops::crop_imm(&left.1, r / 4, 0, half, r).to_image(),
+                0,
+                0,
+            );
+            imageops::replace(
+                &mut m,
+                &imageops::crop_imm(&right.1, r / 4, 0, half, r).to_image(),
+                half as i64,
+                0,
+            );
+            m
+        });
+        out.push(TrainImage {
+            path: lpath.with_extension(format!("cut-mix-{i}-{j}-{a_left}")),
+            rgb: img,
+            caption: Some(template.replace("{left}", lp).replace("{right}", rp)),
+            mask,
+            regions: vec![
+                SubjectRegion {
+                    phrase: lp.to_string(),
+                    columns: (0, half),
+                },
+                SubjectRegion {
+                    phrase: rp.to_string(),
+                    columns: (half, r),
+                },
+            ],
+        });
     }
     Ok(out)
 }
@@ -807,7 +845,16 @@ mod tests {
         let swapped = &mixed[1];
         assert_eq!(swapped.rgb.get_pixel(3, 5).0, [0, 0, 255]);
         assert_eq!(swapped.regions[0].phrase, "zwx cat");
-        assert_eq!(cut_mix(&a, &b, ["x", "y"], DEFAULT_PROMPT, 32, 3)?.len(), 3);
+        assert!(first.mask.is_none(), "no image has a mask");
+        let limited = cut_mix(&a, &b, ["x", "y"], DEFAULT_PROMPT, 32, 2)?;
+        assert_eq!(limited.len(), 2);
+        // Spread over the pairs: both second-subject images take part.
+        assert_eq!(limited[1].rgb.get_pixel(20, 5).0, [0, 255, 0]);
+        let mut masked = a.clone();
+        masked[0].mask = Some(GrayImage::new(48, 32));
+        let with_mask = cut_mix(&masked, &b, ["x", "y"], DEFAULT_PROMPT, 32, 100)?;
+        let m = with_mask[0].mask.as_ref().expect("masks are cut and mixed");
+        assert_eq!((m.get_pixel(3, 5).0[0], m.get_pixel(20, 5).0[0]), (0, 255));
         assert!(cut_mix(&a, &b, ["x", "y"], "a {left} only", 32, 3).is_err());
         Ok(())
     }

@@ -69,6 +69,9 @@ struct LogLine {
 fn load_model(t: &TrainerOptions) -> Result<StableDiffusion> {
     t.validate()?;
     OutputPaths::new(&t.out)?;
+    if let Some(spec) = validation_image_prompt(t) {
+        spec.check().context("--validation-ip-adapter")?;
+    }
     let device = imprint_pipeline::parse_device(&t.device)?;
     let mut sd = StableDiffusion::load(&t.model, DType::F32, &device)?;
     if t.second_images.is_some() {
@@ -79,6 +82,27 @@ fn load_model(t: &TrainerOptions) -> Result<StableDiffusion> {
         }
     }
     Ok(sd)
+}
+
+/// The validation's image prompt, if asked for.
+fn validation_image_prompt(
+    t: &TrainerOptions,
+) -> Option<imprint_pipeline::ip_adapter::ImagePromptSpec> {
+    Some(imprint_pipeline::ip_adapter::ImagePromptSpec {
+        adapter: t.validation_ip_adapter.clone()?,
+        images: t.validation_ip_image.clone(),
+        image_encoder: t.validation_image_encoder.clone(),
+        blocks: None,
+    })
+}
+
+/// Cut-Mix-Unmix needs the images' own captions (they name the subjects); methods that caption
+/// from templates refuse it.
+fn refuse_cut_mix(t: &TrainerOptions, method: &str) -> Result<()> {
+    if t.second_images.is_some() {
+        bail!("Cut-Mix-Unmix (--second-images) trains methods captioned by instance prompts (svdiff, lora, dreambooth); {method} captions from templates")
+    }
+    Ok(())
 }
 
 /// The unmix probe the model carries when training with cut-mix samples.
@@ -145,6 +169,7 @@ fn load_resume(t: &TrainerOptions, config_text: &str) -> Result<Option<Checkpoin
 /// Trains a textual-inversion concept as `cfg` says; see the crate docs for the files it writes.
 pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> Result<Outcome> {
     let t = &cfg.trainer;
+    refuse_cut_mix(t, "Textual Inversion")?;
     let templates = cfg.templates.parse()?;
     let config_text = toml::to_string(cfg)?;
     let mut sd = load_model(t)?;
@@ -198,6 +223,7 @@ pub fn train_extended_textual_inversion(
     hooks: &Hooks,
 ) -> Result<Outcome> {
     let t = &cfg.trainer;
+    refuse_cut_mix(t, "P+")?;
     if cfg.init_concept.is_some() {
         bail!("--init-concept starts Textual Inversion; P+ starts from its init word")
     }
@@ -220,6 +246,7 @@ pub fn train_extended_textual_inversion(
 /// Trains a Perfusion concept as `cfg` says.
 pub fn train_perfusion(cfg: &PerfusionConfig, hooks: &Hooks) -> Result<Outcome> {
     let t = &cfg.trainer;
+    refuse_cut_mix(t, "Perfusion")?;
     let templates = cfg.templates.parse()?;
     if !(cfg.value_lr > 0.0) || !(cfg.tau > 0.0) || !cfg.beta.is_finite() {
         bail!("--value-lr and --tau must be positive and --beta finite")
@@ -248,6 +275,8 @@ pub fn train_perfusion(cfg: &PerfusionConfig, hooks: &Hooks) -> Result<Outcome> 
 /// compression costs: the native file's size and how far an 8-step sample moves.
 pub fn train_custom_diffusion(cfg: &CustomDiffusionConfig, hooks: &Hooks) -> Result<Outcome> {
     let t = &cfg.trainer;
+    // Its resize augmentation and masked loss would not follow the cut-mix regions.
+    refuse_cut_mix(t, "Custom Diffusion")?;
     if t.out.exists() {
         bail!(
             "{}: already exists; Custom Diffusion writes a new folder there",
@@ -410,14 +439,8 @@ pub fn run(
 ) -> Result<Outcome> {
     // Loaded (and tried on a copy of the UNet) before anything is written: a broken image prompt
     // must fail the run at its start, not at the first validation.
-    let image_prompt = match &t.validation_ip_adapter {
-        Some(adapter) => {
-            let spec = imprint_pipeline::ip_adapter::ImagePromptSpec {
-                adapter: adapter.clone(),
-                images: t.validation_ip_image.clone(),
-                image_encoder: t.validation_image_encoder.clone(),
-                blocks: None,
-            };
+    let image_prompt = match validation_image_prompt(t) {
+        Some(spec) => {
             let prompt = spec
                 .load(sd.dtype, &sd.device)
                 .context("--validation-ip-adapter")?;
@@ -450,6 +473,20 @@ pub fn run(
     // Cut-Mix-Unmix: the second subject's images join the first's; the cut-mix images follow
     // them, drawn with their own probability.
     let (second, mixed) = cut_mix_images(t, &images)?;
+    for m in &mixed {
+        // Every cut-mix caption must fit the text encoder and name both subjects apart.
+        let caption = m.caption.as_deref().unwrap_or_default();
+        let ids: Vec<i64> = sd.tokenize(caption)?.flatten_all()?.to_vec1()?;
+        let mut seen = std::collections::BTreeSet::new();
+        for r in &m.regions {
+            let at = sd
+                .word_positions(&ids, &r.phrase)
+                .with_context(|| format!("cut-mix subject '{}' in \"{caption}\"", r.phrase))?;
+            if at.iter().any(|p| !seen.insert(*p)) {
+                bail!("the cut-mix subjects overlap in \"{caption}\": give --subjects two phrases neither of which contains the other")
+            }
+        }
+    }
     images.extend(second);
     let singles = images.len();
     images.extend(mixed);

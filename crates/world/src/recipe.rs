@@ -289,6 +289,7 @@ struct Phase<'a> {
     bar: indicatif::ProgressBar,
     log: std::fs::File,
     started: Instant,
+    objective: String,
 }
 
 impl<'a> Phase<'a> {
@@ -298,6 +299,19 @@ impl<'a> Phase<'a> {
         steps: usize,
         save_every: usize,
         index: usize,
+    ) -> Result<Self> {
+        Self::with_objective(name, out, steps, save_every, index, "")
+    }
+
+    /// A phase whose checkpoints record `objective` (what the weights are trained to predict), so
+    /// a checkpoint made under another objective is refused instead of silently trained on.
+    fn with_objective(
+        name: &'static str,
+        out: &'a Path,
+        steps: usize,
+        save_every: usize,
+        index: usize,
+        objective: &str,
     ) -> Result<Self> {
         let bar = indicatif::ProgressBar::new(steps as u64);
         bar.set_style(indicatif::ProgressStyle::with_template(
@@ -316,6 +330,7 @@ impl<'a> Phase<'a> {
             bar,
             log,
             started: Instant::now(),
+            objective: objective.to_string(),
         })
     }
 
@@ -333,6 +348,19 @@ impl<'a> Phase<'a> {
         }
         let t = candle_core::safetensors::load(&path, &Device::Cpu)
             .with_context(|| format!("{}: unreadable checkpoint", path.display()))?;
+        if !self.objective.is_empty() {
+            let saved = match t.get("objective") {
+                Some(o) => String::from_utf8_lossy(&o.to_vec1::<u8>()?).into_owned(),
+                None => "unrecorded (an older recipe)".into(),
+            };
+            if saved != self.objective {
+                bail!(
+                    "{}: this checkpoint was trained for objective {saved}, the recipe trains {}; delete it to train the phase afresh",
+                    path.display(),
+                    self.objective
+                )
+            }
+        }
         for (i, (name, var)) in vars.iter().enumerate() {
             let get = |k: &str| {
                 t.get(k)
@@ -365,6 +393,12 @@ impl<'a> Phase<'a> {
             t.insert(format!("v.{name}"), opt.exp_avg_sq[i].clone());
         }
         t.insert("step".into(), Tensor::new(step as i64, &Device::Cpu)?);
+        if !self.objective.is_empty() {
+            t.insert(
+                "objective".into(),
+                Tensor::new(self.objective.as_bytes(), &Device::Cpu)?,
+            );
+        }
         let path = self.checkpoint_path();
         std::fs::create_dir_all(path.parent().unwrap())?;
         save_safetensors_atomic(&path, &t, None)
@@ -722,7 +756,12 @@ fn train_unet(out: &Path, r: &Recipe, device: &Device) -> Result<()> {
     let unet = UNet2DConditionModel::new(vb, &cfg)?;
     let vars = take_vars(&vars)?;
     let mut opt = optimizer(&vars, 1e-2)?;
-    let mut phase = Phase::new("unet", out, r.unet_steps, r.save_every, 3)?;
+    let sc = folder.scheduler_config()?;
+    let objective = format!(
+        "{} zero-terminal-snr={}",
+        sc.prediction_type, sc.rescale_betas_zero_snr
+    );
+    let mut phase = Phase::with_objective("unet", out, r.unet_steps, r.save_every, 3, &objective)?;
     let start = phase.resume(&vars, &mut opt)?;
     for step in start..r.unet_steps {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
@@ -970,6 +1009,43 @@ mod tests {
             opt.exp_avg[0].to_vec1::<f32>()?
         );
         assert_eq!(fresh.step, 3);
+        Ok(())
+    }
+
+    #[test]
+    fn checkpoints_of_another_objective_are_refused() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let dev = Device::Cpu;
+        let vars = vec![("w".to_string(), Var::new(&[1f32, 2.0], &dev)?)];
+        let mut opt = optimizer(&vars, 0.0)?;
+        Phase::with_objective(
+            "unet",
+            dir.path(),
+            10,
+            1,
+            3,
+            "epsilon zero-terminal-snr=false",
+        )?
+        .save(&vars, &opt, 2)?;
+        let v = Phase::with_objective(
+            "unet",
+            dir.path(),
+            10,
+            1,
+            3,
+            "v_prediction zero-terminal-snr=true",
+        )?;
+        let err = v.resume(&vars, &mut opt).unwrap_err().to_string();
+        assert!(err.contains("objective epsilon"), "{err}");
+        let same = Phase::with_objective(
+            "unet",
+            dir.path(),
+            10,
+            1,
+            3,
+            "epsilon zero-terminal-snr=false",
+        )?;
+        assert_eq!(same.resume(&vars, &mut opt)?, 2);
         Ok(())
     }
 

@@ -239,11 +239,12 @@ fn train_cut_mix(
     let mut folders = vec![];
     for (i, &k) in pair.iter().enumerate() {
         let images = dir.join(format!("images-{k}"));
-        write_references(
-            &concept_reference_scenes(k, cfg.references, cfg.seed),
-            Some(&phrases[i]),
-            &images,
-        )?;
+        // Cut-mix takes each image's centre strip: the concept alone, at the centre.
+        let scenes: Vec<_> = concept_reference_scenes(k, cfg.references, cfg.seed)
+            .into_iter()
+            .map(centred_alone)
+            .collect();
+        write_references(&scenes, Some(&phrases[i]), &images)?;
         folders.push(images);
     }
     let out = dir.join("concept.safetensors");
@@ -279,6 +280,18 @@ fn train_cut_mix(
         &dir.join("train.log"),
     )?;
     Ok(out)
+}
+
+/// A reference scene reduced to its concept object, moved to the centre (jitter kept).
+fn centred_alone(mut s: crate::held_out::ConceptScene) -> crate::held_out::ConceptScene {
+    let mut object = s.scene.objects[s.concept_object].clone();
+    object.position = crate::scene::Position::Center;
+    let mut asked = s.requested.objects[s.concept_object].clone();
+    asked.position = Some(crate::scene::Position::Center);
+    s.scene.objects = vec![object];
+    s.requested.objects = vec![asked];
+    s.concept_object = 0;
+    s
 }
 
 /// White on the left or right half of a 64 px mask.

@@ -183,8 +183,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--mode ti-step | xti-step | perfusion-step`: one training step of the method as the trainer
-/// runs it (latents cached, one caption), through the method's own hooks.
+/// `--mode ti-step | xti-step | perfusion-step | custom-diffusion-step | svdiff-step`: one training
+/// step of the method as the trainer runs it (latents cached, one caption), through the method's
+/// own hooks.
 fn method_step(a: &BenchArgs) -> Result<()> {
     use imprint_models::schedulers::ddpm::NoiseSchedule;
     use imprint_train::methods::extended_textual_inversion as xti;

@@ -47,7 +47,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 7.5)]
     guidance: f64,
     /// Rescale the guided prediction toward the text prediction's spread (diffusers'
-    /// guidance_rescale; 0.7 for zero-terminal-SNR models such as the world's).
+    /// guidance_rescale; Lin et al. suggest 0.7 for zero-terminal-SNR models).
     #[arg(long, default_value_t = 0.0)]
     guidance_rescale: f64,
     /// ddim, euler, euler-a, dpm++2m or ddpm.

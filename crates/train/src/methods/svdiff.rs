@@ -5,8 +5,9 @@
 //!
 //! * **Trainable**: one δ per singular value (~1 MB per concept on SD 1.5) and one per norm.
 //! * **Forward**: the base layer plus an adapter `x ↦ ((x Vᵀ) ⊙ (relu(σ + δ) − σ)) Uᵀ` (for convs
-//!   a rank-r conv with the kernel `(relu(σ + δ) − σ) ⊙ Vᵀ` then a 1×1 mix by U), so δ = 0 is the
-//!   base model exactly and the SVD's rounding never enters the output.
+//!   a rank-r conv with the kernel `Vᵀ`, its channels scaled by `relu(σ + δ) − σ`, then a 1×1
+//!   mix by U), so δ = 0 is the base model exactly and the SVD's rounding never enters the
+//!   output.
 //! * **Loss**: DreamBooth's (instance prompt with a rare word, prior preservation with class
 //!   images through the shared loop's `--class-prompt`).
 //! * **Defaults**: the public implementation's README (svdiff-pytorch): lr 1e-3 (1e-6 for the
@@ -61,9 +62,13 @@ impl Adapter for SpectralAdapter {
                 .broadcast_mul(&d)?
                 .broadcast_matmul(&self.u.t()?),
             Some(cfg) => {
+                // conv(x, diag(d)·Vᵀ) = d ⊙ conv(x, Vᵀ): scaling the rank-r output channels
+                // instead of the kernel keeps no kernel-sized temporary (nor its gradient) per
+                // layer, which on SD 1.5 is the UNet's weights over again.
                 let r = d.dim(0)?;
-                let kernel = self.vt.broadcast_mul(&d.reshape((r, 1, 1, 1))?)?;
-                let h = Conv2d::from_weights("svdiff", kernel, None, cfg).forward_base(x)?;
+                let h = Conv2d::from_weights("svdiff", self.vt.clone(), None, cfg)
+                    .forward_base(x)?
+                    .broadcast_mul(&d.reshape((1, r, 1, 1))?)?;
                 let (b, _, hh, ww) = h.dims4()?;
                 let out = self.u.dim(0)?;
                 self.u
