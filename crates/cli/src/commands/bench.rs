@@ -234,9 +234,10 @@ fn method_step(a: &BenchArgs) -> Result<()> {
                 Some(token.to_string()),
             )?;
             eprintln!(
-                "svdiff: {} shifts; SVDs ready in {:.1} s (cached after the first run)",
+                "svdiff: {} shifts; SVDs ready in {:.1} s (cached after the first run); peak RSS after setup {:.2} GB",
                 m.parameter_count(),
-                started.elapsed().as_secs_f64()
+                started.elapsed().as_secs_f64(),
+                peak_rss_bytes().unwrap_or(0) as f64 / 1e9
             );
             Box::new(m)
         }

@@ -30,7 +30,7 @@ use candle_core::{Tensor, Var};
 use imprint_concepts::spectral::{self, SpectralShift, SVDIFF};
 use imprint_concepts::{Concept, TEXT_ENCODER, UNET};
 use imprint_models::visit::{Projection, VisitProjections};
-use imprint_ops::{Adapter, Conv2d, Conv2dConfig, ScaledAdapter};
+use imprint_ops::{Adapter, Conv2d, Conv2dConfig, Linear, ScaledAdapter};
 use imprint_pipeline::StableDiffusion;
 use std::sync::Arc;
 
@@ -56,24 +56,29 @@ pub struct SpectralAdapter {
 impl Adapter for SpectralAdapter {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let d = (self.s.broadcast_add(&self.delta)?.relu()? - &self.s)?;
+        // U and Vᵀ are frozen: they go through imprint's frozen-weight linear and conv, whose
+        // backward returns only the input gradient. candle's matmul would also compute (and keep
+        // until the backward pass ends) a basis-sized gradient for each of them, on SD 1.5 the
+        // UNet's weights over again.
+        let u = Linear::from_weights("svdiff.u", self.u.clone(), None);
         match self.conv {
-            None => x
-                .broadcast_matmul(&self.vt.t()?)?
-                .broadcast_mul(&d)?
-                .broadcast_matmul(&self.u.t()?),
+            None => {
+                let h = Linear::from_weights("svdiff.vt", self.vt.clone(), None)
+                    .forward_base(x)?
+                    .broadcast_mul(&d)?;
+                u.forward_base(&h)
+            }
             Some(cfg) => {
                 // conv(x, diag(d)·Vᵀ) = d ⊙ conv(x, Vᵀ): scaling the rank-r output channels
-                // instead of the kernel keeps no kernel-sized temporary (nor its gradient) per
-                // layer, which on SD 1.5 is the UNet's weights over again.
+                // keeps no kernel-sized temporary per layer.
                 let r = d.dim(0)?;
                 let h = Conv2d::from_weights("svdiff", self.vt.clone(), None, cfg)
                     .forward_base(x)?
                     .broadcast_mul(&d.reshape((1, r, 1, 1))?)?;
-                let (b, _, hh, ww) = h.dims4()?;
-                let out = self.u.dim(0)?;
-                self.u
-                    .broadcast_matmul(&h.reshape((b, r, hh * ww))?)?
-                    .reshape((b, out, hh, ww))
+                // The 1×1 mix by U over the channels, as a linear on channels-last.
+                u.forward_base(&h.permute((0, 2, 3, 1))?)?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()
             }
         }
     }
