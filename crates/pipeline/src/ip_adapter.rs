@@ -63,6 +63,25 @@ fn attach_layers(
     Ok(())
 }
 
+/// The adapter's image encoder folder: `encoder_dir`, else `image_encoder/` beside the file; an
+/// error if it has no config.
+fn image_encoder_dir(adapter: &Path, encoder_dir: Option<&Path>) -> Result<PathBuf> {
+    let dir = match encoder_dir {
+        Some(d) => d.to_path_buf(),
+        None => adapter
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("image_encoder"),
+    };
+    if !dir.join("config.json").is_file() {
+        bail!(
+            "{}: no image encoder (a CLIPVisionModelWithProjection folder with config.json); pass --image-encoder DIR",
+            dir.display()
+        )
+    }
+    Ok(dir)
+}
+
 /// An image prompt as the command line gives it: `--ip-adapter FILE[:SCALE] --ip-image IMG…
 /// [--image-encoder DIR] [--ip-adapter-blocks JSON]`.
 #[derive(Clone, Debug, Default)]
@@ -112,19 +131,7 @@ impl ImagePromptSpec {
         for p in &self.images {
             crate::image_io::read_image_prompt(p)?;
         }
-        let enc = match &self.image_encoder {
-            Some(d) => d.clone(),
-            None => path
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join("image_encoder"),
-        };
-        if !enc.join("config.json").is_file() {
-            bail!(
-                "{}: no image encoder (a CLIPVisionModelWithProjection folder with config.json); pass --image-encoder DIR",
-                enc.display()
-            )
-        }
+        image_encoder_dir(&path, self.image_encoder.as_deref())?;
         Ok(())
     }
 
@@ -412,19 +419,7 @@ impl IpAdapter {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let enc_dir = match encoder_dir {
-            Some(d) => d.to_path_buf(),
-            None => path
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join("image_encoder"),
-        };
-        if !enc_dir.join("config.json").is_file() {
-            bail!(
-                "{}: no image encoder (a CLIPVisionModelWithProjection folder with config.json); pass --image-encoder DIR",
-                enc_dir.display()
-            )
-        }
+        let enc_dir = image_encoder_dir(path, encoder_dir)?;
         let encoder = ClipVisionModelWithProjection::load(&enc_dir, dtype, device)?;
         let t = imprint_concepts::formats::ip_adapter::read_tensors(path)?;
         let get = |k: &str| -> Result<Tensor> {

@@ -139,35 +139,8 @@ pub fn cut_mix(
         } else {
             (&sb[j], &sa[i], phrases[1], phrases[0], &b[j].path)
         };
-        let mut img = RgbImage::new(r, r);
-        imageops::replace(
-            &mut img,
-            &imageops::crop_imm(&left.0, r / 4, 0, half, r).to_image(),
-            0,
-            0,
-        );
-        imageops::replace(
-            &mut img,
-            &imageops::crop_imm(&right.0, r / 4, 0, half, r).to_image(),
-            half as i64,
-            0,
-        );
-        let mask = any_mask.then(|| {
-            let mut m = GrayImage::new(r, r);
-            imageops::replace(
-                &mut m,
-                &imageops::crop_imm(&left.1, r / 4, 0, half, r).to_image(),
-                0,
-                0,
-            );
-            imageops::replace(
-                &mut m,
-                &imageops::crop_imm(&right.1, r / 4, 0, half, r).to_image(),
-                half as i64,
-                0,
-            );
-            m
-        });
+        let img = side_by_side(&left.0, &right.0, r);
+        let mask = any_mask.then(|| side_by_side(&left.1, &right.1, r));
         out.push(TrainImage {
             path: lpath.with_extension(format!("cut-mix-{i}-{j}-{a_left}")),
             rgb: img,
@@ -186,6 +159,29 @@ pub fn cut_mix(
         });
     }
     Ok(out)
+}
+
+/// The centre strips (half the width) of two `r`² images, side by side.
+fn side_by_side<P: Pixel + 'static>(
+    left: &ImageBuffer<P, Vec<P::Subpixel>>,
+    right: &ImageBuffer<P, Vec<P::Subpixel>>,
+    r: u32,
+) -> ImageBuffer<P, Vec<P::Subpixel>> {
+    let half = r / 2;
+    let mut out = ImageBuffer::new(r, r);
+    imageops::replace(
+        &mut out,
+        &imageops::crop_imm(left, r / 4, 0, half, r).to_image(),
+        0,
+        0,
+    );
+    imageops::replace(
+        &mut out,
+        &imageops::crop_imm(right, r / 4, 0, half, r).to_image(),
+        half as i64,
+        0,
+    );
+    out
 }
 
 impl TrainImage {
