@@ -223,11 +223,12 @@ impl UnmixProbe {
                     q.narrow(0, row * heads, heads)?,
                     k.narrow(0, row * heads, heads)?,
                 );
-                // Softmax over all keys from differentiable primitives (the max only steadies it).
-                let logits = (qr.matmul(&kr.t()?)? * scale)?;
-                let shifted = logits.broadcast_sub(&logits.max_keepdim(2)?.detach())?;
-                let e = shifted.exp()?;
-                let probs = e.broadcast_div(&e.sum_keepdim(2)?)?;
+                // candle_nn's softmax is built from differentiable primitives (imprint's fused
+                // one records no backward).
+                let probs = candle_nn::ops::softmax(
+                    &(qr.matmul(&kr.t()?)? * scale)?,
+                    candle_core::D::Minus1,
+                )?;
                 let p = probs.index_select(&ids, 2)?;
                 let penalty = (p.sqr()?.broadcast_mul(&outside)?.sum_all()?
                     / (heads as f64 * n_out as f64 * tokens.len() as f64))?;
