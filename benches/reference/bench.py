@@ -26,17 +26,25 @@ def main():
                     help="drop each parameter's gradient as soon as it is accumulated (the hook a "
                          "fused optimizer step uses), instead of holding all until the end")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                    help="as diffusers' training scripts: frozen weights in half precision "
+                         "(weight_dtype), trained ones in f32, the step under torch.autocast")
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
     dev = torch.device(a.device)
+    half = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[a.mixed_precision]
     unet = UNet2DConditionModel.from_pretrained(a.model, subfolder="unet").to(dev)
     unet.requires_grad_(False)
+    if half is not None and a.mode != "dreambooth":
+        unet.to(half)  # frozen: stored in weight_dtype
     params = []
     if a.mode == "lora":
         from peft import LoraConfig
         unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
         params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:  # diffusers' cast_training_params: trained LoRA weights in f32
+            p.data = p.data.float()
     elif a.mode == "dreambooth":
         unet.requires_grad_(True)
         params = list(unet.parameters())
@@ -60,17 +68,20 @@ def main():
     text = torch.randn(a.batch, 77, cross, generator=g).to(dev)
 
     if a.mode == "ti-step":
-        return ti_step(a, unet, dev, sample, t)
+        return ti_step(a, unet, dev, sample, t, half)
+
+    autocast = lambda: torch.autocast(dev.type, dtype=half, enabled=half is not None)
 
     def step():
         if a.mode == "forward":
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 y = unet(sample, t, encoder_hidden_states=text).sample
-                y.sum().item()
+                y.float().sum().item()
         else:
             states = text.clone().requires_grad_(a.mode == "ti")
-            y = unet(sample, t, encoder_hidden_states=states).sample
-            y.pow(2).mean().backward()
+            with autocast():
+                y = unet(sample, t, encoder_hidden_states=states).sample
+            y.float().pow(2).mean().backward()
             if a.mode == "ti":
                 states.grad.sum().item()
             for p in params:
@@ -92,11 +103,12 @@ def timed(a, step):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"impl": "pytorch", "mode": a.mode, "resolution": a.resolution, "batch": a.batch,
                       "gradient_checkpointing": a.gradient_checkpointing,
+                      "mixed_precision": a.mixed_precision,
                       "fused_backward": a.fused_backward, "iter_s": iter_s,
                       "median_s": median, "peak_rss_bytes": peak}))
 
 
-def ti_step(a, unet, dev, latents, t):
+def ti_step(a, unet, dev, latents, t, half):
     """One step of diffusers' examples/textual_inversion/textual_inversion.py with cached latents:
     the whole embedding table is the optimizer's parameter, other rows restored after the step."""
     import torch.nn.functional as F
@@ -123,7 +135,8 @@ def ti_step(a, unet, dev, latents, t):
     def step():
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         states = text_encoder(ids)[0]
-        pred = unet(noisy, timesteps, states).sample
+        with torch.autocast(dev.type, dtype=half, enabled=half is not None):
+            pred = unet(noisy, timesteps, states).sample
         loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
         loss.backward()
         optimizer.step()

@@ -18,6 +18,7 @@ fn expected() -> HashMap<String, Tensor> {
 /// max |ours − ref| ≤ tol · max(1, max |ref|), as DESIGN.md's parity rule.
 fn assert_close(name: &str, ours: &Tensor, reference: &Tensor, tol: f32) {
     assert_eq!(ours.dims(), reference.dims(), "{name}: shape");
+    let ours = &ours.to_device(&Device::Cpu).unwrap();
     let diff = (ours - reference)
         .unwrap()
         .abs()
@@ -44,13 +45,13 @@ fn assert_close(name: &str, ours: &Tensor, reference: &Tensor, tol: f32) {
     );
 }
 
+/// The device IMPRINT_DEVICE names: CPU in CI, CUDA in tools/cuda/device.sh.
+fn dev() -> Device {
+    imprint_ops::device_from_env().unwrap()
+}
+
 fn evaluator() -> Evaluator {
-    Evaluator::load(
-        &fixtures().join("clip"),
-        &fixtures().join("dino"),
-        &Device::Cpu,
-    )
-    .unwrap()
+    Evaluator::load(&fixtures().join("clip"), &fixtures().join("dino"), &dev()).unwrap()
 }
 
 #[test]
@@ -59,11 +60,7 @@ fn pixel_values_match_the_pil_processors_exactly() {
     let ev = evaluator();
     for set in ["generated", "odd"] {
         let imgs = read_images(&fixtures().join("images").join(set)).unwrap();
-        let clip = ev
-            .clip
-            .processor
-            .preprocess_batch(&imgs, &Device::Cpu)
-            .unwrap();
+        let clip = ev.clip.processor.preprocess_batch(&imgs, &dev()).unwrap();
         assert_close(
             &format!("clip {set}"),
             &clip,
@@ -75,7 +72,7 @@ fn pixel_values_match_the_pil_processors_exactly() {
             .processor
             .as_ref()
             .unwrap()
-            .preprocess_batch(&imgs, &Device::Cpu)
+            .preprocess_batch(&imgs, &dev())
             .unwrap();
         assert_close(
             &format!("dino {set}"),

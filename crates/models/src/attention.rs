@@ -292,6 +292,15 @@ impl Attention {
     /// `x [B, S, query_dim]`, `context [B, S_kv, cross_dim]` (or `x` itself for self-attention).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let cross = context.is_some();
+        // Mixed precision: f32 text states (a text encoder kept in f32) meet half activations.
+        let cast;
+        let context = match context {
+            Some(c) if c.dtype() != x.dtype() => {
+                cast = c.to_dtype(x.dtype())?;
+                Some(&cast)
+            }
+            other => other,
+        };
         let (context, image) = match (context, &self.image_prompt) {
             (Some(c), Some(ip)) => {
                 let s = c.dim(1)?;

@@ -8,7 +8,8 @@ use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Ten
 
 /// `hidden · gelu(gate)` for `h = [hidden | gate]` split in halves along the last dimension.
 ///
-/// On the CPU in f32/f64 this is one pass with its own one-pass backward. Composed from candle
+/// On the CPU in f32/f64, and on CUDA in f32/f16/bf16, this is one pass with its own one-pass
+/// backward. Composed from candle
 /// ops instead, the two halves are strided views, and each view's backward pads a full-size zero
 /// tensor, which then get added: several full passes over the widest activation of the block.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
@@ -16,7 +17,9 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     if width % 2 != 0 {
         bail!("geglu: the last dimension ({width}) must split into two halves")
     }
-    if h.device().is_cpu() && matches!(h.dtype(), DType::F32 | DType::F64) {
+    if (h.device().is_cpu() && matches!(h.dtype(), DType::F32 | DType::F64))
+        || crate::cuda_kernel(h)
+    {
         return h.contiguous()?.apply_op1(Geglu);
     }
     let inner = width / 2;
@@ -118,6 +121,20 @@ impl CustomOp1 for Geglu {
         let out = same_float!("geglu", (cpu_slice(s, l)?), (h) => geglu_forward(h, inner));
         Ok((out, Shape::from(dims)))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let mut dims = l.dims().to_vec();
+        let inner = dims.last().copied().unwrap_or(0) / 2;
+        if let Some(last) = dims.last_mut() {
+            *last = inner;
+        }
+        Ok((crate::cuda::geglu_fwd((s, l), inner)?, Shape::from(dims)))
+    }
+
     fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(
             h.apply_op2_no_bwd(&grad.contiguous()?, &GegluBackward)?,
@@ -146,6 +163,20 @@ impl candle_core::CustomOp2 for GegluBackward {
             (h, g) => geglu_backward(h, g, inner)
         );
         Ok((out, shape))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let inner = l1.dims().last().copied().unwrap_or(0) / 2;
+        Ok((
+            crate::cuda::geglu_bwd((s1, l1), (s2, l2), inner)?,
+            Shape::from(l1.dims()),
+        ))
     }
 }
 

@@ -87,6 +87,19 @@ impl Conv2d {
 
     /// The base convolution without adapters.
     pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
+        if self.weight.dtype() != x.dtype()
+            || self.bias.as_ref().is_some_and(|b| b.dtype() != x.dtype())
+        {
+            // Mixed precision: the weights meet the activations in their dtype.
+            let cast = Self {
+                name: self.name.clone(),
+                weight: crate::like(&self.weight, x)?,
+                bias: self.bias.as_ref().map(|b| crate::like(b, x)).transpose()?,
+                config: self.config,
+                adapters: vec![],
+            };
+            return cast.forward_base(x);
+        }
         let cpu_kernel = x.device().is_cpu()
             && matches!(x.dtype(), DType::F32 | DType::F64)
             && self.weight.dtype() == x.dtype();

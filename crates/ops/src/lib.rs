@@ -28,6 +28,9 @@ mod adapter;
 mod attention;
 mod checkpoint;
 mod conv;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod device;
 mod fastmath;
 mod gemm;
 pub mod grad_check;
@@ -42,7 +45,44 @@ pub use adapter::{Adapter, LowRank, ScaledAdapter};
 pub use attention::scaled_dot_product_attention;
 pub use checkpoint::{checkpoint, BlockFn, Checkpointing, SideGrads};
 pub use conv::{Conv2d, Conv2dConfig};
+pub use device::{device_from_env, parse_device};
 pub use linear::Linear;
 pub use norm::{group_norm, group_norm_silu, layer_norm, shifted_weight, GroupNorm, LayerNorm};
 pub use resample::upsample_nearest2x;
 pub use softmax::softmax_last_dim;
+
+/// Whether `t` is on a CUDA device in a dtype that this crate's CUDA kernels take
+/// (`src/cuda/kernels.cu`, built with the `cuda` feature).
+pub(crate) fn cuda_kernel(t: &candle_core::Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        t.device().is_cuda() && cuda::supported(t.dtype())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = t;
+        false
+    }
+}
+
+/// `p` in `x`'s dtype: parameters follow the activations (mixed precision: trainable weights are
+/// kept in f32 and cast, differentiably, where half-precision activations meet them).
+pub(crate) fn like(
+    p: &candle_core::Tensor,
+    x: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    if p.dtype() == x.dtype() {
+        Ok(p.clone())
+    } else {
+        p.to_dtype(x.dtype())
+    }
+}
+
+/// Runs a backward pass in f32 when its inputs are half precision (f16/bf16 keep 8–11 significant
+/// bits, too few for the reductions of a backward pass) and casts the gradients back.
+pub(crate) fn upcast_half(t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    match t.dtype() {
+        candle_core::DType::F16 | candle_core::DType::BF16 => t.to_dtype(candle_core::DType::F32),
+        _ => Ok(t.clone()),
+    }
+}

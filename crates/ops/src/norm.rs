@@ -45,14 +45,32 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = shifted_weight(&self.weight, self.weight_shift.as_ref())?;
-        group_norm(x, &w, &self.bias, self.num_groups, self.eps)
+        let w = crate::like(
+            &shifted_weight(&self.weight, self.weight_shift.as_ref())?,
+            x,
+        )?;
+        group_norm(
+            x,
+            &w,
+            &crate::like(&self.bias, x)?,
+            self.num_groups,
+            self.eps,
+        )
     }
 
     /// `silu(self.forward(x))`, fused.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        let w = shifted_weight(&self.weight, self.weight_shift.as_ref())?;
-        group_norm_silu(x, &w, &self.bias, self.num_groups, self.eps)
+        let w = crate::like(
+            &shifted_weight(&self.weight, self.weight_shift.as_ref())?,
+            x,
+        )?;
+        group_norm_silu(
+            x,
+            &w,
+            &crate::like(&self.bias, x)?,
+            self.num_groups,
+            self.eps,
+        )
     }
 }
 
@@ -68,7 +86,13 @@ pub fn shifted_weight(weight: &Tensor, shift: Option<&Tensor>) -> Result<Tensor>
     let Some(delta) = shift else {
         return Ok(weight.clone());
     };
-    let norm = weight.sqr()?.sum_all()?.sqrt()?;
+    // In f32 at least: a half-precision weight's norm and the f32 shift meet here.
+    let w = match weight.dtype() {
+        DType::F16 | DType::BF16 => weight.to_dtype(DType::F32)?,
+        _ => weight.clone(),
+    };
+    let delta = delta.to_dtype(w.dtype())?;
+    let norm = w.sqr()?.sum_all()?.sqrt()?;
     if norm.to_dtype(DType::F64)?.to_scalar::<f64>()? == 0.0 {
         // An all-zero weight has no direction to scale.
         return Ok(weight.clone());
@@ -104,8 +128,11 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = shifted_weight(&self.weight, self.weight_shift.as_ref())?;
-        layer_norm(x, &w, &self.bias, self.eps)
+        let w = crate::like(
+            &shifted_weight(&self.weight, self.weight_shift.as_ref())?,
+            x,
+        )?;
+        layer_norm(x, &w, &crate::like(&self.bias, x)?, self.eps)
     }
 }
 
@@ -229,6 +256,35 @@ impl CustomOp3 for NormOp {
         Ok((out, lx.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+        sb: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (groups, spatial) = match self.rows {
+            Rows::Last { .. } => (1, 1),
+            Rows::Groups {
+                groups, spatial, ..
+            } => (groups, spatial),
+        };
+        let y = crate::cuda::norm_fwd(
+            (sx, lx),
+            (sw, lw),
+            (sb, lb),
+            self.rows.row_len(),
+            groups,
+            spatial,
+            self.eps,
+            self.silu,
+        )?;
+        Ok((y, lx.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -237,6 +293,13 @@ impl CustomOp3 for NormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if matches!(x.dtype(), DType::F16 | DType::BF16) {
+            use crate::upcast_half as up;
+            let (dx, dw, db) = self.bwd(&up(x)?, &up(w)?, &up(b)?, _res, &up(grad)?)?;
+            let down =
+                |g: Option<Tensor>, like: &Tensor| g.map(|g| g.to_dtype(like.dtype())).transpose();
+            return Ok((down(dx, x)?, down(dw, w)?, down(db, b)?));
+        }
         if !self.silu {
             return norm_backward(x, w, b, grad, self.rows, self.eps);
         }
@@ -311,7 +374,7 @@ fn norm_backward(
 }
 
 fn use_kernel(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+    (x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)) || crate::cuda_kernel(x)
 }
 
 /// Composed (autograd-differentiable) normalization, for devices without a kernel here.

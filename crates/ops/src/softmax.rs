@@ -7,10 +7,13 @@ use rayon::prelude::*;
 
 /// `softmax(x)` along the last dimension, differentiable.
 ///
-/// On CPU (f32/f64) a fused kernel computes the forward and the backward is
-/// `∂x = y ⊙ (g − Σ g ⊙ y)`; elsewhere it is composed from candle ops, whose autograd is correct.
+/// On CPU (f32/f64) and CUDA (f32/f16/bf16) a fused kernel computes the forward and the backward
+/// is `∂x = y ⊙ (g − Σ g ⊙ y)` (in f32 for half precision); elsewhere it is composed from candle
+/// ops, whose autograd is correct.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+    if (x.device().is_cpu()
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64))
+        || crate::cuda_kernel(x)
     {
         x.contiguous()?.apply_op1(SoftmaxLastDim)
     } else {
@@ -56,10 +59,21 @@ impl CustomOp1 for SoftmaxLastDim {
         Ok((out, l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dim = *l.dims().last().unwrap_or(&1);
+        Ok((crate::cuda::softmax_fwd((s, l), dim)?, l.shape().clone()))
+    }
+
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let gy = (grad * y)?;
+        let (y32, g32) = (crate::upcast_half(y)?, crate::upcast_half(grad)?);
+        let gy = (g32 * &y32)?;
         let s = gy.sum_keepdim(D::Minus1)?;
-        Ok(Some((gy - y.broadcast_mul(&s)?)?))
+        Ok(Some((gy - y32.broadcast_mul(&s)?)?.to_dtype(y.dtype())?))
     }
 }
 

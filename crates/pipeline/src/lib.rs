@@ -24,14 +24,4 @@ pub use stable_diffusion::{
     ConceptOptions, GenerateOptions, InitImage, Inpainting, SampleOptions, StableDiffusion,
 };
 
-/// A device by name: `cpu`, `cuda` (`cuda:N` picks a GPU) or `metal`.
-pub fn parse_device(s: &str) -> anyhow::Result<candle_core::Device> {
-    use candle_core::Device;
-    Ok(match s {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        "metal" => Device::new_metal(0)?,
-        s if s.starts_with("cuda:") => Device::new_cuda(s[5..].parse()?)?,
-        other => anyhow::bail!("unknown device '{other}' (expected cpu, cuda, cuda:N or metal)"),
-    })
-}
+pub use imprint_ops::{device_from_env, parse_device};

@@ -54,6 +54,11 @@ pub struct TrainerOptions {
     /// gradients of the whole UNet never exist at once (kohya's `fused_backward_pass`). Needs
     /// gradient checkpointing, one micro-batch per step and no global-norm clipping.
     pub fused_backward: bool,
+    /// Mixed precision, as diffusers' `--mixed_precision`: `no` (f32 throughout), `fp16` or
+    /// `bf16`: the UNet's frozen weights and its activations in half precision; trainable
+    /// weights, their gradients and the AdamW state in f32; fp16 with dynamic loss scaling.
+    #[serde(default = "default_mixed_precision")]
+    pub mixed_precision: String,
     /// Min-SNR loss weighting (Hang et al. 2023) with this γ (5 is the paper's choice).
     pub snr_gamma: Option<f64>,
     /// Adds `offset · N(0, 1)` per sample and channel to the noise (brighter/darker images).
@@ -317,6 +322,7 @@ resolution = 512
 noise-offset = 0.0
 gradient-checkpointing = false
 fused-backward = false
+mixed-precision = "no"
 use-masks = true
 inpainting = false
 num-class-images = 100
@@ -453,8 +459,30 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
+fn default_mixed_precision() -> String {
+    "no".into()
+}
+
 impl TrainerOptions {
+    /// The half-precision dtype `mixed_precision` asks for, if any.
+    pub fn half_dtype(&self) -> Option<candle_core::DType> {
+        match self.mixed_precision.as_str() {
+            "fp16" => Some(candle_core::DType::F16),
+            "bf16" => Some(candle_core::DType::BF16),
+            _ => None,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
+        if !matches!(self.mixed_precision.as_str(), "no" | "fp16" | "bf16") {
+            bail!(
+                "mixed-precision must be 'no', 'fp16' or 'bf16' (got '{}')",
+                self.mixed_precision
+            )
+        }
+        if self.mixed_precision == "fp16" && self.fused_backward {
+            bail!("--mixed-precision fp16 skips the steps whose scaled gradients overflow, which --fused-backward cannot (it updates during the backward pass): use bf16, or drop --fused-backward")
+        }
         if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
             bail!("steps, batch-size and grad-accum must be at least 1")
         }

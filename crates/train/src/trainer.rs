@@ -73,6 +73,9 @@ fn load_model(t: &TrainerOptions) -> Result<StableDiffusion> {
         spec.check().context("--validation-ip-adapter")?;
     }
     let device = imprint_pipeline::parse_device(&t.device)?;
+    if device.is_cpu() && t.mixed_precision == "bf16" {
+        bail!("--mixed-precision bf16 needs a GPU (candle's CPU convolution has no bf16 kernel); on the CPU use fp16 or no")
+    }
     let mut sd = StableDiffusion::load(&t.model, DType::F32, &device)?;
     if t.second_images.is_some() {
         // One probe shared by every cross-attention layer (Cut-Mix-Unmix's unmix term).
@@ -82,6 +85,18 @@ fn load_model(t: &TrainerOptions) -> Result<StableDiffusion> {
         }
     }
     Ok(sd)
+}
+
+/// What every method does once its trainable tensors exist: mixed precision (frozen UNet weights
+/// to half precision, the trained ones stay f32), then gradient checkpointing.
+fn prepare(sd: &mut StableDiffusion, t: &TrainerOptions) -> Result<()> {
+    if let Some(dtype) = t.half_dtype() {
+        sd.unet.set_mixed_precision(dtype)?;
+    }
+    if t.gradient_checkpointing {
+        sd.unet.enable_gradient_checkpointing()?;
+    }
+    Ok(())
 }
 
 /// The validation's image prompt, if asked for.
@@ -210,9 +225,7 @@ pub fn train_textual_inversion(cfg: &TextualInversionConfig, hooks: &Hooks) -> R
         templates,
         init_word: cfg.init_word.clone(),
     };
-    if t.gradient_checkpointing {
-        sd.unet.enable_gradient_checkpointing()?;
-    }
+    prepare(&mut sd, t)?;
     run(&sd, &method, t, &config_text, resume, hooks)
 }
 
@@ -237,9 +250,7 @@ pub fn train_extended_textual_inversion(
         templates,
         init_word: cfg.init_word.clone(),
     };
-    if t.gradient_checkpointing {
-        sd.unet.enable_gradient_checkpointing()?;
-    }
+    prepare(&mut sd, t)?;
     run(&sd, &method, t, &config_text, resume, hooks)
 }
 
@@ -264,9 +275,7 @@ pub fn train_perfusion(cfg: &PerfusionConfig, hooks: &Hooks) -> Result<Outcome> 
         cfg.beta,
         cfg.tau,
     )?;
-    if t.gradient_checkpointing {
-        sd.unet.enable_gradient_checkpointing()?;
-    }
+    prepare(&mut sd, t)?;
     run(&sd, &method, t, &config_text, resume, hooks)
 }
 
@@ -299,9 +308,7 @@ pub fn train_custom_diffusion(cfg: &CustomDiffusionConfig, hooks: &Hooks) -> Res
         cfg.augment,
         cfg.rank,
     )?;
-    if t.gradient_checkpointing {
-        sd.unet.enable_gradient_checkpointing()?;
-    }
+    prepare(&mut sd, t)?;
     let outcome = run(&sd, &method, t, &config_text, resume, hooks)?;
     drop(sd);
     if let (Outcome::Finished { .. }, Some(rank)) = (&outcome, cfg.rank) {
@@ -375,9 +382,7 @@ pub fn train_lora(cfg: &LoraConfig, hooks: &Hooks) -> Result<Outcome> {
         t.seed,
         cfg.dropout,
     )?;
-    if t.gradient_checkpointing {
-        sd.unet.enable_gradient_checkpointing()?;
-    }
+    prepare(&mut sd, t)?;
     run(&sd, &method, t, &config_text, resume, hooks)
 }
 
@@ -398,9 +403,7 @@ pub fn train_svdiff(cfg: &crate::config::SvdiffConfig, hooks: &Hooks) -> Result<
         method.parameter_count(),
         4 * method.parameter_count()
     );
-    if t.gradient_checkpointing {
-        sd.unet.enable_gradient_checkpointing()?;
-    }
+    prepare(&mut sd, t)?;
     run(&sd, &method, t, &config_text, resume, hooks)
 }
 
@@ -422,9 +425,7 @@ pub fn train_dreambooth(cfg: &DreamBoothConfig, hooks: &Hooks) -> Result<Outcome
         cfg.instance_prompt.clone(),
         cfg.extract_lora,
     )?;
-    if t.gradient_checkpointing {
-        sd.unet.enable_gradient_checkpointing()?;
-    }
+    prepare(&mut sd, t)?;
     run(&sd, &method, t, &config_text, resume, hooks)
 }
 
@@ -520,6 +521,8 @@ pub fn run(
     adam.lr_scales = trainable.iter().map(|(n, _)| method.lr_scale(n)).collect();
     // Shared with the fused backward's gradient sink, which updates weights mid-backward.
     let adam = Arc::new(Mutex::new(adam));
+    // fp16: dynamic loss scaling, as PyTorch's GradScaler.
+    let mut scaler = (t.mixed_precision == "fp16").then(LossScaler::default);
     let (mut rng, start) = match &resume {
         None => (SeededNoise::new(t.seed), 0),
         Some(ck) => {
@@ -535,7 +538,15 @@ pub fn run(
                 adam.exp_avg_sq[i] = ck.exp_avg_sq[j].to_device(&device)?;
             }
             adam.step = ck.step;
-            method.restore_state(&ck.state)?;
+            let (scaler_state, method_state): (Vec<_>, Vec<_>) = ck
+                .state
+                .iter()
+                .cloned()
+                .partition(|(n, _)| n.starts_with(LossScaler::PREFIX));
+            if let Some(s) = &mut scaler {
+                s.restore(&scaler_state)?;
+            }
+            method.restore_state(&method_state)?;
             (
                 SeededNoise::from_state(ck.rng_seed, ck.rng_word_pos),
                 ck.step,
@@ -577,8 +588,16 @@ pub fn run(
         "{msg} [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta}",
     )?);
     bar.set_position(start as u64);
-    let save = |adam: &AdamW, rng: &SeededNoise, step: usize| -> Result<PathBuf> {
+    let save = |adam: &AdamW,
+                rng: &SeededNoise,
+                scaler: &Option<LossScaler>,
+                step: usize|
+     -> Result<PathBuf> {
         let (seed, pos) = rng.state();
+        let mut state = method.state()?;
+        if let Some(s) = scaler {
+            state.extend(s.state(&device)?);
+        }
         Checkpoint {
             step,
             params: trainable
@@ -590,7 +609,7 @@ pub fn run(
             rng_seed: seed,
             rng_word_pos: pos,
             config: config_text.to_string(),
-            state: method.state()?,
+            state,
         }
         .save(&paths.checkpoints)
     };
@@ -681,7 +700,8 @@ pub fn run(
                 loss = (loss + (prior * t.prior_weight)?)?;
             }
             loss_sum += loss.to_scalar::<f32>()? as f64;
-            let grads = (loss / t.grad_accum as f64)?.backward()?;
+            let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+            let grads = (loss * (loss_scale / t.grad_accum as f64))?.backward()?;
             if let Some(fused) = &fused {
                 // Every weight not stepped during the backward pass (outside the recomputed
                 // blocks) is stepped now, with the same update.
@@ -720,9 +740,18 @@ pub fn run(
         let grad_norm = match (fused, grad_sums) {
             (Some(fused), _) => fused.grad_norm(),
             (None, Some(mut grads)) => {
-                let norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
-                lock(&adam)?.step(&grads, lr)?;
-                norm
+                let finite = match &mut scaler {
+                    Some(s) => s.unscale(&mut grads)?,
+                    None => true,
+                };
+                if finite {
+                    let norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+                    lock(&adam)?.step(&grads, lr)?;
+                    norm
+                } else {
+                    // fp16 overflow: the step is skipped and the loss scale halved.
+                    f64::NAN
+                }
             }
             (None, None) => bail!("no gradients: grad-accum must be at least 1"),
         };
@@ -754,7 +783,7 @@ pub fn run(
         }
         let last = done == t.steps;
         if hooks.interrupt.load(Ordering::SeqCst) && !last {
-            let checkpoint = save(&*lock(&adam)?, &rng, done)?;
+            let checkpoint = save(&*lock(&adam)?, &rng, &scaler, done)?;
             bar.abandon_with_message(format!("interrupted at step {done}"));
             return Ok(Outcome::Interrupted {
                 step: done,
@@ -762,7 +791,7 @@ pub fn run(
             });
         }
         if t.save_every > 0 && done % t.save_every == 0 && !last {
-            save(&*lock(&adam)?, &rng, done)?;
+            save(&*lock(&adam)?, &rng, &scaler, done)?;
         }
     }
     bar.finish_with_message("done");
@@ -772,6 +801,80 @@ pub fn run(
         save_grid(&paths.validation, t.steps, &grid)?;
     }
     Ok(Outcome::Finished { steps: t.steps })
+}
+
+/// Dynamic loss scaling for fp16 mixed precision, as PyTorch's `GradScaler`: the loss is
+/// multiplied by `scale` before the backward pass so small gradients survive half precision, the
+/// gradients are divided by it before the update, a step with a non-finite gradient is skipped
+/// and the scale halved, and after 2000 clean steps in a row the scale doubles.
+struct LossScaler {
+    scale: f64,
+    clean_steps: usize,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        Self {
+            scale: 65536.0,
+            clean_steps: 0,
+        }
+    }
+}
+
+impl LossScaler {
+    const PREFIX: &'static str = "loss_scaler.";
+    const GROWTH_INTERVAL: usize = 2000;
+
+    /// Divides `grads` by the scale; false (and the scale halved) if any is not finite.
+    fn unscale(&mut self, grads: &mut [Tensor]) -> Result<bool> {
+        let mut finite = true;
+        for g in grads.iter_mut() {
+            *g = (&*g / self.scale)?;
+            let sum = g
+                .abs()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            finite &= sum.is_finite();
+        }
+        if finite {
+            self.clean_steps += 1;
+            if self.clean_steps == Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.clean_steps = 0;
+            }
+        } else {
+            self.scale /= 2.0;
+            self.clean_steps = 0;
+        }
+        Ok(finite)
+    }
+
+    /// The scaler's state as checkpoint tensors, so a resumed run continues with the same scale.
+    fn state(&self, device: &candle_core::Device) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![
+            (
+                format!("{}scale", Self::PREFIX),
+                Tensor::new(self.scale, device)?,
+            ),
+            (
+                format!("{}clean_steps", Self::PREFIX),
+                Tensor::new(self.clean_steps as f64, device)?,
+            ),
+        ])
+    }
+
+    fn restore(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        for (name, t) in state {
+            let v = t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            match name.strip_prefix(Self::PREFIX) {
+                Some("scale") => self.scale = v,
+                Some("clean_steps") => self.clean_steps = v as usize,
+                _ => bail!("checkpoint: unknown loss-scaler entry '{name}'"),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Draws training examples: images, augmentation, cached latents, noise, timesteps, token ids.

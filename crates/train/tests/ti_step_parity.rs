@@ -1,7 +1,7 @@
 //! One textual-inversion training step against diffusers' script (tools/reference/ti_step.py):
 //! loss, the gradient on the new rows, and the rows after one AdamW step, 1e-4 relative.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use imprint_models::init::{write_random_model, KnownConfig};
 use imprint_models::schedulers::ddpm::NoiseSchedule;
 use imprint_models::TextConditioning;
@@ -40,11 +40,13 @@ fn check(config: KnownConfig, name: &str) {
     let bytes = std::fs::read(&fixture).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = header.metadata().clone().unwrap();
-    let f = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+    // The device IMPRINT_DEVICE names: CPU in CI, CUDA in tools/cuda/device.sh.
+    let dev = imprint_pipeline::device_from_env().unwrap();
+    let f = candle_core::safetensors::load_buffer(&bytes, &dev).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join(name);
     write_random_model(config, &model, 0).unwrap();
-    let mut sd = StableDiffusion::load(&model, DType::F32, &Device::Cpu).unwrap();
+    let mut sd = StableDiffusion::load(&model, DType::F32, &dev).unwrap();
     let n: usize = meta["num_vectors"].parse().unwrap();
     let ti = TextualInversion::new(
         &mut sd.tokenizer,
@@ -67,10 +69,7 @@ fn check(config: KnownConfig, name: &str) {
         .into_iter()
         .map(|i| i as i64)
         .collect();
-    let ids = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let ids = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
     assert_eq!(
         ids.to_vec2::<i64>().unwrap(),
         f["input_ids"].to_vec2::<i64>().unwrap(),

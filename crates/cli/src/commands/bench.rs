@@ -57,8 +57,22 @@ pub struct BenchArgs {
     /// all of them until the backward pass ends. Needs --gradient-checkpointing.
     #[arg(long)]
     fused_backward: bool,
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "IMPRINT_DEVICE", default_value = "cpu")]
     device: String,
+    /// As `train --mixed-precision`: the UNet's frozen weights and activations in fp16/bf16, the
+    /// trained tensors in f32.
+    #[arg(long, value_parser = ["no", "fp16", "bf16"], default_value = "no")]
+    mixed_precision: String,
+}
+
+impl BenchArgs {
+    fn half_dtype(&self) -> Option<DType> {
+        match self.mixed_precision.as_str() {
+            "fp16" => Some(DType::F16),
+            "bf16" => Some(DType::BF16),
+            _ => None,
+        }
+    }
 }
 
 /// Peak resident memory of this process (VmHWM), in bytes.
@@ -112,6 +126,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         _ => (folder.load_unet(DType::F32, &device)?, vec![]),
     };
     let mut unet = unet;
+    if let Some(dtype) = a.half_dtype() {
+        unet.set_mixed_precision(dtype)?;
+    }
     let side = if a.gradient_checkpointing {
         Some(unet.enable_gradient_checkpointing()?)
     } else {
@@ -247,6 +264,9 @@ fn method_step(a: &BenchArgs) -> Result<()> {
             init_word: "toy".into(),
         }),
     };
+    if let Some(dtype) = a.half_dtype() {
+        sd.unet.set_mixed_precision(dtype)?;
+    }
     let side = if a.gradient_checkpointing {
         Some(sd.unet.enable_gradient_checkpointing()?)
     } else {
@@ -328,6 +348,7 @@ fn report(a: &BenchArgs, mode: &str, iter_s: Vec<f64>) {
         serde_json::json!({
             "impl": "imprint", "mode": mode, "resolution": a.resolution, "batch": a.batch,
             "gradient_checkpointing": a.gradient_checkpointing,
+            "mixed_precision": a.mixed_precision,
             "fused_backward": a.fused_backward,
             "iter_s": iter_s, "median_s": median, "peak_rss_bytes": peak_rss_bytes(),
         })

@@ -46,7 +46,7 @@ pub struct DebiasArgs {
     /// The concept file to write (.safetensors).
     #[arg(long)]
     out: PathBuf,
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "IMPRINT_DEVICE", default_value = "cpu")]
     device: String,
 }
 

@@ -46,7 +46,7 @@ pub enum DebugCommand {
         /// (`FILE[:SCALE]`, unet and text-encoder only). Repeatable.
         #[arg(long, value_name = "FILE[:SCALE]", value_parser = super::parse_concept_arg)]
         concept: Vec<super::ConceptArg>,
-        #[arg(long, default_value = "cpu")]
+        #[arg(long, env = "IMPRINT_DEVICE", default_value = "cpu")]
         device: String,
     },
     /// Run the full guided sampling loop from given initial noise; write the final latents.
@@ -100,7 +100,7 @@ pub enum DebugCommand {
         /// Regional prompting (`WORD:MASK`, as generate).
         #[arg(long, value_name = "WORD:MASK", value_parser = super::parse_region_arg)]
         region: Vec<(String, std::path::PathBuf)>,
-        #[arg(long, default_value = "cpu")]
+        #[arg(long, env = "IMPRINT_DEVICE", default_value = "cpu")]
         device: String,
     },
 }

@@ -41,7 +41,7 @@ pub struct ClassifyArgs {
     pub template: String,
     #[arg(long)]
     pub json: bool,
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "IMPRINT_DEVICE", default_value = "cpu")]
     pub device: String,
 }
 
@@ -72,7 +72,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub dino: Option<PathBuf>,
     /// cpu, cuda[:N] or metal.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "IMPRINT_DEVICE", default_value = "cpu")]
     pub device: String,
 }
 

@@ -81,7 +81,7 @@ pub struct GenerateArgs {
     /// (image i gets category i mod M's words appended to the prompt).
     #[arg(long, value_name = "ATTRIBUTE")]
     balance: Option<String>,
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "IMPRINT_DEVICE", default_value = "cpu")]
     device: String,
 }
 

@@ -51,7 +51,7 @@ pub struct EncoderArgs {
     /// Checkpoint every N steps (0: never); an interrupted run resumes from it.
     #[arg(long, default_value_t = 100)]
     save_every: usize,
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "IMPRINT_DEVICE", default_value = "cpu")]
     device: String,
 }
 
@@ -121,7 +121,7 @@ pub struct PersonalizeArgs {
     /// Learning rate of the refinement.
     #[arg(long, default_value_t = 5e-3)]
     tune_lr: f64,
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "IMPRINT_DEVICE", default_value = "cpu")]
     device: String,
 }
 

@@ -252,6 +252,10 @@ pub struct TrainerArgs {
     /// exist, so all gradients never exist at once (DreamBooth: one UNet's worth less memory).
     #[arg(long)]
     fused_backward: bool,
+    /// Mixed precision: no (f32), fp16 or bf16 (frozen UNet weights and activations in half
+    /// precision; trained weights, gradients and optimizer state in f32).
+    #[arg(long, value_parser = ["no", "fp16", "bf16"])]
+    mixed_precision: Option<String>,
     /// Min-SNR loss weighting with this gamma (e.g. 5).
     #[arg(long)]
     snr_gamma: Option<f64>,
@@ -275,7 +279,7 @@ pub struct TrainerArgs {
     /// Weight of the prior-preservation loss.
     #[arg(long)]
     prior_weight: Option<f64>,
-    #[arg(long)]
+    #[arg(long, env = "IMPRINT_DEVICE")]
     device: Option<String>,
 }
 
@@ -330,6 +334,7 @@ fn trainer_flags(a: &TrainerArgs, t: &mut toml::Table) -> Result<()> {
         validation_every => "validation-every", num_validation_images => "num-validation-images",
         validation_steps => "validation-steps", validation_ip_adapter => "validation-ip-adapter",
         validation_image_encoder => "validation-image-encoder", max_grad_norm => "max-grad-norm", device => "device",
+        mixed_precision => "mixed-precision",
         snr_gamma => "snr-gamma", noise_offset => "noise-offset", use_masks => "use-masks",
         class_prompt => "class-prompt", class_images => "class-images", num_class_images => "num-class-images",
         prior_weight => "prior-weight"]);

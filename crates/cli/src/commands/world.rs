@@ -113,7 +113,7 @@ pub struct TrainArgs {
     /// Store the finished weights as float16 (the committed copy).
     #[arg(long)]
     pub half: bool,
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "IMPRINT_DEVICE", default_value = "cpu")]
     pub device: String,
 }
 
@@ -147,6 +147,7 @@ pub fn run(c: WorldCommand) -> Result<()> {
             let scale = |n: usize| ((n as f64 * a.steps_scale).round() as usize).max(1);
             r.vae_steps = scale(r.vae_steps);
             r.clip_steps = scale(r.clip_steps);
+            r.unet_eps_steps = scale(r.unet_eps_steps);
             r.unet_steps = scale(r.unet_steps);
             r.dino_steps = scale(r.dino_steps);
             r.save_every = scale(r.save_every);

@@ -75,6 +75,9 @@ pub struct UNet2DConditionModel {
     pub num_cross_attention_layers: usize,
     /// Set by [`Self::enable_gradient_checkpointing`]: gradients of variables inside recomputed blocks.
     pub gradient_checkpointing: Option<imprint_ops::SideGrads>,
+    /// Mixed precision ([`Self::set_mixed_precision`]): the dtype activations are computed in,
+    /// whatever the weights' dtype; `forward` answers in its input's dtype.
+    pub compute_dtype: Option<DType>,
 }
 
 impl UNet2DConditionModel {
@@ -174,6 +177,7 @@ impl UNet2DConditionModel {
             config: cfg.clone(),
             num_cross_attention_layers: index,
             gradient_checkpointing: None,
+            compute_dtype: None,
         })
     }
 
@@ -209,10 +213,16 @@ impl UNet2DConditionModel {
                 timesteps.dims()
             ),
         };
+        // Mixed precision: compute in `compute_dtype` and answer in the caller's dtype.
+        let out_dtype = sample.dtype();
+        let sample = match self.compute_dtype {
+            Some(dt) => sample.to_dtype(dt)?,
+            None => sample.clone(),
+        };
         let sample = if self.config.center_input_sample {
             sample.affine(2.0, -1.0)?
         } else {
-            sample.clone()
+            sample
         };
         let t_features = timestep_features(
             &timesteps,
@@ -249,7 +259,7 @@ impl UNet2DConditionModel {
             x = u.forward(&x, &mine, &temb, cond, size)?;
         }
         let x = self.conv_norm_out.forward_silu(&x)?;
-        Ok(self.conv_out.forward(&x)?)
+        Ok(self.conv_out.forward(&x)?.to_dtype(out_dtype)?)
     }
 }
 
@@ -379,6 +389,55 @@ impl UNet2DConditionModel {
         }
         self.gradient_checkpointing = Some(side.clone());
         Ok(side)
+    }
+}
+
+impl UNet2DConditionModel {
+    /// Mixed precision, as diffusers' `--mixed_precision fp16|bf16`: every frozen weight (a tensor
+    /// that is not a `Var`) is stored in `dtype`, trainable weights keep theirs (f32, and so do
+    /// their gradients and optimizer state), and activations are computed in `dtype`; imprint-ops
+    /// casts an f32 weight where it meets them, differentiably.
+    pub fn set_mixed_precision(&mut self, dtype: DType) -> Result<()> {
+        let mut failed = None;
+        let mut cast = |t: &mut Tensor| {
+            if !t.is_variable() && t.dtype() != dtype {
+                match t.to_dtype(dtype) {
+                    Ok(c) => *t = c,
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+        };
+        self.visit_projections(&mut |p| match p {
+            Projection::Linear(l) => {
+                cast(&mut l.weight);
+                if let Some(b) = &mut l.bias {
+                    cast(b)
+                }
+            }
+            Projection::Conv2d(c) => {
+                cast(&mut c.weight);
+                if let Some(b) = &mut c.bias {
+                    cast(b)
+                }
+            }
+        });
+        self.visit_norms(&mut |n| match n {
+            Norm::Group(g) => {
+                cast(&mut g.weight);
+                cast(&mut g.bias);
+            }
+            Norm::Layer(l) => {
+                cast(&mut l.weight);
+                cast(&mut l.bias);
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        self.compute_dtype = Some(dtype);
+        Ok(())
     }
 }
 

@@ -54,9 +54,11 @@ pub struct DeltaAdapter {
 
 impl Adapter for DeltaAdapter {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        // Mixed precision: the f32 weights meet half-precision activations in their dtype.
+        let like = |p: &Tensor| p.to_dtype(x.dtype());
+        let y = x.broadcast_matmul(&like(&self.weight)?.t()?)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => y.broadcast_add(&like(b)?)?,
             None => y,
         };
         if !self.detach_first_token || y.rank() != 3 {

@@ -100,13 +100,21 @@ impl Dropout {
 impl Adapter for TrainableLora {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = &self.dropout.apply(x, self.index)?;
+        // Mixed precision: the f32 factors are cast to the activations' dtype (their gradients
+        // come back in f32 through the cast).
+        let cast = |v: &Var| -> candle_core::Result<Tensor> {
+            if v.dtype() == x.dtype() {
+                Ok(v.as_tensor().clone())
+            } else {
+                v.to_dtype(x.dtype())
+            }
+        };
+        let (down, up) = (cast(&self.down)?, cast(&self.up)?);
         let y = match self.conv {
-            None => x
-                .broadcast_matmul(&self.down.t()?)?
-                .broadcast_matmul(&self.up.t()?)?,
+            None => x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)?,
             Some(c) => x
-                .conv2d(&self.down, c.padding, c.stride, 1, 1)?
-                .conv2d(&self.up, 0, 1, 1, 1)?,
+                .conv2d(&down, c.padding, c.stride, 1, 1)?
+                .conv2d(&up, 0, 1, 1, 1)?,
         };
         y * self.scale
     }

@@ -55,7 +55,7 @@ pub struct SpectralAdapter {
 
 impl Adapter for SpectralAdapter {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let d = (self.s.broadcast_add(&self.delta)?.relu()? - &self.s)?;
+        let d = (self.s.broadcast_add(&self.delta)?.relu()? - &self.s)?.to_dtype(x.dtype())?;
         // U and Vᵀ are frozen: they go through imprint's frozen-weight linear and conv, whose
         // backward returns only the input gradient. candle's matmul would also compute (and keep
         // until the backward pass ends) a basis-sized gradient for each of them, on SD 1.5 the

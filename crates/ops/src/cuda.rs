@@ -1,0 +1,208 @@
+//! Launches the kernels of `src/cuda/kernels.cu` (compiled to PTX by build.rs) on candle's CUDA
+//! storages: the forward passes of norm (+SiLU), softmax and GEGLU, and GEGLU's backward. The
+//! other backward passes are composed from candle ops and so run on any device.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+const MODULE: &str = "imprint_ops";
+
+/// The dtypes the kernels take, each with its name suffix.
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("imprint CUDA kernels take f32, f16 or bf16, not {other:?}"),
+    })
+}
+
+/// Whether `dtype` has a kernel here.
+pub(crate) fn supported(dtype: DType) -> bool {
+    suffix(dtype).is_ok()
+}
+
+fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.slice(a..b)),
+        None => bail!("{what}: the CUDA kernel needs a contiguous input"),
+    }
+}
+
+/// Threads per block for a row of `len` values: a multiple of 32, at most 1024.
+fn row_threads(len: usize) -> u32 {
+    (len.div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
+fn elementwise(n: usize) -> LaunchConfig {
+    let threads = 256u32;
+    LaunchConfig {
+        grid_dim: ((n.div_ceil(256)).clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn wrap<T>(slice: CudaSlice<T>, device: &CudaDevice) -> CudaStorage
+where
+    T: candle_core::cuda_backend::CudaDType,
+{
+    CudaStorage::wrap_cuda_slice(slice, device.clone())
+}
+
+/// Calls `$body` with `$T` bound to the Rust element type of `$dtype`, and `$get` a function that
+/// takes the matching slice out of a storage.
+macro_rules! by_dtype {
+    ($dtype:expr, |$T:ident, $get:ident| $body:block) => {
+        match $dtype {
+            DType::F32 => {
+                type $T = f32;
+                fn $get(s: &CudaStorage) -> Result<&CudaSlice<f32>> {
+                    match &s.slice {
+                        CudaStorageSlice::F32(v) => Ok(v),
+                        _ => bail!("dtype mismatch between the inputs of a CUDA kernel"),
+                    }
+                }
+                $body
+            }
+            DType::F16 => {
+                type $T = half::f16;
+                fn $get(s: &CudaStorage) -> Result<&CudaSlice<half::f16>> {
+                    match &s.slice {
+                        CudaStorageSlice::F16(v) => Ok(v),
+                        _ => bail!("dtype mismatch between the inputs of a CUDA kernel"),
+                    }
+                }
+                $body
+            }
+            DType::BF16 => {
+                type $T = half::bf16;
+                fn $get(s: &CudaStorage) -> Result<&CudaSlice<half::bf16>> {
+                    match &s.slice {
+                        CudaStorageSlice::BF16(v) => Ok(v),
+                        _ => bail!("dtype mismatch between the inputs of a CUDA kernel"),
+                    }
+                }
+                $body
+            }
+            other => bail!("imprint CUDA kernels take f32, f16 or bf16, not {other:?}"),
+        }
+    };
+}
+
+/// Layer or group norm of rows of `row_len` values (see `norm_fwd` in kernels.cu for the layout),
+/// optionally followed by SiLU.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn norm_fwd(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    row_len: usize,
+    groups: usize,
+    spatial: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<CudaStorage> {
+    let dev = x.0.device().clone();
+    let n = x.1.shape().elem_count();
+    let rows = n / row_len.max(1);
+    let name = format!("imprint_norm_fwd_{}", suffix(x.0.dtype())?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (row_threads(row_len), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (row_len, groups, spatial) = (row_len as i32, groups as i32, spatial as i32);
+    let (eps, silu) = (eps as f32, silu as i32);
+    by_dtype!(x.0.dtype(), |T, get| {
+        let (xs, ws, bs) = (get(x.0)?, get(w.0)?, get(b.0)?);
+        let (xv, wv, bv) = (
+            view(xs, x.1, "norm")?,
+            view(ws, w.1, "norm")?,
+            view(bs, b.1, "norm")?,
+        );
+        // SAFETY: every element is written by the kernel.
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let mut args = func.builder();
+        args.arg(&xv).arg(&wv).arg(&bv).arg(&y);
+        args.arg(&row_len)
+            .arg(&groups)
+            .arg(&spatial)
+            .arg(&eps)
+            .arg(&silu);
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { args.launch(cfg) }.w()?;
+        Ok(wrap(y, &dev))
+    })
+}
+
+/// Softmax over the last dimension (`cols` values per row).
+pub(crate) fn softmax_fwd(x: (&CudaStorage, &Layout), cols: usize) -> Result<CudaStorage> {
+    let dev = x.0.device().clone();
+    let n = x.1.shape().elem_count();
+    let name = format!("imprint_softmax_fwd_{}", suffix(x.0.dtype())?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let cfg = LaunchConfig {
+        grid_dim: ((n / cols.max(1)) as u32, 1, 1),
+        block_dim: (row_threads(cols), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let cols = cols as i32;
+    by_dtype!(x.0.dtype(), |T, get| {
+        let xv = view(get(x.0)?, x.1, "softmax")?;
+        // SAFETY: every element is written by the kernel.
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let mut args = func.builder();
+        args.arg(&xv).arg(&y).arg(&cols);
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { args.launch(cfg) }.w()?;
+        Ok(wrap(y, &dev))
+    })
+}
+
+/// GEGLU forward: `h [rows, 2·inner]` to `[rows, inner]`.
+pub(crate) fn geglu_fwd(h: (&CudaStorage, &Layout), inner: usize) -> Result<CudaStorage> {
+    let dev = h.0.device().clone();
+    let n = h.1.shape().elem_count() / 2;
+    let name = format!("imprint_geglu_fwd_{}", suffix(h.0.dtype())?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let (n64, inner) = (n as i64, inner as i32);
+    by_dtype!(h.0.dtype(), |T, get| {
+        let hv = view(get(h.0)?, h.1, "geglu")?;
+        // SAFETY: every element is written by the kernel.
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let mut args = func.builder();
+        args.arg(&hv).arg(&y).arg(&n64).arg(&inner);
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { args.launch(elementwise(n)) }.w()?;
+        Ok(wrap(y, &dev))
+    })
+}
+
+/// GEGLU backward: `∂h [rows, 2·inner]` from `h` and the output gradient `g [rows, inner]`.
+pub(crate) fn geglu_bwd(
+    h: (&CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+    inner: usize,
+) -> Result<CudaStorage> {
+    let dev = h.0.device().clone();
+    let n = g.1.shape().elem_count();
+    let name = format!("imprint_geglu_bwd_{}", suffix(h.0.dtype())?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let (n64, inner) = (n as i64, inner as i32);
+    by_dtype!(h.0.dtype(), |T, get| {
+        let hv = view(get(h.0)?, h.1, "geglu backward")?;
+        let gv = view(get(g.0)?, g.1, "geglu backward")?;
+        // SAFETY: every element is written by the kernel.
+        let dh = unsafe { dev.alloc::<T>(2 * n)? };
+        let mut args = func.builder();
+        args.arg(&hv).arg(&gv).arg(&dh).arg(&n64).arg(&inner);
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { args.launch(elementwise(n)) }.w()?;
+        Ok(wrap(dh, &dev))
+    })
+}

@@ -1,0 +1,355 @@
+//! Device tests: every op of this crate on CUDA against the same op on the CPU, forward and
+//! backward, on the same inputs (issue 9). Built only with `--features cuda`
+//! (`tools/cuda/build.sh --tests`) and run on the GPU machine by `tools/cuda/device.sh`; they need a
+//! GPU and fail without one, so CI (no GPU) compiles them through `build.sh --check` but never runs
+//! them.
+//!
+//! Tolerances: f32 results agree within 1e-4 relative (DESIGN.md's component tolerance; cuBLAS
+//! and the CPU kernels sum in different orders). Half precision is compared with the f32 CPU result:
+//! bf16 keeps 8 significant bits (unit roundoff 2⁻⁸ ≈ 3.9e-3) and fp16 11 (2⁻¹¹ ≈ 4.9e-4); an op
+//! rounds its inputs, its output and, in reductions, partial sums, so we allow about five unit
+//! roundoffs: 2e-2 for bf16, 3e-3 for fp16, measured as relative L2 error over the whole tensor.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use imprint_ops::grad_check::rand_tensor;
+use imprint_ops::{
+    checkpoint, geglu, group_norm, group_norm_silu, layer_norm, scaled_dot_product_attention,
+    softmax_last_dim, upsample_nearest2x, Adapter, Checkpointing, Conv2d, Conv2dConfig, Linear,
+    LowRank, ScaledAdapter,
+};
+use std::sync::Arc;
+
+fn cuda() -> Device {
+    Device::new_cuda(0)
+        .expect("these tests need a CUDA device (run them through tools/cuda/device.sh)")
+}
+
+/// ‖a − b‖₂ / max(‖b‖₂, tiny), both taken to f64 on the CPU.
+fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let b = b
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    assert_eq!(a.dims(), b.dims());
+    let d = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let n = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    (d / n.max(1e-30)).sqrt()
+}
+
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 => 3e-3,
+        DType::BF16 => 2e-2,
+        _ => 1e-10,
+    }
+}
+
+/// Runs `f` on `inputs` on the CPU in f32 and on CUDA in `dtype`, and compares the output and the
+/// gradient of `Σ f(inputs) ⊙ r` for every input (r a fixed random tensor).
+fn compare(name: &str, inputs: &[Tensor], dtype: DType, f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    let run = |device: &Device, dtype: DType| -> (Tensor, Vec<Tensor>) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| {
+                Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(device).unwrap()).unwrap()
+            })
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts).unwrap();
+        let r = rand_tensor(y.dims(), 99, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .to_device(device)
+            .unwrap();
+        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = ts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                grads
+                    .get(t)
+                    .unwrap_or_else(|| panic!("{name}: no gradient for input {i} on {device:?}"))
+                    .clone()
+            })
+            .collect();
+        (y, gs)
+    };
+    let (y_cpu, g_cpu) = run(&Device::Cpu, DType::F32);
+    let (y_gpu, g_gpu) = run(&cuda(), dtype);
+    let tol = tolerance(dtype);
+    let err = rel_l2(&y_gpu, &y_cpu);
+    assert!(
+        err <= tol,
+        "{name} {dtype:?} forward: relative error {err:e} > {tol:e}"
+    );
+    for (i, (a, b)) in g_gpu.iter().zip(&g_cpu).enumerate() {
+        let err = rel_l2(a, b);
+        assert!(
+            err <= tol,
+            "{name} {dtype:?} gradient of input {i}: relative error {err:e} > {tol:e}"
+        );
+    }
+}
+
+fn rand(shape: &[usize], seed: u64) -> Tensor {
+    rand_tensor(shape, seed, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+#[test]
+fn softmax_matches_cpu() {
+    for dt in DTYPES {
+        compare("softmax_last_dim", &[rand(&[3, 5, 77], 1)], dt, |t| {
+            softmax_last_dim(&t[0])
+        });
+    }
+}
+
+#[test]
+fn layer_norm_matches_cpu() {
+    let inputs = [rand(&[2, 7, 64], 1), rand(&[64], 2), rand(&[64], 3)];
+    for dt in DTYPES {
+        compare("layer_norm", &inputs, dt, |t| {
+            layer_norm(&t[0], &t[1], &t[2], 1e-5)
+        });
+    }
+}
+
+#[test]
+fn group_norm_and_silu_match_cpu() {
+    let inputs = [rand(&[2, 32, 6, 5], 1), rand(&[32], 2), rand(&[32], 3)];
+    for dt in DTYPES {
+        compare("group_norm", &inputs, dt, |t| {
+            group_norm(&t[0], &t[1], &t[2], 8, 1e-6)
+        });
+        compare("group_norm_silu", &inputs, dt, |t| {
+            group_norm_silu(&t[0], &t[1], &t[2], 8, 1e-6)
+        });
+    }
+}
+
+#[test]
+fn geglu_matches_cpu() {
+    for dt in DTYPES {
+        compare("geglu", &[rand(&[2, 9, 48], 1)], dt, |t| geglu(&t[0]));
+    }
+}
+
+#[test]
+fn attention_matches_cpu() {
+    // Lengths that are not multiples of any tile; a key length of 77 as in cross-attention.
+    let (q, k, v) = (
+        rand(&[4, 70, 40], 1),
+        rand(&[4, 77, 40], 2),
+        rand(&[4, 77, 40], 3),
+    );
+    let scale = 1.0 / (40f64).sqrt();
+    for dt in DTYPES {
+        compare("attention", &[q.clone(), k.clone(), v.clone()], dt, |t| {
+            scaled_dot_product_attention(&t[0], &t[1], &t[2], scale, None)
+        });
+    }
+    // With an additive mask (regional composition), f32 only: the mask is an f32 input.
+    let mask = rand(&[4, 70, 77], 4);
+    compare("attention+mask", &[q, k, v], DType::F32, |t| {
+        let m = mask.to_device(t[0].device())?;
+        scaled_dot_product_attention(&t[0], &t[1], &t[2], scale, Some(&m))
+    });
+}
+
+#[test]
+fn upsample_matches_cpu() {
+    for dt in DTYPES {
+        compare("upsample_nearest2x", &[rand(&[2, 3, 5, 4], 1)], dt, |t| {
+            upsample_nearest2x(&t[0])
+        });
+    }
+}
+
+#[derive(Debug)]
+struct TestLora {
+    down: Tensor,
+    up: Tensor,
+}
+
+impl Adapter for TestLora {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.broadcast_matmul(&self.down.t()?)?
+            .broadcast_matmul(&self.up.t()?)?
+            * 0.75
+    }
+    fn low_rank(&self) -> Option<LowRank> {
+        Some(LowRank {
+            down: self.down.clone(),
+            up: self.up.clone(),
+            scale: 0.75,
+        })
+    }
+}
+
+/// A frozen linear layer (weight and bias are constants, so only the input has a gradient) and
+/// the same layer with a LoRA adapter whose factors are trained.
+#[test]
+fn frozen_and_lora_linear_match_cpu() {
+    let w = rand(&[24, 40], 1);
+    let b = rand(&[24], 2);
+    for dt in DTYPES {
+        let (w, b) = (w.clone(), b.clone());
+        compare("frozen linear", &[rand(&[2, 9, 40], 3)], dt, move |t| {
+            let lin = Linear::from_weights(
+                "l",
+                w.to_dtype(t[0].dtype())?.to_device(t[0].device())?,
+                Some(b.to_dtype(t[0].dtype())?.to_device(t[0].device())?),
+            );
+            lin.forward(&t[0])
+        });
+    }
+    let inputs = [rand(&[2, 9, 40], 3), rand(&[4, 40], 4), rand(&[24, 4], 5)];
+    for dt in DTYPES {
+        let (w, b) = (w.clone(), b.clone());
+        compare("lora linear", &inputs, dt, move |t| {
+            let mut lin = Linear::from_weights(
+                "l",
+                w.to_dtype(t[0].dtype())?.to_device(t[0].device())?,
+                Some(b.to_dtype(t[0].dtype())?.to_device(t[0].device())?),
+            );
+            lin.adapters.push(ScaledAdapter {
+                adapter: Arc::new(TestLora {
+                    down: t[1].clone(),
+                    up: t[2].clone(),
+                }),
+                scale: 0.5,
+            });
+            lin.forward(&t[0])
+        });
+    }
+}
+
+/// Frozen weights get no gradient on CUDA either: the point of the custom linear/conv ops.
+#[test]
+fn frozen_weights_get_no_gradient_on_cuda() {
+    let dev = cuda();
+    let w = rand(&[8, 6], 1).to_device(&dev).unwrap();
+    let x = Var::from_tensor(&rand(&[3, 6], 2).to_device(&dev).unwrap()).unwrap();
+    let lin = Linear::from_weights("l", w.clone(), None);
+    let g = lin
+        .forward(x.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(g.get(&w).is_none() && g.get(x.as_tensor()).is_some());
+
+    let cw = rand(&[5, 3, 3, 3], 3).to_device(&dev).unwrap();
+    let xc = Var::from_tensor(&rand(&[1, 3, 8, 8], 4).to_device(&dev).unwrap()).unwrap();
+    let conv = Conv2d::from_weights(
+        "c",
+        cw.clone(),
+        None,
+        Conv2dConfig {
+            padding: 1,
+            stride: 1,
+        },
+    );
+    let g = conv
+        .forward(xc.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(g.get(&cw).is_none() && g.get(xc.as_tensor()).is_some());
+}
+
+#[test]
+fn conv_matches_cpu() {
+    let w = rand(&[6, 4, 3, 3], 1);
+    let b = rand(&[6], 2);
+    for (stride, padding) in [(1, 1), (2, 1), (1, 0)] {
+        let cfg = Conv2dConfig { padding, stride };
+        for dt in DTYPES {
+            // Frozen weights: the input gradient only.
+            let (wf, bf) = (w.clone(), b.clone());
+            compare("frozen conv", &[rand(&[2, 4, 9, 7], 3)], dt, move |t| {
+                let c = Conv2d::from_weights(
+                    "c",
+                    wf.to_dtype(t[0].dtype())?.to_device(t[0].device())?,
+                    Some(bf.to_dtype(t[0].dtype())?.to_device(t[0].device())?),
+                    cfg,
+                );
+                c.forward(&t[0])
+            });
+            // Trained weights (DreamBooth): input, weight and bias gradients.
+            compare(
+                "trained conv",
+                &[rand(&[2, 4, 9, 7], 3), w.clone(), b.clone()],
+                dt,
+                move |t| {
+                    Conv2d::from_weights("c", t[1].clone(), Some(t[2].clone()), cfg).forward(&t[0])
+                },
+            );
+        }
+    }
+}
+
+/// Gradient checkpointing on CUDA: the recomputed backward equals the CPU's plain backward, and
+/// the block's own weight gradient arrives through the side store.
+#[test]
+fn checkpoint_matches_cpu() {
+    let run = |dev: &Device| -> (Tensor, Tensor, Tensor) {
+        let w = Var::from_tensor(&rand(&[16, 16], 1).to_device(dev).unwrap()).unwrap();
+        let x = Var::from_tensor(&rand(&[3, 16], 2).to_device(dev).unwrap()).unwrap();
+        let c = rand(&[3, 16], 3).to_device(dev).unwrap();
+        let wt = w.as_tensor().clone();
+        let block = move |x: &Tensor, c: &Tensor| -> Result<Tensor> {
+            softmax_last_dim(&(x.matmul(&wt)? * c)?)?.tanh()
+        };
+        let ckpt = Checkpointing::new(dev).unwrap();
+        ckpt.side.watch([w.as_tensor()]);
+        let y = checkpoint(x.as_tensor(), &c, Arc::new(block), &ckpt).unwrap();
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = grads.get(x.as_tensor()).unwrap().clone();
+        let gw = ckpt
+            .side
+            .take(w.as_tensor())
+            .expect("block weight gradient");
+        (y, gx, gw)
+    };
+    let (y0, gx0, gw0) = run(&Device::Cpu);
+    let (y1, gx1, gw1) = run(&cuda());
+    for (name, a, b) in [
+        ("output", y1, y0),
+        ("input gradient", gx1, gx0),
+        ("weight gradient", gw1, gw0),
+    ] {
+        let err = rel_l2(&a, &b);
+        assert!(err <= 1e-4, "checkpoint {name}: relative error {err:e}");
+    }
+}
