@@ -22,6 +22,24 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// The toy example images the README's commands train on.
+pub fn toy_images() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy")
+}
+
+/// The `loss` of every line of a training run's `NAME.log.jsonl`.
+pub fn logged_losses(log: &Path) -> Vec<f64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_else(|e| panic!("{}: {e}", log.display()))
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }

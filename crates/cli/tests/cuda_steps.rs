@@ -15,23 +15,7 @@ mod common;
 use candle_core::{DType, Tensor};
 use common::*;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy")
-}
-
-fn losses(log: &Path) -> Vec<f64> {
-    std::fs::read_to_string(log)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect()
-}
+use std::path::PathBuf;
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap();
@@ -80,12 +64,12 @@ fn train_both(name: &str, args: &[&str], out: &str) -> (PathBuf, PathBuf, Vec<f6
                 .arg("--model")
                 .arg(&model)
                 .arg("--images")
-                .arg(examples())
+                .arg(toy_images())
                 .arg("--out")
                 .arg(&target),
         );
         let stem = out.trim_end_matches(".safetensors");
-        runs.push((target, losses(&d.join(format!("{stem}.log.jsonl")))));
+        runs.push((target, logged_losses(&d.join(format!("{stem}.log.jsonl")))));
     }
     let (cuda, cuda_losses) = runs.pop().unwrap();
     let (cpu, cpu_losses) = runs.pop().unwrap();

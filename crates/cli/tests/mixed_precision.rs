@@ -8,22 +8,6 @@ use candle_core::DType;
 use common::*;
 use std::path::{Path, PathBuf};
 
-fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy")
-}
-
-fn losses(log: &Path) -> Vec<f64> {
-    std::fs::read_to_string(log)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect()
-}
-
 /// Trains `args` at `precision` for 3 steps into `dir/c.safetensors` (a folder `dir/c` for
 /// DreamBooth); returns that output and the losses.
 fn train(name: &str, args: &[&str], precision: &str) -> (PathBuf, Vec<f64>) {
@@ -48,11 +32,11 @@ fn train(name: &str, args: &[&str], precision: &str) -> (PathBuf, Vec<f64>) {
             .arg("--model")
             .arg(tiny_model("tiny"))
             .arg("--images")
-            .arg(examples())
+            .arg(toy_images())
             .arg("--out")
             .arg(&out),
     );
-    let l = losses(&dir.join("c.log.jsonl"));
+    let l = logged_losses(&dir.join("c.log.jsonl"));
     (out, l)
 }
 
@@ -139,78 +123,48 @@ fn dreambooth_in_half_precision_follows_f32() {
     );
 }
 
+/// Runs `imprint train ARGS` on the tiny model and the toy images into `out`, expecting a refusal;
+/// returns its stderr.
+fn refused(args: &[&str], out: &Path) -> String {
+    let o = imprint()
+        .arg("train")
+        .args(args)
+        .arg("--model")
+        .arg(tiny_model("tiny"))
+        .arg("--images")
+        .arg(toy_images())
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{args:?} ran");
+    assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 #[test]
 fn unknown_precision_and_fp16_with_fused_backward_are_refused() {
     let dir = scratch("mp-refused");
-    let out = imprint()
-        .args([
-            "train",
-            "dreambooth",
-            "--instance-prompt",
-            "a photo of sks toy",
-        ])
-        .args([
-            "--mixed-precision",
-            "fp16",
-            "--gradient-checkpointing",
-            "--fused-backward",
-        ])
-        .arg("--model")
-        .arg(tiny_model("tiny"))
-        .arg("--images")
-        .arg(examples())
-        .arg("--out")
-        .arg(dir.join("db"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--fused-backward"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!dir.join("db").exists());
-    let out = imprint()
-        .args([
-            "train",
-            "ti",
-            "--token",
-            "<x>",
-            "--init-word",
-            "toy",
-            "--mixed-precision",
-            "fp8",
-        ])
-        .arg("--model")
-        .arg(tiny_model("tiny"))
-        .arg("--images")
-        .arg(examples())
-        .arg("--out")
-        .arg(dir.join("x.safetensors"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let db = ["dreambooth", "--instance-prompt", "a photo of sks toy"];
+    let fused = [
+        "--mixed-precision",
+        "fp16",
+        "--gradient-checkpointing",
+        "--fused-backward",
+    ];
+    let err = refused(&[&db[..], &fused[..]].concat(), &dir.join("db"));
+    assert!(err.contains("--fused-backward"), "{err}");
+    let ti = [
+        "ti",
+        "--token",
+        "<x>",
+        "--init-word",
+        "toy",
+        "--mixed-precision",
+    ];
+    refused(&[&ti[..], &["fp8"]].concat(), &dir.join("x.safetensors"));
     if std::env::var("IMPRINT_DEVICE").is_err() {
-        let out = imprint()
-            .args([
-                "train",
-                "ti",
-                "--token",
-                "<x>",
-                "--init-word",
-                "toy",
-                "--mixed-precision",
-                "bf16",
-            ])
-            .arg("--model")
-            .arg(tiny_model("tiny"))
-            .arg("--images")
-            .arg(examples())
-            .arg("--out")
-            .arg(dir.join("x.safetensors"))
-            .output()
-            .unwrap();
-        assert!(String::from_utf8_lossy(&out.stderr).contains("needs a GPU"));
-        assert!(!dir.join("x.safetensors").exists());
+        let err = refused(&[&ti[..], &["bf16"]].concat(), &dir.join("x.safetensors"));
+        assert!(err.contains("needs a GPU"), "{err}");
     }
 }

@@ -4,11 +4,6 @@
 mod common;
 
 use common::*;
-use std::path::Path;
-
-fn examples() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy")
-}
 
 #[test]
 fn train_textual_inversion_then_generate_with_the_concept() {
@@ -36,7 +31,7 @@ fn train_textual_inversion_then_generate_with_the_concept() {
             ])
             .arg(&model)
             .arg("--images")
-            .arg(examples())
+            .arg(toy_images())
             .arg("--out")
             .arg(&out)
             .arg("--config")
@@ -104,7 +99,7 @@ fn training_refuses_an_existing_token() {
         ])
         .arg(&model)
         .arg("--images")
-        .arg(examples())
+        .arg(toy_images())
         .arg("--out")
         .arg(&out)
         .output()
@@ -145,7 +140,7 @@ fn train_lora_then_generate_and_export() {
             ])
             .arg(&model)
             .arg("--images")
-            .arg(examples())
+            .arg(toy_images())
             .arg("--out")
             .arg(&out),
     );
@@ -196,7 +191,7 @@ fn lora_with_prior_preservation_masks_and_min_snr() {
     // Instance images with a caption and a mask for one of them.
     let images = dir.join("images");
     std::fs::create_dir_all(&images).unwrap();
-    for e in std::fs::read_dir(examples()).unwrap() {
+    for e in std::fs::read_dir(toy_images()).unwrap() {
         let p = e.unwrap().path();
         std::fs::copy(&p, images.join(p.file_name().unwrap())).unwrap();
     }
@@ -289,7 +284,7 @@ fn dreambooth_writes_a_model_folder_and_an_exact_lora_of_the_change() {
             ])
             .arg(&model)
             .arg("--images")
-            .arg(examples())
+            .arg(toy_images())
             .arg("--out")
             .arg(&out)
             .output()

@@ -5,7 +5,7 @@
 use crate::fastmath::FastExp;
 use crate::gemm::{matmul, MatRef, Scalar};
 use crate::softmax::softmax_last_dim;
-use crate::storage::{cpu_slice, into_tensor, same_float, with_cpu_slices};
+use crate::storage::{cpu_slice, hand_over, into_tensor, same_float, with_cpu_slices, Precomputed};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use std::sync::Mutex;
@@ -123,7 +123,7 @@ fn chunked_attention(
         ChunkedAttention {
             scale,
             chunk,
-            value: Mutex::new(Some(out)),
+            value: Precomputed::new("attention", out),
             logsumexp: Tensor::cat(&lses, 1)?,
         },
     )
@@ -142,34 +142,9 @@ struct ChunkedAttention {
     scale: f64,
     chunk: usize,
     /// The output, computed before the op is applied, handed over by its forward.
-    value: Mutex<Option<Tensor>>,
+    value: Precomputed,
     /// `[B, Sq, 1]`, in the compute dtype.
     logsumexp: Tensor,
-}
-
-impl ChunkedAttention {
-    fn take_value(&self) -> Result<Tensor> {
-        match self.value.lock().ok().and_then(|mut v| v.take()) {
-            Some(v) => Ok(v),
-            None => bail!("attention: forward value already consumed"),
-        }
-    }
-}
-
-/// A copy of `value`'s storage on its own device (the op must own what it returns).
-macro_rules! hand_over {
-    ($self:ident, $variant:ident) => {{
-        let value = $self.take_value()?;
-        let shape = value.shape().clone();
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::$variant(s) => {
-                use candle_core::backend::BackendStorage;
-                Ok((s.try_clone(layout)?, shape))
-            }
-            _ => bail!("attention: value on an unexpected device"),
-        }
-    }};
 }
 
 impl CustomOp3 for ChunkedAttention {
@@ -185,7 +160,7 @@ impl CustomOp3 for ChunkedAttention {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        hand_over!(self, Cpu)
+        hand_over!(self.value, Cpu)
     }
     fn cuda_fwd(
         &self,
@@ -196,7 +171,7 @@ impl CustomOp3 for ChunkedAttention {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        hand_over!(self, Cuda)
+        hand_over!(self.value, Cuda)
     }
     fn metal_fwd(
         &self,
@@ -207,7 +182,7 @@ impl CustomOp3 for ChunkedAttention {
         _: &candle_core::MetalStorage,
         _: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        hand_over!(self, Metal)
+        hand_over!(self.value, Metal)
     }
     fn bwd(
         &self,

@@ -8,8 +8,9 @@
 //! which the trainer merges with the main backward's. Memory: only block inputs and outputs live
 //! between forward and backward.
 
+use crate::storage::{hand_over, Precomputed};
 use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Result, Shape, Storage, Tensor,
+    bail, CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor,
     TensorId, Var,
 };
 use std::collections::{HashMap, HashSet};
@@ -139,26 +140,8 @@ impl Checkpointing {
 
 struct Recompute {
     f: BlockFn,
-    value: Mutex<Option<Tensor>>,
+    value: Precomputed,
     side: SideGrads,
-}
-
-macro_rules! take_value {
-    ($self:ident, $variant:ident) => {{
-        let value = $self.value.lock().ok().and_then(|mut v| v.take());
-        let Some(value) = value else {
-            bail!("checkpoint: forward value already consumed")
-        };
-        let shape = value.shape().clone();
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::$variant(s) => {
-                use candle_core::backend::BackendStorage;
-                Ok((s.try_clone(layout)?, shape))
-            }
-            _ => bail!("checkpoint: value on an unexpected device"),
-        }
-    }};
 }
 
 impl CustomOp3 for Recompute {
@@ -174,7 +157,7 @@ impl CustomOp3 for Recompute {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        take_value!(self, Cpu)
+        hand_over!(self.value, Cpu)
     }
     fn cuda_fwd(
         &self,
@@ -185,7 +168,7 @@ impl CustomOp3 for Recompute {
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        take_value!(self, Cuda)
+        hand_over!(self.value, Cuda)
     }
     fn metal_fwd(
         &self,
@@ -196,7 +179,7 @@ impl CustomOp3 for Recompute {
         _: &MetalStorage,
         _: &Layout,
     ) -> Result<(MetalStorage, Shape)> {
-        take_value!(self, Metal)
+        hand_over!(self.value, Metal)
     }
     fn bwd(
         &self,
@@ -229,7 +212,7 @@ pub fn checkpoint(x: &Tensor, c: &Tensor, f: BlockFn, ckpt: &Checkpointing) -> R
         ckpt.anchor.as_tensor(),
         Recompute {
             f,
-            value: Mutex::new(Some(value)),
+            value: Precomputed::new("checkpoint", value),
             side: ckpt.side.clone(),
         },
     )

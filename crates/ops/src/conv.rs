@@ -2,14 +2,12 @@
 
 use crate::adapter::{apply_adapters, ScaledAdapter};
 use crate::gemm::{matmul, matmul_strided, MatRef, Scalar};
-use crate::storage::{cpu_slice, same_float};
-use candle_core::backend::BackendStorage;
+use crate::storage::{cpu_slice, hand_over, same_float, Precomputed};
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, MetalStorage,
-    Result, Shape, Storage, Tensor,
+    Result, Shape, Tensor,
 };
 use candle_nn::VarBuilder;
-use std::sync::Mutex;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv2dConfig {
@@ -120,7 +118,7 @@ impl Conv2d {
         }
         let value = self.plain(&x.detach())?.contiguous()?;
         x.apply_op1(FrozenConvBackward {
-            value: Mutex::new(Some(value)),
+            value: Precomputed::new("frozen conv", value),
             weight: self.weight.clone(),
             config: self.config,
         })
@@ -145,30 +143,9 @@ impl candle_core::Module for Conv2d {
 /// convolution with a frozen weight. The value is taken out on the forward so the graph does not
 /// keep a second copy of the activation.
 struct FrozenConvBackward {
-    value: Mutex<Option<Tensor>>,
+    value: Precomputed,
     weight: Tensor,
     config: Conv2dConfig,
-}
-
-impl FrozenConvBackward {
-    fn take(&self) -> Result<Tensor> {
-        match self.value.lock().ok().and_then(|mut v| v.take()) {
-            Some(v) => Ok(v),
-            None => bail!("frozen conv: forward value already consumed"),
-        }
-    }
-}
-
-macro_rules! take_storage {
-    ($self:ident, $variant:ident) => {{
-        let value = $self.take()?;
-        let shape = value.shape().clone();
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::$variant(s) => Ok((s.try_clone(layout)?, shape)),
-            _ => bail!("frozen conv: value on an unexpected device"),
-        }
-    }};
 }
 
 impl CustomOp1 for FrozenConvBackward {
@@ -176,13 +153,13 @@ impl CustomOp1 for FrozenConvBackward {
         "frozen-conv2d"
     }
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
-        take_storage!(self, Cpu)
+        hand_over!(self.value, Cpu)
     }
     fn cuda_fwd(&self, _s: &CudaStorage, _l: &Layout) -> Result<(CudaStorage, Shape)> {
-        take_storage!(self, Cuda)
+        hand_over!(self.value, Cuda)
     }
     fn metal_fwd(&self, _s: &MetalStorage, _l: &Layout) -> Result<(MetalStorage, Shape)> {
-        take_storage!(self, Metal)
+        hand_over!(self.value, Metal)
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let Conv2dConfig { padding, stride } = self.config;

@@ -64,3 +64,48 @@ macro_rules! same_float {
     };
 }
 pub(crate) use same_float;
+
+/// The output of an op computed before the op is applied (on detached inputs), handed over once
+/// by its forward: a custom op owns the storage it returns, so the forward returns a copy of this
+/// value's storage, and the value itself is dropped with the op's first use. Checkpointed blocks,
+/// frozen-weight convolutions and query-chunked attention compute their outputs this way, with
+/// candle's own ops, and attach only their backward through the custom op.
+pub(crate) struct Precomputed {
+    value: std::sync::Mutex<Option<candle_core::Tensor>>,
+    /// The op's name, for errors.
+    pub what: &'static str,
+}
+
+impl Precomputed {
+    pub fn new(what: &'static str, value: candle_core::Tensor) -> Self {
+        Self {
+            value: std::sync::Mutex::new(Some(value)),
+            what,
+        }
+    }
+
+    pub fn take(&self) -> candle_core::Result<candle_core::Tensor> {
+        match self.value.lock().ok().and_then(|mut v| v.take()) {
+            Some(v) => Ok(v),
+            None => candle_core::bail!("{}: forward value already consumed", self.what),
+        }
+    }
+}
+
+/// `Ok((storage, shape))` of a [`Precomputed`] value on device `$variant` (`Cpu`, `Cuda`,
+/// `Metal`), for a custom op's `*_fwd`.
+macro_rules! hand_over {
+    ($value:expr, $variant:ident) => {{
+        let value = $value.take()?;
+        let shape = value.shape().clone();
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::$variant(s) => {
+                use candle_core::backend::BackendStorage;
+                Ok((s.try_clone(layout)?, shape))
+            }
+            _ => candle_core::bail!("{}: value on an unexpected device", $value.what),
+        }
+    }};
+}
+pub(crate) use hand_over;
