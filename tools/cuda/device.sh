@@ -29,13 +29,14 @@ fi
 # (fixtures, the imprint binary, their scratch folder), so that path is made to lead here.
 source "$CARRY/paths.env"
 if [ "$BUILD_ROOT" != "$ROOT" ] && [ ! -e "$BUILD_ROOT" ]; then
-  mkdir -p "$(dirname "$BUILD_ROOT")" && ln -s "$ROOT" "$BUILD_ROOT"
+  mkdir -p "$(dirname "$BUILD_ROOT")" && ln -s "$ROOT" "$BUILD_ROOT" \
+    || { note "cannot link $BUILD_ROOT to $ROOT (the test binaries look for their files there)"; exit 1; }
 fi
 BIN=/tmp/imprint-cuda
 rm -rf "$BIN" && mkdir -p "$BIN" "$BUILD_TARGET_DIR/release" "$BUILD_TARGET_DIR/tmp"
 xz -dc "$CARRY/bundle.tar.xz" | tar -x -C "$BIN"
 IMPRINT="$BUILD_TARGET_DIR/release/imprint"
-cp "$BIN/imprint" "$IMPRINT"
+cp "$BIN/imprint" "$IMPRINT" && [ -x "$IMPRINT" ] || { note "cannot install the binary at $IMPRINT"; exit 1; }
 
 # cuBLAS, cuRAND, NVRTC (and cuDNN) from the Python packages PyTorch brought; the driver's libcuda
 # from its own folder.
@@ -63,8 +64,13 @@ run_test() { # NAME [ENV...]
   local name="$1"; shift
   local exe="$BIN/tests/$name"
   if [ ! -x "$exe" ]; then note "test $name: not carried"; return; fi
+  # Each test binary gets at most 4 minutes, and never more than the budget leaves (keeping
+  # 30 s for the rest).
+  local limit=$(( $(left) - 30 ))
+  (( limit > 240 )) && limit=240
+  if (( limit < 10 )); then note "test $name: skipped (device budget)"; return; fi
   local t0=$SECONDS
-  if env "$@" timeout "$(( $(left) > 60 ? 240 : 30 ))" "$exe" --test-threads=4 >> "$RESULTS/tests.log" 2>&1; then
+  if env "$@" timeout "$limit" "$exe" --test-threads=4 >> "$RESULTS/tests.log" 2>&1; then
     note "test $name: passed ($((SECONDS - t0)) s)"
   else
     note "test $name: FAILED ($((SECONDS - t0)) s; tests.log)"
@@ -87,7 +93,8 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl >> "$RESULTS/bench.log" 2>&1 && export PYTHONPATH=/tmp/site
 fi
-if ! python3 -c "import diffusers" 2>> "$RESULTS/bench.log"; then
+# diffusers imports lazily: ask for what bench.py uses.
+if ! python3 -c "from diffusers import UNet2DConditionModel, DDPMScheduler" 2>> "$RESULTS/bench.log"; then
   note "bench: diffusers not importable (carry .whl from tools/cuda/wheels.sh)"
   exit 0
 fi

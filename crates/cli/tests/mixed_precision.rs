@@ -1,6 +1,6 @@
 //! `train --mixed-precision fp16|bf16` on the tiny model: the UNet's frozen weights and activations
 //! in half precision, the trained tensors (and what is saved) in f32. Each run's losses follow the
-//! f32 run's within half precision's error, and fp16's loss scale is kept across a resume.
+//! f32 run's within half precision's error, and fp16's loss scale is saved in the checkpoints.
 
 mod common;
 
@@ -29,6 +29,7 @@ fn train(name: &str, args: &[&str], precision: &str) -> (PathBuf, Vec<f64>) {
                 "--mixed-precision",
                 precision,
             ])
+            .args(["--save-every", "1"])
             .arg("--model")
             .arg(tiny_model("tiny"))
             .arg("--images")
@@ -58,6 +59,15 @@ fn check_method(name: &str, args: &[&str]) {
                 "{name} {precision} step {}: loss {h} against f32's {f}",
                 step + 1
             );
+        }
+        if precision == "fp16" {
+            // The loss scale is part of the checkpoint, so a resumed run continues with it.
+            let ck = out
+                .with_extension("checkpoints")
+                .join("step-000002.safetensors");
+            let state = load(&ck);
+            let scale = state["state.loss_scaler.scale"].to_scalar::<f64>().unwrap();
+            assert_eq!(scale, 65536.0, "{name}: {}", ck.display());
         }
         let saved = if name == "dreambooth" {
             out.join("unet/diffusion_pytorch_model.safetensors")

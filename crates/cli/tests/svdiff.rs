@@ -199,6 +199,29 @@ fn cut_mix_unmix_adds_the_weighted_attention_penalty_to_the_loss() {
         (gap - 1000.0 * unmix).abs() < 1e-3 * (1000.0 * unmix).max(1e-3),
         "loss gap {gap} vs 1000 × unmix {unmix}"
     );
+    // In fp16 mixed precision the penalty (computed from half-precision attention) joins the
+    // f32 loss too, and stays close to the f32 run's.
+    let out = dir.join("fp16.safetensors");
+    ok(train(
+        &out,
+        &[
+            "--second-images",
+            second.to_str().unwrap(),
+            "--second-instance-prompt",
+            "a photo of zwx toy",
+            "--subjects",
+            "sks toy,zwx toy",
+            "--cut-mix-prob",
+            "1",
+            "--mixed-precision",
+            "fp16",
+        ],
+    ));
+    let half = log_lines(&out)[0]["unmix"].as_f64().unwrap();
+    assert!(
+        (half - unmix).abs() < 1e-2 * unmix,
+        "fp16 unmix {half} vs f32 {unmix}"
+    );
     // A run without cut-mix logs no unmix term.
     let single = dir.join("single.safetensors");
     ok(train(&single, &[]));

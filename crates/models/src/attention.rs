@@ -232,7 +232,8 @@ impl UnmixProbe {
                 let p = probs.index_select(&ids, 2)?;
                 let penalty = (p.sqr()?.broadcast_mul(&outside)?.sum_all()?
                     / (heads as f64 * n_out as f64 * tokens.len() as f64))?;
-                found.push(penalty);
+                // In f32 whatever the activations' dtype: it joins the f32 loss.
+                found.push(penalty.to_dtype(candle_core::DType::F32)?);
             }
         }
         self.penalties

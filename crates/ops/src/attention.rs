@@ -77,8 +77,9 @@ const CHUNK_SCORE_BYTES: usize = 256 << 20;
 /// chunk's probabilities from them: with `P = exp(S − lse)`, `dV = Σ Pᵀ dO`, `dP = dO Vᵀ`,
 /// `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = dS K · scale`, `dK = Σ dSᵀ Q · scale`.
 /// Scores, softmax and the backward's products run in f32 whatever the input dtype (diffusers'
-/// `upcast_softmax`).
-fn chunked_attention(
+/// `upcast_softmax`). `chunk_bytes` bounds one chunk's score matrix; [`scaled_dot_product_attention`]
+/// takes this path off the CPU with 256 MiB.
+pub fn chunked_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

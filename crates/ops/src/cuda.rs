@@ -53,6 +53,16 @@ where
     CudaStorage::wrap_cuda_slice(slice, device.clone())
 }
 
+/// A storage with no elements (a launch with an empty grid is an error).
+fn empty(dev: &CudaDevice, dtype: DType) -> Result<CudaStorage> {
+    Ok(match dtype {
+        DType::F32 => wrap(dev.alloc_zeros::<f32>(0)?, dev),
+        DType::F16 => wrap(dev.alloc_zeros::<half::f16>(0)?, dev),
+        DType::BF16 => wrap(dev.alloc_zeros::<half::bf16>(0)?, dev),
+        other => bail!("imprint CUDA kernels take f32, f16 or bf16, not {other:?}"),
+    })
+}
+
 /// Calls `$body` with `$T` bound to the Rust element type of `$dtype`, and `$get` a function that
 /// takes the matching slice out of a storage.
 macro_rules! by_dtype {
@@ -108,6 +118,9 @@ pub(crate) fn norm_fwd(
 ) -> Result<CudaStorage> {
     let dev = x.0.device().clone();
     let n = x.1.shape().elem_count();
+    if n == 0 {
+        return empty(&dev, x.0.dtype());
+    }
     let rows = n / row_len.max(1);
     let name = format!("imprint_norm_fwd_{}", suffix(x.0.dtype())?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
@@ -144,6 +157,9 @@ pub(crate) fn norm_fwd(
 pub(crate) fn softmax_fwd(x: (&CudaStorage, &Layout), cols: usize) -> Result<CudaStorage> {
     let dev = x.0.device().clone();
     let n = x.1.shape().elem_count();
+    if n == 0 {
+        return empty(&dev, x.0.dtype());
+    }
     let name = format!("imprint_softmax_fwd_{}", suffix(x.0.dtype())?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let cfg = LaunchConfig {
@@ -168,6 +184,9 @@ pub(crate) fn softmax_fwd(x: (&CudaStorage, &Layout), cols: usize) -> Result<Cud
 pub(crate) fn geglu_fwd(h: (&CudaStorage, &Layout), inner: usize) -> Result<CudaStorage> {
     let dev = h.0.device().clone();
     let n = h.1.shape().elem_count() / 2;
+    if n == 0 {
+        return empty(&dev, h.0.dtype());
+    }
     let name = format!("imprint_geglu_fwd_{}", suffix(h.0.dtype())?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let (n64, inner) = (n as i64, inner as i32);
@@ -191,6 +210,9 @@ pub(crate) fn geglu_bwd(
 ) -> Result<CudaStorage> {
     let dev = h.0.device().clone();
     let n = g.1.shape().elem_count();
+    if n == 0 {
+        return empty(&dev, h.0.dtype());
+    }
     let name = format!("imprint_geglu_bwd_{}", suffix(h.0.dtype())?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let (n64, inner) = (n as i64, inner as i32);

@@ -42,7 +42,7 @@ mod storage;
 
 pub use activation::geglu;
 pub use adapter::{Adapter, LowRank, ScaledAdapter};
-pub use attention::scaled_dot_product_attention;
+pub use attention::{chunked_attention, scaled_dot_product_attention};
 pub use checkpoint::{checkpoint, BlockFn, Checkpointing, SideGrads};
 pub use conv::{Conv2d, Conv2dConfig};
 pub use device::{device_from_env, parse_device};

@@ -14,9 +14,9 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use imprint_ops::grad_check::rand_tensor;
 use imprint_ops::{
-    checkpoint, geglu, group_norm, group_norm_silu, layer_norm, scaled_dot_product_attention,
-    softmax_last_dim, upsample_nearest2x, Adapter, Checkpointing, Conv2d, Conv2dConfig, Linear,
-    LowRank, ScaledAdapter,
+    checkpoint, chunked_attention, geglu, group_norm, group_norm_silu, layer_norm,
+    scaled_dot_product_attention, softmax_last_dim, upsample_nearest2x, Adapter, Checkpointing,
+    Conv2d, Conv2dConfig, Linear, LowRank, ScaledAdapter,
 };
 use std::sync::Arc;
 
@@ -151,6 +151,39 @@ fn group_norm_and_silu_match_cpu() {
         compare("group_norm_silu", &inputs, dt, |t| {
             group_norm_silu(&t[0], &t[1], &t[2], 8, 1e-6)
         });
+    }
+}
+
+/// SD-sized rows: a group norm row of 2 × 4096 values and a softmax row of 4096 exceed one block
+/// of threads, so the kernels' strided loops and two-stage reductions run.
+#[test]
+fn large_rows_match_cpu() {
+    let inputs = [rand(&[1, 64, 64, 64], 1), rand(&[64], 2), rand(&[64], 3)];
+    compare("group_norm_silu (large)", &inputs, DType::F32, |t| {
+        group_norm_silu(&t[0], &t[1], &t[2], 32, 1e-5)
+    });
+    compare("softmax (large)", &[rand(&[8, 4096], 4)], DType::F32, |t| {
+        softmax_last_dim(&t[0])
+    });
+}
+
+/// The query-chunked attention with chunks of 16 rows over 70 (several chunks, a ragged last
+/// one), on CUDA against the same on the CPU.
+#[test]
+fn multi_chunk_attention_matches_cpu() {
+    let (q, k, v) = (
+        rand(&[4, 70, 40], 1),
+        rand(&[4, 77, 40], 2),
+        rand(&[4, 77, 32], 3),
+    );
+    let bytes = 16 * 4 * 4 * 77;
+    for dt in DTYPES {
+        compare(
+            "chunked attention",
+            &[q.clone(), k.clone(), v.clone()],
+            dt,
+            |t| chunked_attention(&t[0], &t[1], &t[2], 0.125, bytes),
+        );
     }
 }
 

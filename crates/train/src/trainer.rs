@@ -596,7 +596,7 @@ pub fn run(
         let (seed, pos) = rng.state();
         let mut state = method.state()?;
         if let Some(s) = scaler {
-            state.extend(s.state(&device)?);
+            state.extend(s.state()?);
         }
         Checkpoint {
             step,
@@ -810,6 +810,8 @@ pub fn run(
 struct LossScaler {
     scale: f64,
     clean_steps: usize,
+    /// Steps skipped in a row: fp16 overflowing in the forward pass itself skips every step.
+    skipped: usize,
 }
 
 impl Default for LossScaler {
@@ -817,6 +819,7 @@ impl Default for LossScaler {
         Self {
             scale: 65536.0,
             clean_steps: 0,
+            skipped: 0,
         }
     }
 }
@@ -824,20 +827,21 @@ impl Default for LossScaler {
 impl LossScaler {
     const PREFIX: &'static str = "loss_scaler.";
     const GROWTH_INTERVAL: usize = 2000;
+    /// Halvings in a row after which the run stops: 2⁻²⁰ of the starting scale.
+    const MAX_SKIPPED: usize = 20;
 
     /// Divides `grads` by the scale; false (and the scale halved) if any is not finite.
     fn unscale(&mut self, grads: &mut [Tensor]) -> Result<bool> {
-        let mut finite = true;
+        let mut sums = Vec::with_capacity(grads.len());
         for g in grads.iter_mut() {
             *g = (&*g / self.scale)?;
-            let sum = g
-                .abs()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-            finite &= sum.is_finite();
+            sums.push(g.abs()?.sum_all()?.to_dtype(DType::F32)?);
         }
+        // One read back for all of them: a non-finite entry makes the total non-finite.
+        let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
+        let finite = total.is_finite();
         if finite {
+            self.skipped = 0;
             self.clean_steps += 1;
             if self.clean_steps == Self::GROWTH_INTERVAL {
                 self.scale *= 2.0;
@@ -846,12 +850,22 @@ impl LossScaler {
         } else {
             self.scale /= 2.0;
             self.clean_steps = 0;
+            self.skipped += 1;
+            eprintln!(
+                "fp16: non-finite gradients, step skipped, loss scale now {}",
+                self.scale
+            );
+            if self.skipped >= Self::MAX_SKIPPED {
+                bail!("fp16: {} steps in a row overflowed (loss scale down to {}): the model overflows in fp16 itself; use --mixed-precision bf16 or no", self.skipped, self.scale)
+            }
         }
         Ok(finite)
     }
 
     /// The scaler's state as checkpoint tensors, so a resumed run continues with the same scale.
-    fn state(&self, device: &candle_core::Device) -> Result<Vec<(String, Tensor)>> {
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        // On the CPU: the checkpoint is written from there, and every backend holds an f64.
+        let device = &candle_core::Device::Cpu;
         Ok(vec![
             (
                 format!("{}scale", Self::PREFIX),

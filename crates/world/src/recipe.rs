@@ -69,6 +69,8 @@ const STREAM_VAE: u64 = 1;
 const STREAM_CLIP: u64 = 2;
 const STREAM_UNET: u64 = 3;
 const STREAM_DINO: u64 = 4;
+/// The UNet's v stage draws its own scenes, not a replay of the ε stage's.
+const STREAM_UNET_V: u64 = 5;
 
 /// Steps, batch sizes and learning rates of each phase.
 #[derive(Clone, Debug)]
@@ -763,6 +765,8 @@ fn unit(x: &Tensor) -> Result<Tensor> {
 struct UnetStage {
     /// Phase name in the log and checkpoint file name.
     name: &'static str,
+    /// Its data stream.
+    stream: u64,
     steps: usize,
     schedule: NoiseSchedule,
     objective: String,
@@ -782,12 +786,14 @@ fn unet_stages(folder: &ModelFolder, r: &Recipe) -> Result<[UnetStage; 2]> {
     Ok([
         UnetStage {
             name: "unet-eps",
+            stream: STREAM_UNET,
             steps: r.unet_eps_steps,
             schedule: NoiseSchedule::new(&eps)?,
             objective: objective(&eps),
         },
         UnetStage {
             name: "unet-v",
+            stream: STREAM_UNET_V,
             steps: r.unet_steps,
             schedule: NoiseSchedule::new(&v)?,
             objective: objective(&v),
@@ -811,9 +817,20 @@ fn train_unet(out: &Path, r: &Recipe, device: &Device) -> Result<()> {
     let unet = UNet2DConditionModel::new(vb, &cfg)?;
     let vars = take_vars(&vars)?;
     let [eps, v] = unet_stages(&folder, r)?;
+    let old = out.join(".checkpoints/unet.safetensors");
+    if old.exists() {
+        bail!(
+            "{}: a checkpoint of the single-stage UNet recipe; this recipe trains the UNet in two stages (unet-eps, unet-v): delete it to train the UNet afresh",
+            old.display()
+        )
+    }
     let v_phase = Phase::with_objective(v.name, out, v.steps, r.save_every, 3, &v.objective)?;
-    // A v checkpoint means the ε stage is done (its weights are the v stage's start).
-    if !v_phase.checkpoint_path().exists() {
+    let eps_checkpoint = out.join(format!(".checkpoints/{}.safetensors", eps.name));
+    if v_phase.checkpoint_path().exists() {
+        // The ε stage is done (its weights are the v stage's start); a crash between writing the
+        // v stage's start and removing the ε checkpoint may have left the latter.
+        let _ = std::fs::remove_file(&eps_checkpoint);
+    } else {
         let mut opt = optimizer(&vars, 1e-2)?;
         let mut phase =
             Phase::with_objective(eps.name, out, eps.steps, r.save_every, 3, &eps.objective)?;
@@ -887,9 +904,15 @@ fn unet_step(
     device: &Device,
 ) -> Result<()> {
     let schedule = &stage.schedule;
-    let mut rng =
-        rand_chacha::ChaCha8Rng::seed_from_u64(r.seed ^ (step as u64).wrapping_mul(0x9e37_79b9));
-    let batch = scenes(r.seed, STREAM_UNET, step, r.unet_batch);
+    // Caption dropout and timesteps; the ε stage keeps the single-stage recipe's draws.
+    let salt = match stage.stream {
+        STREAM_UNET => 0,
+        other => other.wrapping_mul(0x0100_0000_01b3),
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+        r.seed ^ salt ^ (step as u64).wrapping_mul(0x9e37_79b9),
+    );
+    let batch = scenes(r.seed, stage.stream, step, r.unet_batch);
     let imgs: Vec<RgbImage> = batch
         .iter()
         .map(|(s, _)| s.render(IMAGE_SIZE as u32))
@@ -907,12 +930,12 @@ fn unet_step(
     let (latents, states) = {
         let x = images_to_tensor(&imgs, device)?;
         let d = vae.encode(&x)?;
-        let noise = seeded_randn(d.mean.dims(), r.seed, 10 + STREAM_UNET, step, device)?;
+        let noise = seeded_randn(d.mean.dims(), r.seed, 10 + stage.stream, step, device)?;
         let z = vae.scale_latents(&d.sample(&noise)?)?.detach();
         let ids = tokenize_batch(tokenizer, &captions, device)?;
         (z, te.forward(&ids, 0)?.last_hidden_state.detach())
     };
-    let noise = seeded_randn(latents.dims(), r.seed, 20 + STREAM_UNET, step, device)?;
+    let noise = seeded_randn(latents.dims(), r.seed, 20 + stage.stream, step, device)?;
     let t: Vec<usize> = (0..r.unet_batch)
         .map(|_| rng.gen_range(0..schedule.num_train_timesteps()))
         .collect();

@@ -42,28 +42,58 @@ pub const DEFAULT_STEPS: usize = 500;
 /// The spectral-shift adapter of one linear or conv layer.
 #[derive(Debug)]
 pub struct SpectralAdapter {
-    /// `[out, r]`.
-    u: Tensor,
+    /// `U [out, r]` and `Vᵀ [r, in]` (`[r, in, k, k]` for a conv). Under mixed precision they are
+    /// cast once, on first use, and kept in the activations' dtype: a cast per forward would
+    /// keep a half copy of every layer's bases alive until the backward pass.
+    bases: std::sync::RwLock<(Tensor, Tensor)>,
     /// `[r]`.
     s: Tensor,
-    /// `[r, in]`, or `[r, in, k, k]` for a conv.
-    vt: Tensor,
     /// The trained δ `[r]` (a `Var`'s tensor: it sees every optimizer update).
     delta: Tensor,
     conv: Option<Conv2dConfig>,
 }
 
+impl SpectralAdapter {
+    fn new(u: Tensor, s: Tensor, vt: Tensor, delta: Tensor, conv: Option<Conv2dConfig>) -> Self {
+        Self {
+            bases: std::sync::RwLock::new((u, vt)),
+            s,
+            delta,
+            conv,
+        }
+    }
+
+    /// `(U, Vᵀ)` in `dtype`.
+    fn bases_in(&self, dtype: candle_core::DType) -> candle_core::Result<(Tensor, Tensor)> {
+        fn poisoned<E>(_: E) -> candle_core::Error {
+            candle_core::Error::Msg("svdiff: bases poisoned".into())
+        }
+        {
+            let b = self.bases.read().map_err(poisoned)?;
+            if b.0.dtype() == dtype {
+                return Ok(b.clone());
+            }
+        }
+        let mut b = self.bases.write().map_err(poisoned)?;
+        if b.0.dtype() != dtype {
+            *b = (b.0.to_dtype(dtype)?, b.1.to_dtype(dtype)?);
+        }
+        Ok(b.clone())
+    }
+}
+
 impl Adapter for SpectralAdapter {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let d = (self.s.broadcast_add(&self.delta)?.relu()? - &self.s)?.to_dtype(x.dtype())?;
+        let (u, vt) = self.bases_in(x.dtype())?;
         // U and Vᵀ are frozen: they go through imprint's frozen-weight linear and conv, whose
         // backward returns only the input gradient. candle's matmul would also compute (and keep
         // until the backward pass ends) a basis-sized gradient for each of them, on SD 1.5 the
         // UNet's weights over again.
-        let u = Linear::from_weights("svdiff.u", self.u.clone(), None);
+        let u = Linear::from_weights("svdiff.u", u, None);
         match self.conv {
             None => {
-                let h = Linear::from_weights("svdiff.vt", self.vt.clone(), None)
+                let h = Linear::from_weights("svdiff.vt", vt, None)
                     .forward_base(x)?
                     .broadcast_mul(&d)?;
                 u.forward_base(&h)
@@ -72,7 +102,7 @@ impl Adapter for SpectralAdapter {
                 // conv(x, diag(d)·Vᵀ) = d ⊙ conv(x, Vᵀ): scaling the rank-r output channels
                 // keeps no kernel-sized temporary per layer.
                 let r = d.dim(0)?;
-                let h = Conv2d::from_weights("svdiff", self.vt.clone(), None, cfg)
+                let h = Conv2d::from_weights("svdiff", vt, None, cfg)
                     .forward_base(x)?
                     .broadcast_mul(&d.reshape((1, r, 1, 1))?)?;
                 // The 1×1 mix by U over the channels, as a linear on channels-last.
@@ -149,13 +179,13 @@ fn attach_network(
             };
             let delta = Var::zeros(r, dtype, &device)?;
             adapters.push(ScaledAdapter {
-                adapter: Arc::new(SpectralAdapter {
-                    u: to(&svd.u)?,
-                    s: to(&svd.s)?,
+                adapter: Arc::new(SpectralAdapter::new(
+                    to(&svd.u)?,
+                    to(&svd.s)?,
                     vt,
-                    delta: delta.as_tensor().clone(),
-                    conv: conv.map(|(c, _)| c),
-                }),
+                    delta.as_tensor().clone(),
+                    conv.map(|(c, _)| c),
+                )),
                 scale: 1.0,
             });
             out.push(Shift {
@@ -309,29 +339,29 @@ mod tests {
             Tensor::randn(0f64, 1.0, (5, 3 * 2 * 2), &dev)?.to_dtype(candle_core::DType::F32)?;
         let svd = spectral::thin_svd(&w)?;
         let delta = Var::new(&[0.3f32, -0.2, 0.1, 0.05, -0.4], &dev)?;
-        let conv = SpectralAdapter {
-            u: svd.u.clone(),
-            s: svd.s.clone(),
-            vt: svd.vt.reshape((5, 3, 2, 2))?,
-            delta: delta.as_tensor().clone(),
-            conv: Some(Conv2dConfig {
+        let conv = SpectralAdapter::new(
+            svd.u.clone(),
+            svd.s.clone(),
+            svd.vt.reshape((5, 3, 2, 2))?,
+            delta.as_tensor().clone(),
+            Some(Conv2dConfig {
                 padding: 1,
                 stride: 1,
             }),
-        };
+        );
         let x = Tensor::randn(0f32, 1.0, (2, 3, 4, 4), &dev)?;
         let dense = spectral::weight_change(&svd, delta.as_tensor())?.reshape((5, 3, 2, 2))?;
         let want = x.conv2d(&dense, 1, 1, 1, 1)?;
         let got = conv.forward(&x)?;
         let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(err < 1e-4, "conv adapter differs by {err}");
-        let lin = SpectralAdapter {
-            u: svd.u.clone(),
-            s: svd.s.clone(),
-            vt: svd.vt.clone(),
-            delta: delta.as_tensor().clone(),
-            conv: None,
-        };
+        let lin = SpectralAdapter::new(
+            svd.u.clone(),
+            svd.s.clone(),
+            svd.vt.clone(),
+            delta.as_tensor().clone(),
+            None,
+        );
         let xl = Tensor::randn(0f32, 1.0, (3, 12), &dev)?;
         let want = xl.matmul(&spectral::weight_change(&svd, delta.as_tensor())?.t()?)?;
         let err = (lin.forward(&xl)? - want)?
@@ -347,20 +377,20 @@ mod tests {
             grad_check::check_input_grad(
                 &d64,
                 |d| {
-                    let a = SpectralAdapter {
-                        delta: d.clone(),
-                        u: to64(&svd.u)?,
-                        s: to64(&svd.s)?,
-                        vt: if is_conv {
+                    let a = SpectralAdapter::new(
+                        to64(&svd.u)?,
+                        to64(&svd.s)?,
+                        if is_conv {
                             to64(&svd.vt)?.reshape((5, 3, 2, 2))?
                         } else {
                             to64(&svd.vt)?
                         },
-                        conv: is_conv.then_some(Conv2dConfig {
+                        d.clone(),
+                        is_conv.then_some(Conv2dConfig {
                             padding: 1,
                             stride: 1,
                         }),
-                    };
+                    );
                     a.forward(if is_conv { &x64 } else { &xl64 })?
                         .sqr()?
                         .sum_all()
