@@ -50,7 +50,7 @@ for sp in site.getsitepackages():
 print(":".join(dirs))
 PY
 )"
-export LD_LIBRARY_PATH="$LIBS:/usr/local/nvidia/lib64:/usr/local/nvidia/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="${LIBS:+$LIBS:}/usr/local/nvidia/lib64:/usr/local/nvidia/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi > "$RESULTS/nvidia-smi.txt" 2>&1
 note "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
 if ldd "$IMPRINT" | grep "not found" | tee -a "$SUMMARY"; then
