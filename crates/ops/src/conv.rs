@@ -76,7 +76,7 @@ impl Conv2d {
     }
 
     fn plain(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.config.padding, self.config.stride, 1, 1)?;
+        let y = conv2d(x, &self.weight, self.config.padding, self.config.stride)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(y),
@@ -167,6 +167,14 @@ impl CustomOp1 for FrozenConvBackward {
         // conv_transpose2d output size: (g - 1)·s − 2p + (k − 1) + out_pad + 1 must equal x's.
         let out = (grad.dim(2)? - 1) * stride + k - 2 * padding;
         let out_padding = x.dim(2)? - out;
+        let bf16_on_cpu = grad.device().is_cpu() && grad.dtype() == DType::BF16;
+        if bf16_on_cpu {
+            // As in `conv2d`: candle's CPU convolutions have no bf16 kernel.
+            let g = grad.to_dtype(DType::F32)?;
+            let w = self.weight.to_dtype(DType::F32)?;
+            let gx = g.conv_transpose2d(&w, padding, out_padding, stride, 1)?;
+            return Ok(Some(gx.to_dtype(DType::BF16)?));
+        }
         Ok(Some(grad.conv_transpose2d(
             &self.weight,
             padding,
@@ -175,6 +183,19 @@ impl CustomOp1 for FrozenConvBackward {
             1,
         )?))
     }
+}
+
+/// `x ⊛ w` (candle's convolution, differentiable). bf16 on the CPU, where candle's convolution has
+/// no kernel, is computed in f32 and rounded back: mixed precision (`--mixed-precision bf16`)
+/// then runs on the CPU too, slowly, as it does on a GPU.
+pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::BF16 {
+        let y = x
+            .to_dtype(DType::F32)?
+            .conv2d(&w.to_dtype(DType::F32)?, padding, stride, 1, 1)?;
+        return y.to_dtype(DType::BF16);
+    }
+    x.conv2d(w, padding, stride, 1, 1)
 }
 
 /// The sizes of one convolution: input `[C, H, W]`, output `[Ho, Wo]`, square kernel `k`.

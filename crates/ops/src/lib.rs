@@ -44,7 +44,7 @@ pub use activation::geglu;
 pub use adapter::{Adapter, LowRank, ScaledAdapter};
 pub use attention::{chunked_attention, scaled_dot_product_attention};
 pub use checkpoint::{checkpoint, BlockFn, Checkpointing, SideGrads};
-pub use conv::{Conv2d, Conv2dConfig};
+pub use conv::{conv2d, Conv2d, Conv2dConfig};
 pub use device::{device_from_env, parse_device};
 pub use linear::Linear;
 pub use norm::{group_norm, group_norm_silu, layer_norm, shifted_weight, GroupNorm, LayerNorm};

@@ -73,9 +73,6 @@ fn load_model(t: &TrainerOptions) -> Result<StableDiffusion> {
         spec.check().context("--validation-ip-adapter")?;
     }
     let device = imprint_pipeline::parse_device(&t.device)?;
-    if device.is_cpu() && t.mixed_precision == "bf16" {
-        bail!("--mixed-precision bf16 needs a GPU (candle's CPU convolution has no bf16 kernel); on the CPU use fp16 or no")
-    }
     let mut sd = StableDiffusion::load(&t.model, DType::F32, &device)?;
     if t.second_images.is_some() {
         // One probe shared by every cross-attention layer (Cut-Mix-Unmix's unmix term).

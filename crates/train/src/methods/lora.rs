@@ -112,9 +112,12 @@ impl Adapter for TrainableLora {
         let (down, up) = (cast(&self.down)?, cast(&self.up)?);
         let y = match self.conv {
             None => x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)?,
-            Some(c) => x
-                .conv2d(&down, c.padding, c.stride, 1, 1)?
-                .conv2d(&up, 0, 1, 1, 1)?,
+            Some(c) => imprint_ops::conv2d(
+                &imprint_ops::conv2d(x, &down, c.padding, c.stride)?,
+                &up,
+                0,
+                1,
+            )?,
         };
         y * self.scale
     }
