@@ -27,6 +27,21 @@ pub fn toy_images() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy")
 }
 
+/// `imprint train ARGS` on the tiny model and the toy images, writing `out` (more flags may be
+/// added to the command).
+pub fn train_on_toy(args: &[&str], out: &Path) -> Command {
+    let mut cmd = imprint();
+    cmd.arg("train")
+        .args(args)
+        .arg("--model")
+        .arg(tiny_model("tiny"))
+        .arg("--images")
+        .arg(toy_images())
+        .arg("--out")
+        .arg(out);
+    cmd
+}
+
 /// The `loss` of every line of a training run's `NAME.log.jsonl`.
 pub fn logged_losses(log: &Path) -> Vec<f64> {
     std::fs::read_to_string(log)

@@ -12,62 +12,33 @@
 
 mod common;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use common::*;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let d = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let n = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    (d / n.max(1e-30)).sqrt()
+    imprint_ops::grad_check::rel_l2(a, b).unwrap()
 }
 
 /// Trains `args` on both devices into `dir/{cpu,cuda}/OUT` and returns both runs' losses.
 fn train_both(name: &str, args: &[&str], out: &str) -> (PathBuf, PathBuf, Vec<f64>, Vec<f64>) {
-    let model = tiny_model("tiny");
     let dir = scratch(&format!("cuda-steps-{name}"));
     let mut runs = vec![];
     for device in ["cpu", "cuda"] {
         let d = dir.join(device);
         std::fs::create_dir_all(&d).unwrap();
         let target = d.join(out);
-        run_ok(
-            imprint()
-                .args(["train"])
-                .args(args)
-                .args([
-                    "--steps",
-                    "3",
-                    "--resolution",
-                    "64",
-                    "--seed",
-                    "3",
-                    "--device",
-                    device,
-                ])
-                .arg("--model")
-                .arg(&model)
-                .arg("--images")
-                .arg(toy_images())
-                .arg("--out")
-                .arg(&target),
-        );
+        run_ok(train_on_toy(args, &target).args([
+            "--steps",
+            "3",
+            "--resolution",
+            "64",
+            "--seed",
+            "3",
+            "--device",
+            device,
+        ]));
         let stem = out.trim_end_matches(".safetensors");
         runs.push((target, logged_losses(&d.join(format!("{stem}.log.jsonl")))));
     }

@@ -17,26 +17,16 @@ fn train(name: &str, args: &[&str], precision: &str) -> (PathBuf, Vec<f64>) {
     } else {
         dir.join("c.safetensors")
     };
-    run_ok(
-        imprint()
-            .arg("train")
-            .args(args)
-            .args([
-                "--steps",
-                "3",
-                "--resolution",
-                "64",
-                "--mixed-precision",
-                precision,
-            ])
-            .args(["--save-every", "1"])
-            .arg("--model")
-            .arg(tiny_model("tiny"))
-            .arg("--images")
-            .arg(toy_images())
-            .arg("--out")
-            .arg(&out),
-    );
+    run_ok(train_on_toy(args, &out).args([
+        "--steps",
+        "3",
+        "--resolution",
+        "64",
+        "--mixed-precision",
+        precision,
+        "--save-every",
+        "1",
+    ]));
     let l = logged_losses(&dir.join("c.log.jsonl"));
     (out, l)
 }
@@ -133,17 +123,7 @@ fn dreambooth_in_half_precision_follows_f32() {
 /// Runs `imprint train ARGS` on the tiny model and the toy images into `out`, expecting a refusal;
 /// returns its stderr.
 fn refused(args: &[&str], out: &Path) -> String {
-    let o = imprint()
-        .arg("train")
-        .args(args)
-        .arg("--model")
-        .arg(tiny_model("tiny"))
-        .arg("--images")
-        .arg(toy_images())
-        .arg("--out")
-        .arg(out)
-        .output()
-        .unwrap();
+    let o = train_on_toy(args, out).output().unwrap();
     assert!(!o.status.success(), "{args:?} ran");
     assert!(!out.exists(), "{args:?} wrote {}", out.display());
     String::from_utf8_lossy(&o.stderr).into_owned()

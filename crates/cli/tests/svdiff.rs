@@ -168,27 +168,25 @@ fn log_lines(out: &Path) -> Vec<serde_json::Value> {
 fn cut_mix_unmix_adds_the_weighted_attention_penalty_to_the_loss() {
     let dir = scratch("svdiff-cut-mix");
     let second = second_subject(&dir);
-    let run = |name: &str, weight: &str| {
+    // A Cut-Mix-Unmix run with `extra` flags; its log lines.
+    let run = |name: &str, extra: &[&str]| {
         let out = dir.join(format!("{name}.safetensors"));
-        ok(train(
-            &out,
-            &[
-                "--second-images",
-                second.to_str().unwrap(),
-                "--second-instance-prompt",
-                "a photo of zwx toy",
-                "--subjects",
-                "sks toy,zwx toy",
-                "--cut-mix-prob",
-                "1",
-                "--unmix-weight",
-                weight,
-            ],
-        ));
+        let mut args = vec![
+            "--second-images",
+            second.to_str().unwrap(),
+            "--second-instance-prompt",
+            "a photo of zwx toy",
+            "--subjects",
+            "sks toy,zwx toy",
+            "--cut-mix-prob",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        ok(train(&out, &args));
         log_lines(&out)
     };
-    let plain = run("plain", "0");
-    let weighted = run("weighted", "1000");
+    let plain = run("plain", &["--unmix-weight", "0"]);
+    let weighted = run("weighted", &["--unmix-weight", "1000"]);
     let unmix = plain[0]["unmix"].as_f64().unwrap();
     assert!(unmix > 0.0 && unmix.is_finite(), "{unmix}");
     // The first step sees the same batch and weights in both runs: the losses differ by the
@@ -201,23 +199,9 @@ fn cut_mix_unmix_adds_the_weighted_attention_penalty_to_the_loss() {
     );
     // In fp16 mixed precision the penalty (computed from half-precision attention) joins the
     // f32 loss too, and stays close to the f32 run's.
-    let out = dir.join("fp16.safetensors");
-    ok(train(
-        &out,
-        &[
-            "--second-images",
-            second.to_str().unwrap(),
-            "--second-instance-prompt",
-            "a photo of zwx toy",
-            "--subjects",
-            "sks toy,zwx toy",
-            "--cut-mix-prob",
-            "1",
-            "--mixed-precision",
-            "fp16",
-        ],
-    ));
-    let half = log_lines(&out)[0]["unmix"].as_f64().unwrap();
+    let half = run("fp16", &["--mixed-precision", "fp16"])[0]["unmix"]
+        .as_f64()
+        .unwrap();
     assert!(
         (half - unmix).abs() < 1e-2 * unmix,
         "fp16 unmix {half} vs f32 {unmix}"

@@ -11,6 +11,19 @@ pub fn rand_tensor(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
     Tensor::from_vec(v, shape, dev)
 }
 
+/// `‖a − b‖₂ / ‖b‖₂` over whole tensors, in f64 on the CPU (any device or dtype in): the error
+/// measure of the device tests, where half precision makes elementwise bounds meaningless.
+pub fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
+    if a.dims() != b.dims() {
+        bail!("rel_l2: shapes {:?} and {:?} differ", a.dims(), b.dims())
+    }
+    let f64_cpu = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
+    let (a, b) = (f64_cpu(a)?, f64_cpu(b)?);
+    let d = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    let n = b.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    Ok((d / n.max(1e-30)).sqrt())
+}
+
 /// Checks `∂/∂inputs` of `Σ f(inputs) ⊙ r` (r a fixed random tensor) against central differences.
 ///
 /// Every input is made a `Var`; inputs must be f64. Fails if any gradient is missing or differs by

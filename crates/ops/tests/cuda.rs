@@ -25,35 +25,8 @@ fn cuda() -> Device {
         .expect("these tests need a CUDA device (run them through tools/cuda/device.sh)")
 }
 
-/// ‖a − b‖₂ / max(‖b‖₂, tiny), both taken to f64 on the CPU.
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap();
-    let b = b
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap();
-    assert_eq!(a.dims(), b.dims());
-    let d = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let n = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    (d / n.max(1e-30)).sqrt()
+    imprint_ops::grad_check::rel_l2(a, b).unwrap()
 }
 
 fn tolerance(dtype: DType) -> f64 {
