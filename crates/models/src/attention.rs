@@ -294,14 +294,8 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let cross = context.is_some();
         // Mixed precision: f32 text states (a text encoder kept in f32) meet half activations.
-        let cast;
-        let context = match context {
-            Some(c) if c.dtype() != x.dtype() => {
-                cast = c.to_dtype(x.dtype())?;
-                Some(&cast)
-            }
-            other => other,
-        };
+        let context = context.map(|c| imprint_ops::cast_like(c, x)).transpose()?;
+        let context = context.as_ref();
         let (context, image) = match (context, &self.image_prompt) {
             (Some(c), Some(ip)) => {
                 let s = c.dim(1)?;

@@ -44,7 +44,7 @@ pub(crate) fn apply_adapters(
         if a.scale == 0.0 {
             continue;
         }
-        let delta = crate::like(&a.adapter.forward(x)?, &y)?;
+        let delta = crate::cast_like(&a.adapter.forward(x)?, &y)?;
         y = if a.scale == 1.0 {
             (y + delta)?
         } else {

@@ -85,18 +85,10 @@ impl Conv2d {
 
     /// The base convolution without adapters.
     pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
-        if self.weight.dtype() != x.dtype()
-            || self.bias.as_ref().is_some_and(|b| b.dtype() != x.dtype())
-        {
+        if let Some((weight, bias)) = crate::params_like(&self.weight, self.bias.as_ref(), x)? {
             // Mixed precision: the weights meet the activations in their dtype.
-            let cast = Self {
-                name: self.name.clone(),
-                weight: crate::like(&self.weight, x)?,
-                bias: self.bias.as_ref().map(|b| crate::like(b, x)).transpose()?,
-                config: self.config,
-                adapters: vec![],
-            };
-            return cast.forward_base(x);
+            return Self::from_weights(self.name.clone(), weight, bias, self.config)
+                .forward_base(x);
         }
         let cpu_kernel = x.device().is_cpu()
             && matches!(x.dtype(), DType::F32 | DType::F64)
@@ -167,35 +159,30 @@ impl CustomOp1 for FrozenConvBackward {
         // conv_transpose2d output size: (g - 1)·s − 2p + (k − 1) + out_pad + 1 must equal x's.
         let out = (grad.dim(2)? - 1) * stride + k - 2 * padding;
         let out_padding = x.dim(2)? - out;
-        let bf16_on_cpu = grad.device().is_cpu() && grad.dtype() == DType::BF16;
-        if bf16_on_cpu {
-            // As in `conv2d`: candle's CPU convolutions have no bf16 kernel.
-            let g = grad.to_dtype(DType::F32)?;
-            let w = self.weight.to_dtype(DType::F32)?;
-            let gx = g.conv_transpose2d(&w, padding, out_padding, stride, 1)?;
-            return Ok(Some(gx.to_dtype(DType::BF16)?));
-        }
-        Ok(Some(grad.conv_transpose2d(
-            &self.weight,
-            padding,
-            out_padding,
-            stride,
-            1,
-        )?))
+        let gx = f32_for_cpu_bf16(grad, &self.weight, |g, w| {
+            g.conv_transpose2d(w, padding, out_padding, stride, 1)
+        })?;
+        Ok(Some(gx))
     }
 }
 
-/// `x ⊛ w` (candle's convolution, differentiable). bf16 on the CPU, where candle's convolution has
-/// no kernel, is computed in f32 and rounded back: mixed precision (`--mixed-precision bf16`)
-/// then runs on the CPU too, slowly, as it does on a GPU.
-pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+/// `f(x, w)`, computed in f32 and rounded back when `x` is bf16 on the CPU, where candle's
+/// convolutions have no bf16 kernel: mixed precision (`--mixed-precision bf16`) then runs on
+/// the CPU too, slowly, as it does on a GPU.
+fn f32_for_cpu_bf16(
+    x: &Tensor,
+    w: &Tensor,
+    f: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::BF16 {
-        let y = x
-            .to_dtype(DType::F32)?
-            .conv2d(&w.to_dtype(DType::F32)?, padding, stride, 1, 1)?;
-        return y.to_dtype(DType::BF16);
+        return f(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?)?.to_dtype(DType::BF16);
     }
-    x.conv2d(w, padding, stride, 1, 1)
+    f(x, w)
+}
+
+/// `x ⊛ w` (candle's convolution, differentiable), bf16 on the CPU included.
+pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    f32_for_cpu_bf16(x, w, |x, w| x.conv2d(w, padding, stride, 1, 1))
 }
 
 /// The sizes of one convolution: input `[C, H, W]`, output `[Ho, Wo]`, square kernel `k`.

@@ -67,7 +67,7 @@ pub(crate) fn cuda_kernel(t: &candle_core::Tensor) -> bool {
 
 /// `p` in `x`'s dtype: parameters follow the activations (mixed precision: trainable weights are
 /// kept in f32 and cast, differentiably, where half-precision activations meet them).
-pub(crate) fn like(
+pub fn cast_like(
     p: &candle_core::Tensor,
     x: &candle_core::Tensor,
 ) -> candle_core::Result<candle_core::Tensor> {
@@ -76,6 +76,19 @@ pub(crate) fn like(
     } else {
         p.to_dtype(x.dtype())
     }
+}
+
+/// A layer's `(weight, bias)` cast to `x`'s dtype, or `None` when they already share it.
+pub(crate) fn params_like(
+    weight: &candle_core::Tensor,
+    bias: Option<&candle_core::Tensor>,
+    x: &candle_core::Tensor,
+) -> candle_core::Result<Option<(candle_core::Tensor, Option<candle_core::Tensor>)>> {
+    if weight.dtype() == x.dtype() && bias.is_none_or(|b| b.dtype() == x.dtype()) {
+        return Ok(None);
+    }
+    let bias = bias.map(|b| cast_like(b, x)).transpose()?;
+    Ok(Some((cast_like(weight, x)?, bias)))
 }
 
 /// Runs a backward pass in f32 when its inputs are half precision (f16/bf16 keep 8–11 significant

@@ -60,17 +60,9 @@ impl Linear {
 
     /// The base projection without adapters.
     pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
-        if self.weight.dtype() != x.dtype()
-            || self.bias.as_ref().is_some_and(|b| b.dtype() != x.dtype())
-        {
+        if let Some((weight, bias)) = crate::params_like(&self.weight, self.bias.as_ref(), x)? {
             // Mixed precision: the weights meet the activations in their dtype.
-            let cast = Self {
-                name: self.name.clone(),
-                weight: crate::like(&self.weight, x)?,
-                bias: self.bias.as_ref().map(|b| crate::like(b, x)).transpose()?,
-                adapters: vec![],
-            };
-            return cast.forward_base(x);
+            return Self::from_weights(self.name.clone(), weight, bias).forward_base(x);
         }
         let dims = x.dims();
         let Some(&k) = dims.last() else {

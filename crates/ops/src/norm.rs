@@ -45,14 +45,14 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = crate::like(
+        let w = crate::cast_like(
             &shifted_weight(&self.weight, self.weight_shift.as_ref())?,
             x,
         )?;
         group_norm(
             x,
             &w,
-            &crate::like(&self.bias, x)?,
+            &crate::cast_like(&self.bias, x)?,
             self.num_groups,
             self.eps,
         )
@@ -60,14 +60,14 @@ impl GroupNorm {
 
     /// `silu(self.forward(x))`, fused.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        let w = crate::like(
+        let w = crate::cast_like(
             &shifted_weight(&self.weight, self.weight_shift.as_ref())?,
             x,
         )?;
         group_norm_silu(
             x,
             &w,
-            &crate::like(&self.bias, x)?,
+            &crate::cast_like(&self.bias, x)?,
             self.num_groups,
             self.eps,
         )
@@ -128,11 +128,11 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = crate::like(
+        let w = crate::cast_like(
             &shifted_weight(&self.weight, self.weight_shift.as_ref())?,
             x,
         )?;
-        layer_norm(x, &w, &crate::like(&self.bias, x)?, self.eps)
+        layer_norm(x, &w, &crate::cast_like(&self.bias, x)?, self.eps)
     }
 }
 

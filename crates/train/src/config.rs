@@ -459,6 +459,15 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
+/// The half-precision dtype a `--mixed-precision` value names (`no` and others: none).
+pub fn half_dtype(mixed_precision: &str) -> Option<candle_core::DType> {
+    match mixed_precision {
+        "fp16" => Some(candle_core::DType::F16),
+        "bf16" => Some(candle_core::DType::BF16),
+        _ => None,
+    }
+}
+
 fn default_mixed_precision() -> String {
     "no".into()
 }
@@ -466,11 +475,7 @@ fn default_mixed_precision() -> String {
 impl TrainerOptions {
     /// The half-precision dtype `mixed_precision` asks for, if any.
     pub fn half_dtype(&self) -> Option<candle_core::DType> {
-        match self.mixed_precision.as_str() {
-            "fp16" => Some(candle_core::DType::F16),
-            "bf16" => Some(candle_core::DType::BF16),
-            _ => None,
-        }
+        half_dtype(&self.mixed_precision)
     }
 
     pub fn validate(&self) -> Result<()> {

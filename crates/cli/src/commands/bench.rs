@@ -67,11 +67,7 @@ pub struct BenchArgs {
 
 impl BenchArgs {
     fn half_dtype(&self) -> Option<DType> {
-        match self.mixed_precision.as_str() {
-            "fp16" => Some(DType::F16),
-            "bf16" => Some(DType::BF16),
-            _ => None,
-        }
+        imprint_train::config::half_dtype(&self.mixed_precision)
     }
 }
 

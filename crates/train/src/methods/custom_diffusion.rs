@@ -55,7 +55,7 @@ pub struct DeltaAdapter {
 impl Adapter for DeltaAdapter {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // Mixed precision: the f32 weights meet half-precision activations in their dtype.
-        let like = |p: &Tensor| p.to_dtype(x.dtype());
+        let like = |p: &Tensor| imprint_ops::cast_like(p, x);
         let y = x.broadcast_matmul(&like(&self.weight)?.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&like(b)?)?,

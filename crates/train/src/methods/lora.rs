@@ -102,14 +102,10 @@ impl Adapter for TrainableLora {
         let x = &self.dropout.apply(x, self.index)?;
         // Mixed precision: the f32 factors are cast to the activations' dtype (their gradients
         // come back in f32 through the cast).
-        let cast = |v: &Var| -> candle_core::Result<Tensor> {
-            if v.dtype() == x.dtype() {
-                Ok(v.as_tensor().clone())
-            } else {
-                v.to_dtype(x.dtype())
-            }
-        };
-        let (down, up) = (cast(&self.down)?, cast(&self.up)?);
+        let (down, up) = (
+            imprint_ops::cast_like(&self.down, x)?,
+            imprint_ops::cast_like(&self.up, x)?,
+        );
         let y = match self.conv {
             None => x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)?,
             Some(c) => imprint_ops::conv2d(
