@@ -105,7 +105,13 @@ impl Conv2d {
             );
         }
         let trainable = self.weight.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
-        if trainable || !x.track_op() {
+        if !trainable && !x.track_op() {
+            return self.plain(x);
+        }
+        if x.device().is_cuda() {
+            return gemm_backward_conv(x, &self.weight, self.bias.as_ref(), self.config);
+        }
+        if trainable {
             return self.plain(x);
         }
         let value = self.plain(&x.detach())?.contiguous()?;
@@ -128,6 +134,195 @@ impl Conv2d {
 impl candle_core::Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         Conv2d::forward(self, xs)
+    }
+}
+
+/// `conv(x, w) + b` whose output comes from candle's convolution (on CUDA: im2col + cuBLAS, or
+/// cuDNN) and whose backward is GEMMs around im2col/col2im: `∂x = col2im(Wᵀ·g)`,
+/// `∂W = Σ_b g_b·im2col(x_b)ᵀ`, `∂b = Σ g`, each computed only for the operands that are tracked
+/// (a frozen weight gets none). candle's own backward would run a transposed-convolution loop
+/// for `∂x` and, for `∂W`, a convolution whose kernel is the whole output gradient: the slow,
+/// memory-hungry part of a training step on a GPU (issue 9). The column matrices exist one
+/// image at a time, only inside the backward pass.
+pub(crate) fn gemm_backward_conv(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    config: Conv2dConfig,
+) -> Result<Tensor> {
+    let geometry = ConvGeometry::new(x.dims(), w.dims(), config)?;
+    let (xd, wd) = (x.detach(), w.detach());
+    let mut value = conv2d(&xd, &wd, config.padding, config.stride)?;
+    if let Some(b) = b {
+        value = value.broadcast_add(&b.detach().reshape((1, (), 1, 1))?)?;
+    }
+    let bias = match b {
+        Some(b) => b.clone(),
+        // An untracked stand-in: a bias-less convolution gets no bias gradient.
+        None => Tensor::zeros(w.dim(0)?, w.dtype(), w.device())?,
+    };
+    x.apply_op3(
+        w,
+        &bias,
+        GemmConvBackward {
+            value: Precomputed::new("conv2d", value.contiguous()?),
+            geometry,
+        },
+    )
+}
+
+struct GemmConvBackward {
+    value: Precomputed,
+    geometry: ConvGeometry,
+}
+
+impl CustomOp3 for GemmConvBackward {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        hand_over!(self.value, Cpu)
+    }
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        hand_over!(self.value, Cuda)
+    }
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        hand_over!(self.value, Metal)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.geometry;
+        let (batch, c_out) = (x.dim(0)?, w.dim(0)?);
+        let (rows, p) = (g.rows(), g.pixels_out());
+        let grad = grad.contiguous()?.reshape((batch, c_out, p))?;
+        let w2 = w.reshape((c_out, rows))?;
+        let mut gx = Vec::new();
+        let mut gw: Option<Tensor> = None;
+        for i in 0..batch {
+            let g_i = grad.get(i)?;
+            if x.track_op() {
+                let cols = w2.t()?.matmul(&g_i)?;
+                gx.push(if g.is_pointwise() {
+                    cols.reshape((1, g.c_in, g.h, g.w))?
+                } else {
+                    cols.unsqueeze(0)?.apply_op1_no_bwd(&Col2Im(g))?
+                });
+            }
+            if w.track_op() {
+                let x_i = x.narrow(0, i, 1)?.contiguous()?;
+                let cols = if g.is_pointwise() {
+                    x_i.reshape((rows, p))?
+                } else {
+                    x_i.apply_op1_no_bwd(&Im2Col(g))?.squeeze(0)?
+                };
+                let part = g_i.matmul(&cols.t()?)?;
+                gw = Some(match gw {
+                    Some(acc) => (acc + part)?,
+                    None => part,
+                });
+            }
+        }
+        let gx = if gx.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&gx, 0)?)
+        };
+        let gw = gw.map(|t| t.reshape(w.shape())).transpose()?;
+        let gb = if b.track_op() {
+            Some(grad.sum((0, 2))?)
+        } else {
+            None
+        };
+        Ok((gx, gw, gb))
+    }
+}
+
+/// `[B, C, H, W]` to its column matrices `[B, C·k·k, Ho·Wo]` (rows in the weight's
+/// `(c, ki, kj)` order); no backward (it runs inside one).
+struct Im2Col(ConvGeometry);
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let batch = l.dims()[0];
+        let (img_len, rows, p) = (g.c_in * g.h * g.w, g.rows(), g.pixels_out());
+        let out = same_float!("im2col", (cpu_slice(s, l)?), (x) => {
+            let mut cols = vec![Default::default(); batch * rows * p];
+            for (img, c) in x.chunks(img_len).zip(cols.chunks_mut(rows * p)) {
+                g.im2col(img, (0, g.h_out), c);
+            }
+            cols
+        });
+        Ok((out, Shape::from((batch, rows, p))))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let g = self.0;
+        let batch = l.dims()[0];
+        let out = crate::cuda::im2col(&g.cuda_geometry(), (s, l), false)?;
+        Ok((out, Shape::from((batch, g.rows(), g.pixels_out()))))
+    }
+}
+
+/// The adjoint of [`Im2Col`]: columns `[B, C·k·k, Ho·Wo]` summed back onto `[B, C, H, W]`.
+struct Col2Im(ConvGeometry);
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let batch = l.dims()[0];
+        let (img_len, rows, p) = (g.c_in * g.h * g.w, g.rows(), g.pixels_out());
+        let out = same_float!("col2im", (cpu_slice(s, l)?), (cols) => {
+            let mut img = vec![Default::default(); batch * img_len];
+            for (c, x) in cols.chunks(rows * p).zip(img.chunks_mut(img_len)) {
+                g.col2im_add(c, (0, g.h_out), x);
+            }
+            img
+        });
+        Ok((out, Shape::from((batch, g.c_in, g.h, g.w))))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let g = self.0;
+        let batch = l.dims()[0];
+        let out = crate::cuda::im2col(&g.cuda_geometry(), (s, l), true)?;
+        Ok((out, Shape::from((batch, g.c_in, g.h, g.w))))
     }
 }
 
@@ -217,6 +412,21 @@ impl ConvGeometry {
             stride,
             padding,
         })
+    }
+
+    /// The sizes as the CUDA kernels take them.
+    #[cfg(feature = "cuda")]
+    fn cuda_geometry(&self) -> crate::cuda::ConvSizes {
+        crate::cuda::ConvSizes {
+            c_in: self.c_in,
+            h: self.h,
+            w: self.w,
+            h_out: self.h_out,
+            w_out: self.w_out,
+            k: self.k,
+            stride: self.stride,
+            padding: self.padding,
+        }
     }
 
     /// A 1×1, stride-1, unpadded convolution reads the image itself as its column matrix.
@@ -620,6 +830,44 @@ mod tests {
                     "k{k} p{padding} s{stride} {h}x{w} {dtype:?}: {diff}"
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// The GEMM backward CUDA convolutions use (im2col/col2im around matmuls), run on the CPU
+    /// through the same composition: every operand's gradient against finite differences, a
+    /// frozen weight's input gradient alone, and a pointwise kernel (no column matrix).
+    #[test]
+    fn gemm_backward_conv_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        for (k, padding, stride, h, w) in [
+            (3, 1, 1, 4, 5),
+            (3, 1, 2, 5, 6),
+            (3, 0, 1, 4, 4),
+            (3, 2, 2, 3, 4),
+            (1, 0, 1, 3, 3),
+            (1, 0, 2, 4, 4),
+        ] {
+            let wt = rand_tensor(&[3, 2, k, k], 1, &dev)?;
+            let b = rand_tensor(&[3], 2, &dev)?;
+            let x = rand_tensor(&[2, 2, h, w], 3, &dev)?;
+            let config = Conv2dConfig { padding, stride };
+            check_grads(
+                &[x.clone(), wt.clone(), b.clone()],
+                |t| gemm_backward_conv(&t[0], &t[1], Some(&t[2]), config),
+                1e-6,
+            )?;
+            check_grads(
+                &[x.clone(), wt.clone()],
+                |t| gemm_backward_conv(&t[0], &t[1], None, config),
+                1e-6,
+            )?;
+            check_input_grad(&x, |x| gemm_backward_conv(x, &wt, Some(&b), config), 1e-6)?;
+            let xv = Var::from_tensor(&x)?;
+            let g = gemm_backward_conv(&xv, &wt, Some(&b), config)?
+                .sum_all()?
+                .backward()?;
+            assert!(g.get(&wt).is_none() && g.get(&b).is_none());
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! Launches the kernels of `src/cuda/kernels.cu` (compiled to PTX by build.rs) on candle's CUDA
-//! storages: the forward passes of norm (+SiLU), softmax and GEGLU, and GEGLU's backward. The
-//! other backward passes are composed from candle ops and so run on any device.
+//! storages: the forward passes of norm (+SiLU), softmax and GEGLU, GEGLU's backward, and the
+//! im2col/col2im of the convolution backward. The other backward passes are composed from candle
+//! ops and so run on any device.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
@@ -226,5 +227,55 @@ pub(crate) fn geglu_bwd(
         // SAFETY: the argument list matches the kernel's signature.
         unsafe { args.launch(elementwise(n)) }.w()?;
         Ok(wrap(dh, &dev))
+    })
+}
+
+/// The sizes of one convolution, as `imprint_im2col_*` and `imprint_col2im_*` take them.
+pub(crate) struct ConvSizes {
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub h_out: usize,
+    pub w_out: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+/// im2col of images `[B, C, H, W]` into `[B, C·k·k, Ho·Wo]` or, with `adjoint`, col2im: columns
+/// `[B, C·k·k, Ho·Wo]` summed back onto `[B, C, H, W]` (each pixel gathers its own terms: no
+/// atomics, and the sum is in f32 whatever the dtype).
+pub(crate) fn im2col(
+    g: &ConvSizes,
+    src: (&CudaStorage, &Layout),
+    adjoint: bool,
+) -> Result<CudaStorage> {
+    let dev = src.0.device().clone();
+    let batch = src.1.dims()[0];
+    let n = if adjoint {
+        batch * g.c_in * g.h * g.w
+    } else {
+        batch * g.c_in * g.k * g.k * g.h_out * g.w_out
+    };
+    if n == 0 {
+        return empty(&dev, src.0.dtype());
+    }
+    let kernel = if adjoint { "col2im" } else { "im2col" };
+    let name = format!("imprint_{kernel}_{}", suffix(src.0.dtype())?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let n64 = n as i64;
+    let sizes = [g.c_in, g.h, g.w, g.h_out, g.w_out, g.k, g.stride, g.padding].map(|v| v as i32);
+    by_dtype!(src.0.dtype(), |T, get| {
+        let sv = view(get(src.0)?, src.1, kernel)?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let mut args = func.builder();
+        args.arg(&sv).arg(&out).arg(&n64);
+        for s in &sizes {
+            args.arg(s);
+        }
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { args.launch(elementwise(n)) }.w()?;
+        Ok(wrap(out, &dev))
     })
 }

@@ -325,6 +325,28 @@ fn conv_matches_cpu() {
     }
 }
 
+/// The GEMM backward (im2col/col2im kernels around cuBLAS) at sizes where the kernels' grids
+/// stride over many blocks: 64 channels, a 3×3 kernel at stride 1 and 2 (downsampler), and a
+/// pointwise 1×1 (resnet shortcut), batch 3.
+#[test]
+fn conv_backward_at_unet_sizes_matches_cpu() {
+    for (k, stride, padding) in [(3, 1, 1), (3, 2, 1), (1, 1, 0)] {
+        let cfg = Conv2dConfig { padding, stride };
+        let w = rand(&[48, 64, k, k], 1);
+        let b = rand(&[48], 2);
+        for dt in DTYPES {
+            compare(
+                "trained conv (UNet sizes)",
+                &[rand(&[3, 64, 24, 20], 3), w.clone(), b.clone()],
+                dt,
+                move |t| {
+                    Conv2d::from_weights("c", t[1].clone(), Some(t[2].clone()), cfg).forward(&t[0])
+                },
+            );
+        }
+    }
+}
+
 /// Gradient checkpointing on CUDA: the recomputed backward equals the CPU's plain backward, and
 /// the block's own weight gradient arrives through the side store.
 #[test]

@@ -119,6 +119,48 @@ __device__ void geglu_bwd(const T* h, const T* g, T* dh, int64_t n, int inner) {
   }
 }
 
+// im2col for the convolution backward (conv.rs, GemmConvBackward): images x [B, C, H, W] to
+// columns [B, C·k·k, Ho·Wo], rows in the weight's (c, ki, kj) order; n = the columns' element count.
+template <typename T>
+__device__ void im2col(const T* x, T* cols, int64_t n, int c_in, int h, int w, int h_out, int w_out,
+                       int k, int stride, int pad) {
+  const int64_t p = (int64_t)h_out * w_out, rows = (int64_t)c_in * k * k;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t px = i % p, r = (i / p) % rows, b = i / (p * rows);
+    const int oh = (int)(px / w_out), ow = (int)(px % w_out);
+    const int c = (int)(r / (k * k)), ki = (int)((r / k) % k), kj = (int)(r % k);
+    const int y = oh * stride + ki - pad, xx = ow * stride + kj - pad;
+    cols[i] = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[((b * c_in + c) * h + y) * w + xx] : from_f<T>(0.f);
+  }
+}
+
+// The adjoint: every pixel of x [B, C, H, W] sums the column entries that read it; n = x's
+// element count. Output row oh reads input row oh·stride + ki − pad.
+template <typename T>
+__device__ void col2im(const T* cols, T* x, int64_t n, int c_in, int h, int w, int h_out, int w_out,
+                       int k, int stride, int pad) {
+  const int64_t p = (int64_t)h_out * w_out, rows = (int64_t)c_in * k * k;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const int xx = (int)(i % w), y = (int)((i / w) % h);
+    const int64_t bc = i / ((int64_t)h * w);
+    const int c = (int)(bc % c_in);
+    const int64_t b = bc / c_in;
+    const T* base = cols + (b * rows + (int64_t)c * k * k) * p;
+    float s = 0.f;
+    for (int ki = 0; ki < k; ++ki) {
+      const int t = y + pad - ki;
+      if (t < 0 || t % stride != 0 || t / stride >= h_out) continue;
+      const int oh = t / stride;
+      for (int kj = 0; kj < k; ++kj) {
+        const int u = xx + pad - kj;
+        if (u < 0 || u % stride != 0 || u / stride >= w_out) continue;
+        s += to_f(base[(int64_t)(ki * k + kj) * p + (int64_t)oh * w_out + u / stride]);
+      }
+    }
+    x[i] = from_f<T>(s);
+  }
+}
+
 #define INSTANTIATE(T, S)                                                                        \
   extern "C" __global__ void imprint_norm_fwd_##S(const T* x, const T* w, const T* b, T* y,      \
                                                   int row_len, int groups, int spatial,          \
@@ -134,6 +176,16 @@ __device__ void geglu_bwd(const T* h, const T* g, T* dh, int64_t n, int inner) {
   extern "C" __global__ void imprint_geglu_bwd_##S(const T* h, const T* g, T* dh, int64_t n,     \
                                                    int inner) {                                  \
     geglu_bwd<T>(h, g, dh, n, inner);                                                            \
+  }                                                                                              \
+  extern "C" __global__ void imprint_im2col_##S(const T* x, T* cols, int64_t n, int c_in, int h, \
+                                                int w, int h_out, int w_out, int k, int stride,  \
+                                                int pad) {                                       \
+    im2col<T>(x, cols, n, c_in, h, w, h_out, w_out, k, stride, pad);                             \
+  }                                                                                              \
+  extern "C" __global__ void imprint_col2im_##S(const T* cols, T* x, int64_t n, int c_in, int h, \
+                                                int w, int h_out, int w_out, int k, int stride,  \
+                                                int pad) {                                       \
+    col2im<T>(cols, x, n, c_in, h, w, h_out, w_out, k, stride, pad);                             \
   }
 
 INSTANTIATE(float, f32)
