@@ -118,14 +118,20 @@ impl Linear {
         let trainable = self.weight.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
         let dtype = self.weight.dtype();
         let same = |t: &Tensor| t.dtype() == dtype && t.device().is_cpu();
-        if trainable
-            || !x.device().is_cpu()
-            || !matches!(dtype, DType::F32 | DType::F64)
-            || !(same(x) && same(&lr.down) && same(&lr.up))
-            || x.rank() == 0
-        {
+        let on_cpu = x.device().is_cpu()
+            && matches!(dtype, DType::F32 | DType::F64)
+            && same(x)
+            && same(&lr.down)
+            && same(&lr.up);
+        // On CUDA the factors follow the activations' dtype (mixed precision: f32 factors are
+        // cast, differentiably, to the half-precision activations and frozen weight).
+        let on_cuda = x.device().is_cuda()
+            && x.dtype() == dtype
+            && self.bias.as_ref().is_none_or(|b| b.dtype() == dtype);
+        if trainable || !(on_cpu || on_cuda) || x.rank() == 0 {
             return Ok(None);
         }
+        let (down, up) = (crate::cast_like(&lr.down, x)?, crate::cast_like(&lr.up, x)?);
         let (r, k) = lr.down.dims2()?;
         let (n, r2) = lr.up.dims2()?;
         if k != self.in_dim() || n != self.out_dim() || r != r2 {
@@ -143,8 +149,8 @@ impl Linear {
         let mut out_dims = dims.to_vec();
         out_dims[dims.len() - 1] = n;
         let y = x.reshape((m, k))?.contiguous()?.apply_op3(
-            &lr.down.contiguous()?,
-            &lr.up.contiguous()?,
+            &down.contiguous()?,
+            &up.contiguous()?,
             LowRankLinear {
                 weight: self.weight.contiguous()?,
                 bias: self.bias.clone(),
@@ -157,6 +163,10 @@ impl Linear {
 
 /// `y = x Wᵀ + b + s·(x Aᵀ) Bᵀ` over `(x [m, in], A [r, in], B [out, r])`, the frozen `W`, `b` held
 /// by the op. Backward, with `u = g B`: `∂x = g W + s·u A`, `∂A = s·uᵀ x`, `∂B = s·gᵀ (x Aᵀ)`.
+/// On the CPU both passes are our gemm kernels over raw slices; on CUDA the forward is cuBLAS
+/// products on the storages ([`low_rank_fwd`]) and the backward the same products as tensor ops
+/// ([`low_rank_bwd`]): no broadcast matmuls and no full-size scaled copy of the delta, which is
+/// what the composed adapter graph costs.
 struct LowRankLinear {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -227,9 +237,75 @@ impl LowRankLinear {
     }
 }
 
+/// The low-rank linear's forward on any backend's storages (CUDA: four cuBLAS products and two
+/// element-wise passes). `w` is `[out, in]`, `bias` `[out]`.
+fn low_rank_fwd<S: BackendStorage>(
+    x: (&S, &Layout),
+    a: (&S, &Layout),
+    b: (&S, &Layout),
+    w: (&S, &Layout),
+    bias: Option<(&S, &Layout)>,
+    scale: f64,
+) -> Result<(S, Shape)> {
+    let (m, k) = x.1.shape().dims2()?;
+    let (r, n) = (a.1.dims()[0], b.1.dims()[0]);
+    let (y, _) = frozen_linear_fwd(x.0, x.1, w.0, w.1, bias)?;
+    let t = x.0.matmul(a.0, (1, m, r, k), x.1, &a.1.transpose(0, 1)?)?;
+    let lt = Layout::contiguous((m, r));
+    let t = t.affine(&lt, scale, 0.)?;
+    let delta = t.matmul(b.0, (1, m, n, r), &lt, &b.1.transpose(0, 1)?)?;
+    let ly = Layout::contiguous((m, n));
+    let y = y.binary_impl::<candle_core::op::Add>(&delta, &ly, &ly)?;
+    Ok((y, Shape::from((m, n))))
+}
+
+/// The low-rank linear's backward as tensor products, on any device: `(∂x, ∂A, ∂B)` for the
+/// operands in `need`.
+fn low_rank_bwd(
+    (x, a, b, w): (&Tensor, &Tensor, &Tensor, &Tensor),
+    grad: &Tensor,
+    scale: f64,
+    need: [bool; 3],
+) -> Result<[Option<Tensor>; 3]> {
+    let u = (grad.matmul(b)? * scale)?;
+    let dx = need[0]
+        .then(|| grad.matmul(w)? + u.matmul(a)?)
+        .transpose()?;
+    let da = need[1].then(|| u.t()?.matmul(x)).transpose()?;
+    let db = need[2]
+        .then(|| grad.t()?.matmul(&(x.matmul(&a.t()?)? * scale)?))
+        .transpose()?;
+    Ok([dx, da, db])
+}
+
+fn cuda_storage<'a>(s: &'a candle_core::Storage, what: &str) -> Result<&'a CudaStorage> {
+    match s {
+        candle_core::Storage::Cuda(c) => Ok(c),
+        _ => candle_core::bail!("{what} is not on the CUDA device of its input"),
+    }
+}
+
 impl CustomOp3 for LowRankLinear {
     fn name(&self) -> &'static str {
         "low-rank-linear"
+    }
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (ws, wl) = self.weight.storage_and_layout();
+        let w = cuda_storage(&ws, "low-rank linear: the frozen weight")?;
+        let bias = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bias {
+            Some((s, l)) => Some((cuda_storage(s, "low-rank linear: the bias")?, *l)),
+            None => None,
+        };
+        low_rank_fwd((s1, l1), (s2, l2), (s3, l3), (w, wl), bias, self.scale)
     }
     fn cpu_fwd(
         &self,
@@ -265,6 +341,11 @@ impl CustomOp3 for LowRankLinear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        if !grad.device().is_cpu() {
+            let need = [x.track_op(), a.track_op(), b.track_op()];
+            let [dx, da, db] = low_rank_bwd((x, a, b, &self.weight), &grad, self.scale, need)?;
+            return Ok((dx, da, db));
+        }
         let (m, k) = x.dims2()?;
         let (r, n) = (a.dim(0)?, b.dim(0)?);
         let dims = (m, k, r, n);
@@ -561,6 +642,61 @@ mod tests {
             scale: 0.5,
         });
         lin
+    }
+
+    /// The device-generic forward and backward that CUDA runs, run here on CPU storages: equal
+    /// to the CPU kernels' forward and to the gradients candle's autograd gives the composed form.
+    #[test]
+    fn generic_low_rank_passes_match_cpu_kernels() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = rand_tensor(&[7, 6], 1, &dev)?;
+        let a = rand_tensor(&[2, 6], 2, &dev)?;
+        let b = rand_tensor(&[5, 2], 3, &dev)?;
+        let w = rand_tensor(&[5, 6], 4, &dev)?;
+        let bias = rand_tensor(&[5], 5, &dev)?;
+        let scale = 0.375;
+        for with_bias in [true, false] {
+            let op = LowRankLinear {
+                weight: w.clone(),
+                bias: with_bias.then(|| bias.clone()),
+                scale,
+            };
+            let kernel = x.apply_op3_no_bwd(&a, &b, &op)?;
+            let guards: Vec<_> = [&x, &a, &b, &w, &bias]
+                .iter()
+                .map(|t| t.storage_and_layout())
+                .collect();
+            let cpu = |i: usize| match &*guards[i].0 {
+                candle_core::Storage::Cpu(s) => (s, guards[i].1),
+                _ => unreachable!(),
+            };
+            let bias_arg = with_bias.then(|| cpu(4));
+            let (s, shape) = low_rank_fwd(cpu(0), cpu(1), cpu(2), cpu(3), bias_arg, scale)?;
+            let generic = into_tensor(s, shape, &dev)?;
+            drop(guards);
+            let diff = (generic - &kernel)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "forward {diff}");
+        }
+        let (xv, av, bv) = (
+            Var::from_tensor(&x)?,
+            Var::from_tensor(&a)?,
+            Var::from_tensor(&b)?,
+        );
+        let r = rand_tensor(&[7, 5], 6, &dev)?;
+        let y = (xv.matmul(&w.t()?)? + (xv.matmul(&av.t()?)?.matmul(&bv.t()?)? * scale)?)?;
+        let grads = (y * &r)?.sum_all()?.backward()?;
+        let got = low_rank_bwd((&x, &a, &b, &w), &r, scale, [true; 3])?;
+        for (g, v) in got.iter().zip([&xv, &av, &bv]) {
+            let expect = grads.get(v.as_tensor()).expect("gradient");
+            let diff = (g.as_ref().expect("requested") - expect)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "backward {diff}");
+        }
+        let none = low_rank_bwd((&x, &a, &b, &w), &r, scale, [false, true, false])?;
+        assert!(none[0].is_none() && none[1].is_some() && none[2].is_none());
+        Ok(())
     }
 
     /// The fused base + low-rank op equals the composed adapter path, and its gradients for the
