@@ -59,11 +59,39 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-/// A scratch folder for this test binary (under cargo's per-target temp dir).
+/// A scratch folder for this test binary (under cargo's per-target temp dir, named with the
+/// process id). The first call also removes the folders of earlier test processes that have
+/// exited: a test binary has no teardown, and their models and outputs would pile up run after run.
 pub fn scratch(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    static SWEPT: OnceLock<()> = OnceLock::new();
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    SWEPT.get_or_init(|| sweep_finished_scratch(root));
+    let p = root.join(format!("{name}-{}", std::process::id()));
     std::fs::create_dir_all(&p).unwrap();
     p
+}
+
+/// Removes `NAME-PID` folders whose process is gone (Linux: no `/proc/PID`); elsewhere keeps all.
+fn sweep_finished_scratch(root: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.rsplit_once('-'))
+            .map(|(_, p)| p)
+        else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// The tiny model `config` written by `imprint model init --seed 0`, once per test binary: the same

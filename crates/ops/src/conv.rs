@@ -108,7 +108,7 @@ impl Conv2d {
         if !trainable && !x.track_op() {
             return self.plain(x);
         }
-        if x.device().is_cuda() {
+        if crate::cuda_kernel(x) {
             return gemm_backward_conv(x, &self.weight, self.bias.as_ref(), self.config);
         }
         if trainable {
@@ -245,7 +245,8 @@ impl CustomOp3 for GemmConvBackward {
                 } else {
                     x_i.apply_op1_no_bwd(&Im2Col(g))?.squeeze(0)?
                 };
-                let part = g_i.matmul(&cols.t()?)?;
+                // Summed over images in f32: half precision would round at every image.
+                let part = crate::upcast_half(&g_i.matmul(&cols.t()?)?)?;
                 gw = Some(match gw {
                     Some(acc) => (acc + part)?,
                     None => part,
@@ -257,9 +258,15 @@ impl CustomOp3 for GemmConvBackward {
         } else {
             Some(Tensor::cat(&gx, 0)?)
         };
-        let gw = gw.map(|t| t.reshape(w.shape())).transpose()?;
+        let gw = gw
+            .map(|t| t.to_dtype(w.dtype())?.reshape(w.shape()))
+            .transpose()?;
         let gb = if b.track_op() {
-            Some(grad.sum((0, 2))?)
+            Some(
+                crate::upcast_half(&grad)?
+                    .sum((0, 2))?
+                    .to_dtype(b.dtype())?,
+            )
         } else {
             None
         };

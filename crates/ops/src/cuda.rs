@@ -252,11 +252,21 @@ pub(crate) fn im2col(
 ) -> Result<CudaStorage> {
     let dev = src.0.device().clone();
     let batch = src.1.dims()[0];
-    let n = if adjoint {
-        batch * g.c_in * g.h * g.w
+    let (image, cols) = (
+        batch * g.c_in * g.h * g.w,
+        batch * g.c_in * g.k * g.k * g.h_out * g.w_out,
+    );
+    let (n, expected) = if adjoint {
+        (image, cols)
     } else {
-        batch * g.c_in * g.k * g.k * g.h_out * g.w_out
+        (cols, image)
     };
+    if src.1.shape().elem_count() != expected {
+        bail!(
+            "im2col: input {:?} does not fit the convolution's sizes",
+            src.1.dims()
+        )
+    }
     if n == 0 {
         return empty(&dev, src.0.dtype());
     }

@@ -236,6 +236,58 @@ fn frozen_and_lora_linear_match_cpu() {
             lin.forward(&t[0])
         });
     }
+    // Mixed precision: half activations and frozen weight, f32 factors (cast where they meet).
+    for dt in [DType::BF16, DType::F16] {
+        let dev = cuda();
+        let x = rand(&[2, 9, 40], 3);
+        let (down, up) = (rand(&[4, 40], 4), rand(&[24, 4], 5));
+        let run = |device: &Device, act: DType| -> Vec<Tensor> {
+            let down = Var::from_tensor(&down.to_device(device).unwrap()).unwrap();
+            let up = Var::from_tensor(&up.to_device(device).unwrap()).unwrap();
+            let mut lin = Linear::from_weights(
+                "l",
+                w.to_dtype(act).unwrap().to_device(device).unwrap(),
+                Some(b.to_dtype(act).unwrap().to_device(device).unwrap()),
+            );
+            lin.adapters.push(ScaledAdapter {
+                adapter: Arc::new(TestLora {
+                    down: down.as_tensor().clone(),
+                    up: up.as_tensor().clone(),
+                }),
+                scale: 0.5,
+            });
+            let xs = x.to_dtype(act).unwrap().to_device(device).unwrap();
+            let y = lin.forward(&xs).unwrap();
+            let g = y
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gd = g.get(down.as_tensor()).expect("down gradient").clone();
+            let gu = g.get(up.as_tensor()).expect("up gradient").clone();
+            assert_eq!(
+                gd.dtype(),
+                DType::F32,
+                "the f32 factor's gradient stays f32"
+            );
+            vec![y, gd, gu]
+        };
+        let (cpu, gpu) = (run(&Device::Cpu, DType::F32), run(&dev, dt));
+        for (name, (a, b)) in ["output", "down gradient", "up gradient"]
+            .iter()
+            .zip(gpu.iter().zip(&cpu))
+        {
+            let err = rel_l2(a, b);
+            assert!(
+                err <= tolerance(dt),
+                "mixed-precision lora linear {dt:?} {name}: {err:e}"
+            );
+        }
+    }
     let inputs = [rand(&[2, 9, 40], 3), rand(&[4, 40], 4), rand(&[24, 4], 5)];
     for dt in DTYPES {
         let (w, b) = (w.clone(), b.clone());
@@ -342,6 +394,40 @@ fn conv_backward_at_unet_sizes_matches_cpu() {
                 move |t| {
                     Conv2d::from_weights("c", t[1].clone(), Some(t[2].clone()), cfg).forward(&t[0])
                 },
+            );
+        }
+    }
+}
+
+/// The GEMM backward's other cases: a frozen weight (input gradient only), no bias, an input
+/// that is not contiguous, a stride-2 unpadded kernel on an even size (the last row and column
+/// get no gradient) and a strided 1×1 kernel (not pointwise: it goes through im2col).
+#[test]
+fn conv_backward_edge_cases_match_cpu() {
+    for (k, stride, padding) in [(3, 2, 0), (1, 2, 0), (3, 1, 1)] {
+        let cfg = Conv2dConfig { padding, stride };
+        let w = rand(&[5, 6, k, k], 1);
+        for dt in DTYPES {
+            let wf = w.clone();
+            compare(
+                "frozen conv, no bias, transposed input",
+                &[rand(&[2, 6, 10, 8], 3)],
+                dt,
+                move |t| {
+                    let c = Conv2d::from_weights(
+                        "c",
+                        wf.to_dtype(t[0].dtype())?.to_device(t[0].device())?,
+                        None,
+                        cfg,
+                    );
+                    c.forward(&t[0].transpose(2, 3)?)
+                },
+            );
+            compare(
+                "trained conv, no bias",
+                &[rand(&[2, 6, 8, 8], 3), w.clone()],
+                dt,
+                move |t| Conv2d::from_weights("c", t[1].clone(), None, cfg).forward(&t[0]),
             );
         }
     }
