@@ -9,7 +9,10 @@
 //!   agreement a model gets that draws plausible scenes without reading its prompt;
 //! - **rendered**: the renderer's own pictures of the captions, read the same way, the most the
 //!   reader can confirm (touching objects merge into one blob, a small object on a busy background
-//!   can be missed).
+//!   can be missed);
+//! - **through the VAE**: those pictures encoded and decoded by the model's own VAE (the latent
+//!   mean), the most the UNet could reach if it drew the latents perfectly: a VAE that smears small
+//!   objects caps every object score below it.
 //!
 //! A model follows captions to the degree its column beats the first and approaches the second.
 
@@ -48,6 +51,7 @@ pub struct Agreement {
     pub samples: f64,
     pub ignoring_caption: f64,
     pub rendered: f64,
+    pub through_vae: f64,
 }
 
 /// The attributes scored, in report order.
@@ -143,12 +147,18 @@ pub fn run_follow(cfg: &FollowConfig, mut progress: impl FnMut(&str)) -> Result<
         samples.push(sd.generate(&opts)?.remove(0));
         progress(&format!("{}/{}: {caption}", i + 1, cases.len()));
     }
+    let round_trips = cases
+        .iter()
+        .map(|(_, _, img)| vae_round_trip(&sd, img))
+        .collect::<Result<Vec<_>>>()?;
     let sample_readings: Vec<Reading> = samples.iter().map(read).collect();
     let render_readings: Vec<Reading> = cases.iter().map(|(_, _, img)| read(img)).collect();
+    let vae_readings: Vec<Reading> = round_trips.iter().map(read).collect();
     let n = cases.len();
     let own = rates(cases.iter().map(|c| &c.0).zip(&sample_readings));
     let control = rates((0..n).map(|i| (&cases[(i + 1) % n].0, &sample_readings[i])));
     let rendered = rates(cases.iter().map(|c| &c.0).zip(&render_readings));
+    let through_vae = rates(cases.iter().map(|c| &c.0).zip(&vae_readings));
     let table: Vec<Agreement> = (0..ATTRIBUTES.len())
         .map(|a| Agreement {
             attribute: ATTRIBUTES[a],
@@ -156,18 +166,28 @@ pub fn run_follow(cfg: &FollowConfig, mut progress: impl FnMut(&str)) -> Result<
             samples: own[a].1,
             ignoring_caption: control[a].1,
             rendered: rendered[a].1,
+            through_vae: through_vae[a].1,
         })
         .collect();
     if let Some(out) = &cfg.out {
-        write_report(out, &cases, &samples, &table)?;
+        write_report(out, &cases, &samples, &round_trips, &table)?;
     }
     Ok(table)
+}
+
+/// `img` encoded to its latent mean and decoded by the model's VAE.
+fn vae_round_trip(sd: &StableDiffusion, img: &RgbImage) -> Result<RgbImage> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let x = imprint_pipeline::image_io::rgb_to_tensor(img, w, h, &Device::Cpu)?;
+    let z = sd.vae.encode(&x)?.mean;
+    imprint_pipeline::image_io::tensor_to_rgb(&sd.vae.decode(&z)?)
 }
 
 fn write_report(
     out: &Path,
     cases: &[(Requested, String, RgbImage)],
     samples: &[RgbImage],
+    round_trips: &[RgbImage],
     table: &[Agreement],
 ) -> Result<()> {
     use crate::bench::html_escape;
@@ -175,26 +195,31 @@ fn write_report(
     let mut rows = String::new();
     for a in table {
         rows += &format!(
-            "<tr><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>",
-            a.attribute, a.asked, a.samples, a.ignoring_caption, a.rendered
+            "<tr><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>",
+            a.attribute, a.asked, a.samples, a.ignoring_caption, a.rendered, a.through_vae
         );
     }
     let mut cells = String::new();
-    for (i, ((_, caption, render), sample)) in cases.iter().zip(samples).enumerate() {
-        let (s, r) = (format!("{i:03}-sample.png"), format!("{i:03}-render.png"));
-        sample
-            .save(out.join(&s))
-            .with_context(|| format!("{}: cannot write", out.join(&s).display()))?;
-        render
-            .save(out.join(&r))
-            .with_context(|| format!("{}: cannot write", out.join(&r).display()))?;
+    for (i, (((_, caption, render), sample), round_trip)) in
+        cases.iter().zip(samples).zip(round_trips).enumerate()
+    {
+        let names = [
+            format!("{i:03}-sample.png"),
+            format!("{i:03}-render.png"),
+            format!("{i:03}-vae.png"),
+        ];
+        for (img, name) in [sample, render, round_trip].into_iter().zip(&names) {
+            img.save(out.join(name))
+                .with_context(|| format!("{}: cannot write", out.join(name).display()))?;
+        }
+        let [s, r, v] = &names;
         cells += &format!(
-            "<div class=c><img src=\"{s}\" width=96><img src=\"{r}\" width=96><div>{}</div></div>",
+            "<div class=c><img src=\"{s}\" width=96><img src=\"{r}\" width=96><img src=\"{v}\" width=96><div>{}</div></div>",
             html_escape(caption)
         );
     }
     let html = format!(
-        "<!doctype html><html><head><meta charset=utf-8><title>imprint world follow</title><style>body{{font-family:sans-serif}} img{{image-rendering:pixelated;margin:1px}} .c{{display:inline-block;width:200px;font-size:11px;vertical-align:top;margin:4px}} td,th{{border-bottom:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body><h1>How the model follows captions</h1><p>Share of what the captions ask that is read back from the samples; from the same samples scored against the next caption (a model ignoring its prompt); and from the renderer's own pictures (what the reader can confirm).</p><table><tr><th>attribute</th><th>asked</th><th>samples</th><th>ignoring the caption</th><th>rendered</th></tr>{rows}</table><p>Each pair: the sample, then the render of its caption.</p>{cells}</body></html>"
+        "<!doctype html><html><head><meta charset=utf-8><title>imprint world follow</title><style>body{{font-family:sans-serif}} img{{image-rendering:pixelated;margin:1px}} .c{{display:inline-block;width:300px;font-size:11px;vertical-align:top;margin:4px}} td,th{{border-bottom:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body><h1>How the model follows captions</h1><p>Share of what the captions ask that is read back from the samples; from the same samples scored against the next caption (a model ignoring its prompt); from the renderer's own pictures (what the reader can confirm); and from those pictures passed through the model's VAE (the most its UNet could reach).</p><table><tr><th>attribute</th><th>asked</th><th>samples</th><th>ignoring the caption</th><th>rendered</th><th>through the VAE</th></tr>{rows}</table><p>Each row of three: the sample, the render of its caption, and the render through the VAE.</p>{cells}</body></html>"
     );
     imprint_models::io::write_atomic(&out.join("report.html"), html.as_bytes())
 }

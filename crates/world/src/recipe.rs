@@ -72,13 +72,20 @@ const STREAM_DINO: u64 = 4;
 /// The UNet's v stage draws its own scenes, not a replay of the ε stage's.
 const STREAM_UNET_V: u64 = 5;
 
-/// Steps, batch sizes and learning rates of each phase.
-#[derive(Clone, Debug)]
+/// Steps, batch sizes and learning rates of each phase. `world train --recipe FILE` reads a JSON
+/// object of the fields to change; the run writes the whole recipe to `OUT/recipe.json`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Recipe {
     pub seed: u64,
     pub vae_steps: usize,
     pub vae_batch: usize,
     pub vae_lr: f64,
+    /// Weight of the pixels that objects cover in the VAE's reconstruction loss (1 = every pixel
+    /// alike). Objects cover a few percent of a scene, so an unweighted loss is met by a VAE
+    /// that draws backgrounds exactly and smears objects into blobs (`world follow`'s
+    /// "through the VAE" column measures what it keeps).
+    pub vae_object_weight: f64,
     pub clip_steps: usize,
     pub clip_batch: usize,
     pub clip_lr: f64,
@@ -89,6 +96,13 @@ pub struct Recipe {
     pub unet_steps: usize,
     pub unet_batch: usize,
     pub unet_lr: f64,
+    /// Weight of the latent pixels that objects cover in the UNet's loss (1 = all alike); see
+    /// `vae_object_weight`.
+    pub unet_object_weight: f64,
+    /// Start the UNet from these weights (a diffusers `unet` folder or its safetensors file)
+    /// instead of random ones: a world model fine-tuned further (set `unet_eps_steps` to 0 to
+    /// run only the v stage).
+    pub unet_init: Option<PathBuf>,
     pub dino_steps: usize,
     pub dino_batch: usize,
     pub dino_lr: f64,
@@ -108,6 +122,7 @@ impl Default for Recipe {
             vae_steps: 1500,
             vae_batch: 8,
             vae_lr: 2e-3,
+            vae_object_weight: 1.0,
             clip_steps: 600,
             clip_batch: 64,
             clip_lr: 5e-4,
@@ -115,6 +130,8 @@ impl Default for Recipe {
             unet_steps: 6000,
             unet_batch: 16,
             unet_lr: 3e-4,
+            unet_object_weight: 1.0,
+            unet_init: None,
             dino_steps: 400,
             dino_batch: 64,
             dino_lr: 5e-4,
@@ -564,8 +581,47 @@ fn seeded_randn(
 }
 
 /// Runs every phase whose output is missing under `out`.
+/// The phases of [`train_world`], in order.
+pub const PHASES: [&str; 4] = ["vae", "clip", "unet", "dino"];
+
 pub fn train_world(out: &Path, recipe: &Recipe, device: &Device) -> Result<()> {
+    train_world_phases(out, recipe, device, &PHASES)
+}
+
+/// Runs only `phases` (names from [`PHASES`]) of the recipe; a phase whose output exists is
+/// skipped, and a phase that needs an earlier one's output fails with its path. The recipe goes
+/// to `OUT/recipe.json`; a run resumed with a different recipe is refused.
+pub fn train_world_phases(
+    out: &Path,
+    recipe: &Recipe,
+    device: &Device,
+    phases: &[&str],
+) -> Result<()> {
+    if let Some(p) = phases.iter().find(|p| !PHASES.contains(p)) {
+        bail!("unknown phase '{p}' (phases: {})", PHASES.join(", "))
+    }
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let recipe_file = out.join("recipe.json");
+    if recipe_file.exists() {
+        let text = std::fs::read_to_string(&recipe_file)
+            .with_context(|| format!("{}: cannot read", recipe_file.display()))?;
+        let before: Recipe = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a world recipe", recipe_file.display()))?;
+        if &before != recipe {
+            bail!(
+                "{} was made with another recipe ({}): resume it with that recipe (--recipe {}) or train into a new folder",
+                out.display(),
+                recipe_file.display(),
+                recipe_file.display()
+            )
+        }
+    } else {
+        write_atomic(
+            &recipe_file,
+            serde_json::to_string_pretty(recipe)?.as_bytes(),
+        )?;
+    }
+    let run = |name: &str| phases.contains(&name);
     let model = out.join("model");
     // The tokenizer first: the text encoder's vocabulary depends on it.
     let words = vocabulary_words();
@@ -577,22 +633,24 @@ pub fn train_world(out: &Path, recipe: &Recipe, device: &Device) -> Result<()> {
     for dir in [out.join("clip"), model.join("tokenizer")] {
         install_tokenizer(&dir, &vocab, &merges)?;
     }
-    if !model
-        .join("vae/diffusion_pytorch_model.safetensors")
-        .exists()
+    if run("vae")
+        && !model
+            .join("vae/diffusion_pytorch_model.safetensors")
+            .exists()
     {
         train_vae(out, recipe, device)?;
     }
-    if !out.join("clip/model.safetensors").exists() {
+    if run("clip") && !out.join("clip/model.safetensors").exists() {
         train_clip(out, recipe, vocab.len(), device)?;
     }
-    if !model
-        .join("unet/diffusion_pytorch_model.safetensors")
-        .exists()
+    if run("unet")
+        && !model
+            .join("unet/diffusion_pytorch_model.safetensors")
+            .exists()
     {
         train_unet(out, recipe, device)?;
     }
-    if !out.join("dino/model.safetensors").exists() {
+    if run("dino") && !out.join("dino/model.safetensors").exists() {
         train_dino(out, recipe, device)?;
     }
     Ok(())
@@ -626,7 +684,16 @@ fn train_vae(out: &Path, r: &Recipe, device: &Device) -> Result<()> {
             .sub(&dist.logvar)?
             .mean_all()?
             .affine(0.5, 0.0)?;
-        let loss = ((&mse + &l1)? + (&kl * 1e-4)?)?;
+        let reconstruction = if r.vae_object_weight == 1.0 {
+            (&mse + &l1)?
+        } else {
+            // The weighted mean of the per-pixel L2 + L1 terms.
+            let w = object_weights(&batch, r.vae_object_weight, device)?;
+            let per_pixel = (diff.sqr()? + diff.abs()?)?;
+            let norm = w.mean_all()?.to_scalar::<f32>()? as f64;
+            (per_pixel.broadcast_mul(&w)?.mean_all()? / norm)?
+        };
+        let loss = (reconstruction + (&kl * 1e-4)?)?;
         step_with(&mut opt, &vars, &loss, lr_at(r.vae_lr, step, r.vae_steps))?;
         phase.record(
             step,
@@ -665,6 +732,37 @@ fn train_vae(out: &Path, r: &Recipe, device: &Device) -> Result<()> {
     )?;
     phase.finish();
     Ok(())
+}
+
+/// Per-pixel loss weights `[B, 1, H, W]`: `object_weight` where the scene differs from its
+/// background alone (the pixels its objects cover), 1 elsewhere.
+fn object_weights(
+    batch: &[(crate::scene::Scene, String)],
+    object_weight: f64,
+    device: &Device,
+) -> Result<Tensor> {
+    let size = IMAGE_SIZE as u32;
+    let mut w = Vec::with_capacity(batch.len() * IMAGE_SIZE * IMAGE_SIZE);
+    for (scene, _) in batch {
+        let full = scene.render(size);
+        let background = crate::scene::Scene {
+            background: scene.background.clone(),
+            objects: vec![],
+        }
+        .render(size);
+        w.extend(full.pixels().zip(background.pixels()).map(|(a, b)| {
+            if a == b {
+                1f32
+            } else {
+                object_weight as f32
+            }
+        }));
+    }
+    Ok(Tensor::from_vec(
+        w,
+        (batch.len(), 1, IMAGE_SIZE, IMAGE_SIZE),
+        device,
+    )?)
 }
 
 fn tokenize_batch(tok: &ClipTokenizer, captions: &[String], device: &Device) -> Result<Tensor> {
@@ -816,6 +914,9 @@ fn train_unet(out: &Path, r: &Recipe, device: &Device) -> Result<()> {
     let (vb, vars) = random_trainable_var_builder(r.seed.wrapping_add(30), device);
     let unet = UNet2DConditionModel::new(vb, &cfg)?;
     let vars = take_vars(&vars)?;
+    if let Some(init) = &r.unet_init {
+        load_into(&vars, init)?;
+    }
     let [eps, v] = unet_stages(&folder, r)?;
     let old = out.join(".checkpoints/unet.safetensors");
     if old.exists() {
@@ -889,6 +990,33 @@ fn train_unet(out: &Path, r: &Recipe, device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Sets every variable from the same-named tensor of `path` (a safetensors file, or a folder
+/// holding `diffusion_pytorch_model.safetensors`), in the variable's dtype.
+fn load_into(vars: &[(String, Var)], path: &Path) -> Result<()> {
+    let file = if path.is_dir() {
+        path.join("diffusion_pytorch_model.safetensors")
+    } else {
+        path.to_path_buf()
+    };
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
+        .with_context(|| format!("{}: cannot read the initial UNet weights", file.display()))?;
+    for (name, var) in vars {
+        let t = tensors
+            .get(name)
+            .with_context(|| format!("{}: no tensor '{name}'", file.display()))?;
+        if t.dims() != var.dims() {
+            bail!(
+                "{}: '{name}' is {:?}, the world's UNet needs {:?}",
+                file.display(),
+                t.dims(),
+                var.dims()
+            )
+        }
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    Ok(())
+}
+
 /// One UNet training step of `stage`: a batch of rendered scenes and their captions (10 %
 /// dropped for classifier-free guidance), the stage's target, AdamW.
 #[allow(clippy::too_many_arguments)]
@@ -943,7 +1071,16 @@ fn unet_step(
     let ts = Tensor::new(t.iter().map(|&v| v as i64).collect::<Vec<_>>(), device)?;
     let pred = unet.forward(&noisy, &ts, TextConditioning::Shared(&states))?;
     let target = schedule.target(schedule.prediction, &latents, &noise, &t)?;
-    let loss = (&pred - &target)?.sqr()?.mean_all()?;
+    let loss = if r.unet_object_weight == 1.0 {
+        (&pred - &target)?.sqr()?.mean_all()?
+    } else {
+        // A latent pixel weighs `unet_object_weight` if any of the 4×4 pixels it encodes is an
+        // object's.
+        let f = IMAGE_SIZE / latents.dim(3)?;
+        let w = object_weights(&batch, r.unet_object_weight, device)?.max_pool2d(f)?;
+        let norm = w.mean_all()?.to_scalar::<f32>()? as f64;
+        ((&pred - &target)?.sqr()?.broadcast_mul(&w)?.mean_all()? / norm)?
+    };
     step_with(opt, vars, &loss, lr_at(r.unet_lr, step, stage.steps))?;
     phase.record(
         step,
@@ -1176,6 +1313,87 @@ mod tests {
             "epsilon zero-terminal-snr=false",
         )?;
         assert_eq!(same.resume(&vars, &mut opt)?, 2);
+        Ok(())
+    }
+
+    /// The object weights fall on some pixels of every scene but never on most, and a scene
+    /// emptied of its objects weighs 1 everywhere.
+    #[test]
+    fn object_weights_mark_the_pixels_objects_cover() -> Result<()> {
+        let dev = Device::Cpu;
+        let batch = scenes(0, STREAM_VAE, 0, 8);
+        let w = object_weights(&batch, 7.0, &dev)?;
+        assert_eq!(w.dims(), [8, 1, IMAGE_SIZE, IMAGE_SIZE]);
+        for i in 0..batch.len() {
+            let v: Vec<f32> = w.get(i)?.flatten_all()?.to_vec1()?;
+            assert!(v.iter().all(|&x| x == 1.0 || x == 7.0));
+            let share = v.iter().filter(|&&x| x == 7.0).count() as f64 / v.len() as f64;
+            assert!(share > 0.0 && share < 0.5, "scene {i}: {share}");
+        }
+        let empty: Vec<_> = batch
+            .iter()
+            .map(|(s, c)| {
+                let mut s = s.clone();
+                s.objects.clear();
+                (s, c.clone())
+            })
+            .collect();
+        let w = object_weights(&empty, 7.0, &dev)?;
+        assert_eq!(w.max_all()?.to_scalar::<f32>()?, 1.0);
+        Ok(())
+    }
+
+    /// `--phases`, the recipe's own file, the weighted losses, and a UNet started from given
+    /// weights: at learning rate 0 the v stage hands them back unchanged.
+    #[test]
+    fn phases_recipe_file_weighted_losses_and_unet_init() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let dev = Device::Cpu;
+        let base = dir.path().join("base");
+        let weighted = Recipe {
+            vae_object_weight: 4.0,
+            unet_object_weight: 4.0,
+            ..Recipe::smoke()
+        };
+        train_world_phases(&base, &weighted, &dev, &["vae", "clip", "unet"])?;
+        assert!(!base.join("dino").join("model.safetensors").exists());
+        let saved: Recipe =
+            serde_json::from_str(&std::fs::read_to_string(base.join("recipe.json"))?)?;
+        assert_eq!(saved, weighted);
+        let log = std::fs::read_to_string(base.join("train-log.jsonl"))?;
+        assert!(!log.contains("NaN") && log.contains("\"unet-v\""));
+        let err = train_world_phases(&base, &Recipe::smoke(), &dev, &["dino"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("another recipe"), "{err}");
+        let err = train_world_phases(&base, &weighted, &dev, &["vea"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown phase 'vea'"), "{err}");
+
+        let tuned = dir.path().join("tuned");
+        let init = base.join("model/unet");
+        let frozen = Recipe {
+            unet_init: Some(init.clone()),
+            unet_eps_steps: 0,
+            unet_steps: 1,
+            unet_lr: 0.0,
+            ..Recipe::smoke()
+        };
+        train_world_phases(&tuned, &frozen, &dev, &["vae", "clip", "unet"])?;
+        let a =
+            candle_core::safetensors::load(init.join("diffusion_pytorch_model.safetensors"), &dev)?;
+        let b = candle_core::safetensors::load(
+            tuned.join("model/unet/diffusion_pytorch_model.safetensors"),
+            &dev,
+        )?;
+        assert_eq!(a.len(), b.len());
+        for (name, t) in &a {
+            let diff = (t - &b[name])?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{name}");
+        }
+        let log = std::fs::read_to_string(tuned.join("train-log.jsonl"))?;
+        assert!(!log.contains("unet-eps"), "the ε stage was set to 0 steps");
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use imprint_world::recipe::{train_world, Recipe};
+use imprint_world::recipe::{train_world_phases, Recipe};
 use std::path::PathBuf;
 
 #[derive(Subcommand)]
@@ -113,6 +113,13 @@ pub struct TrainArgs {
     /// Store the finished weights as float16 (the committed copy).
     #[arg(long)]
     pub half: bool,
+    /// A JSON object of recipe fields to change (e.g. {"vae_steps": 3000}); the run's whole recipe
+    /// is written to OUT/recipe.json.
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    /// Run only these phases (vae, clip, unet, dino), e.g. to retrain the VAE alone.
+    #[arg(long, value_delimiter = ',')]
+    pub phases: Vec<String>,
     #[arg(long, env = "IMPRINT_DEVICE", default_value = "cpu")]
     pub device: String,
 }
@@ -140,11 +147,21 @@ pub struct ConceptArgs {
 pub fn run(c: WorldCommand) -> Result<()> {
     match c {
         WorldCommand::Train(a) => {
-            let mut r = Recipe {
-                seed: a.seed,
-                ..Recipe::default()
+            let mut r = match &a.recipe {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("{}: cannot read", path.display()))?;
+                    serde_json::from_str::<Recipe>(&text)
+                        .with_context(|| format!("{}: not a world recipe", path.display()))?
+                }
+                None => Recipe::default(),
             };
-            let scale = |n: usize| ((n as f64 * a.steps_scale).round() as usize).max(1);
+            r.seed = a.seed;
+            // A phase set to 0 steps stays skipped; any other keeps at least one step.
+            let scale = |n: usize| match n {
+                0 => 0,
+                n => ((n as f64 * a.steps_scale).round() as usize).max(1),
+            };
             r.vae_steps = scale(r.vae_steps);
             r.clip_steps = scale(r.clip_steps);
             r.unet_eps_steps = scale(r.unet_eps_steps);
@@ -152,7 +169,12 @@ pub fn run(c: WorldCommand) -> Result<()> {
             r.dino_steps = scale(r.dino_steps);
             r.save_every = scale(r.save_every);
             let device = super::parse_device(&a.device)?;
-            train_world(&a.out, &r, &device)?;
+            let phases: Vec<&str> = if a.phases.is_empty() {
+                imprint_world::recipe::PHASES.to_vec()
+            } else {
+                a.phases.iter().map(String::as_str).collect()
+            };
+            train_world_phases(&a.out, &r, &device, &phases)?;
             if a.half {
                 imprint_world::recipe::to_half(&a.out)?;
             }
@@ -232,13 +254,23 @@ pub fn run(c: WorldCommand) -> Result<()> {
                 }
             } else {
                 println!(
-                    "{:<28} {:>6} {:>8} {:>20} {:>9}",
-                    "attribute", "asked", "samples", "ignoring the caption", "rendered"
+                    "{:<28} {:>6} {:>8} {:>20} {:>9} {:>15}",
+                    "attribute",
+                    "asked",
+                    "samples",
+                    "ignoring the caption",
+                    "rendered",
+                    "through the VAE"
                 );
                 for r in &table {
                     println!(
-                        "{:<28} {:>6} {:>8.3} {:>20.3} {:>9.3}",
-                        r.attribute, r.asked, r.samples, r.ignoring_caption, r.rendered
+                        "{:<28} {:>6} {:>8.3} {:>20.3} {:>9.3} {:>15.3}",
+                        r.attribute,
+                        r.asked,
+                        r.samples,
+                        r.ignoring_caption,
+                        r.rendered,
+                        r.through_vae
                     );
                 }
             }
