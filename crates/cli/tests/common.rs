@@ -207,6 +207,16 @@ pub fn ok(out: Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// The stderr of a finished command, after checking that it failed.
+pub fn fails(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected a failure; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
 /// A toy world trained for a few steps per phase (seconds): its text encoder is its CLIP's text
 /// tower and it has the committed world's layout.
 pub fn smoke_world(dir: &Path) {

@@ -66,3 +66,57 @@ fn bench_measures_methods_and_two_concepts_in_one_picture() {
     assert!(report.contains("svdiff-cut-mix-unmix.png"));
     assert!(out.join("multi/svdiff-cut-mix-unmix.png").exists());
 }
+
+/// `imprint world follow` on a smoke world: one JSON line per attribute with all four columns
+/// in [0, 1], and a report showing each sample, its render and the render through the VAE.
+/// `world train --recipe` refuses a file that is not a recipe, naming it.
+#[test]
+fn follow_scores_samples_renders_and_vae_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let world = tmp.path().join("world");
+    smoke_world(&world);
+    let out = tmp.path().join("follow");
+    let stdout = ok(imprint()
+        .args(["world", "follow", "--model"])
+        .arg(world.join("model"))
+        .args(["--captions", "3", "--steps", "2", "--json", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap());
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 5);
+    for row in &rows {
+        for key in ["samples", "ignoring_caption", "rendered", "through_vae"] {
+            let v = row[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{key} in {row}"));
+            assert!((0.0..=1.0).contains(&v), "{key} = {v}");
+        }
+    }
+    let report = std::fs::read_to_string(out.join("report.html")).unwrap();
+    for i in 0..3 {
+        for kind in ["sample", "render", "vae"] {
+            let name = format!("{i:03}-{kind}.png");
+            assert!(report.contains(&name) && out.join(&name).exists(), "{name}");
+        }
+    }
+
+    let bad = tmp.path().join("recipe.json");
+    std::fs::write(&bad, r#"{"vae_stepz": 3}"#).unwrap();
+    let err = fails(
+        imprint()
+            .args(["world", "train", "--out"])
+            .arg(tmp.path().join("w2"))
+            .arg("--recipe")
+            .arg(&bad)
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        err.contains("not a world recipe") && err.contains("recipe.json"),
+        "{err}"
+    );
+}
