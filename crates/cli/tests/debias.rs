@@ -124,3 +124,120 @@ fn inclusive_tokens_balance_generation_over_the_categories() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least two"));
     assert!(!tmp.path().join("x.safetensors").exists());
 }
+
+/// The header metadata of a safetensors file.
+fn metadata(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header["__metadata__"].clone()
+}
+
+/// `--method ti`: one Textual Inversion concept per category, trained through the model, saved
+/// as the same inclusive-token concept `--balance` uses; the scratch folder is removed. Each
+/// method refuses to run without the model or CLIP it needs, writing nothing.
+#[test]
+fn inclusive_tokens_learned_as_textual_inversion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let world = tmp.path().join("world");
+    smoke_world(&world);
+    let cats = tmp.path().join("cats");
+    ok(imprint()
+        .args(["world", "categories", "--count", "2", "--out"])
+        .arg(&cats)
+        .output()
+        .unwrap());
+    let out_dir = tmp.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let tokens = out_dir.join("color.safetensors");
+    let train = |extra: &[&str], out: &Path| {
+        imprint()
+            .args([
+                "train",
+                "debias",
+                "--attribute",
+                "color",
+                "--prompt",
+                "a circle",
+            ])
+            .args(extra)
+            .arg("--categories")
+            .arg(&cats)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let model = world.join("model").display().to_string();
+    ok(train(
+        &[
+            "--method",
+            "ti",
+            "--model",
+            &model,
+            "--steps",
+            "2",
+            "--batch-size",
+            "1",
+        ],
+        &tokens,
+    ));
+    let meta = metadata(&tokens);
+    assert_eq!(
+        meta["inclusive.learned_with"], "textual-inversion",
+        "{meta}"
+    );
+    assert_eq!(meta["inclusive.attribute"], "color");
+    assert_eq!(
+        meta["inclusive.triggers"],
+        "<color-blue>,<color-green>,<color-red>,<color-yellow>"
+    );
+    let left: Vec<_> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(
+        left,
+        ["color.safetensors"],
+        "the scratch folder stays behind"
+    );
+
+    let gen = tmp.path().join("gen");
+    std::fs::create_dir(&gen).unwrap();
+    let out = imprint()
+        .args([
+            "generate",
+            "--prompt",
+            "a circle",
+            "--num-images",
+            "4",
+            "--steps",
+            "2",
+        ])
+        .args([
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--balance",
+            "color",
+            "--model",
+        ])
+        .arg(&model)
+        .arg("--concept")
+        .arg(&tokens)
+        .arg("--out")
+        .arg(gen.join("b.png"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    ok(out);
+    assert!(stderr.contains("1 image(s) of 'red'"), "{stderr}");
+
+    let none = tmp.path().join("none.safetensors");
+    let err = fails(train(&["--method", "ti"], &none));
+    assert!(err.contains("--method ti needs --model"), "{err}");
+    let err = fails(train(&["--model", &model], &none));
+    assert!(err.contains("needs --clip"), "{err}");
+    assert!(!none.exists());
+}

@@ -1,6 +1,7 @@
-//! `imprint train debias`: ITI-GEN's inclusive tokens for an attribute, from one folder of
-//! reference images per category; `generate --balance ATTRIBUTE` then samples the categories in
-//! equal proportion.
+//! `imprint train debias`: inclusive tokens for an attribute, from one folder of reference images
+//! per category, learned with ITI-GEN's CLIP-space losses (`--method iti-gen`) or as one Textual
+//! Inversion concept per category (`--method ti`); `generate --balance ATTRIBUTE` then samples the
+//! categories in equal proportion.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -21,23 +22,44 @@ pub struct DebiasArgs {
     /// the category's).
     #[arg(long)]
     categories: PathBuf,
+    /// How the tokens are learned: `iti-gen` (ITI-GEN's direction-alignment and consistency
+    /// losses in CLIP space; minutes, no diffusion backprop) or `ti` (one Textual Inversion
+    /// concept per category, trained through the diffusion model on the category's images under
+    /// the prompt `--prompt TRIGGER`; needs --model).
+    #[arg(long, default_value = "iti-gen", value_parser = ["iti-gen", "ti"])]
+    method: String,
     /// The transformers CLIPModel whose text tower is the diffusion model's text encoder (SD 1.x:
-    /// openai/clip-vit-large-patch14; the toy world: examples/world/clip).
+    /// openai/clip-vit-large-patch14; the toy world: examples/world/clip); needed by iti-gen.
     #[arg(long)]
-    clip: PathBuf,
-    /// The diffusion model the tokens are for: checks that its text encoder is --clip's text tower.
+    clip: Option<PathBuf>,
+    /// The diffusion model the tokens are for: with iti-gen, checks that its text encoder is
+    /// --clip's text tower; with ti, the model trained through.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// The prompt the tokens are learned with.
+    /// The prompt the tokens are learned with (and appended to by `generate --balance`).
     #[arg(long, default_value = "a photo")]
     prompt: String,
-    /// Tokens per category.
-    #[arg(long, default_value_t = DEFAULT_TOKENS)]
-    tokens: usize,
-    #[arg(long, default_value_t = DEFAULT_STEPS)]
-    steps: usize,
-    #[arg(long, default_value_t = DEFAULT_LR)]
-    lr: f64,
+    /// Tokens per category (iti-gen: default 3; ti: Textual Inversion's vectors, default 1).
+    #[arg(long)]
+    tokens: Option<usize>,
+    /// Steps (iti-gen: default 300; ti: per category, Textual Inversion's default).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Learning rate (iti-gen: default 0.01; ti: Textual Inversion's default, scaled by batch).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// ti: the word each category's vectors start from (default: the prompt's last word).
+    #[arg(long)]
+    init_word: Option<String>,
+    /// ti: images per step (Textual Inversion's default otherwise).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// ti: gradient accumulation steps.
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// ti: training resolution (default: the model's native size).
+    #[arg(long)]
+    resolution: Option<usize>,
     /// λ of the semantic-consistency hinge.
     #[arg(long, default_value_t = DEFAULT_LAMBDA)]
     lambda: f64,
@@ -106,9 +128,15 @@ pub fn run(a: DebiasArgs) -> Result<()> {
     if a.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
         bail!("{}: --out must be a .safetensors file", a.out.display())
     }
-    let device = super::parse_device(&a.device)?;
     let categories = read_categories(&a.categories)?;
-    let mut clip = ClipModel::load(&a.clip, &device)?;
+    if a.method == "ti" {
+        return run_ti(&a, categories);
+    }
+    let device = super::parse_device(&a.device)?;
+    let Some(clip_dir) = &a.clip else {
+        bail!("--method iti-gen needs --clip: the CLIPModel whose text tower is the model's text encoder")
+    };
+    let mut clip = ClipModel::load(clip_dir, &device)?;
     if let Some(model) = &a.model {
         check_text_encoder(model, &clip, &device)?;
     }
@@ -121,13 +149,13 @@ pub fn run(a: DebiasArgs) -> Result<()> {
         attribute: a.attribute.clone(),
         categories,
         prompt: a.prompt.clone(),
-        tokens_per_category: a.tokens,
-        steps: a.steps,
-        lr: a.lr,
+        tokens_per_category: a.tokens.unwrap_or(DEFAULT_TOKENS),
+        steps: a.steps.unwrap_or(DEFAULT_STEPS),
+        lr: a.lr.unwrap_or(DEFAULT_LR),
         consistency: a.lambda,
         seed: a.seed,
     };
-    let bar = indicatif::ProgressBar::new(a.steps as u64);
+    let bar = indicatif::ProgressBar::new(cfg.steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "iti-gen {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
@@ -146,10 +174,90 @@ pub fn run(a: DebiasArgs) -> Result<()> {
     imprint_concepts::formats::save(&concept, &a.out, imprint_concepts::formats::Format::Native)?;
     eprintln!(
         "{} steps in {:.1} s; final direction loss {:.4}, consistency loss {:.4}",
-        a.steps,
+        cfg.steps,
         t0.elapsed().as_secs_f64(),
         last.direction,
         last.consistency
+    );
+    println!("{}", a.out.display());
+    Ok(())
+}
+
+/// `--method ti`: one Textual Inversion concept per category, trained in a scratch folder beside
+/// --out (removed afterwards), combined into one inclusive-token concept.
+fn run_ti(a: &DebiasArgs, categories: Vec<(String, Vec<image::RgbImage>)>) -> Result<()> {
+    let Some(model) = &a.model else {
+        bail!("--method ti needs --model: the diffusion model the tokens are trained through")
+    };
+    let init_word = match &a.init_word {
+        Some(w) => w.clone(),
+        None => a
+            .prompt
+            .split_whitespace()
+            .last()
+            .context("--prompt is empty: give a prompt or --init-word")?
+            .to_string(),
+    };
+    let resolution = match a.resolution {
+        Some(r) => r,
+        None => {
+            let folder = imprint_models::loading::ModelFolder::open(model)?;
+            let unet = folder.unet_config()?;
+            let vae = folder.vae_config()?;
+            unet.sample_size.unwrap_or(64) << (vae.block_out_channels.len() - 1)
+        }
+    };
+    let mut options = toml::Table::new();
+    let mut set = |k: &str, v: toml::Value| {
+        options.insert(k.to_string(), v);
+    };
+    set("model", toml::Value::String(model.display().to_string()));
+    set("resolution", toml::Value::Integer(resolution as i64));
+    set("seed", toml::Value::Integer(a.seed as i64));
+    set("device", toml::Value::String(a.device.clone()));
+    set("save-every", toml::Value::Integer(0));
+    if let Some(n) = a.tokens {
+        set("num-vectors", toml::Value::Integer(n as i64));
+    }
+    if let Some(n) = a.steps {
+        set("steps", toml::Value::Integer(n as i64));
+    }
+    if let Some(lr) = a.lr {
+        set("lr", toml::Value::Float(lr));
+    }
+    if let Some(n) = a.batch_size {
+        set("batch-size", toml::Value::Integer(n as i64));
+    }
+    if let Some(n) = a.grad_accum {
+        set("grad-accum", toml::Value::Integer(n as i64));
+    }
+    let parent = match a.out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let work = tempfile::Builder::new()
+        .prefix(".debias-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("{}: cannot create a scratch folder", parent.display()))?;
+    let cfg = imprint_train::methods::inclusive_ti::InclusiveTiConfig {
+        attribute: a.attribute.clone(),
+        categories,
+        prompt: a.prompt.clone(),
+        init_word,
+        options,
+    };
+    let hooks = imprint_train::trainer::Hooks {
+        progress: true,
+        ..Default::default()
+    };
+    let t0 = std::time::Instant::now();
+    let concept =
+        imprint_train::methods::inclusive_ti::train_inclusive_ti(&cfg, work.path(), &hooks)?;
+    imprint_concepts::formats::save(&concept, &a.out, imprint_concepts::formats::Format::Native)?;
+    eprintln!(
+        "{} categories learned as Textual Inversion concepts in {:.1} s",
+        cfg.categories.len(),
+        t0.elapsed().as_secs_f64()
     );
     println!("{}", a.out.display());
     Ok(())

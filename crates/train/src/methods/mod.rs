@@ -6,6 +6,7 @@ pub mod custom_diffusion;
 pub mod dreambooth;
 pub mod encoder;
 pub mod extended_textual_inversion;
+pub mod inclusive_ti;
 pub mod iti_gen;
 pub mod lora;
 pub mod perfusion;
