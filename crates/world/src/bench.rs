@@ -607,11 +607,13 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         if u == "debias" {
             let (result, html) = crate::uses::run_debias(cfg, &eval.clip)?;
             progress(&format!(
-                "debias: KL from uniform {:.3} → {:.3} (CLIP), {:.3} → {:.3} (read off the pixels)",
+                "debias: KL from uniform {:.3} → ITI-GEN {:.3} / TI {:.3} (CLIP), {:.3} → {:.3} / {:.3} (read off the pixels)",
                 result.before.kl_uniform,
                 result.after.kl_uniform,
+                result.ti_after.kl_uniform,
                 result.before_read.kl_uniform,
-                result.after_read.kl_uniform
+                result.after_read.kl_uniform,
+                result.ti_after_read.kl_uniform
             ));
             report.body += &html;
             uses.push(serde_json::to_value(&result)?);

@@ -2,9 +2,10 @@
 //! methods' fidelity/editability table:
 //!
 //! * **debias** — the world's documented bias ("a circle" is drawn red ~91 % of the time) before
-//!   and after ITI-GEN's inclusive tokens (`imprint train debias` + `generate --balance`): the
-//!   world CLIP's zero-shot colour histogram of 32 samples of "a circle" over
-//!   [`DEBIAS_COLORS`], and its KL divergence from uniform.
+//!   and after inclusive tokens (`imprint train debias` + `generate --balance`), learned both
+//!   ways: ITI-GEN's CLIP-space losses and one Textual Inversion concept per category
+//!   (`--method ti`): the world CLIP's zero-shot colour histogram of 32 samples of "a circle"
+//!   over [`DEBIAS_COLORS`], and its KL divergence from uniform.
 //!
 //! * **multi** — two held-out concepts (TI) in one prompt, "a A at the left and a B at the right
 //!   on a solid gray background", jointly and with regional prompting (`--region A:left.png
@@ -104,6 +105,11 @@ pub struct DebiasResult {
     pub before_read: Histogram,
     pub after_read: Histogram,
     pub train_s: f64,
+    /// The same with the tokens learned as one Textual Inversion concept per category
+    /// (`train debias --method ti`, the bench's TI recipe per category).
+    pub ti_after: Histogram,
+    pub ti_after_read: Histogram,
+    pub ti_train_s: f64,
 }
 
 /// The histogram of the largest object's colour over [`DEBIAS_COLORS`], read off the pixels.
@@ -177,6 +183,43 @@ pub fn run_debias(cfg: &BenchConfig, clip: &ClipModel) -> Result<(DebiasResult, 
     )?;
     let after = histogram(clip, &after_imgs, &names, template)?;
     let after_read = read_histogram(&after_imgs, &names);
+
+    // The same attribute learned through the diffusion model: one TI concept per category.
+    let ti_tokens = dir.join("color-ti.safetensors");
+    let t0 = Instant::now();
+    let ti_steps = ((400.0 * cfg.steps_scale).round() as usize)
+        .max(1)
+        .to_string();
+    let mut cmd = Command::new(&cfg.exe);
+    cmd.args(["train", "debias", "--method", "ti", "--attribute", "color"]);
+    cmd.args(["--categories", &categories_dir.display().to_string()]);
+    cmd.args(["--model", &cfg.model.display().to_string()]);
+    cmd.args(["--prompt", BIASED_PROMPT, "--seed", &cfg.seed.to_string()]);
+    cmd.args(["--steps", &ti_steps, "--lr", "5e-3", "--batch-size", "4"]);
+    cmd.args(["--grad-accum", "1"]);
+    cmd.args(["--out", &ti_tokens.display().to_string()]);
+    run_command(
+        &mut cmd,
+        "training inclusive tokens as Textual Inversion concepts",
+        &dir.join("train-ti.log"),
+    )?;
+    let ti_train_s = t0.elapsed().as_secs_f64();
+    let ti_imgs = sample_images(
+        cfg,
+        BIASED_PROMPT,
+        &[
+            "--concept".into(),
+            ti_tokens.display().to_string(),
+            "--balance".into(),
+            "color".into(),
+        ],
+        cfg.seed,
+        &dir.join("after-ti.png"),
+        &dir.join("after-ti.log"),
+        DEBIAS_SAMPLES,
+    )?;
+    let ti_after = histogram(clip, &ti_imgs, &names, template)?;
+    let ti_after_read = read_histogram(&ti_imgs, &names);
     let row = |h: &Histogram| {
         h.categories
             .iter()
@@ -186,7 +229,7 @@ pub fn run_debias(cfg: &BenchConfig, clip: &ClipModel) -> Result<(DebiasResult, 
             .join(", ")
     };
     let html = format!(
-        "<h2>Correcting the world's bias (ITI-GEN)</h2><p>“{BIASED_PROMPT}”, {DEBIAS_SAMPLES} samples, classified by the world CLIP among “{template}” for {}. Before: {} — KL from uniform {:.3}. After <code>train debias</code> + <code>generate --balance color</code> ({train_s:.0} s of training): {} — KL {:.3}. Read off the pixels (the largest object's colour, when it is one of the categories): before {} — KL {:.3}; after {} — KL {:.3}.</p><div><img src=\"debias/before.png\" width=384> <img src=\"debias/after.png\" width=384></div>",
+        "<h2>Correcting the world's bias (ITI-GEN; Textual Inversion per category)</h2><p>“{BIASED_PROMPT}”, {DEBIAS_SAMPLES} samples, classified by the world CLIP among “{template}” for {}. Before: {} — KL from uniform {:.3}. After <code>train debias</code> + <code>generate --balance color</code> ({train_s:.0} s of training): {} — KL {:.3}. Read off the pixels (the largest object's colour, when it is one of the categories): before {} — KL {:.3}; after {} — KL {:.3}.</p><div><img src=\"debias/before.png\" width=384> <img src=\"debias/after.png\" width=384></div><p>The same tokens learned as one Textual Inversion concept per category, through the diffusion model (<code>train debias --method ti</code>, {ti_train_s:.0} s): {} — KL {:.3}; read off the pixels {} — KL {:.3}.</p><div><img src=\"debias/after-ti.png\" width=384></div>",
         names.join(", "),
         row(&before),
         before.kl_uniform,
@@ -195,7 +238,11 @@ pub fn run_debias(cfg: &BenchConfig, clip: &ClipModel) -> Result<(DebiasResult, 
         row(&before_read),
         before_read.kl_uniform,
         row(&after_read),
-        after_read.kl_uniform
+        after_read.kl_uniform,
+        row(&ti_after),
+        ti_after.kl_uniform,
+        row(&ti_after_read),
+        ti_after_read.kl_uniform
     );
     Ok((
         DebiasResult {
@@ -206,6 +253,9 @@ pub fn run_debias(cfg: &BenchConfig, clip: &ClipModel) -> Result<(DebiasResult, 
             before_read,
             after_read,
             train_s,
+            ti_after,
+            ti_after_read,
+            ti_train_s,
         },
         html,
     ))
