@@ -56,6 +56,20 @@ impl ModelFolder {
         self.read_json("vae", "config.json")
     }
 
+    /// The model's native resolution in pixels: the UNet's `sample_size` (64 if unset) times the
+    /// VAE's downsampling, 2^(blocks − 1).
+    pub fn default_size(&self) -> Result<usize> {
+        let unet = self.unet_config()?;
+        let blocks = self.vae_config()?.block_out_channels.len();
+        if blocks == 0 {
+            bail!(
+                "{}: vae/config.json has no block_out_channels",
+                self.root.display()
+            )
+        }
+        Ok(unet.sample_size.unwrap_or(64) << (blocks - 1))
+    }
+
     pub fn text_encoder_config(&self) -> Result<ClipTextConfig> {
         self.read_json("text_encoder", "config.json")
     }

@@ -134,6 +134,18 @@ fn dir_size(p: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+impl BenchConfig {
+    /// A recipe's step count `n` scaled by `--steps-scale` (at least one step), as a flag value.
+    pub(crate) fn steps(&self, n: f64) -> String {
+        ((n * self.steps_scale).round() as usize).max(1).to_string()
+    }
+}
+
+/// The bench's Textual Inversion recipe for a 64 px world model, besides its steps (400 of 4
+/// images): also the per-category recipe of the debias use's `train debias --method ti`.
+pub(crate) const TI_LR: &str = "5e-3";
+pub(crate) const TI_BATCH: &str = "4";
+
 /// Trains `method` on the references in `images`; returns (what to generate with, bytes kept).
 /// The step counts are the papers' recipes shortened for a 64 px, few-million-parameter model.
 pub(crate) fn train(
@@ -143,7 +155,7 @@ pub(crate) fn train(
     images: &Path,
     dir: &Path,
 ) -> Result<(Vec<String>, u64)> {
-    let steps = |n: f64| ((n * cfg.steps_scale).round() as usize).max(1).to_string();
+    let steps = |n: f64| cfg.steps(n);
     let (token, phrase) = subject(method, c);
     let token = token.unwrap_or_default();
     let model = cfg.model.display().to_string();
@@ -185,9 +197,9 @@ pub(crate) fn train(
                 "--steps",
                 &steps(400.0),
                 "--lr",
-                "5e-3",
+                TI_LR,
                 "--batch-size",
-                "4",
+                TI_BATCH,
                 "--grad-accum",
                 "1",
                 "--lr-schedule",

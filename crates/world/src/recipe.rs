@@ -141,6 +141,50 @@ impl Default for Recipe {
 }
 
 impl Recipe {
+    /// Refuses a recipe that cannot make a sound world, before anything is trained or written.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("vae_batch", self.vae_batch),
+            ("clip_batch", self.clip_batch),
+            ("unet_batch", self.unet_batch),
+            ("dino_batch", self.dino_batch),
+            ("save_every", self.save_every),
+            // The scheduler the model ships with is the v stage's: it must run.
+            ("unet_steps", self.unet_steps),
+        ] {
+            if v == 0 {
+                bail!("recipe: {name} must be at least 1")
+            }
+        }
+        for (name, w) in [
+            ("vae_object_weight", self.vae_object_weight),
+            ("unet_object_weight", self.unet_object_weight),
+        ] {
+            // Below 1 the latent max-pool would pick the background's weight, not the objects'.
+            if !(w.is_finite() && w >= 1.0) {
+                bail!("recipe: {name} must be at least 1 (1 = every pixel alike), got {w}")
+            }
+        }
+        for (name, lr) in [
+            ("vae_lr", self.vae_lr),
+            ("clip_lr", self.clip_lr),
+            ("unet_lr", self.unet_lr),
+            ("dino_lr", self.dino_lr),
+        ] {
+            if !(lr.is_finite() && lr >= 0.0) {
+                bail!("recipe: {name} must be a finite, non-negative learning rate, got {lr}")
+            }
+        }
+        if let Some(init) = &self.unet_init {
+            imprint_models::loading::weight_files(
+                &unet_weights_dir(init),
+                "diffusion_pytorch_model",
+            )
+            .with_context(|| format!("recipe: unet_init {}", init.display()))?;
+        }
+        Ok(())
+    }
+
     /// Every phase shortened to a handful of steps (tests of the recipe's plumbing).
     pub fn smoke() -> Self {
         Self {
@@ -580,10 +624,10 @@ fn seeded_randn(
     Ok(Tensor::from_vec(v, shape, device)?)
 }
 
-/// Runs every phase whose output is missing under `out`.
 /// The phases of [`train_world`], in order.
 pub const PHASES: [&str; 4] = ["vae", "clip", "unet", "dino"];
 
+/// Runs every phase whose output is missing under `out`.
 pub fn train_world(out: &Path, recipe: &Recipe, device: &Device) -> Result<()> {
     train_world_phases(out, recipe, device, &PHASES)
 }
@@ -600,6 +644,23 @@ pub fn train_world_phases(
     if let Some(p) = phases.iter().find(|p| !PHASES.contains(p)) {
         bail!("unknown phase '{p}' (phases: {})", PHASES.join(", "))
     }
+    recipe.validate()?;
+    let run = |name: &str| phases.contains(&name);
+    let model = out.join("model");
+    // A phase that needs an earlier one's output it will not find says which phase to add.
+    let vae_done = model
+        .join("vae/diffusion_pytorch_model.safetensors")
+        .exists();
+    let clip_done = out.join("clip/model.safetensors").exists();
+    if run("unet") && !(vae_done || run("vae")) {
+        bail!("{}: the unet phase trains on the VAE's latents and there is no VAE yet: add vae to --phases", out.display())
+    }
+    if run("unet") && !(clip_done || run("clip")) {
+        bail!(
+            "{}: the unet phase needs the text encoder the clip phase makes: add clip to --phases",
+            out.display()
+        )
+    }
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let recipe_file = out.join("recipe.json");
     if recipe_file.exists() {
@@ -609,27 +670,18 @@ pub fn train_world_phases(
             .with_context(|| format!("{}: not a world recipe", recipe_file.display()))?;
         if &before != recipe {
             bail!(
-                "{} was made with another recipe ({}): resume it with that recipe (--recipe {}) or train into a new folder",
+                "{} was made with another recipe (see {}): resume it with the options that made it (the same --recipe, --seed and --steps-scale) or train into a new folder",
                 out.display(),
-                recipe_file.display(),
                 recipe_file.display()
             )
         }
     } else {
-        write_atomic(
-            &recipe_file,
-            serde_json::to_string_pretty(recipe)?.as_bytes(),
-        )?;
+        write_json(&recipe_file, &serde_json::to_value(recipe)?)?;
     }
-    let run = |name: &str| phases.contains(&name);
-    let model = out.join("model");
     // The tokenizer first: the text encoder's vocabulary depends on it.
     let words = vocabulary_words();
     let word_refs: Vec<&str> = words.iter().map(|s| s.as_str()).collect();
     let (vocab, merges) = pruned_clip_vocab_and_merges(&word_refs)?;
-    if recipe.save_every == 0 {
-        bail!("save_every must be at least 1")
-    }
     for dir in [out.join("clip"), model.join("tokenizer")] {
         install_tokenizer(&dir, &vocab, &merges)?;
     }
@@ -990,24 +1042,39 @@ fn train_unet(out: &Path, r: &Recipe, device: &Device) -> Result<()> {
     Ok(())
 }
 
-/// Sets every variable from the same-named tensor of `path` (a safetensors file, or a folder
-/// holding `diffusion_pytorch_model.safetensors`), in the variable's dtype.
-fn load_into(vars: &[(String, Var)], path: &Path) -> Result<()> {
-    let file = if path.is_dir() {
-        path.join("diffusion_pytorch_model.safetensors")
+/// The folder of a `unet_init`: the path itself, or the folder of a weights file.
+fn unet_weights_dir(init: &Path) -> PathBuf {
+    if init.is_dir() {
+        init.to_path_buf()
     } else {
-        path.to_path_buf()
+        init.parent().map(Path::to_path_buf).unwrap_or_default()
+    }
+}
+
+/// Sets every variable from the same-named tensor of `path` (a diffusers `unet` folder, with
+/// its `.fp16` or sharded variants, or one safetensors file), in the variable's dtype.
+fn load_into(vars: &[(String, Var)], path: &Path) -> Result<()> {
+    let files = if path.is_dir() {
+        imprint_models::loading::weight_files(path, "diffusion_pytorch_model")?
+    } else {
+        vec![path.to_path_buf()]
     };
-    let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
-        .with_context(|| format!("{}: cannot read the initial UNet weights", file.display()))?;
+    let mut tensors = HashMap::new();
+    for file in &files {
+        tensors.extend(
+            candle_core::safetensors::load(file, &Device::Cpu).with_context(|| {
+                format!("{}: cannot read the initial UNet weights", file.display())
+            })?,
+        );
+    }
     for (name, var) in vars {
         let t = tensors
             .get(name)
-            .with_context(|| format!("{}: no tensor '{name}'", file.display()))?;
+            .with_context(|| format!("{}: no tensor '{name}'", path.display()))?;
         if t.dims() != var.dims() {
             bail!(
                 "{}: '{name}' is {:?}, the world's UNet needs {:?}",
-                file.display(),
+                path.display(),
                 t.dims(),
                 var.dims()
             )
@@ -1361,7 +1428,43 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(base.join("recipe.json"))?)?;
         assert_eq!(saved, weighted);
         let log = std::fs::read_to_string(base.join("train-log.jsonl"))?;
-        assert!(!log.contains("NaN") && log.contains("\"unet-v\""));
+        assert!(log.contains("\"unet-v\""));
+        for line in log.lines() {
+            let row: Value = serde_json::from_str(line)?;
+            for key in ["loss", "mse"] {
+                if let Some(v) = row.get(key) {
+                    // serde_json writes a NaN as null: as_f64 is None then.
+                    assert!(v.as_f64().is_some_and(f64::is_finite), "{line}");
+                }
+            }
+        }
+        for bad in [
+            Recipe {
+                unet_object_weight: 0.5,
+                ..Recipe::smoke()
+            },
+            Recipe {
+                save_every: 0,
+                ..Recipe::smoke()
+            },
+            Recipe {
+                unet_init: Some(dir.path().join("missing")),
+                ..Recipe::smoke()
+            },
+        ] {
+            let fresh = dir.path().join("refused");
+            assert!(train_world_phases(&fresh, &bad, &dev, &PHASES).is_err());
+            assert!(!fresh.exists(), "a refused recipe writes nothing");
+        }
+        let err = train_world_phases(
+            &dir.path().join("no-vae"),
+            &Recipe::smoke(),
+            &dev,
+            &["unet"],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("add vae to --phases"), "{err}");
         let err = train_world_phases(&base, &Recipe::smoke(), &dev, &["dino"])
             .unwrap_err()
             .to_string();

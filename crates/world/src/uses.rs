@@ -187,15 +187,14 @@ pub fn run_debias(cfg: &BenchConfig, clip: &ClipModel) -> Result<(DebiasResult, 
     // The same attribute learned through the diffusion model: one TI concept per category.
     let ti_tokens = dir.join("color-ti.safetensors");
     let t0 = Instant::now();
-    let ti_steps = ((400.0 * cfg.steps_scale).round() as usize)
-        .max(1)
-        .to_string();
+    let ti_steps = cfg.steps(400.0);
     let mut cmd = Command::new(&cfg.exe);
     cmd.args(["train", "debias", "--method", "ti", "--attribute", "color"]);
     cmd.args(["--categories", &categories_dir.display().to_string()]);
     cmd.args(["--model", &cfg.model.display().to_string()]);
     cmd.args(["--prompt", BIASED_PROMPT, "--seed", &cfg.seed.to_string()]);
-    cmd.args(["--steps", &ti_steps, "--lr", "5e-3", "--batch-size", "4"]);
+    cmd.args(["--steps", &ti_steps, "--lr", crate::bench::TI_LR]);
+    cmd.args(["--batch-size", crate::bench::TI_BATCH]);
     cmd.args(["--grad-accum", "1"]);
     cmd.args(["--out", &ti_tokens.display().to_string()]);
     run_command(
@@ -301,9 +300,7 @@ fn train_cut_mix(
     if out.exists() {
         std::fs::remove_file(&out)?;
     }
-    let steps = ((400.0 * cfg.steps_scale).round() as usize)
-        .max(1)
-        .to_string();
+    let steps = cfg.steps(400.0);
     let mut cmd = Command::new(&cfg.exe);
     cmd.args(["train", "svdiff", "--model"])
         .arg(&cfg.model)

@@ -23,7 +23,7 @@ pub struct DebiasArgs {
     #[arg(long)]
     categories: PathBuf,
     /// How the tokens are learned: `iti-gen` (ITI-GEN's direction-alignment and consistency
-    /// losses in CLIP space; minutes, no diffusion backprop) or `ti` (one Textual Inversion
+    /// losses in CLIP space; seconds to minutes, no diffusion backprop) or `ti` (one Textual Inversion
     /// concept per category, trained through the diffusion model on the category's images under
     /// the prompt `--prompt TRIGGER`; needs --model).
     #[arg(long, default_value = "iti-gen", value_parser = ["iti-gen", "ti"])]
@@ -130,7 +130,21 @@ pub fn run(a: DebiasArgs) -> Result<()> {
     }
     let categories = read_categories(&a.categories)?;
     if a.method == "ti" {
+        if a.lambda != DEFAULT_LAMBDA || a.clip.is_some() {
+            bail!("--lambda and --clip belong to --method iti-gen; --method ti learns through --model")
+        }
         return run_ti(&a, categories);
+    }
+    let ti_only = [
+        ("--init-word", a.init_word.is_some()),
+        ("--batch-size", a.batch_size.is_some()),
+        ("--grad-accum", a.grad_accum.is_some()),
+        ("--resolution", a.resolution.is_some()),
+    ];
+    if let Some((flag, _)) = ti_only.iter().find(|(_, given)| *given) {
+        bail!(
+            "{flag} belongs to --method ti (ITI-GEN learns in CLIP space, with no diffusion model)"
+        )
     }
     let device = super::parse_device(&a.device)?;
     let Some(clip_dir) = &a.clip else {
@@ -200,12 +214,7 @@ fn run_ti(a: &DebiasArgs, categories: Vec<(String, Vec<image::RgbImage>)>) -> Re
     };
     let resolution = match a.resolution {
         Some(r) => r,
-        None => {
-            let folder = imprint_models::loading::ModelFolder::open(model)?;
-            let unet = folder.unet_config()?;
-            let vae = folder.vae_config()?;
-            unet.sample_size.unwrap_or(64) << (vae.block_out_channels.len() - 1)
-        }
+        None => imprint_models::loading::ModelFolder::open(model)?.default_size()?,
     };
     let mut options = toml::Table::new();
     let mut set = |k: &str, v: toml::Value| {
@@ -246,10 +255,8 @@ fn run_ti(a: &DebiasArgs, categories: Vec<(String, Vec<image::RgbImage>)>) -> Re
         init_word,
         options,
     };
-    let hooks = imprint_train::trainer::Hooks {
-        progress: true,
-        ..Default::default()
-    };
+    // Ctrl-C stops the category in training; the scratch folder goes with the error.
+    let hooks = super::train::interruptible_hooks();
     let t0 = std::time::Instant::now();
     let concept =
         imprint_train::methods::inclusive_ti::train_inclusive_ti(&cfg, work.path(), &hooks)?;

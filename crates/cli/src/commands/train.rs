@@ -351,13 +351,14 @@ fn cut_mix_flags(a: &CutMixArgs, t: &mut toml::Table) -> Result<()> {
 }
 
 /// Runs a configured training with Ctrl-C wired to a clean stop.
-fn launch(out: &std::path::Path, train: impl FnOnce(&Hooks) -> Result<Outcome>) -> Result<()> {
+/// Hooks with a progress bar whose interrupt flag the first Ctrl-C sets: the run finishes its
+/// step, checkpoints and stops (a second Ctrl-C kills as usual).
+pub(crate) fn interruptible_hooks() -> Hooks {
     let hooks = Hooks {
         progress: true,
         ..Default::default()
     };
     let flag = hooks.interrupt.clone();
-    // First Ctrl-C: finish the step, checkpoint, stop. (A second one kills as usual.)
     let _ = ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
@@ -366,6 +367,11 @@ fn launch(out: &std::path::Path, train: impl FnOnce(&Hooks) -> Result<Outcome>) 
             "\ninterrupt: stopping after this step with a checkpoint (Ctrl-C again to abort)"
         );
     });
+    hooks
+}
+
+fn launch(out: &std::path::Path, train: impl FnOnce(&Hooks) -> Result<Outcome>) -> Result<()> {
+    let hooks = interruptible_hooks();
     match train(&hooks)? {
         Outcome::Finished { steps } => println!("{} ({steps} steps)", out.display()),
         Outcome::Interrupted { step, checkpoint } => {

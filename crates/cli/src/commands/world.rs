@@ -1,7 +1,7 @@
 //! `imprint world`: the toy world — training its base model and evaluators, writing a held-out
 //! concept's reference images, and benchmarking the personalization methods in it.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use imprint_world::recipe::{train_world_phases, Recipe};
 use std::path::PathBuf;
@@ -105,19 +105,23 @@ pub struct TrainArgs {
     /// Output folder: model/ (diffusers layout), clip/, dino/, train-log.jsonl.
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Multiply every phase's steps by this (e.g. 0.01 for a quick look at the recipe).
+    /// The recipe's seed (default: the --recipe file's, else 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Multiply every phase's steps (and the checkpoint interval) by this, after --recipe (e.g.
+    /// 0.01 for a quick look at the recipe).
     #[arg(long, default_value_t = 1.0)]
     pub steps_scale: f64,
     /// Store the finished weights as float16 (the committed copy).
     #[arg(long)]
     pub half: bool,
     /// A JSON object of recipe fields to change (e.g. {"vae_steps": 3000}); the run's whole recipe
-    /// is written to OUT/recipe.json.
+    /// (after --seed and --steps-scale) is written to OUT/recipe.json, and a folder is resumed
+    /// only with the options that made it.
     #[arg(long)]
     pub recipe: Option<PathBuf>,
-    /// Run only these phases (vae, clip, unet, dino), e.g. to retrain the VAE alone.
+    /// Run only these phases (vae, clip, unet, dino), e.g. a new VAE into a new folder to compare
+    /// its round trips (`world follow`'s VAE column) before training the rest.
     #[arg(long, value_delimiter = ',')]
     pub phases: Vec<String>,
     #[arg(long, env = "IMPRINT_DEVICE", default_value = "cpu")]
@@ -156,7 +160,12 @@ pub fn run(c: WorldCommand) -> Result<()> {
                 }
                 None => Recipe::default(),
             };
-            r.seed = a.seed;
+            if let Some(seed) = a.seed {
+                r.seed = seed;
+            }
+            if a.half && !a.phases.is_empty() {
+                bail!("--half stores a whole world in float16: run it without --phases once every phase is done")
+            }
             // A phase set to 0 steps stays skipped; any other keeps at least one step.
             let scale = |n: usize| match n {
                 0 => 0,

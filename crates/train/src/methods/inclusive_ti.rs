@@ -43,11 +43,17 @@ pub fn train_inclusive_ti(cfg: &InclusiveTiConfig, work: &Path, hooks: &Hooks) -
             cfg.categories.len()
         )
     }
-    let mut learned = Vec::with_capacity(cfg.categories.len());
-    for (i, (category, images)) in cfg.categories.iter().enumerate() {
+    // Everything the final concept needs is checked before any category trains.
+    for (category, images) in &cfg.categories {
+        if category.contains(',') {
+            bail!("category name '{category}' contains a comma; rename its folder")
+        }
         if images.is_empty() {
             bail!("category '{category}' has no images")
         }
+    }
+    let mut learned = Vec::with_capacity(cfg.categories.len());
+    for (i, (category, images)) in cfg.categories.iter().enumerate() {
         let trigger = trigger_for(&cfg.attribute, category);
         let dir = work.join(format!("{i:02}"));
         let images_dir = dir.join("images");
