@@ -5,7 +5,7 @@
 use crate::fastmath::FastExp;
 use crate::gemm::{matmul, MatRef, Scalar};
 use crate::softmax::softmax_last_dim;
-use crate::storage::{cpu_slice, hand_over, into_tensor, same_float, with_cpu_slices, Precomputed};
+use crate::storage::{cpu_slice, into_tensor, same_float, with_cpu_slices, Precomputed};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use std::sync::Mutex;
@@ -152,39 +152,7 @@ impl CustomOp3 for ChunkedAttention {
     fn name(&self) -> &'static str {
         "chunked-attention"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        hand_over!(self.value, Cpu)
-    }
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        hand_over!(self.value, Cuda)
-    }
-    fn metal_fwd(
-        &self,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        hand_over!(self.value, Metal)
-    }
+    crate::storage::hand_over_fwd3!(value);
     fn bwd(
         &self,
         q: &Tensor,

@@ -8,11 +8,8 @@
 //! which the trainer merges with the main backward's. Memory: only block inputs and outputs live
 //! between forward and backward.
 
-use crate::storage::{hand_over, Precomputed};
-use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor,
-    TensorId, Var,
-};
+use crate::storage::Precomputed;
+use candle_core::{bail, CustomOp3, Result, Tensor, TensorId, Var};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -148,39 +145,7 @@ impl CustomOp3 for Recompute {
     fn name(&self) -> &'static str {
         "checkpoint"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        hand_over!(self.value, Cpu)
-    }
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        hand_over!(self.value, Cuda)
-    }
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        hand_over!(self.value, Metal)
-    }
+    crate::storage::hand_over_fwd3!(value);
     fn bwd(
         &self,
         x: &Tensor,

@@ -180,39 +180,7 @@ impl CustomOp3 for GemmConvBackward {
     fn name(&self) -> &'static str {
         "conv2d-gemm-backward"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        hand_over!(self.value, Cpu)
-    }
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        hand_over!(self.value, Cuda)
-    }
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        hand_over!(self.value, Metal)
-    }
+    crate::storage::hand_over_fwd3!(value);
     fn bwd(
         &self,
         x: &Tensor,

@@ -109,3 +109,45 @@ macro_rules! hand_over {
     }};
 }
 pub(crate) use hand_over;
+
+/// The `cpu_fwd`, `cuda_fwd` and `metal_fwd` of a three-operand custom op whose forward hands
+/// over the [`Precomputed`] value in `self.$field` (checkpointed blocks, query-chunked attention,
+/// the GEMM-backward convolution): written once here instead of in each op.
+macro_rules! hand_over_fwd3 {
+    ($field:ident) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $crate::storage::hand_over!(self.$field, Cpu)
+        }
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            $crate::storage::hand_over!(self.$field, Cuda)
+        }
+        fn metal_fwd(
+            &self,
+            _: &candle_core::MetalStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::MetalStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::MetalStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
+            $crate::storage::hand_over!(self.$field, Metal)
+        }
+    };
+}
+pub(crate) use hand_over_fwd3;
