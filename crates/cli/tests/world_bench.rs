@@ -1,5 +1,6 @@
 //! `imprint world bench` end to end on a smoke-trained world (a few steps per phase): one method,
-//! two concepts, the multi-concept use with its TI and SVDiff Cut-Mix-Unmix variants.
+//! two concepts, the multi-concept use with its TI and SVDiff Cut-Mix-Unmix variants, and the
+//! debias use with both ways of learning its tokens.
 
 mod common;
 
@@ -21,7 +22,7 @@ fn bench_measures_methods_and_two_concepts_in_one_picture() {
             "--steps-scale",
             "0.005",
             "--uses",
-            "multi",
+            "multi,debias",
         ])
         .args(["--json", "--out"])
         .arg(&out)
@@ -32,6 +33,24 @@ fn bench_measures_methods_and_two_concepts_in_one_picture() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert!(lines.iter().any(|l| l["method"] == "ti"));
+    // The debias use: the bias before, and after tokens learned both ways, over 32 samples each.
+    let debias = lines
+        .iter()
+        .find(|l| l["use"] == "debias")
+        .expect("a debias line");
+    for key in ["before", "after", "ti_after"] {
+        let total: u64 = debias[key]["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .sum();
+        assert_eq!(total, 32, "{key}: {debias}");
+        assert!(debias[key]["kl_uniform"].as_f64().unwrap() >= 0.0);
+    }
+    for picture in ["before.png", "after-iti-gen.png", "after-ti.png"] {
+        assert!(out.join("debias").join(picture).is_file(), "{picture}");
+    }
     let multi = lines
         .iter()
         .find(|l| l["use"] == "multi")

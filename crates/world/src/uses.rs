@@ -152,70 +152,63 @@ pub fn run_debias(cfg: &BenchConfig, clip: &ClipModel) -> Result<(DebiasResult, 
     )?;
     let before = histogram(clip, &before_imgs, &names, template)?;
     let before_read = read_histogram(&before_imgs, &names);
-    let tokens = dir.join("color.safetensors");
-    let t0 = Instant::now();
-    let mut cmd = Command::new(&cfg.exe);
-    cmd.args(["train", "debias", "--attribute", "color"]);
-    cmd.args(["--categories", &categories_dir.display().to_string()]);
-    cmd.args(["--clip", &cfg.clip.display().to_string()]);
-    cmd.args(["--model", &cfg.model.display().to_string()]);
-    cmd.args(["--prompt", BIASED_PROMPT, "--seed", &cfg.seed.to_string()]);
-    cmd.args(["--out", &tokens.display().to_string()]);
-    run_command(
-        &mut cmd,
-        "training inclusive tokens",
-        &dir.join("train.log"),
-    )?;
-    let train_s = t0.elapsed().as_secs_f64();
-    let after_imgs = sample_images(
-        cfg,
-        BIASED_PROMPT,
-        &[
+    // Learns the colour tokens with `method_args`, then samples "a circle" with `--balance color`:
+    // (samples, seconds of training).
+    let learn_and_balance = |method_args: &[&str], name: &str, what: &str| {
+        let tokens = dir.join(format!("{name}.safetensors"));
+        let t0 = Instant::now();
+        let mut cmd = Command::new(&cfg.exe);
+        cmd.args(["train", "debias", "--attribute", "color"]);
+        cmd.args(method_args);
+        cmd.args(["--categories", &categories_dir.display().to_string()]);
+        cmd.args(["--model", &cfg.model.display().to_string()]);
+        cmd.args(["--prompt", BIASED_PROMPT, "--seed", &cfg.seed.to_string()]);
+        cmd.args(["--out", &tokens.display().to_string()]);
+        run_command(&mut cmd, what, &dir.join(format!("train-{name}.log")))?;
+        let train_s = t0.elapsed().as_secs_f64();
+        let balance = [
             "--concept".into(),
             tokens.display().to_string(),
             "--balance".into(),
             "color".into(),
-        ],
-        cfg.seed,
-        &dir.join("after.png"),
-        &dir.join("after.log"),
-        DEBIAS_SAMPLES,
+        ];
+        let imgs = sample_images(
+            cfg,
+            BIASED_PROMPT,
+            &balance,
+            cfg.seed,
+            &dir.join(format!("after-{name}.png")),
+            &dir.join(format!("after-{name}.log")),
+            DEBIAS_SAMPLES,
+        )?;
+        anyhow::Ok((imgs, train_s))
+    };
+    let clip_dir = cfg.clip.display().to_string();
+    let (after_imgs, train_s) = learn_and_balance(
+        &["--clip", &clip_dir],
+        "iti-gen",
+        "training inclusive tokens",
     )?;
     let after = histogram(clip, &after_imgs, &names, template)?;
     let after_read = read_histogram(&after_imgs, &names);
-
     // The same attribute learned through the diffusion model: one TI concept per category.
-    let ti_tokens = dir.join("color-ti.safetensors");
-    let t0 = Instant::now();
     let ti_steps = cfg.steps(400.0);
-    let mut cmd = Command::new(&cfg.exe);
-    cmd.args(["train", "debias", "--method", "ti", "--attribute", "color"]);
-    cmd.args(["--categories", &categories_dir.display().to_string()]);
-    cmd.args(["--model", &cfg.model.display().to_string()]);
-    cmd.args(["--prompt", BIASED_PROMPT, "--seed", &cfg.seed.to_string()]);
-    cmd.args(["--steps", &ti_steps, "--lr", crate::bench::TI_LR]);
-    cmd.args(["--batch-size", crate::bench::TI_BATCH]);
-    cmd.args(["--grad-accum", "1"]);
-    cmd.args(["--out", &ti_tokens.display().to_string()]);
-    run_command(
-        &mut cmd,
+    let ti_args = [
+        "--method",
+        "ti",
+        "--steps",
+        &ti_steps,
+        "--lr",
+        crate::bench::TI_LR,
+        "--batch-size",
+        crate::bench::TI_BATCH,
+        "--grad-accum",
+        "1",
+    ];
+    let (ti_imgs, ti_train_s) = learn_and_balance(
+        &ti_args,
+        "ti",
         "training inclusive tokens as Textual Inversion concepts",
-        &dir.join("train-ti.log"),
-    )?;
-    let ti_train_s = t0.elapsed().as_secs_f64();
-    let ti_imgs = sample_images(
-        cfg,
-        BIASED_PROMPT,
-        &[
-            "--concept".into(),
-            ti_tokens.display().to_string(),
-            "--balance".into(),
-            "color".into(),
-        ],
-        cfg.seed,
-        &dir.join("after-ti.png"),
-        &dir.join("after-ti.log"),
-        DEBIAS_SAMPLES,
     )?;
     let ti_after = histogram(clip, &ti_imgs, &names, template)?;
     let ti_after_read = read_histogram(&ti_imgs, &names);
@@ -228,7 +221,7 @@ pub fn run_debias(cfg: &BenchConfig, clip: &ClipModel) -> Result<(DebiasResult, 
             .join(", ")
     };
     let html = format!(
-        "<h2>Correcting the world's bias (ITI-GEN; Textual Inversion per category)</h2><p>“{BIASED_PROMPT}”, {DEBIAS_SAMPLES} samples, classified by the world CLIP among “{template}” for {}. Before: {} — KL from uniform {:.3}. After <code>train debias</code> + <code>generate --balance color</code> ({train_s:.0} s of training): {} — KL {:.3}. Read off the pixels (the largest object's colour, when it is one of the categories): before {} — KL {:.3}; after {} — KL {:.3}.</p><div><img src=\"debias/before.png\" width=384> <img src=\"debias/after.png\" width=384></div><p>The same tokens learned as one Textual Inversion concept per category, through the diffusion model (<code>train debias --method ti</code>, {ti_train_s:.0} s): {} — KL {:.3}; read off the pixels {} — KL {:.3}.</p><div><img src=\"debias/after-ti.png\" width=384></div>",
+        "<h2>Correcting the world's bias (ITI-GEN; Textual Inversion per category)</h2><p>“{BIASED_PROMPT}”, {DEBIAS_SAMPLES} samples, classified by the world CLIP among “{template}” for {}. Before: {} — KL from uniform {:.3}. After <code>train debias</code> + <code>generate --balance color</code> ({train_s:.0} s of training): {} — KL {:.3}. Read off the pixels (the largest object's colour, when it is one of the categories): before {} — KL {:.3}; after {} — KL {:.3}.</p><div><img src=\"debias/before.png\" width=384> <img src=\"debias/after-iti-gen.png\" width=384></div><p>The same tokens learned as one Textual Inversion concept per category, through the diffusion model (<code>train debias --method ti</code>, {ti_train_s:.0} s): {} — KL {:.3}; read off the pixels {} — KL {:.3}.</p><div><img src=\"debias/after-ti.png\" width=384></div>",
         names.join(", "),
         row(&before),
         before.kl_uniform,
