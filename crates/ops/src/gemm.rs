@@ -108,6 +108,41 @@ pub(crate) fn matmul_strided<T: Scalar>(
     } else {
         gemm::Parallelism::None
     };
+    if few_rows_times_column_major(m, k, n, &rhs) {
+        // `gemm` writes a row-major product by solving the transposed problem, which needs the
+        // right operand row-major; a column-major one (a linear layer's `x·Wᵀ`) is repacked
+        // whole on every call, and with few rows that repacking costs more than the product
+        // (64 × 5120 · 5120 × 1280: 9.1 ms, against 3.5 ms for a column-major product plus this
+        // transpose, on an Intel Xeon with AVX-512). Computing into a column-major scratch reads
+        // the weight in place; the scratch is small because m is.
+        let mut scratch = vec![T::ZERO; m * n];
+        // SAFETY: as below, with the scratch column-major: element (i, j) at j·m + i < m·n.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                scratch.as_mut_ptr(),
+                m as isize,
+                1,
+                false,
+                lhs.data.as_ptr(),
+                lhs.col_stride as isize,
+                lhs.row_stride as isize,
+                rhs.data.as_ptr(),
+                rhs.col_stride as isize,
+                rhs.row_stride as isize,
+                T::ONE,
+                T::ONE,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        }
+        transpose_into(&scratch, m, n, dst, dst_row_stride, accumulate);
+        return;
+    }
     // SAFETY: the asserts above bound every index the kernel touches: dst row i spans
     // [i·stride, i·stride + n) inside `dst`, and each operand's last element lies inside its
     // slice (`fits`). Strides fit in isize because they index allocated slices.
@@ -133,6 +168,41 @@ pub(crate) fn matmul_strided<T: Scalar>(
             false,
             parallelism,
         )
+    }
+}
+
+/// Whether `m × k · k × n` with a column-major right operand is cheaper through a column-major
+/// product (see [`matmul_strided`]). Measured on the SD 1.5 UNet's linear layers: with up to 256
+/// rows it is (1.3–3.4× faster), at 1024 rows it is not.
+fn few_rows_times_column_major<T>(m: usize, k: usize, n: usize, rhs: &MatRef<T>) -> bool {
+    rhs.row_stride == 1 && rhs.col_stride != 1 && m <= 256 && k >= 64 && n >= 64
+}
+
+/// `dst[i, j] (=|+=) src[j·m + i]`: a column-major `m × n` block into row-major rows
+/// `dst_row_stride` apart, in 16 × 16 tiles so that both sides stay in cache.
+fn transpose_into<T: Scalar>(
+    src: &[T],
+    m: usize,
+    n: usize,
+    dst: &mut [T],
+    dst_row_stride: usize,
+    accumulate: bool,
+) {
+    const TILE: usize = 16;
+    for i0 in (0..m).step_by(TILE) {
+        for j0 in (0..n).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(m) {
+                let row = &mut dst[i * dst_row_stride..];
+                for j in j0..(j0 + TILE).min(n) {
+                    let v = src[j * m + i];
+                    if accumulate {
+                        row[j] += v;
+                    } else {
+                        row[j] = v;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -179,5 +249,38 @@ mod tests {
             .iter()
             .zip(&expect)
             .all(|(x, y)| (x - 1.0 - y).abs() < 1e-12));
+    }
+
+    /// Few rows times a column-major right operand takes the column-major product and the
+    /// transpose; into a wider destination, overwritten and accumulated.
+    #[test]
+    fn few_rows_times_column_major_matches_naive() {
+        let (m, k, n, stride) = (3, 70, 90, 97);
+        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+        let bt: Vec<f64> = (0..n * k).map(|i| (i as f64 * 0.53).cos()).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| bt[(i % n) * k + i / n]).collect();
+        let expect = naive(&a, &b, m, k, n);
+        let rhs = MatRef::row_major(&bt, n, k).t();
+        assert!(few_rows_times_column_major(m, k, n, &rhs));
+        for accumulate in [false, true] {
+            let mut dst = vec![2.0; m * stride];
+            matmul_strided(
+                &mut dst,
+                stride,
+                accumulate,
+                MatRef::row_major(&a, m, k),
+                rhs,
+            );
+            for i in 0..m {
+                for j in 0..stride {
+                    let want = if j >= n {
+                        2.0
+                    } else {
+                        expect[i * n + j] + if accumulate { 2.0 } else { 0.0 }
+                    };
+                    assert!((dst[i * stride + j] - want).abs() < 1e-12, "({i}, {j})");
+                }
+            }
+        }
     }
 }
