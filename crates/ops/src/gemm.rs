@@ -102,12 +102,6 @@ pub(crate) fn matmul_strided<T: Scalar>(
         }
         return;
     }
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 && m * n * k >= 48 * 48 * 256 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     if few_rows_times_column_major(m, k, n, &rhs) {
         // `gemm` writes a row-major product by solving the transposed problem, which needs the
         // right operand row-major; a column-major one (a linear layer's `x·Wᵀ`) is repacked
@@ -116,59 +110,66 @@ pub(crate) fn matmul_strided<T: Scalar>(
         // transpose, on an Intel Xeon with AVX-512). Computing into a column-major scratch reads
         // the weight in place; the scratch is small because m is.
         let mut scratch = vec![T::ZERO; m * n];
-        // SAFETY: as below, with the scratch column-major: element (i, j) at j·m + i < m·n.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                scratch.as_mut_ptr(),
-                m as isize,
-                1,
-                false,
-                lhs.data.as_ptr(),
-                lhs.col_stride as isize,
-                lhs.row_stride as isize,
-                rhs.data.as_ptr(),
-                rhs.col_stride as isize,
-                rhs.row_stride as isize,
-                T::ONE,
-                T::ONE,
-                false,
-                false,
-                false,
-                parallelism,
-            )
-        }
+        // SAFETY: the scratch is column-major m × n: element (i, j) at j·m + i < m·n.
+        unsafe { product(scratch.as_mut_ptr(), (m as isize, 1), false, lhs, rhs) }
         transpose_into(&scratch, m, n, dst, dst_row_stride, accumulate);
         return;
     }
     // SAFETY: the asserts above bound every index the kernel touches: dst row i spans
-    // [i·stride, i·stride + n) inside `dst`, and each operand's last element lies inside its
-    // slice (`fits`). Strides fit in isize because they index allocated slices.
+    // [i·stride, i·stride + n) inside `dst`.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        product(
             dst.as_mut_ptr(),
-            1,
-            dst_row_stride as isize,
+            (1, dst_row_stride as isize),
             accumulate,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            parallelism,
+            lhs,
+            rhs,
         )
     }
+}
+
+/// `dst = lhs · rhs` (`+=` when `accumulate`) through `gemm`, with `dst`'s (column, row) strides,
+/// on the rayon pool when the product is large enough to pay for it, as candle does.
+///
+/// # Safety
+/// `dst` with those strides must be valid for writes (and for reads when `accumulate`) at every
+/// `(i, j)` of the `lhs.rows × rhs.cols` product; `lhs` and `rhs` must [`MatRef::fits`], and
+/// `lhs.cols == rhs.rows > 0`. Strides fit in isize because they index allocated slices.
+unsafe fn product<T: Scalar>(
+    dst: *mut T,
+    (dst_col_stride, dst_row_stride): (isize, isize),
+    accumulate: bool,
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 && m * n * k >= 48 * 48 * 256 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_col_stride,
+        dst_row_stride,
+        accumulate,
+        lhs.data.as_ptr(),
+        lhs.col_stride as isize,
+        lhs.row_stride as isize,
+        rhs.data.as_ptr(),
+        rhs.col_stride as isize,
+        rhs.row_stride as isize,
+        T::ONE,
+        T::ONE,
+        false,
+        false,
+        false,
+        parallelism,
+    )
 }
 
 /// `lhs [m, k] · rhs [k, n]` into a new row-major `Vec`, written by the kernel without zeroing it
@@ -183,38 +184,12 @@ pub(crate) fn matmul_new<T: Scalar>(lhs: MatRef<T>, rhs: MatRef<T>) -> Vec<T> {
         matmul(&mut dst, false, lhs, rhs);
         return dst;
     }
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 && m * n * k >= 48 * 48 * 256 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     let mut dst: Vec<T> = Vec::with_capacity(m * n);
-    // SAFETY: the operands are bounded as in `matmul_strided`; the destination is the Vec's
+    // SAFETY: the operands are bounded by the asserts above; the destination is the Vec's
     // allocation of m·n elements, row-major, which the kernel writes in full and never reads
-    // (`read_dst` false), so every element is initialized before `set_len`.
+    // (no accumulation), so every element is initialized before `set_len`.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+        product(dst.as_mut_ptr(), (1, n as isize), false, lhs, rhs);
         dst.set_len(m * n);
     }
     dst
