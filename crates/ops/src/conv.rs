@@ -641,9 +641,11 @@ impl CustomOp3 for Conv2dGemm {
 struct ChannelSum;
 
 impl ChannelSum {
-    fn run<T: Scalar>(grad: &[T], batch: usize, channels: usize) -> Vec<T> {
-        let plane = grad.len() / (batch * channels).max(1);
+    fn run<T: Scalar>(grad: &[T], channels: usize, plane: usize) -> Vec<T> {
         let mut out = vec![T::ZERO; channels];
+        if plane == 0 {
+            return out;
+        }
         for image in grad.chunks(channels * plane) {
             for (sum, run) in out.iter_mut().zip(image.chunks(plane)) {
                 let mut lanes = [T::ZERO; 8];
@@ -670,9 +672,9 @@ impl CustomOp1 for ChannelSum {
         "conv2d-bias-grad"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (batch, channels, _, _) = l.shape().dims4()?;
+        let (_, channels, h, w) = l.shape().dims4()?;
         let out = same_float!("conv2d bias gradient", (cpu_slice(s, l)?), (g) => {
-            Self::run(g, batch, channels)
+            Self::run(g, channels, h * w)
         });
         Ok((out, Shape::from(channels)))
     }
