@@ -290,12 +290,56 @@ pub fn concept_reference_scenes(k: usize, count: usize, seed: u64) -> Vec<Concep
         .collect()
 }
 
+/// Style images of concept `k`'s look (its colours and pattern) on each of `shapes` in turn, in
+/// varied scenes, as a user's style set shows one style on varied content: reference `i` shows
+/// `shapes[i % len]`, named by its shape word (the class word) in the caption. Deterministic per
+/// `seed` (its own stream, not [`concept_reference_scenes`]').
+pub fn style_reference_scenes(
+    k: usize,
+    shapes: &[Shape],
+    count: usize,
+    seed: u64,
+) -> Vec<ConceptScene> {
+    assert!(
+        !shapes.is_empty(),
+        "style references need at least one shape"
+    );
+    (0..count)
+        .map(|i| {
+            let shape = shapes[i % shapes.len()];
+            let look = HeldOutConcept {
+                shape,
+                class_word: shape.word(),
+                ..*concept(k)
+            };
+            let stream = (1 << 63) | ((k as u64) << 32) | i as u64;
+            sample_look_scene(&look, &mut seeded_rng(seed, stream))
+        })
+        .collect()
+}
+
 /// Writes reference scenes into `dir` as `NN.png` + `NN.txt` (the caption naming the concept by
 /// `subject`, or by its class word), each file atomically: the folder `imprint world concept`
 /// writes and the world bench trains on.
 pub fn write_references(
     scenes: &[ConceptScene],
     subject: Option<&str>,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    write_references_with(
+        scenes,
+        |s| match subject {
+            Some(subject) => s.caption_with(subject),
+            None => s.caption(),
+        },
+        dir,
+    )
+}
+
+/// [`write_references`] with each scene's caption written by `caption`.
+pub fn write_references_with(
+    scenes: &[ConceptScene],
+    caption: impl Fn(&ConceptScene) -> String,
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -306,11 +350,7 @@ pub fn write_references(
             .render(64)
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
         imprint_models::io::write_atomic(&dir.join(format!("{i:02}.png")), &png)?;
-        let caption = match subject {
-            Some(subject) => s.caption_with(subject),
-            None => s.caption(),
-        };
-        imprint_models::io::write_atomic(&dir.join(format!("{i:02}.txt")), caption.as_bytes())?;
+        imprint_models::io::write_atomic(&dir.join(format!("{i:02}.txt")), caption(s).as_bytes())?;
     }
     Ok(())
 }
@@ -447,6 +487,32 @@ mod tests {
                 c.name
             );
         }
+    }
+
+    #[test]
+    fn style_references_show_the_look_on_each_shape_in_turn() {
+        let shapes = [Shape::Heart, Shape::Ring, Shape::Cross];
+        let scenes = style_reference_scenes(1, &shapes, 6, 3);
+        let c = concept(1);
+        for (i, s) in scenes.iter().enumerate() {
+            let o = &s.scene.objects[s.concept_object];
+            assert_eq!(o.shape, shapes[i % 3]);
+            assert_eq!(
+                (o.color, o.pattern, o.pattern_color),
+                (c.color, c.pattern, c.pattern_color)
+            );
+            let caption = s.caption_with(&format!("<z> {}", shapes[i % 3].word()));
+            assert!(
+                caption.contains(&format!("<z> {}", shapes[i % 3].word())),
+                "{caption}"
+            );
+            assert!(
+                !caption.contains("zigzag") && !caption.contains("gold"),
+                "{caption}"
+            );
+        }
+        assert_eq!(scenes, style_reference_scenes(1, &shapes, 6, 3));
+        assert_ne!(scenes[0].scene, concept_reference_scenes(1, 1, 3)[0].scene);
     }
 
     #[test]

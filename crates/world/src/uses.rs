@@ -13,8 +13,9 @@
 //!   blob in its colours there) and its fidelity (DINO of that half of the picture to its own
 //!   references). Beside them, SVDiff trained on both concepts at once with Cut-Mix-Unmix
 //!   ("a sks star at the left and a weird heart at the right"), with and without its unmix term.
-//! * **style** — a "pattern" concept (zigzag-heart's gold-and-black zigzag, its TI word placed
-//!   where colour and pattern words go: "a <z> heart") applied to shapes it was never seen on,
+//! * **style** — a "pattern" concept (zigzag-heart's gold-and-black zigzag, learnt by TI from a
+//!   style set: the pattern on a heart, a ring and a cross, its word placed where colour and
+//!   pattern words go: "a <z> ring") applied to shapes it was never seen on,
 //!   and P+'s style mixing: split-ring's per-layer vectors on the coarse layers (down, mid) with
 //!   zigzag-heart's on the fine ones (up). Measured by how often the concept's colours appear and
 //!   which shape the world CLIP sees.
@@ -23,7 +24,10 @@
 //! the bench's report.
 
 use crate::bench::{html_escape, run_command, sample_images, train, BenchConfig};
-use crate::held_out::{concept, concept_reference_scenes, write_references};
+use crate::held_out::{
+    concept, concept_reference_scenes, style_reference_scenes, write_references,
+    write_references_with, HeldOutConcept,
+};
 use crate::scene::{
     pick_color_avoiding, sample_scene_seeded, Color, Object, Pattern, Scene, Shape,
 };
@@ -538,6 +542,12 @@ pub struct StyleResult {
     pub cases: Vec<StyleCase>,
 }
 
+/// The shapes the style set shows the pattern on, and the shapes it is then applied to.
+const STYLE_SHAPES: [Shape; 3] = [Shape::Heart, Shape::Ring, Shape::Cross];
+const NEW_SHAPES: [&str; 4] = ["square", "circle", "star", "triangle"];
+/// The style token's initial embedding: the base pattern word nearest the zigzag.
+const STYLE_INIT_WORD: &str = "striped";
+
 /// The pattern concept on new shapes, and P+ style mixing.
 pub fn run_style(cfg: &BenchConfig, clip: &ClipModel) -> Result<(StyleResult, String)> {
     let dir = cfg.out.join("style");
@@ -545,14 +555,27 @@ pub fn run_style(cfg: &BenchConfig, clip: &ClipModel) -> Result<(StyleResult, St
     let (pattern, shape_concept) = (1usize, 2usize);
     let pc = concept(pattern);
     let token = format!("<world-{pattern}>");
-    // The word stands where colour and pattern words go: "a <world-1> heart".
-    let ti = train_concept(
-        cfg,
-        "ti",
-        pattern,
-        &format!("{token} {}", pc.class_word),
-        &dir.join("pattern-ti"),
-    )?;
+    // A style set: the pattern on shapes other than those it is then applied to, the word where
+    // colour and pattern words go ("a <world-1> ring"), initialised from a pattern word.
+    let ti = {
+        let tdir = dir.join("pattern-ti");
+        let images = tdir.join("images");
+        let scenes = style_reference_scenes(pattern, &STYLE_SHAPES, cfg.references, cfg.seed);
+        write_references_with(
+            &scenes,
+            |s| {
+                let shape = s.scene.objects[s.concept_object].shape;
+                s.caption_with(&format!("{token} {shape}"))
+            },
+            &images,
+        )?;
+        let style = HeldOutConcept {
+            class_word: STYLE_INIT_WORD,
+            ..*pc
+        };
+        train(cfg, "ti", &style, &images, &tdir)?;
+        tdir.join("concept.safetensors")
+    };
     let xti_pattern = train_concept(cfg, "xti", pattern, &token, &dir.join("pattern-xti"))?;
     let shape_token = format!("<world-{shape_concept}>");
     let xti_shape = train_concept(
@@ -572,7 +595,7 @@ pub fn run_style(cfg: &BenchConfig, clip: &ClipModel) -> Result<(StyleResult, St
     let mut html = String::from("<h2>Style: a pattern concept on new shapes, and P+ style mixing</h2><table class=t><tr><th>case</th><th>prompt</th><th>pattern colours</th><th>shape seen</th></tr>");
     let mut pictures = String::new();
     let mut plan: Vec<(String, String, Vec<String>)> = vec![];
-    for shape in ["square", "circle", "star", "triangle"] {
+    for shape in NEW_SHAPES {
         plan.push((
             format!("ti on a {shape}"),
             format!("a {token} {shape} on a solid gray background"),
