@@ -369,6 +369,9 @@ pub struct ConceptInPicture {
     pub concept: usize,
     /// Share of samples with a blob in the concept's colours on its side.
     pub appears: f64,
+    /// Share of samples with a blob in the concept's colours anywhere: whether the concept is
+    /// drawn at all, whatever the model makes of "at the left".
+    pub anywhere: f64,
     /// DINO of its half of the picture to its references.
     pub dino: f64,
 }
@@ -456,7 +459,7 @@ pub fn run_multi(
     let mut variants = vec![];
     let mut html = format!("<h2>Two concepts in one picture</h2><p>TI: “{}”; SVDiff: “{}”; {n} samples each.</p><table class=t><tr><th>variant</th>", html_escape(&prompt), html_escape(&svdiff_prompt));
     for &k in &pair {
-        html += &format!("<th>concept {k} appears</th><th>concept {k} DINO</th>");
+        html += &format!("<th>concept {k} on its side (anywhere)</th><th>concept {k} DINO</th>");
     }
     html += "</tr>";
     let mut pictures = String::new();
@@ -482,24 +485,26 @@ pub fn run_multi(
         for (side, (&k, r)) in pair.iter().zip(&refs).enumerate() {
             let left = side == 0;
             let colors = concept(k).colors();
-            let appears = imgs
-                .iter()
-                .filter(|img| {
-                    crate::read::read(img)
-                        .objects
-                        .iter()
-                        .any(|b| colors.contains(&b.color) && (b.centroid.0 < 32.0) == left)
-                })
-                .count() as f64
-                / n as f64;
+            let share = |on_side: bool| {
+                imgs.iter()
+                    .filter(|img| {
+                        crate::read::read(img).objects.iter().any(|b| {
+                            colors.contains(&b.color) && (!on_side || (b.centroid.0 < 32.0) == left)
+                        })
+                    })
+                    .count() as f64
+                    / n as f64
+            };
+            let (appears, anywhere) = (share(true), share(false));
             let halves: Vec<image::RgbImage> =
                 imgs.iter().map(|i| half_on_canvas(i, left)).collect();
             let dino =
                 imprint_eval::metrics::mean_pairwise_cosine(&eval.dino_features(&halves)?, r)?;
-            html += &format!("<td>{appears:.2}</td><td>{dino:.3}</td>");
+            html += &format!("<td>{appears:.2} ({anywhere:.2})</td><td>{dino:.3}</td>");
             per.push(ConceptInPicture {
                 concept: k,
                 appears,
+                anywhere,
                 dino,
             });
         }
