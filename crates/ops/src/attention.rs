@@ -13,7 +13,9 @@ use std::sync::Mutex;
 /// `softmax(q kᵀ · scale + mask) v` for `q [B, Sq, d]`, `k, v [B, Sk, d]` (heads folded into B).
 ///
 /// Without a mask, on the CPU in f32/f64, this runs [`FlashAttention`]: the score matrix exists
-/// only one `[TILE_Q, TILE_K]` tile at a time, in the forward and in the backward pass. Otherwise
+/// only one `[TILE_Q, TILE_K]` tile at a time, in the forward and in the backward pass. On CUDA
+/// in f16/bf16 with a head dim of at most 128 it runs the fused tensor-core kernels of
+/// `src/cuda/flash_attention.cuh`; elsewhere off the CPU, [`chunked_attention`]. Otherwise
 /// scores and softmax are computed in full, in f32 for half-precision inputs (diffusers'
 /// `upcast_softmax`; `upcast_attention` also upcasts the product, which is the same thing here).
 pub fn scaled_dot_product_attention(
@@ -26,6 +28,10 @@ pub fn scaled_dot_product_attention(
     let dtype_ok = matches!(q.dtype(), DType::F32 | DType::F64)
         && k.dtype() == q.dtype()
         && v.dtype() == q.dtype();
+    #[cfg(feature = "cuda")]
+    if mask.is_none() && fused::applies(q, k, v) {
+        return fused::attention(q, k, v, scale);
+    }
     if mask.is_none() && !q.device().is_cpu() && q.rank() == 3 {
         return chunked_attention(q, k, v, scale, CHUNK_SCORE_BYTES);
     }
@@ -497,6 +503,187 @@ impl CustomOp3 for FlashAttention {
             part(b * sq * d, sk, k.track_op())?,
             part(b * (sq + sk) * d, sk, v.track_op())?,
         ))
+    }
+}
+
+/// The fused CUDA attention (`src/cuda/flash_attention.cuh`): FlashAttention-2's algorithm on
+/// tensor cores for half-precision inputs; the score matrix never exists in device memory.
+#[cfg(feature = "cuda")]
+mod fused {
+    use crate::cuda::{flash_bwd, flash_fwd, FlashSizes, FLASH_MAX_HEAD_DIM};
+    use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape};
+    use candle_core::{Storage, Tensor};
+    use std::sync::{Arc, Mutex};
+
+    /// Half-precision q, k, v `[B, Sq|Sk, d]` on CUDA, one head dim ≤ 128, nothing empty.
+    pub(super) fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+        let half = matches!(q.dtype(), DType::F16 | DType::BF16)
+            && k.dtype() == q.dtype()
+            && v.dtype() == q.dtype();
+        let fits = match (q.dims3(), k.dims3()) {
+            (Ok((b, sq, d)), Ok((bk, sk, dk))) => {
+                b == bk
+                    && d == dk
+                    && k.dims() == v.dims()
+                    && d <= FLASH_MAX_HEAD_DIM
+                    && b * sq * sk * d > 0
+            }
+            _ => false,
+        };
+        q.device().is_cuda() && half && fits
+    }
+
+    pub(super) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+        q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            Forward {
+                scale,
+                logsumexp: Mutex::new(None),
+            },
+        )
+    }
+
+    fn cuda<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
+        match s {
+            Storage::Cuda(c) => Ok(c),
+            _ => bail!("fused attention: {what} is not on the CUDA device"),
+        }
+    }
+
+    struct Forward {
+        scale: f64,
+        /// `[B, Sq]` f32 log-sum-exp of the scaled scores, written by the forward.
+        logsumexp: Mutex<Option<Arc<CudaSlice<f32>>>>,
+    }
+
+    impl CustomOp3 for Forward {
+        fn name(&self) -> &'static str {
+            "fused-attention"
+        }
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("fused attention runs on CUDA only")
+        }
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            lq: &Layout,
+            k: &CudaStorage,
+            lk: &Layout,
+            v: &CudaStorage,
+            lv: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let (o, lse) = flash_fwd((q, lq), (k, lk), (v, lv), self.scale as f32)?;
+            match self.logsumexp.lock() {
+                Ok(mut slot) => *slot = Some(Arc::new(lse)),
+                Err(_) => bail!("fused attention: the log-sum-exp slot is poisoned"),
+            }
+            Ok((o, lq.shape().clone()))
+        }
+        /// dQ from one kernel over query tiles, dK and dV from one over key tiles (see
+        /// flash_attention.cuh), with Δ = rowsum(dO ⊙ O) computed here in f32.
+        fn bwd(
+            &self,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            out: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let Some(lse) = self.logsumexp.lock().ok().and_then(|l| l.clone()) else {
+                bail!("attention backward: the forward's log-sum-exp is missing")
+            };
+            let delta = (grad.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?
+                .sum(2)?
+                .contiguous()?;
+            let grad = grad.detach().contiguous()?;
+            let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+            let op = |keys: bool| Backward {
+                scale: self.scale,
+                grad: grad.clone(),
+                delta: delta.clone(),
+                logsumexp: lse.clone(),
+                keys,
+            };
+            let dq = q
+                .track_op()
+                .then(|| qd.apply_op3(&kd, &vd, op(false)))
+                .transpose()?;
+            let (dk, dv) = if k.track_op() || v.track_op() {
+                let both = qd.apply_op3(&kd, &vd, op(true))?;
+                (
+                    k.track_op().then(|| both.get(0)).transpose()?,
+                    v.track_op().then(|| both.get(1)).transpose()?,
+                )
+            } else {
+                (None, None)
+            };
+            Ok((dq, dk, dv))
+        }
+    }
+
+    /// dQ (`keys` false, `[B, Sq, d]`) or dK and dV stacked (`[2, B, Sk, d]`) of [`Forward`].
+    struct Backward {
+        scale: f64,
+        grad: Tensor,
+        delta: Tensor,
+        logsumexp: Arc<CudaSlice<f32>>,
+        keys: bool,
+    }
+
+    impl CustomOp3 for Backward {
+        fn name(&self) -> &'static str {
+            "fused-attention-backward"
+        }
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("fused attention runs on CUDA only")
+        }
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            lq: &Layout,
+            k: &CudaStorage,
+            lk: &Layout,
+            v: &CudaStorage,
+            lv: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let z = FlashSizes::of(lq, lk, lv)?;
+            let (gs, gl) = self.grad.storage_and_layout();
+            let (ds, dl) = self.delta.storage_and_layout();
+            let out = flash_bwd(
+                (q, lq),
+                (k, lk),
+                (v, lv),
+                (cuda(&gs, "the output gradient")?, gl),
+                &self.logsumexp,
+                (cuda(&ds, "the row sums")?, dl),
+                self.scale as f32,
+                self.keys,
+            )?;
+            let shape = if self.keys {
+                Shape::from((2, z.batch, z.sk, z.d))
+            } else {
+                lq.shape().clone()
+            };
+            Ok((out, shape))
+        }
     }
 }
 

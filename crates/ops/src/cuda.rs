@@ -289,3 +289,193 @@ pub(crate) fn im2col(
         Ok(wrap(out, &dev))
     })
 }
+
+/// Query rows per block and keys per tile of the fused attention kernels, their threads per
+/// block and largest head dim (`FA_TILE`, `FA_THREADS`, `FA_MAXD` in flash_attention.cuh).
+const FLASH_TILE: usize = 32;
+const FLASH_THREADS: u32 = 64;
+pub(crate) const FLASH_MAX_HEAD_DIM: usize = 128;
+
+/// Which fused attention kernel, for its shared memory.
+#[derive(Clone, Copy)]
+enum Flash {
+    Forward,
+    BackwardDq,
+    BackwardDkv,
+}
+
+impl Flash {
+    fn name(self) -> &'static str {
+        match self {
+            Flash::Forward => "fwd",
+            Flash::BackwardDq => "bwd_dq",
+            Flash::BackwardDkv => "bwd_dkv",
+        }
+    }
+    /// Dynamic shared memory in bytes for head dim `d` of 2-byte elements (`fwd_smem`,
+    /// `dq_smem`, `dkv_smem`): at most 44 KiB at d = 128, inside the 48 KiB a launch gets
+    /// without opting in.
+    fn shared_bytes(self, d: usize) -> u32 {
+        let (dp, e, warp_scores) = (d.div_ceil(16) * 16, 2, 2 * 16 * FLASH_TILE);
+        (match self {
+            Flash::Forward => 3 * FLASH_TILE * dp * e + warp_scores * (4 + e),
+            Flash::BackwardDq => 4 * FLASH_TILE * dp * e + warp_scores * (8 + e),
+            Flash::BackwardDkv => 4 * FLASH_TILE * dp * e + warp_scores * (8 + 2 * e),
+        }) as u32
+    }
+    /// One block per `FLASH_TILE` rows (queries, or keys for dK/dV) of each batch·head.
+    fn config(self, rows: usize, batch: usize, d: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(FLASH_TILE) as u32, batch as u32, 1),
+            block_dim: (FLASH_THREADS, 1, 1),
+            shared_mem_bytes: self.shared_bytes(d),
+        }
+    }
+    /// The kernel's name for `dtype`.
+    fn kernel(self, dtype: DType) -> Result<String> {
+        let s = match dtype {
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            other => bail!("fused attention takes f16 or bf16, not {other:?}"),
+        };
+        Ok(format!("imprint_flash_{}_{s}", self.name()))
+    }
+}
+
+/// Sizes of one fused attention call: batch·heads, query rows, key rows, head dim.
+pub(crate) struct FlashSizes {
+    pub batch: usize,
+    pub sq: usize,
+    pub sk: usize,
+    pub d: usize,
+}
+
+impl FlashSizes {
+    /// `q [B, Sq, d]`, `k` and `v [B, Sk, d]`, all non-empty, `d ≤ FLASH_MAX_HEAD_DIM`.
+    pub(crate) fn of(q: &Layout, k: &Layout, v: &Layout) -> Result<Self> {
+        let (b, sq, d) = q.shape().dims3()?;
+        let (bk, sk, dk) = k.shape().dims3()?;
+        if k.dims() != v.dims() || bk != b || dk != d || d > FLASH_MAX_HEAD_DIM || sq * sk * d == 0
+        {
+            bail!(
+                "fused attention: q {:?}, k {:?}, v {:?} do not fit (non-empty, one head dim ≤ {FLASH_MAX_HEAD_DIM})",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            )
+        }
+        Ok(Self {
+            batch: b,
+            sq,
+            sk,
+            d,
+        })
+    }
+    fn ints(&self) -> [i32; 3] {
+        [self.sq as i32, self.sk as i32, self.d as i32]
+    }
+}
+
+fn f32_view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
+    match &s.slice {
+        CudaStorageSlice::F32(v) => view(v, l, what),
+        _ => bail!("{what}: expected f32"),
+    }
+}
+
+/// Fused attention forward: the output `[B, Sq, d]` and each query row's log-sum-exp of the
+/// scaled scores `[B, Sq]` (f32), which the backward kernels take.
+pub(crate) fn flash_fwd(
+    q: (&CudaStorage, &Layout),
+    k: (&CudaStorage, &Layout),
+    v: (&CudaStorage, &Layout),
+    scale: f32,
+) -> Result<(CudaStorage, CudaSlice<f32>)> {
+    let dev = q.0.device().clone();
+    let z = FlashSizes::of(q.1, k.1, v.1)?;
+    let func = dev.get_or_load_custom_func(&Flash::Forward.kernel(q.0.dtype())?, MODULE, PTX)?;
+    let cfg = Flash::Forward.config(z.sq, z.batch, z.d);
+    let [sq, sk, d] = z.ints();
+    by_dtype!(q.0.dtype(), |T, get| {
+        let (qv, kv, vv) = (
+            view(get(q.0)?, q.1, "attention q")?,
+            view(get(k.0)?, k.1, "attention k")?,
+            view(get(v.0)?, v.1, "attention v")?,
+        );
+        // SAFETY: every element is written by the kernel.
+        let o = unsafe { dev.alloc::<T>(z.batch * z.sq * z.d)? };
+        let lse = unsafe { dev.alloc::<f32>(z.batch * z.sq)? };
+        let mut args = func.builder();
+        args.arg(&qv).arg(&kv).arg(&vv).arg(&o).arg(&lse);
+        args.arg(&sq).arg(&sk).arg(&d).arg(&scale);
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { args.launch(cfg) }.w()?;
+        Ok((wrap(o, &dev), lse))
+    })
+}
+
+/// Fused attention backward. `go` is the output gradient, `lse` the forward's log-sum-exp and
+/// `delta` = rowsum(dO ⊙ O) `[B, Sq]` (f32). Returns `dq [B, Sq, d]`, or with `keys` the
+/// gradients of keys and values stacked `[2, B, Sk, d]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn flash_bwd(
+    q: (&CudaStorage, &Layout),
+    k: (&CudaStorage, &Layout),
+    v: (&CudaStorage, &Layout),
+    go: (&CudaStorage, &Layout),
+    lse: &CudaSlice<f32>,
+    delta: (&CudaStorage, &Layout),
+    scale: f32,
+    keys: bool,
+) -> Result<CudaStorage> {
+    let dev = q.0.device().clone();
+    let z = FlashSizes::of(q.1, k.1, v.1)?;
+    if go.1.dims() != q.1.dims() || delta.1.shape().elem_count() != z.batch * z.sq {
+        bail!(
+            "fused attention backward: gradient {:?} / row sums {:?} do not fit q {:?}",
+            go.1.dims(),
+            delta.1.dims(),
+            q.1.dims()
+        )
+    }
+    let kernel = if keys {
+        Flash::BackwardDkv
+    } else {
+        Flash::BackwardDq
+    };
+    let func = dev.get_or_load_custom_func(&kernel.kernel(q.0.dtype())?, MODULE, PTX)?;
+    let cfg = kernel.config(if keys { z.sk } else { z.sq }, z.batch, z.d);
+    let [sq, sk, d] = z.ints();
+    let batch = z.batch as i32;
+    by_dtype!(q.0.dtype(), |T, get| {
+        let (qv, kv, vv, gv) = (
+            view(get(q.0)?, q.1, "attention q")?,
+            view(get(k.0)?, k.1, "attention k")?,
+            view(get(v.0)?, v.1, "attention v")?,
+            view(get(go.0)?, go.1, "attention output gradient")?,
+        );
+        let dv = f32_view(delta.0, delta.1, "attention row sums")?;
+        let n = if keys {
+            2 * z.batch * z.sk
+        } else {
+            z.batch * z.sq
+        } * z.d;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let mut args = func.builder();
+        args.arg(&qv)
+            .arg(&kv)
+            .arg(&vv)
+            .arg(&gv)
+            .arg(lse)
+            .arg(&dv)
+            .arg(&out);
+        if keys {
+            args.arg(&batch);
+        }
+        args.arg(&sq).arg(&sk).arg(&d).arg(&scale);
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { args.launch(cfg) }.w()?;
+        Ok(wrap(out, &dev))
+    })
+}
