@@ -15,7 +15,7 @@ use std::sync::Mutex;
 /// Without a mask, on the CPU in f32/f64, this runs [`FlashAttention`]: the score matrix exists
 /// only one `[TILE_Q, TILE_K]` tile at a time, in the forward and in the backward pass. On CUDA
 /// in f16/bf16 with a head dim of at most 128 it runs the fused tensor-core kernels of
-/// `src/cuda/flash_attention.cuh`; elsewhere off the CPU, [`chunked_attention`]. Otherwise
+/// `src/cuda/flash_attention.cu`; elsewhere off the CPU, [`chunked_attention`]. Otherwise
 /// scores and softmax are computed in full, in f32 for half-precision inputs (diffusers'
 /// `upcast_softmax`; `upcast_attention` also upcasts the product, which is the same thing here).
 pub fn scaled_dot_product_attention(
@@ -506,18 +506,24 @@ impl CustomOp3 for FlashAttention {
     }
 }
 
-/// The fused CUDA attention (`src/cuda/flash_attention.cuh`): FlashAttention-2's algorithm on
+/// Whether [`scaled_dot_product_attention`] (without a mask) runs the fused CUDA kernels on
+/// these inputs.
+#[cfg(feature = "cuda")]
+pub use fused::applies as fused_attention_applies;
+
+/// The fused CUDA attention (`src/cuda/flash_attention.cu`): FlashAttention-2's algorithm on
 /// tensor cores for half-precision inputs; the score matrix never exists in device memory.
 #[cfg(feature = "cuda")]
 mod fused {
-    use crate::cuda::{flash_bwd, flash_fwd, FlashSizes, FLASH_MAX_HEAD_DIM};
+    use crate::cuda::{flash_bwd, flash_fwd, FlashSizes, FLASH_ARCH_OK, FLASH_MAX_HEAD_DIM};
     use candle_core::cuda_backend::cudarc::driver::CudaSlice;
     use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape};
     use candle_core::{Storage, Tensor};
     use std::sync::{Arc, Mutex};
 
-    /// Half-precision q, k, v `[B, Sq|Sk, d]` on CUDA, one head dim ≤ 128, nothing empty.
-    pub(super) fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    /// Half-precision q, k, v `[B, Sq|Sk, d]` on CUDA, one head dim ≤ 128, nothing empty, at
+    /// most 65 535 batch·heads (the grid's y dimension), kernels built for sm_80 or later.
+    pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         let half = matches!(q.dtype(), DType::F16 | DType::BF16)
             && k.dtype() == q.dtype()
             && v.dtype() == q.dtype();
@@ -527,11 +533,12 @@ mod fused {
                     && d == dk
                     && k.dims() == v.dims()
                     && d <= FLASH_MAX_HEAD_DIM
+                    && b <= 65_535
                     && b * sq * sk * d > 0
             }
             _ => false,
         };
-        q.device().is_cuda() && half && fits
+        FLASH_ARCH_OK && q.device().is_cuda() && half && fits
     }
 
     pub(super) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
@@ -590,7 +597,7 @@ mod fused {
             Ok((o, lq.shape().clone()))
         }
         /// dQ from one kernel over query tiles, dK and dV from one over key tiles (see
-        /// flash_attention.cuh), with Δ = rowsum(dO ⊙ O) computed here in f32.
+        /// flash_attention.cu), with Δ = rowsum(dO ⊙ O) computed here in f32.
         fn bwd(
             &self,
             q: &Tensor,
@@ -602,10 +609,10 @@ mod fused {
             let Some(lse) = self.logsumexp.lock().ok().and_then(|l| l.clone()) else {
                 bail!("attention backward: the forward's log-sum-exp is missing")
             };
-            let delta = (grad.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?
+            let grad = grad.detach().contiguous()?;
+            let delta = (grad.to_dtype(DType::F32)? * out.detach().to_dtype(DType::F32)?)?
                 .sum(2)?
                 .contiguous()?;
-            let grad = grad.detach().contiguous()?;
             let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
             let op = |keys: bool| Backward {
                 scale: self.scale,

@@ -290,11 +290,27 @@ pub(crate) fn im2col(
     })
 }
 
-/// Query rows per block and keys per tile of the fused attention kernels, their threads per
-/// block and largest head dim (`FA_TILE`, `FA_THREADS`, `FA_MAXD` in flash_attention.cuh).
+/// Query rows per block and keys per tile of the fused attention kernels, and their threads per
+/// block (`FA_TILE`, `FA_THREADS` in flash_attention.cu).
 const FLASH_TILE: usize = 32;
 const FLASH_THREADS: u32 = 64;
-pub(crate) const FLASH_MAX_HEAD_DIM: usize = 128;
+/// The fused attention's PTX per head-dim class N (head dims up to 16·N; build.rs).
+const FLASH_PTX: [&str; 8] = [
+    include_str!(concat!(env!("OUT_DIR"), "/flash_1.ptx")),
+    include_str!(concat!(env!("OUT_DIR"), "/flash_2.ptx")),
+    include_str!(concat!(env!("OUT_DIR"), "/flash_3.ptx")),
+    include_str!(concat!(env!("OUT_DIR"), "/flash_4.ptx")),
+    include_str!(concat!(env!("OUT_DIR"), "/flash_5.ptx")),
+    include_str!(concat!(env!("OUT_DIR"), "/flash_6.ptx")),
+    include_str!(concat!(env!("OUT_DIR"), "/flash_7.ptx")),
+    include_str!(concat!(env!("OUT_DIR"), "/flash_8.ptx")),
+];
+pub(crate) const FLASH_MAX_HEAD_DIM: usize = 16 * FLASH_PTX.len();
+/// The compute capability the PTX targets (build.rs): bf16 tensor-core fragments need 8.0.
+pub(crate) const FLASH_ARCH_OK: bool = {
+    let cap = env!("IMPRINT_CUDA_COMPUTE_CAP").as_bytes();
+    (!cap.is_empty() && cap[0] >= b'8') || cap.len() > 2
+};
 
 /// Which fused attention kernel, for its shared memory.
 #[derive(Clone, Copy)]
@@ -313,8 +329,8 @@ impl Flash {
         }
     }
     /// Dynamic shared memory in bytes for head dim `d` of 2-byte elements (`fwd_smem`,
-    /// `dq_smem`, `dkv_smem`): at most 44 KiB at d = 128, inside the 48 KiB a launch gets
-    /// without opting in.
+    /// `dq_smem`, `dkv_smem`; d padded to its class's 16·N columns): at most 44 KiB at
+    /// d = 128, inside the 48 KiB a launch gets without opting in.
     fn shared_bytes(self, d: usize) -> u32 {
         let (dp, e, warp_scores) = (d.div_ceil(16) * 16, 2, 2 * 16 * FLASH_TILE);
         (match self {
@@ -331,14 +347,23 @@ impl Flash {
             shared_mem_bytes: self.shared_bytes(d),
         }
     }
-    /// The kernel's name for `dtype`.
-    fn kernel(self, dtype: DType) -> Result<String> {
+    /// The kernel's name for `dtype`, and its module and PTX for head dim `d`
+    /// (`CudaFunc`, what loading returns, is not nameable outside candle).
+    fn locate(self, dtype: DType, d: usize) -> Result<(String, String, &'static str)> {
         let s = match dtype {
             DType::F16 => "f16",
             DType::BF16 => "bf16",
             other => bail!("fused attention takes f16 or bf16, not {other:?}"),
         };
-        Ok(format!("imprint_flash_{}_{s}", self.name()))
+        let class = d.div_ceil(16).max(1);
+        let Some(ptx) = FLASH_PTX.get(class - 1) else {
+            bail!("fused attention: head dim {d} > {FLASH_MAX_HEAD_DIM}")
+        };
+        Ok((
+            format!("imprint_flash_{}_{s}", self.name()),
+            format!("imprint_flash_{class}"),
+            ptx,
+        ))
     }
 }
 
@@ -393,7 +418,8 @@ pub(crate) fn flash_fwd(
 ) -> Result<(CudaStorage, CudaSlice<f32>)> {
     let dev = q.0.device().clone();
     let z = FlashSizes::of(q.1, k.1, v.1)?;
-    let func = dev.get_or_load_custom_func(&Flash::Forward.kernel(q.0.dtype())?, MODULE, PTX)?;
+    let (name, module, ptx) = Flash::Forward.locate(q.0.dtype(), z.d)?;
+    let func = dev.get_or_load_custom_func(&name, &module, ptx)?;
     let cfg = Flash::Forward.config(z.sq, z.batch, z.d);
     let [sq, sk, d] = z.ints();
     by_dtype!(q.0.dtype(), |T, get| {
@@ -443,7 +469,8 @@ pub(crate) fn flash_bwd(
     } else {
         Flash::BackwardDq
     };
-    let func = dev.get_or_load_custom_func(&kernel.kernel(q.0.dtype())?, MODULE, PTX)?;
+    let (name, module, ptx) = kernel.locate(q.0.dtype(), z.d)?;
+    let func = dev.get_or_load_custom_func(&name, &module, ptx)?;
     let cfg = kernel.config(if keys { z.sk } else { z.sq }, z.batch, z.d);
     let [sq, sk, d] = z.ints();
     let batch = z.batch as i32;

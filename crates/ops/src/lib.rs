@@ -42,6 +42,8 @@ mod storage;
 
 pub use activation::geglu;
 pub use adapter::{Adapter, LowRank, ScaledAdapter};
+#[cfg(feature = "cuda")]
+pub use attention::fused_attention_applies;
 pub use attention::{chunked_attention, scaled_dot_product_attention};
 pub use checkpoint::{checkpoint, BlockFn, Checkpointing, SideGrads};
 pub use conv::{conv2d, Conv2d, Conv2dConfig};

@@ -14,9 +14,9 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use imprint_ops::grad_check::rand_tensor;
 use imprint_ops::{
-    checkpoint, chunked_attention, geglu, group_norm, group_norm_silu, layer_norm,
-    scaled_dot_product_attention, softmax_last_dim, upsample_nearest2x, Adapter, Checkpointing,
-    Conv2d, Conv2dConfig, Linear, LowRank, ScaledAdapter,
+    checkpoint, chunked_attention, fused_attention_applies, geglu, group_norm, group_norm_silu,
+    layer_norm, scaled_dot_product_attention, softmax_last_dim, upsample_nearest2x, Adapter,
+    Checkpointing, Conv2d, Conv2dConfig, Linear, LowRank, ScaledAdapter,
 };
 use std::sync::Arc;
 
@@ -212,6 +212,11 @@ fn fused_attention_matches_cpu() {
         );
         let scale = 1.0 / (d as f64).sqrt();
         for dt in [DType::BF16, DType::F16] {
+            let on = |t: &Tensor| t.to_dtype(dt).unwrap().to_device(&cuda()).unwrap();
+            assert!(
+                fused_attention_applies(&on(&q), &on(&k), &on(&v)),
+                "{b}×{sq}×{sk}×{d} {dt:?} does not take the fused kernels"
+            );
             compare(
                 &format!("fused attention {b}×{sq}×{sk}×{d}"),
                 &[q.clone(), k.clone(), v.clone()],
@@ -240,6 +245,7 @@ fn fused_attention_matches_chunked_at_unet_size() {
         .unwrap()
     };
     let (q, k, v) = (t(1), t(2), t(3));
+    assert!(fused_attention_applies(&q, &k, &v));
     let r = rand(&[8, 4096, 40], 4)
         .to_dtype(dt)
         .unwrap()
@@ -263,6 +269,64 @@ fn fused_attention_matches_chunked_at_unet_size() {
     for (i, (a, b)) in gf.iter().zip(&gc).enumerate() {
         let err = rel_l2(a, b);
         assert!(err <= tol, "fused vs chunked gradient {i}: {err:e}");
+    }
+}
+
+/// Only some of q, k, v need a gradient (e.g. a frozen text encoder's keys and values in
+/// cross-attention, or only the queries): the others get none, the rest match the CPU.
+#[test]
+fn fused_attention_partial_gradients_match_cpu() {
+    let (q, k, v) = (
+        rand(&[2, 40, 64], 1),
+        rand(&[2, 77, 64], 2),
+        rand(&[2, 77, 64], 3),
+    );
+    let scale = 0.125;
+    let r = rand(&[2, 40, 64], 4);
+    for tracked in [
+        [true, false, false],
+        [false, false, true],
+        [false, true, true],
+    ] {
+        let grads = |device: &Device, dtype: DType| {
+            let inputs: Vec<(Tensor, Option<Var>)> = [&q, &k, &v]
+                .iter()
+                .zip(tracked)
+                .map(|(t, tr)| {
+                    let t = t.to_dtype(dtype).unwrap().to_device(device).unwrap();
+                    if tr {
+                        let var = Var::from_tensor(&t).unwrap();
+                        (var.as_tensor().clone(), Some(var))
+                    } else {
+                        (t, None)
+                    }
+                })
+                .collect();
+            let y =
+                scaled_dot_product_attention(&inputs[0].0, &inputs[1].0, &inputs[2].0, scale, None)
+                    .unwrap();
+            let r = r.to_dtype(dtype).unwrap().to_device(device).unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            inputs
+                .iter()
+                .map(|(t, var)| {
+                    let got = g.get(t).cloned();
+                    assert_eq!(got.is_some(), var.is_some(), "{tracked:?} on {device:?}");
+                    got
+                })
+                .collect::<Vec<_>>()
+        };
+        let cpu = grads(&Device::Cpu, DType::F32);
+        let gpu = grads(&cuda(), DType::BF16);
+        for (i, (a, b)) in gpu.iter().zip(&cpu).enumerate() {
+            if let (Some(a), Some(b)) = (a, b) {
+                let err = rel_l2(a, b);
+                assert!(
+                    err <= tolerance(DType::BF16),
+                    "{tracked:?} gradient {i}: {err:e}"
+                );
+            }
+        }
     }
 }
 

@@ -191,5 +191,3 @@ __device__ void col2im(const T* cols, T* x, int64_t n, int c_in, int h, int w, i
 INSTANTIATE(float, f32)
 INSTANTIATE(__half, f16)
 INSTANTIATE(__nv_bfloat16, bf16)
-
-#include "flash_attention.cuh"

@@ -1,7 +1,9 @@
 // Fused scaled-dot-product attention for f16/bf16 inputs on tensor cores (WMMA 16×16×16 products,
 // f32 accumulation): the score matrix never exists in global memory, forward or backward.
-// Included by kernels.cu; launched by src/cuda.rs (`flash_attention_*`); tested against the CPU
-// kernel by tests/cuda.rs.
+// Compiled by build.rs once per head-dim class FA_NF (1..8: the kernels for head dims up to
+// 16·FA_NF, their accumulators FA_NF fragments wide) into its own PTX module, so a model JIT-
+// compiles only the classes its heads use; launched by src/cuda.rs (`flash_fwd`, `flash_bwd`);
+// tested against the CPU kernel by tests/cuda.rs.
 //
 // The algorithm is FlashAttention-2's (Dao, arXiv:2307.08691) with two simplifications that keep
 // every accumulator in a WMMA fragment, whose element layout is opaque:
@@ -11,19 +13,38 @@
 // - the backward is two kernels instead of one with atomics: one per key tile for dK and dV
 //   (FA2's algorithm 2), one per query tile for dQ; both recompute the scores from `lse`, and
 //   the result is deterministic.
-// Layout: q [B, Sq, d], k and v [B, Sk, d], contiguous, heads folded into B; d ≤ FA_MAXD. Tiles
-// are staged in shared memory padded to D = d rounded up to 16 with zeros, so padded columns add
-// nothing to any product; padded rows are masked out of every softmax.
+// Layout: q [B, Sq, d], k and v [B, Sk, d], contiguous, heads folded into B; d ≤ 16·FA_NF. Tiles
+// are staged in shared memory padded to D = 16·FA_NF columns with zeros, so padded columns add
+// nothing to any product; padded rows are masked out of every softmax. Tensor-core bf16
+// fragments need sm_80: built for an older target the kernels trap, and src/cuda.rs never
+// launches them there.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
 #include <mma.h>
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define FA_ENABLED 1
+#else
+#define FA_ENABLED 0
+#endif
 
 #define FA_WARPS 2                    // warps per block
 #define FA_THREADS (FA_WARPS * 32)
 #define FA_TILE 32                    // query rows per block (16 per warp) and keys per tile
-#define FA_MAXD 128                   // largest head dim (8 fragments of 16 columns)
-#define FA_FRAGS (FA_MAXD / 16)
+#ifndef FA_NF
+#error "build.rs defines FA_NF, the head-dim class (1..8)"
+#endif
 
+#if FA_ENABLED
 namespace fa {
 using namespace nvcuda;
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16(v);
+}
 
 template <typename T>
 using frag_a = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
@@ -33,9 +54,21 @@ template <typename T>
 using frag_b_col = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
 using frag_acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
-// Rows [0, rows) of a [*, d] matrix into a [R, D] shared tile, zero outside the matrix.
+// Rows [0, rows) of a [*, d] matrix into a [R, D] shared tile, zero outside the matrix. Eight
+// elements (16 bytes) at a time when d and the source allow it (every SD head dim does).
 template <typename T>
-__device__ void stage(const T* src, int rows, int d, T* dst, int R, int D) {
+__device__ __forceinline__ void stage(const T* src, int rows, int d, T* dst, int R, int D) {
+  if (d % 8 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+    const int dv = D / 8;
+    uint4* out = reinterpret_cast<uint4*>(dst);
+    for (int i = threadIdx.x; i < R * dv; i += blockDim.x) {
+      const int r = i / dv, c = (i - r * dv) * 8;
+      out[i] = (r < rows && c < d)
+                   ? *reinterpret_cast<const uint4*>(src + (int64_t)r * d + c)
+                   : make_uint4(0, 0, 0, 0);
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
     const int r = i / D, c = i - r * D;
     dst[i] = (r < rows && c < d) ? src[(int64_t)r * d + c] : from_f<T>(0.f);
@@ -45,7 +78,7 @@ __device__ void stage(const T* src, int rows, int d, T* dst, int R, int D) {
 // out [16, FA_TILE] (f32, row-major, ld FA_TILE) = A [16, D] · Bᵀ for B [FA_TILE, D]: a warp's
 // 16 rows against a tile's 32 rows, both row-major in shared memory with row length D.
 template <typename T>
-__device__ void products_with_rows(const T* a, const T* b, int D, float* out) {
+__device__ __forceinline__ void products_with_rows(const T* a, const T* b, int D, float* out) {
   frag_acc acc[FA_TILE / 16];
 #pragma unroll
   for (int n = 0; n < FA_TILE / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
@@ -67,40 +100,37 @@ __device__ void products_with_rows(const T* a, const T* b, int D, float* out) {
 
 // acc[j] += A [16, FA_TILE] · B [FA_TILE, D] for the 16-column blocks j < D/16: A row-major with
 // ld FA_TILE, B row-major with row length D.
-template <typename T>
-__device__ void accumulate_times_rows(frag_acc* acc, const T* a, const T* b, int D) {
+template <typename T, int NF>
+__device__ __forceinline__ void accumulate_times_rows(frag_acc* acc, const T* a, const T* b) {
+  constexpr int D = NF * 16;
 #pragma unroll
   for (int kk = 0; kk < FA_TILE / 16; ++kk) {
     frag_a<T> fa;
     wmma::load_matrix_sync(fa, a + kk * 16, FA_TILE);
 #pragma unroll
-    for (int j = 0; j < FA_FRAGS; ++j) {
-      if (j * 16 < D) {
-        frag_b_row<T> fb;
-        wmma::load_matrix_sync(fb, b + kk * 16 * D + j * 16, D);
-        wmma::mma_sync(acc[j], fa, fb, acc[j]);
-      }
+    for (int j = 0; j < NF; ++j) {
+      frag_b_row<T> fb;
+      wmma::load_matrix_sync(fb, b + kk * 16 * D + j * 16, D);
+      wmma::mma_sync(acc[j], fa, fb, acc[j]);
     }
   }
 }
 
 // Writes a warp's 16 × D accumulators, times `mul`, to rows [row0, row0+16) of dst [rows, d]
 // (row stride `ld`), through `scratch` (16 × 16 f32).
-template <typename T>
-__device__ void write_rows(frag_acc* acc, float mul, float* scratch, T* dst, int row0, int rows,
-                           int d, int64_t ld, int D) {
+template <typename T, int NF>
+__device__ __forceinline__ void write_rows(frag_acc* acc, float mul, float* scratch, T* dst,
+                                           int row0, int rows, int d, int64_t ld) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int j = 0; j < FA_FRAGS; ++j) {
-    if (j * 16 < D) {
-      wmma::store_matrix_sync(scratch, acc[j], 16, wmma::mem_row_major);
-      __syncwarp();
-      for (int e = lane; e < 256; e += 32) {
-        const int r = row0 + (e >> 4), c = j * 16 + (e & 15);
-        if (r < rows && c < d) dst[(int64_t)r * ld + c] = from_f<T>(scratch[e] * mul);
-      }
-      __syncwarp();
+  for (int j = 0; j < NF; ++j) {
+    wmma::store_matrix_sync(scratch, acc[j], 16, wmma::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < 256; e += 32) {
+      const int r = row0 + (e >> 4), c = j * 16 + (e & 15);
+      if (r < rows && c < d) dst[(int64_t)r * ld + c] = from_f<T>(scratch[e] * mul);
     }
+    __syncwarp();
   }
 }
 
@@ -110,11 +140,11 @@ __host__ __device__ constexpr int fwd_smem(int D, int elem) {
 }
 
 // One block: FA_TILE query rows of one batch·head. o [B, Sq, d], lse [B, Sq] (f32).
-template <typename T>
-__device__ void forward(const T* q, const T* k, const T* v, T* o, float* lse, int sq, int sk,
+template <typename T, int NF>
+__device__ __forceinline__ void forward(const T* q, const T* k, const T* v, T* o, float* lse, int sq, int sk,
                         int d, float scale) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const int D = (d + 15) & ~15;
+  constexpr int D = NF * 16;
   const int64_t b = blockIdx.y;
   const int q0 = blockIdx.x * FA_TILE;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -140,13 +170,17 @@ __device__ void forward(const T* q, const T* k, const T* v, T* o, float* lse, in
     __syncwarp();
     const int valid = min(FA_TILE, sk - k0);
     float tmax = -INFINITY;
-    for (int c = c0; c < c0 + 16; ++c)
+    for (int i = 0; i < 16; ++i) {
+      const int c = c0 + ((i + row) & 15);
       if (c < valid) tmax = fmaxf(tmax, ss[row * FA_TILE + c] * scale);
+    }
     tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 16));
     const float mnew = fmaxf(m, tmax);
     float s = 0.f;
-    for (int c = c0; c < c0 + 16; ++c)
+    for (int i = 0; i < 16; ++i) {
+      const int c = c0 + ((i + row) & 15);
       if (c < valid) s += __expf(ss[row * FA_TILE + c] * scale - mnew);
+    }
     s += __shfl_xor_sync(0xffffffff, s, 16);
     l = l * __expf(m - mnew) + s;
     m = mnew;
@@ -154,9 +188,9 @@ __device__ void forward(const T* q, const T* k, const T* v, T* o, float* lse, in
   }
   const float row_lse = m + __logf(l);
   // Pass 2: O = Σ exp(S − lse) V.
-  frag_acc acc[FA_FRAGS];
+  frag_acc acc[NF];
 #pragma unroll
-  for (int j = 0; j < FA_FRAGS; ++j) wmma::fill_fragment(acc[j], 0.f);
+  for (int j = 0; j < NF; ++j) wmma::fill_fragment(acc[j], 0.f);
   for (int k0 = 0; k0 < sk; k0 += FA_TILE) {
     __syncthreads();
     stage(k + (b * sk + k0) * d, min(FA_TILE, sk - k0), d, ks, FA_TILE, D);
@@ -165,14 +199,16 @@ __device__ void forward(const T* q, const T* k, const T* v, T* o, float* lse, in
     products_with_rows(qw, ks, D, ss);
     __syncwarp();
     const int valid = min(FA_TILE, sk - k0);
-    for (int c = c0; c < c0 + 16; ++c)
+    for (int i = 0; i < 16; ++i) {
+      const int c = c0 + ((i + row) & 15);
       ps[row * FA_TILE + c] =
           from_f<T>(c < valid ? __expf(ss[row * FA_TILE + c] * scale - row_lse) : 0.f);
+    }
     __syncwarp();
-    accumulate_times_rows(acc, ps, vs, D);
+    accumulate_times_rows<T, NF>(acc, ps, vs);
   }
   const int r0 = q0 + warp * 16;
-  write_rows(acc, 1.f, ss, o + b * sq * d, r0, sq, d, d, D);
+  write_rows<T, NF>(acc, 1.f, ss, o + b * sq * d, r0, sq, d, d);
   if (lane < 16 && r0 + row < sq) lse[b * sq + r0 + row] = row_lse;
 }
 
@@ -183,11 +219,11 @@ __host__ __device__ constexpr int dq_smem(int D, int elem) {
 
 // dQ for FA_TILE query rows of one batch·head: dQ = scale · Σ dS K with
 // dS = P ⊙ (dO Vᵀ − Δ), P = exp(scale · Q Kᵀ − lse), Δ = rowsum(dO ⊙ O) (given).
-template <typename T>
-__device__ void backward_dq(const T* q, const T* k, const T* v, const T* go, const float* lse,
+template <typename T, int NF>
+__device__ __forceinline__ void backward_dq(const T* q, const T* k, const T* v, const T* go, const float* lse,
                             const float* delta, T* dq, int sq, int sk, int d, float scale) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const int D = (d + 15) & ~15;
+  constexpr int D = NF * 16;
   const int64_t b = blockIdx.y;
   const int q0 = blockIdx.x * FA_TILE;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -208,9 +244,9 @@ __device__ void backward_dq(const T* q, const T* k, const T* v, const T* go, con
 
   stage(q + (b * sq + q0) * d, min(FA_TILE, sq - q0), d, qs, FA_TILE, D);
   stage(go + (b * sq + q0) * d, min(FA_TILE, sq - q0), d, gs, FA_TILE, D);
-  frag_acc acc[FA_FRAGS];
+  frag_acc acc[NF];
 #pragma unroll
-  for (int j = 0; j < FA_FRAGS; ++j) wmma::fill_fragment(acc[j], 0.f);
+  for (int j = 0; j < NF; ++j) wmma::fill_fragment(acc[j], 0.f);
   for (int k0 = 0; k0 < sk; k0 += FA_TILE) {
     __syncthreads();
     stage(k + (b * sk + k0) * d, min(FA_TILE, sk - k0), d, ks, FA_TILE, D);
@@ -220,15 +256,16 @@ __device__ void backward_dq(const T* q, const T* k, const T* v, const T* go, con
     products_with_rows(gs + warp * 16 * D, vs, D, dps);
     __syncwarp();
     const int valid = min(FA_TILE, sk - k0);
-    for (int c = c0; c < c0 + 16; ++c) {
+    for (int i = 0; i < 16; ++i) {
+      const int c = c0 + ((i + row) & 15);
       const int e = row * FA_TILE + c;
       const float p = (row_ok && c < valid) ? __expf(ss[e] * scale - row_lse) : 0.f;
       dss[e] = from_f<T>(p * (dps[e] - row_delta));
     }
     __syncwarp();
-    accumulate_times_rows(acc, dss, ks, D);
+    accumulate_times_rows<T, NF>(acc, dss, ks);
   }
-  write_rows(acc, scale, ss, dq + b * sq * d, r0, sq, d, d, D);
+  write_rows<T, NF>(acc, scale, ss, dq + b * sq * d, r0, sq, d, d);
 }
 
 // Shared memory of the dK/dV kernel (bytes).
@@ -239,12 +276,12 @@ __host__ __device__ constexpr int dkv_smem(int D, int elem) {
 // dK and dV for FA_TILE keys of one batch·head (16 per warp), over every query tile:
 // dV = Σ Pᵀ dO, dK = scale · Σ dSᵀ Q, computed in the transposed orientation (Sᵀ = K Qᵀ per warp) so
 // every product reads row-major tiles. dkv [2, B, Sk, d]: dK then dV.
-template <typename T>
-__device__ void backward_dkv(const T* q, const T* k, const T* v, const T* go, const float* lse,
+template <typename T, int NF>
+__device__ __forceinline__ void backward_dkv(const T* q, const T* k, const T* v, const T* go, const float* lse,
                              const float* delta, T* dkv, int batch, int sq, int sk, int d,
                              float scale) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const int D = (d + 15) & ~15;
+  constexpr int D = NF * 16;
   const int64_t b = blockIdx.y;
   const int k0 = blockIdx.x * FA_TILE;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -261,9 +298,9 @@ __device__ void backward_dkv(const T* q, const T* k, const T* v, const T* go, co
 
   stage(k + (b * sk + k0) * d, min(FA_TILE, sk - k0), d, ks, FA_TILE, D);
   stage(v + (b * sk + k0) * d, min(FA_TILE, sk - k0), d, vs, FA_TILE, D);
-  frag_acc dk[FA_FRAGS], dv[FA_FRAGS];
+  frag_acc dk[NF], dv[NF];
 #pragma unroll
-  for (int j = 0; j < FA_FRAGS; ++j) {
+  for (int j = 0; j < NF; ++j) {
     wmma::fill_fragment(dk[j], 0.f);
     wmma::fill_fragment(dv[j], 0.f);
   }
@@ -287,30 +324,37 @@ __device__ void backward_dkv(const T* q, const T* k, const T* v, const T* go, co
       dsts[e] = from_f<T>(p * (dpts[e] - col_delta));
     }
     __syncwarp();
-    accumulate_times_rows(dv, pts, gs, D);
-    accumulate_times_rows(dk, dsts, qs, D);
+    accumulate_times_rows<T, NF>(dv, pts, gs);
+    accumulate_times_rows<T, NF>(dk, dsts, qs);
   }
   const int r0 = k0 + warp * 16;
-  write_rows(dk, scale, sts, dkv + b * sk * d, r0, sk, d, d, D);
-  write_rows(dv, 1.f, sts, dkv + ((int64_t)batch + b) * sk * d, r0, sk, d, d, D);
+  write_rows<T, NF>(dk, scale, sts, dkv + b * sk * d, r0, sk, d, d);
+  write_rows<T, NF>(dv, 1.f, sts, dkv + ((int64_t)batch + b) * sk * d, r0, sk, d, d);
 }
 }  // namespace fa
+#endif
+
+// Kernel bodies exist only where the tensor-core fragments do (FA_ENABLED).
+#if FA_ENABLED
+#define FA_BODY(call) call;
+#else
+#define FA_BODY(call) __trap();
+#endif
 
 #define INSTANTIATE_FLASH(T, S)                                                                   \
-  extern "C" __global__ void __launch_bounds__(FA_THREADS)                                        \
-      imprint_flash_fwd_##S(const T* q, const T* k, const T* v, T* o, float* lse, int sq, int sk, \
-                            int d, float scale) {                                                 \
-    fa::forward<T>(q, k, v, o, lse, sq, sk, d, scale);                                            \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS) imprint_flash_fwd_##S(                 \
+      const T* q, const T* k, const T* v, T* o, float* lse, int sq, int sk, int d, float scale) {   \
+    FA_BODY((fa::forward<T, FA_NF>(q, k, v, o, lse, sq, sk, d, scale)))                           \
   }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(FA_THREADS)                                        \
-      imprint_flash_bwd_dq_##S(const T* q, const T* k, const T* v, const T* go, const float* lse, \
-                               const float* delta, T* dq, int sq, int sk, int d, float scale) {   \
-    fa::backward_dq<T>(q, k, v, go, lse, delta, dq, sq, sk, d, scale);                            \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS) imprint_flash_bwd_dq_##S(              \
+      const T* q, const T* k, const T* v, const T* go, const float* lse, const float* delta,      \
+      T* dq, int sq, int sk, int d, float scale) {                                                \
+    FA_BODY((fa::backward_dq<T, FA_NF>(q, k, v, go, lse, delta, dq, sq, sk, d, scale)))           \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(FA_THREADS) imprint_flash_bwd_dkv_##S(             \
       const T* q, const T* k, const T* v, const T* go, const float* lse, const float* delta,      \
       T* dkv, int batch, int sq, int sk, int d, float scale) {                                    \
-    fa::backward_dkv<T>(q, k, v, go, lse, delta, dkv, batch, sq, sk, d, scale);                   \
+    FA_BODY((fa::backward_dkv<T, FA_NF>(q, k, v, go, lse, delta, dkv, batch, sq, sk, d, scale)))  \
   }
 
 INSTANTIATE_FLASH(__half, f16)
