@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
-/// The head-dim classes of the fused attention (head dims up to 16·N); src/cuda.rs includes one
-/// PTX file per class.
+/// The head-dim classes of the fused attention (head dims up to 16·N); src/cuda.rs's
+/// `FLASH_PTX` includes one PTX file per class (a mismatch fails to compile).
 const FLASH_CLASSES: usize = 8;
 
 fn main() {
@@ -57,12 +57,16 @@ fn main() {
             ),
         ));
     }
-    for (what, mut child) in jobs {
-        let status = child
-            .wait()
-            .unwrap_or_else(|e| panic!("nvcc on {what}: {e}"));
-        if !status.success() {
-            panic!("nvcc failed on {what} ({status})");
-        }
+    // Wait for every run before failing, so none is left writing into OUT_DIR.
+    let failed: Vec<String> = jobs
+        .into_iter()
+        .filter_map(|(what, mut child)| match child.wait() {
+            Ok(status) if status.success() => None,
+            Ok(status) => Some(format!("{what} ({status})")),
+            Err(e) => Some(format!("{what} ({e})")),
+        })
+        .collect();
+    if !failed.is_empty() {
+        panic!("nvcc failed on {}", failed.join(", "));
     }
 }

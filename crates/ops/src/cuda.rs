@@ -1,7 +1,8 @@
-//! Launches the kernels of `src/cuda/kernels.cu` (compiled to PTX by build.rs) on candle's CUDA
-//! storages: the forward passes of norm (+SiLU), softmax and GEGLU, GEGLU's backward, and the
-//! im2col/col2im of the convolution backward. The other backward passes are composed from candle
-//! ops and so run on any device.
+//! Launches the kernels of `src/cuda/kernels.cu` and `src/cuda/flash_attention.cu` (compiled to
+//! PTX by build.rs) on candle's CUDA storages: the forward passes of norm (+SiLU), softmax and
+//! GEGLU, GEGLU's backward, the im2col/col2im of the convolution backward, and the fused
+//! attention's forward and backward. The other backward passes are composed from candle ops and
+//! so run on any device.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
@@ -294,7 +295,8 @@ pub(crate) fn im2col(
 /// block (`FA_TILE`, `FA_THREADS` in flash_attention.cu).
 const FLASH_TILE: usize = 32;
 const FLASH_THREADS: u32 = 64;
-/// The fused attention's PTX per head-dim class N (head dims up to 16·N; build.rs).
+/// The fused attention's PTX per head-dim class N (head dims up to 16·N), one file per class of
+/// build.rs's `FLASH_CLASSES`.
 const FLASH_PTX: [&str; 8] = [
     include_str!(concat!(env!("OUT_DIR"), "/flash_1.ptx")),
     include_str!(concat!(env!("OUT_DIR"), "/flash_2.ptx")),

@@ -200,6 +200,11 @@ fn fused_attention_matches_cpu() {
         (3, 33, 5, 80),
         (2, 45, 77, 128),
         (3, 1, 17, 8),
+        // Head dims that are not multiples of 8 stage element by element; 96 and 100 load the
+        // remaining classes (6, 7).
+        (2, 19, 23, 20),
+        (1, 40, 33, 100),
+        (1, 33, 40, 96),
     ]
     .iter()
     .enumerate()
@@ -317,6 +322,8 @@ fn fused_attention_partial_gradients_match_cpu() {
                 .collect::<Vec<_>>()
         };
         let cpu = grads(&Device::Cpu, DType::F32);
+        let on = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_device(&cuda()).unwrap();
+        assert!(fused_attention_applies(&on(&q), &on(&k), &on(&v)));
         let gpu = grads(&cuda(), DType::BF16);
         for (i, (a, b)) in gpu.iter().zip(&cpu).enumerate() {
             if let (Some(a), Some(b)) = (a, b) {
