@@ -559,6 +559,23 @@ mod fused {
         }
     }
 
+    /// `CustomOp3::cpu_fwd` of ops that exist only on CUDA ([`applies`] keeps them there).
+    macro_rules! cuda_only {
+        () => {
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                bail!("fused attention runs on CUDA only")
+            }
+        };
+    }
+
     struct Forward {
         scale: f64,
         /// `[B, Sq]` f32 log-sum-exp of the scaled scores, written by the forward.
@@ -569,17 +586,7 @@ mod fused {
         fn name(&self) -> &'static str {
             "fused-attention"
         }
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            bail!("fused attention runs on CUDA only")
-        }
+        cuda_only!();
         fn cuda_fwd(
             &self,
             q: &CudaStorage,
@@ -651,17 +658,7 @@ mod fused {
         fn name(&self) -> &'static str {
             "fused-attention-backward"
         }
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            bail!("fused attention runs on CUDA only")
-        }
+        cuda_only!();
         fn cuda_fwd(
             &self,
             q: &CudaStorage,
