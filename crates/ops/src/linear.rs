@@ -379,6 +379,11 @@ impl candle_core::Module for Linear {
 /// DreamBooth step on SD 1.5 in `perf`, Intel Xeon).
 struct LinearOp;
 
+/// `∂x = ∂y·w` unless nothing before the layer needs it (e.g. the first layer on data).
+fn input_grad(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    x.track_op().then(|| grad.matmul(w)).transpose()
+}
+
 /// `∂w = ∂yᵀ·x` and `∂b = Σ_rows ∂y` where they are trained.
 fn linear_param_grads(
     x: &Tensor,
@@ -504,7 +509,7 @@ impl CustomOp2 for LinearOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dw, _) = linear_param_grads(x, w, None, grad)?;
-        Ok((Some(grad.matmul(w)?), dw))
+        Ok((input_grad(x, w, grad)?, dw))
     }
 }
 
@@ -554,7 +559,7 @@ impl CustomOp3 for LinearOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dw, db) = linear_param_grads(x, w, Some(b), grad)?;
-        Ok((Some(grad.matmul(w)?), dw, db))
+        Ok((input_grad(x, w, grad)?, dw, db))
     }
 }
 
