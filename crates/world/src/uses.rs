@@ -267,9 +267,29 @@ fn train_concept(
     dir: &Path,
 ) -> Result<std::path::PathBuf> {
     let scenes = concept_reference_scenes(k, cfg.references, cfg.seed);
+    train_on(
+        cfg,
+        method,
+        concept(k),
+        &scenes,
+        |s| s.caption_with(phrase),
+        dir,
+    )
+}
+
+/// Trains `method` on `scenes` captioned by `caption`, written to `dir/images`; `c` gives the
+/// token and the initial word. Returns the concept file.
+fn train_on(
+    cfg: &BenchConfig,
+    method: &str,
+    c: &HeldOutConcept,
+    scenes: &[crate::held_out::ConceptScene],
+    caption: impl Fn(&crate::held_out::ConceptScene) -> String,
+    dir: &Path,
+) -> Result<std::path::PathBuf> {
     let images = dir.join("images");
-    write_references(&scenes, Some(phrase), &images)?;
-    train(cfg, method, concept(k), &images, dir)?;
+    write_references_with(scenes, caption, &images)?;
+    train(cfg, method, c, &images, dir)?;
     Ok(dir.join("concept.safetensors"))
 }
 
@@ -482,13 +502,15 @@ pub fn run_multi(
         )?;
         let mut per = vec![];
         html += &format!("<tr><td>{variant}</td>");
+        let readings: Vec<_> = imgs.iter().map(crate::read::read).collect();
         for (side, (&k, r)) in pair.iter().zip(&refs).enumerate() {
             let left = side == 0;
             let colors = concept(k).colors();
             let share = |on_side: bool| {
-                imgs.iter()
-                    .filter(|img| {
-                        crate::read::read(img).objects.iter().any(|b| {
+                readings
+                    .iter()
+                    .filter(|reading| {
+                        reading.objects.iter().any(|b| {
                             colors.contains(&b.color) && (!on_side || (b.centroid.0 < 32.0) == left)
                         })
                     })
@@ -562,25 +584,21 @@ pub fn run_style(cfg: &BenchConfig, clip: &ClipModel) -> Result<(StyleResult, St
     let token = format!("<world-{pattern}>");
     // A style set: the pattern on shapes other than those it is then applied to, the word where
     // colour and pattern words go ("a <world-1> ring"), initialised from a pattern word.
-    let ti = {
-        let tdir = dir.join("pattern-ti");
-        let images = tdir.join("images");
-        let scenes = style_reference_scenes(pattern, &STYLE_SHAPES, cfg.references, cfg.seed);
-        write_references_with(
-            &scenes,
-            |s| {
-                let shape = s.scene.objects[s.concept_object].shape;
-                s.caption_with(&format!("{token} {shape}"))
-            },
-            &images,
-        )?;
-        let style = HeldOutConcept {
-            class_word: STYLE_INIT_WORD,
-            ..*pc
-        };
-        train(cfg, "ti", &style, &images, &tdir)?;
-        tdir.join("concept.safetensors")
+    let style = HeldOutConcept {
+        class_word: STYLE_INIT_WORD,
+        ..*pc
     };
+    let ti = train_on(
+        cfg,
+        "ti",
+        &style,
+        &style_reference_scenes(pattern, &STYLE_SHAPES, cfg.references, cfg.seed),
+        |s| {
+            let shape = s.scene.objects[s.concept_object].shape;
+            s.caption_with(&format!("{token} {shape}"))
+        },
+        &dir.join("pattern-ti"),
+    )?;
     let xti_pattern = train_concept(cfg, "xti", pattern, &token, &dir.join("pattern-xti"))?;
     let shape_token = format!("<world-{shape_concept}>");
     let xti_shape = train_concept(
