@@ -370,6 +370,8 @@ struct Phase<'a> {
     bar: indicatif::ProgressBar,
     log: std::fs::File,
     started: Instant,
+    /// Seconds the phase had run before this process resumed it (the log's clock continues).
+    seconds_before: f64,
     objective: String,
 }
 
@@ -411,6 +413,7 @@ impl<'a> Phase<'a> {
             bar,
             log,
             started: Instant::now(),
+            seconds_before: 0.0,
             objective: objective.to_string(),
         })
     }
@@ -422,7 +425,51 @@ impl<'a> Phase<'a> {
     }
 
     /// Restores vars and optimizer moments from the phase's checkpoint; returns the next step.
-    fn resume(&self, vars: &[(String, Var)], opt: &mut AdamW) -> Result<usize> {
+    /// The log keeps the phase's entries up to that step only: the steps after the checkpoint
+    /// are trained again, and their first, lost run must not appear twice.
+    fn resume(&mut self, vars: &[(String, Var)], opt: &mut AdamW) -> Result<usize> {
+        let step = self.restore(vars, opt)?;
+        self.trim_log(step)?;
+        Ok(step)
+    }
+
+    /// Rewrites the log without this phase's entries past `step`, and continues the phase's clock
+    /// from its last kept entry.
+    fn trim_log(&mut self, step: usize) -> Result<()> {
+        let path = self.out.join("train-log.jsonl");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: unreadable", path.display()))?;
+        let mut kept = String::with_capacity(text.len());
+        let mut dropped = 0usize;
+        self.seconds_before = 0.0;
+        for line in text.lines() {
+            let entry: Option<serde_json::Value> = serde_json::from_str(line).ok();
+            let ours = entry
+                .as_ref()
+                .filter(|e| e["phase"] == self.name)
+                .and_then(|e| Some((e["step"].as_u64()? as usize, e["seconds"].as_f64()?)));
+            match ours {
+                Some((s, _)) if s > step => dropped += 1,
+                Some((_, secs)) => {
+                    self.seconds_before = self.seconds_before.max(secs);
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+                None => {
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+            }
+        }
+        if dropped > 0 {
+            write_atomic(&path, kept.as_bytes())
+                .with_context(|| format!("{}: cannot rewrite", path.display()))?;
+            self.log = std::fs::OpenOptions::new().append(true).open(&path)?;
+        }
+        Ok(())
+    }
+
+    fn restore(&self, vars: &[(String, Var)], opt: &mut AdamW) -> Result<usize> {
         let path = self.checkpoint_path();
         if !path.exists() {
             return Ok(0);
@@ -493,7 +540,7 @@ impl<'a> Phase<'a> {
         opt: &AdamW,
     ) -> Result<()> {
         let mut entry = json!({"phase": self.name, "step": step + 1,
-            "seconds": self.started.elapsed().as_secs_f64()});
+            "seconds": self.seconds_before + self.started.elapsed().as_secs_f64()});
         for (k, v) in losses {
             entry[*k] = json!(v);
         }
@@ -1331,7 +1378,7 @@ mod tests {
         let vars = vec![("w".to_string(), v.clone())];
         let mut opt = optimizer(&vars, 0.0)?;
         opt.step(&[Tensor::new(&[0.5f32, -0.5], &dev)?], 0.1)?;
-        let phase = Phase::new("vae", dir.path(), 10, 1, 1)?;
+        let mut phase = Phase::new("vae", dir.path(), 10, 1, 1)?;
         phase.save(&vars, &opt, 3)?;
         let saved = v.as_tensor().to_vec1::<f32>()?;
         v.set(&Tensor::new(&[9f32, 9.0], &dev)?)?;
@@ -1343,6 +1390,47 @@ mod tests {
             opt.exp_avg[0].to_vec1::<f32>()?
         );
         assert_eq!(fresh.step, 3);
+        Ok(())
+    }
+
+    /// Steps logged after the last checkpoint are trained again on resume: the log drops their
+    /// first run (other phases' entries stay) and the phase's clock continues.
+    #[test]
+    fn resuming_drops_the_log_entries_past_the_checkpoint() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let dev = Device::Cpu;
+        let vars = vec![("w".to_string(), Var::new(&[1f32, 2.0], &dev)?)];
+        let mut opt = optimizer(&vars, 0.0)?;
+        let mut clip = Phase::new("clip", dir.path(), 10, 100, 2)?;
+        clip.record(0, &[("loss", 1.0)], &vars, &opt)?;
+        let mut phase = Phase::new("vae", dir.path(), 10, 3, 1)?;
+        for step in 0..5 {
+            phase.record(step, &[("loss", 1.0)], &vars, &opt)?;
+        }
+        drop((phase, clip));
+        let mut resumed = Phase::new("vae", dir.path(), 10, 3, 1)?;
+        assert_eq!(resumed.resume(&vars, &mut opt)?, 3);
+        resumed.record(3, &[("loss", 0.5)], &vars, &opt)?;
+        let log = std::fs::read_to_string(dir.path().join("train-log.jsonl"))?;
+        let entries: Vec<serde_json::Value> = log
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<std::result::Result<_, _>>()?;
+        let steps = |name: &str| -> Vec<u64> {
+            entries
+                .iter()
+                .filter(|e| e["phase"] == name)
+                .map(|e| e["step"].as_u64().unwrap())
+                .collect()
+        };
+        assert_eq!(steps("vae"), [1, 2, 3, 4]);
+        assert_eq!(steps("clip"), [1]);
+        let secs: Vec<f64> = entries
+            .iter()
+            .filter(|e| e["phase"] == "vae")
+            .map(|e| e["seconds"].as_f64().unwrap())
+            .collect();
+        assert!(secs[3] >= secs[2], "the clock went back: {secs:?}");
         Ok(())
     }
 
@@ -1361,7 +1449,7 @@ mod tests {
             "epsilon zero-terminal-snr=false",
         )?
         .save(&vars, &opt, 2)?;
-        let v = Phase::with_objective(
+        let mut v = Phase::with_objective(
             "unet",
             dir.path(),
             10,
@@ -1371,7 +1459,7 @@ mod tests {
         )?;
         let err = v.resume(&vars, &mut opt).unwrap_err().to_string();
         assert!(err.contains("objective epsilon"), "{err}");
-        let same = Phase::with_objective(
+        let mut same = Phase::with_objective(
             "unet",
             dir.path(),
             10,
