@@ -189,7 +189,7 @@ impl Tensor {
                     Op::Binary(lhs, rhs, BinaryOp::Sub) => {
                         grads.accumulate(lhs, &grad)?;
                         let rhs_sum_grad = grads.or_insert(rhs)?;
-                        *rhs_sum_grad = rhs_sum_grad.sub(&grad)?;
+                        *rhs_sum_grad = detach_grad(rhs_sum_grad.sub(&grad)?);
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Mul) => {
                         let lhs_grad = grad.mul(rhs)?;
@@ -202,7 +202,7 @@ impl Tensor {
                         grads.accumulate(lhs, &lhs_grad)?;
                         let rhs_grad = grad.mul(lhs)?.div(&rhs.sqr()?)?;
                         let rhs_sum_grad = grads.or_insert(rhs)?;
-                        *rhs_sum_grad = rhs_sum_grad.sub(&rhs_grad)?;
+                        *rhs_sum_grad = detach_grad(rhs_sum_grad.sub(&rhs_grad)?);
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Minimum)
                     | Op::Binary(lhs, rhs, BinaryOp::Maximum) => {
@@ -367,7 +367,7 @@ impl Tensor {
                         let kernel = Tensor::ones((c, 1, scale), arg.dtype(), arg.device())?;
                         let conv_sum = grad.conv1d(&kernel, 0, scale, 1, c)?;
                         let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = conv_sum;
+                        *sum_grad = detach_grad(conv_sum);
                     }
                     Op::UpsampleNearest2D {
                         arg,
@@ -388,7 +388,7 @@ impl Tensor {
                             Tensor::ones((c, 1, scale_h, scale_w), arg.dtype(), arg.device())?;
                         let conv_sum = grad.conv2d(&kernel, 0, scale_h, 1, c)?;
                         let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = conv_sum;
+                        *sum_grad = detach_grad(conv_sum);
                     }
                     Op::UpsampleBilinear2D { .. } => {
                         crate::bail!("backward not supported for upsample_bilinear2d")
@@ -402,7 +402,7 @@ impl Tensor {
                     }
                     Op::Gather(arg, indexes, dim) => {
                         let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = sum_grad.scatter_add(indexes, &grad, *dim)?;
+                        *sum_grad = detach_grad(sum_grad.scatter_add(indexes, &grad, *dim)?);
                     }
                     Op::Scatter(init, indexes, src, dim) => {
                         grads.accumulate(init, &grad)?;
@@ -428,7 +428,7 @@ impl Tensor {
                         let sum_grad = grads.or_insert(arg)?;
                         // index_select accepts strided ids but index_add requires contiguous ones.
                         let indexes = indexes.contiguous()?;
-                        *sum_grad = sum_grad.index_add(&indexes, &grad, *dim)?;
+                        *sum_grad = detach_grad(sum_grad.index_add(&indexes, &grad, *dim)?);
                     }
                     Op::Matmul(lhs, rhs) => {
                         // Skipping checks, the op went ok, we can skip
@@ -505,12 +505,12 @@ impl Tensor {
                     }
                     Op::Unary(arg, UnaryOp::Cos) => {
                         let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = sum_grad.sub(&(&grad * arg.sin())?)?
+                        *sum_grad = detach_grad(sum_grad.sub(&(&grad * arg.sin())?)?)
                     }
                     Op::Unary(arg, UnaryOp::Tanh) => {
                         let sum_grad = grads.or_insert(arg)?;
                         let minus_dtanh = (node.sqr()? - 1.)?;
-                        *sum_grad = sum_grad.sub(&(&grad * &minus_dtanh)?)?
+                        *sum_grad = detach_grad(sum_grad.sub(&(&grad * &minus_dtanh)?)?)
                     }
                     Op::Unary(arg, UnaryOp::Abs) => {
                         let ones = arg.ones_like()?;
@@ -522,12 +522,12 @@ impl Tensor {
                     }
                     Op::Unary(arg, UnaryOp::Neg) => {
                         let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = sum_grad.sub(&grad)?
+                        *sum_grad = detach_grad(sum_grad.sub(&grad)?)
                     }
                     Op::Unary(arg, UnaryOp::Recip) => {
                         let sum_grad = grads.or_insert(arg)?;
                         let grad = (grad / arg.sqr()?)?;
-                        *sum_grad = sum_grad.sub(&grad)?
+                        *sum_grad = detach_grad(sum_grad.sub(&grad)?)
                     }
                     &Op::Narrow(ref arg, dim, start_idx, len) => {
                         let arg_dims = arg.dims();
@@ -650,7 +650,7 @@ impl Tensor {
                     Op::ToDevice(arg) => {
                         let sum_grad = grads.or_insert(arg)?;
                         let arg_grad = grad.to_device(sum_grad.device())?;
-                        *sum_grad = sum_grad.add(&arg_grad)?
+                        *sum_grad = detach_grad(sum_grad.add(&arg_grad)?)
                     }
                     Op::Transpose(arg, dim1, dim2) => {
                         let arg_grad = grad.transpose(*dim1, *dim2)?;
@@ -668,6 +668,16 @@ impl Tensor {
             }
         }
         Ok(grads)
+    }
+}
+
+/// A gradient about to be stored, cut from the op graph it was computed with (imprint's patch;
+/// see [`GradStore::accumulate`]) unless `CANDLE_GRAD_DO_NOT_DETACH` asks for the graph.
+fn detach_grad(t: Tensor) -> Tensor {
+    if CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) {
+        t
+    } else {
+        t.detach()
     }
 }
 
@@ -706,16 +716,20 @@ impl GradStore {
         self.0.insert(id, grad)
     }
 
-    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
-    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     /// Adds `grad` to `tensor`'s gradient. The first contribution is stored as it is instead of
     /// being added to a new zero tensor (imprint's patch: upstream's `or_insert` + `add` writes a
     /// zero tensor and a sum the size of every gradient, a memory-bound cost per graph node).
+    ///
+    /// The stored gradient is detached (imprint's patch): a custom op's backward that computes
+    /// with its tracked inputs (`∂w = ∂yᵀ·x` with `x` an activation) returns a tensor whose op
+    /// graph holds those inputs, and through them the whole forward graph; a variable's gradient
+    /// stays in the store until the pass ends, so every activation it reached stayed alive with
+    /// it (upstream detaches a gradient only when its node is visited, which leaves never are).
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get().add(grad)?;
-                *entry.get_mut() = sum;
+                *entry.get_mut() = detach_grad(sum);
             }
             Entry::Vacant(entry) => {
                 if grad.shape() != tensor.shape() {
@@ -726,12 +740,14 @@ impl GradStore {
                     )
                 }
                 // Contiguous as upstream's sums are: later steps (scatter_add, index_add) need it.
-                entry.insert(grad.to_dtype(tensor.dtype())?.contiguous()?);
+                entry.insert(detach_grad(grad.to_dtype(tensor.dtype())?.contiguous()?));
             }
         }
         Ok(())
     }
 
+    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
+    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),
