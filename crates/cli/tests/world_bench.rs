@@ -1,6 +1,7 @@
 //! `imprint world bench` end to end on a smoke-trained world (a few steps per phase): one method,
-//! two concepts, the multi-concept use with its TI and SVDiff Cut-Mix-Unmix variants, and the
-//! debias use with both ways of learning its tokens.
+//! two concepts, the multi-concept use with its TI and SVDiff Cut-Mix-Unmix variants, the style
+//! use (TI and LoRA from a style set on new shapes, P+ style mixing), and the debias use with both
+//! ways of learning its tokens.
 
 mod common;
 
@@ -22,7 +23,7 @@ fn bench_measures_methods_and_two_concepts_in_one_picture() {
             "--steps-scale",
             "0.005",
             "--uses",
-            "multi,debias",
+            "multi,debias,style",
         ])
         .args(["--json", "--out"])
         .arg(&out)
@@ -77,6 +78,33 @@ fn bench_measures_methods_and_two_concepts_in_one_picture() {
             assert!(c["dino"].as_f64().unwrap().is_finite());
         }
     }
+    let style = lines
+        .iter()
+        .find(|l| l["use"] == "style")
+        .expect("a style line");
+    let cases: Vec<&str> = style["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["case"].as_str().unwrap())
+        .collect();
+    for method in ["ti", "lora"] {
+        for shape in ["square", "circle", "star", "triangle"] {
+            let case = format!("{method} on a {shape}");
+            assert!(cases.contains(&case.as_str()), "{case} in {cases:?}");
+        }
+    }
+    assert!(cases.iter().any(|c| c.starts_with("mix:")), "{cases:?}");
+    for c in style["cases"].as_array().unwrap() {
+        assert!((0.0..=1.0).contains(&c["pattern_colors"].as_f64().unwrap()));
+    }
+    let lora_caption = std::fs::read_dir(out.join("style/pattern-lora/images"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.path().extension().is_some_and(|x| x == "txt"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .expect("the style LoRA's captions");
+    assert!(lora_caption.contains("sks "), "{lora_caption}");
     // The Cut-Mix-Unmix run logged its unmix term; the control's weight was 0.
     let log =
         std::fs::read_to_string(out.join("multi/svdiff-cut-mix-unmix/concept.log.jsonl")).unwrap();

@@ -574,8 +574,11 @@ const STYLE_SHAPES: [Shape; 3] = [Shape::Heart, Shape::Ring, Shape::Cross];
 const NEW_SHAPES: [&str; 4] = ["square", "circle", "star", "triangle"];
 /// The style token's initial embedding: the base pattern word nearest the zigzag.
 const STYLE_INIT_WORD: &str = "striped";
+/// The style LoRA's trigger word (the bench's LoRA and DreamBooth rare word).
+const LORA_TRIGGER: &str = "sks";
 
-/// The pattern concept on new shapes, and P+ style mixing.
+/// The pattern concept on new shapes (a TI and a LoRA trained on a style set), and P+ style
+/// mixing.
 pub fn run_style(cfg: &BenchConfig, clip: &ClipModel) -> Result<(StyleResult, String)> {
     let dir = cfg.out.join("style");
     std::fs::create_dir_all(&dir)?;
@@ -588,16 +591,30 @@ pub fn run_style(cfg: &BenchConfig, clip: &ClipModel) -> Result<(StyleResult, St
         class_word: STYLE_INIT_WORD,
         ..*pc
     };
+    let style_set = style_reference_scenes(pattern, &STYLE_SHAPES, cfg.references, cfg.seed);
     let ti = train_on(
         cfg,
         "ti",
         &style,
-        &style_reference_scenes(pattern, &STYLE_SHAPES, cfg.references, cfg.seed),
+        &style_set,
         |s| {
             let shape = s.scene.objects[s.concept_object].shape;
             s.caption_with(&format!("{token} {shape}"))
         },
         &dir.join("pattern-ti"),
+    )?;
+    // A style LoRA on the same set, its trigger word where the TI token goes ("a sks ring"), as
+    // style LoRAs are trained on captioned images with a trigger word.
+    let lora = train_on(
+        cfg,
+        "lora",
+        &style,
+        &style_set,
+        |s| {
+            let shape = s.scene.objects[s.concept_object].shape;
+            s.caption_with(&format!("{LORA_TRIGGER} {shape}"))
+        },
+        &dir.join("pattern-lora"),
     )?;
     let xti_pattern = train_concept(cfg, "xti", pattern, &token, &dir.join("pattern-xti"))?;
     let shape_token = format!("<world-{shape_concept}>");
@@ -615,7 +632,7 @@ pub fn run_style(cfg: &BenchConfig, clip: &ClipModel) -> Result<(StyleResult, St
     let colors = pc.colors();
     let n = 8;
     let mut cases = vec![];
-    let mut html = String::from("<h2>Style: a pattern concept on new shapes, and P+ style mixing</h2><table class=t><tr><th>case</th><th>prompt</th><th>pattern colours</th><th>shape seen</th></tr>");
+    let mut html = String::from("<h2>Style: a pattern concept on new shapes (TI and LoRA from a style set), and P+ style mixing</h2><table class=t><tr><th>case</th><th>prompt</th><th>pattern colours</th><th>shape seen</th></tr>");
     let mut pictures = String::new();
     let mut plan: Vec<(String, String, Vec<String>)> = vec![];
     for shape in NEW_SHAPES {
@@ -623,6 +640,13 @@ pub fn run_style(cfg: &BenchConfig, clip: &ClipModel) -> Result<(StyleResult, St
             format!("ti on a {shape}"),
             format!("a {token} {shape} on a solid gray background"),
             vec!["--concept".into(), ti.display().to_string()],
+        ));
+    }
+    for shape in NEW_SHAPES {
+        plan.push((
+            format!("lora on a {shape}"),
+            format!("a {LORA_TRIGGER} {shape} on a solid gray background"),
+            vec!["--concept".into(), lora.display().to_string()],
         ));
     }
     plan.push((
