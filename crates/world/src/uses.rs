@@ -592,30 +592,23 @@ pub fn run_style(cfg: &BenchConfig, clip: &ClipModel) -> Result<(StyleResult, St
         ..*pc
     };
     let style_set = style_reference_scenes(pattern, &STYLE_SHAPES, cfg.references, cfg.seed);
-    let ti = train_on(
-        cfg,
-        "ti",
-        &style,
-        &style_set,
-        |s| {
-            let shape = s.scene.objects[s.concept_object].shape;
-            s.caption_with(&format!("{token} {shape}"))
-        },
-        &dir.join("pattern-ti"),
-    )?;
-    // A style LoRA on the same set, its trigger word where the TI token goes ("a sks ring"), as
-    // style LoRAs are trained on captioned images with a trigger word.
-    let lora = train_on(
-        cfg,
-        "lora",
-        &style,
-        &style_set,
-        |s| {
-            let shape = s.scene.objects[s.concept_object].shape;
-            s.caption_with(&format!("{LORA_TRIGGER} {shape}"))
-        },
-        &dir.join("pattern-lora"),
-    )?;
+    // The TI token, and beside it a style LoRA on the same set with its trigger word where the
+    // token goes ("a sks ring"), as style LoRAs are trained on captioned images.
+    let mut style_files = vec![];
+    for (method, word) in [("ti", token.as_str()), ("lora", LORA_TRIGGER)] {
+        let file = train_on(
+            cfg,
+            method,
+            &style,
+            &style_set,
+            |s| {
+                let shape = s.scene.objects[s.concept_object].shape;
+                s.caption_with(&format!("{word} {shape}"))
+            },
+            &dir.join(format!("pattern-{method}")),
+        )?;
+        style_files.push((method, word, file));
+    }
     let xti_pattern = train_concept(cfg, "xti", pattern, &token, &dir.join("pattern-xti"))?;
     let shape_token = format!("<world-{shape_concept}>");
     let xti_shape = train_concept(
@@ -635,19 +628,14 @@ pub fn run_style(cfg: &BenchConfig, clip: &ClipModel) -> Result<(StyleResult, St
     let mut html = String::from("<h2>Style: a pattern concept on new shapes (TI and LoRA from a style set), and P+ style mixing</h2><table class=t><tr><th>case</th><th>prompt</th><th>pattern colours</th><th>shape seen</th></tr>");
     let mut pictures = String::new();
     let mut plan: Vec<(String, String, Vec<String>)> = vec![];
-    for shape in NEW_SHAPES {
-        plan.push((
-            format!("ti on a {shape}"),
-            format!("a {token} {shape} on a solid gray background"),
-            vec!["--concept".into(), ti.display().to_string()],
-        ));
-    }
-    for shape in NEW_SHAPES {
-        plan.push((
-            format!("lora on a {shape}"),
-            format!("a {LORA_TRIGGER} {shape} on a solid gray background"),
-            vec!["--concept".into(), lora.display().to_string()],
-        ));
+    for (method, word, file) in &style_files {
+        for shape in NEW_SHAPES {
+            plan.push((
+                format!("{method} on a {shape}"),
+                format!("a {word} {shape} on a solid gray background"),
+                vec!["--concept".into(), file.display().to_string()],
+            ));
+        }
     }
     plan.push((
         "split-ring (P+)".into(),
