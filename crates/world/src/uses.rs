@@ -42,6 +42,8 @@ use std::time::Instant;
 /// The uses the bench knows.
 pub const USES: [&str; 3] = ["debias", "multi", "style"];
 
+/// Samples per case of the multi-concept and style uses (a share is read to 1/16).
+const USE_SAMPLES: usize = 16;
 /// The colour categories the debias use balances "a circle" over.
 pub const DEBIAS_COLORS: [Color; 4] = [Color::Red, Color::Green, Color::Blue, Color::Yellow];
 /// The prompt whose bias is measured (a circle with no colour named).
@@ -442,7 +444,7 @@ pub fn run_multi(
     let prompt = format!("a {ta} at the left and a {tb} at the right on a solid gray background");
     half_mask(&dir.join("left.png"), true)?;
     half_mask(&dir.join("right.png"), false)?;
-    let n = 8;
+    let n = USE_SAMPLES;
     let mut concepts_args = vec![];
     for f in &files {
         concepts_args.push("--concept".to_string());
@@ -623,7 +625,7 @@ pub fn run_style(cfg: &BenchConfig, clip: &ClipModel) -> Result<(StyleResult, St
         .map(|s| s.word().to_string())
         .collect();
     let colors = pc.colors();
-    let n = 8;
+    let n = USE_SAMPLES;
     let mut cases = vec![];
     let mut html = String::from("<h2>Style: a pattern concept on new shapes (TI and LoRA from a style set), and P+ style mixing</h2><table class=t><tr><th>case</th><th>prompt</th><th>pattern colours</th><th>shape seen</th></tr>");
     let mut pictures = String::new();
