@@ -88,7 +88,7 @@ fn bench_measures_methods_and_two_concepts_in_one_picture() {
         .iter()
         .map(|c| c["case"].as_str().unwrap())
         .collect();
-    for method in ["ti", "lora"] {
+    for method in ["baseline", "ti", "lora"] {
         for shape in ["square", "circle", "star", "triangle"] {
             let case = format!("{method} on a {shape}");
             assert!(cases.contains(&case.as_str()), "{case} in {cases:?}");

@@ -579,8 +579,8 @@ const STYLE_INIT_WORD: &str = "striped";
 /// The style LoRA's trigger word (the bench's LoRA and DreamBooth rare word).
 const LORA_TRIGGER: &str = "sks";
 
-/// The pattern concept on new shapes (a TI and a LoRA trained on a style set), and P+ style
-/// mixing.
+/// The pattern concept on new shapes (a TI and a LoRA trained on a style set, beside the
+/// untrained initial word), and P+ style mixing.
 pub fn run_style(cfg: &BenchConfig, clip: &ClipModel) -> Result<(StyleResult, String)> {
     let dir = cfg.out.join("style");
     std::fs::create_dir_all(&dir)?;
@@ -630,6 +630,14 @@ pub fn run_style(cfg: &BenchConfig, clip: &ClipModel) -> Result<(StyleResult, St
     let mut html = String::from("<h2>Style: a pattern concept on new shapes (TI and LoRA from a style set), and P+ style mixing</h2><table class=t><tr><th>case</th><th>prompt</th><th>pattern colours</th><th>shape seen</th></tr>");
     let mut pictures = String::new();
     let mut plan: Vec<(String, String, Vec<String>)> = vec![];
+    // What the words alone give: the TI's initial word with no concept applied.
+    for shape in NEW_SHAPES {
+        plan.push((
+            format!("baseline on a {shape}"),
+            format!("a {STYLE_INIT_WORD} {shape} on a solid gray background"),
+            vec![],
+        ));
+    }
     for (method, word, file) in &style_files {
         for shape in NEW_SHAPES {
             plan.push((
