@@ -188,8 +188,7 @@ impl Tensor {
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Sub) => {
                         grads.accumulate(lhs, &grad)?;
-                        let rhs_sum_grad = grads.or_insert(rhs)?;
-                        *rhs_sum_grad = detach_grad(rhs_sum_grad.sub(&grad)?);
+                        grads.update(rhs, |sum| sum.sub(&grad))?;
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Mul) => {
                         let lhs_grad = grad.mul(rhs)?;
@@ -201,8 +200,7 @@ impl Tensor {
                         let lhs_grad = grad.div(rhs)?;
                         grads.accumulate(lhs, &lhs_grad)?;
                         let rhs_grad = grad.mul(lhs)?.div(&rhs.sqr()?)?;
-                        let rhs_sum_grad = grads.or_insert(rhs)?;
-                        *rhs_sum_grad = detach_grad(rhs_sum_grad.sub(&rhs_grad)?);
+                        grads.update(rhs, |sum| sum.sub(&rhs_grad))?;
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Minimum)
                     | Op::Binary(lhs, rhs, BinaryOp::Maximum) => {
@@ -366,8 +364,7 @@ impl Tensor {
 
                         let kernel = Tensor::ones((c, 1, scale), arg.dtype(), arg.device())?;
                         let conv_sum = grad.conv1d(&kernel, 0, scale, 1, c)?;
-                        let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = detach_grad(conv_sum);
+                        grads.update(arg, |_| Ok(conv_sum))?;
                     }
                     Op::UpsampleNearest2D {
                         arg,
@@ -387,8 +384,7 @@ impl Tensor {
                         let kernel =
                             Tensor::ones((c, 1, scale_h, scale_w), arg.dtype(), arg.device())?;
                         let conv_sum = grad.conv2d(&kernel, 0, scale_h, 1, c)?;
-                        let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = detach_grad(conv_sum);
+                        grads.update(arg, |_| Ok(conv_sum))?;
                     }
                     Op::UpsampleBilinear2D { .. } => {
                         crate::bail!("backward not supported for upsample_bilinear2d")
@@ -401,8 +397,7 @@ impl Tensor {
                         grads.accumulate(lhs, &lhs_grad)?;
                     }
                     Op::Gather(arg, indexes, dim) => {
-                        let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = detach_grad(sum_grad.scatter_add(indexes, &grad, *dim)?);
+                        grads.update(arg, |sum| sum.scatter_add(indexes, &grad, *dim))?;
                     }
                     Op::Scatter(init, indexes, src, dim) => {
                         grads.accumulate(init, &grad)?;
@@ -425,10 +420,9 @@ impl Tensor {
                         grads.accumulate(src, &src_grad)?;
                     }
                     Op::IndexSelect(arg, indexes, dim) => {
-                        let sum_grad = grads.or_insert(arg)?;
                         // index_select accepts strided ids but index_add requires contiguous ones.
                         let indexes = indexes.contiguous()?;
-                        *sum_grad = detach_grad(sum_grad.index_add(&indexes, &grad, *dim)?);
+                        grads.update(arg, |sum| sum.index_add(&indexes, &grad, *dim))?;
                     }
                     Op::Matmul(lhs, rhs) => {
                         // Skipping checks, the op went ok, we can skip
@@ -504,13 +498,11 @@ impl Tensor {
                         grads.accumulate(arg, &(&grad * arg.cos())?)?
                     }
                     Op::Unary(arg, UnaryOp::Cos) => {
-                        let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = detach_grad(sum_grad.sub(&(&grad * arg.sin())?)?)
+                        grads.update(arg, |sum| sum.sub(&(&grad * arg.sin())?))?;
                     }
                     Op::Unary(arg, UnaryOp::Tanh) => {
-                        let sum_grad = grads.or_insert(arg)?;
                         let minus_dtanh = (node.sqr()? - 1.)?;
-                        *sum_grad = detach_grad(sum_grad.sub(&(&grad * &minus_dtanh)?)?)
+                        grads.update(arg, |sum| sum.sub(&(&grad * &minus_dtanh)?))?;
                     }
                     Op::Unary(arg, UnaryOp::Abs) => {
                         let ones = arg.ones_like()?;
@@ -521,13 +513,11 @@ impl Tensor {
                         grads.accumulate(arg, &(&grad * *node)?)?
                     }
                     Op::Unary(arg, UnaryOp::Neg) => {
-                        let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = detach_grad(sum_grad.sub(&grad)?)
+                        grads.update(arg, |sum| sum.sub(&grad))?;
                     }
                     Op::Unary(arg, UnaryOp::Recip) => {
-                        let sum_grad = grads.or_insert(arg)?;
                         let grad = (grad / arg.sqr()?)?;
-                        *sum_grad = detach_grad(sum_grad.sub(&grad)?)
+                        grads.update(arg, |sum| sum.sub(&grad))?;
                     }
                     &Op::Narrow(ref arg, dim, start_idx, len) => {
                         let arg_dims = arg.dims();
@@ -648,9 +638,8 @@ impl Tensor {
                         grads.accumulate(arg, &arg_grad)?
                     }
                     Op::ToDevice(arg) => {
-                        let sum_grad = grads.or_insert(arg)?;
-                        let arg_grad = grad.to_device(sum_grad.device())?;
-                        *sum_grad = detach_grad(sum_grad.add(&arg_grad)?)
+                        let arg_grad = grad.to_device(arg.device())?;
+                        grads.update(arg, |sum| sum.add(&arg_grad))?;
                     }
                     Op::Transpose(arg, dim1, dim2) => {
                         let arg_grad = grad.transpose(*dim1, *dim2)?;
@@ -746,17 +735,16 @@ impl GradStore {
         Ok(())
     }
 
-    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
-    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
-    fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
+    /// Replaces `tensor`'s gradient (zeros if it has none yet) with `f` of it, detached as
+    /// [`GradStore::accumulate`] stores: the sites whose update is not a plain sum (`sub`,
+    /// `scatter_add`, `index_add`).
+    fn update(&mut self, tensor: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<()> {
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => {
-                let grad = tensor.zeros_like()?;
-                entry.insert(grad)
-            }
+            Entry::Vacant(entry) => entry.insert(tensor.zeros_like()?),
         };
-        Ok(grad)
+        *grad = detach_grad(f(grad)?);
+        Ok(())
     }
 
     /// Extend this gradient store with the contents of another.
