@@ -67,10 +67,14 @@ fn bench_measures_methods_and_two_concepts_in_one_picture() {
         [
             "joint",
             "regions",
+            "region prompts",
             "svdiff cut-mix-unmix",
             "svdiff cut-mix, no unmix"
         ]
     );
+    let floor = multi["empty_dino"].as_array().unwrap();
+    assert_eq!(floor.len(), 2, "{multi}");
+    assert!(floor.iter().all(|d| d.as_f64().unwrap().is_finite()));
     for v in multi["variants"].as_array().unwrap() {
         for c in v["concepts"].as_array().unwrap() {
             let appears = c["appears"].as_f64().unwrap();

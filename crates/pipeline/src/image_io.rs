@@ -179,6 +179,47 @@ mod tests {
 /// resized to `width × height` (Lanczos), binarized at 0.5 (white = repaint). Returns the pixel
 /// mask `[1, 1, H, W]` and its nearest-neighbour downsampling to the latent grid `[1, 1, H/f, W/f]`
 /// (`torch.nn.functional.interpolate`'s default mode), both 0/1 f32.
+/// A mask image as luminance (PIL's `convert("L")` weights), resized to `width × height`.
+fn read_gray(path: &Path, width: usize, height: usize) -> Result<image::GrayImage> {
+    let rgb = read_rgb(path).with_context(|| format!("{}: the mask", path.display()))?;
+    let gray = image::GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| {
+        let [r, g, b] = rgb.get_pixel(x, y).0;
+        let l = (r as u32 * 299 + g as u32 * 587 + b as u32 * 114 + 500) / 1000;
+        image::Luma([l as u8])
+    });
+    Ok(
+        if gray.width() as usize != width || gray.height() as usize != height {
+            image::imageops::resize(&gray, width as u32, height as u32, FilterType::Lanczos3)
+        } else {
+            gray
+        },
+    )
+}
+
+/// A soft mask `[1, 1, height / factor, width / factor]` in [0, 1]: the image's luminance at
+/// `width × height`, averaged over each latent pixel's `factor × factor` block (not binarized:
+/// gray blends, and a region's edge falls between latent pixels smoothly).
+pub fn read_weight_map(
+    path: &Path,
+    width: usize,
+    height: usize,
+    factor: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let gray = read_gray(path, width, height)?;
+    let (h, w) = (height / factor, width / factor);
+    let mut out = vec![0f32; h * w];
+    for (x, y, p) in gray.enumerate_pixels() {
+        let (i, j) = (y as usize / factor, x as usize / factor);
+        if i < h && j < w {
+            out[i * w + j] += p.0[0] as f32 / 255.0;
+        }
+    }
+    let n = (factor * factor) as f32;
+    out.iter_mut().for_each(|v| *v /= n);
+    Ok(Tensor::from_vec(out, (1, 1, h, w), device)?)
+}
+
 pub fn read_mask(
     path: &Path,
     width: usize,
@@ -186,17 +227,7 @@ pub fn read_mask(
     factor: usize,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    let rgb = read_rgb(path).with_context(|| format!("{}: the mask", path.display()))?;
-    let gray = image::GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| {
-        let [r, g, b] = rgb.get_pixel(x, y).0;
-        let l = (r as u32 * 299 + g as u32 * 587 + b as u32 * 114 + 500) / 1000;
-        image::Luma([l as u8])
-    });
-    let gray = if gray.width() as usize != width || gray.height() as usize != height {
-        image::imageops::resize(&gray, width as u32, height as u32, FilterType::Lanczos3)
-    } else {
-        gray
-    };
+    let gray = read_gray(path, width, height)?;
     let full: Vec<f32> = gray
         .pixels()
         .map(|p| {

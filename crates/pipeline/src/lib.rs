@@ -21,7 +21,8 @@ pub mod noise;
 mod stable_diffusion;
 
 pub use stable_diffusion::{
-    ConceptOptions, GenerateOptions, InitImage, Inpainting, SampleOptions, StableDiffusion,
+    region_weights, ConceptOptions, GenerateOptions, InitImage, Inpainting, RegionPrompt,
+    SampleOptions, StableDiffusion,
 };
 
 pub use imprint_ops::{device_from_env, parse_device};

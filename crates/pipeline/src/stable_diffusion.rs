@@ -90,8 +90,52 @@ pub struct SampleOptions {
     /// models trained with zero terminal SNR, whose guided samples otherwise overexpose.
     pub guidance_rescale: f64,
     pub clip_skip: usize,
+    /// Regional prompts (latent couple / MultiDiffusion): each region's prompt predicts the
+    /// noise inside its weight map, `prompt` the rest. Empty: one prompt for the whole image.
+    pub region_prompts: Vec<RegionPrompt>,
     /// Show a progress bar.
     pub progress: bool,
+}
+
+/// One prompt of regional prompting and where it acts.
+#[derive(Clone, Debug)]
+pub struct RegionPrompt {
+    pub prompt: String,
+    /// `[1, 1, h, w]` on the latent grid, in [0, 1]: the share of this prompt's noise prediction
+    /// at each latent pixel (soft edges blend it with its neighbours').
+    pub weight: Tensor,
+}
+
+/// The per-pixel weights `[1 + k, 1, h, w]` that mix the noise predictions of the base prompt
+/// and `k` region prompts. In the manner of MultiDiffusion (Bar-Tal et al. 2023, eq. 5: the
+/// step's result at a pixel is the weighted mean of every region's) with the base prompt as a
+/// region that fills what the others leave: base = max(0, 1 − Σ mᵢ), then every weight is divided
+/// by max(1, Σ mᵢ), so the weights sum to 1 at each pixel and overlapping regions share it.
+/// A region painted at 0.8 keeps 0.2 of the base prompt, as A1111's Latent Couple base ratio.
+pub fn region_weights(regions: &[RegionPrompt]) -> Result<Tensor> {
+    let first = &regions
+        .first()
+        .context("regional prompting needs at least one region")?
+        .weight;
+    let mut weights = Vec::with_capacity(regions.len());
+    for r in regions {
+        if r.weight.dims() != first.dims() {
+            bail!(
+                "region masks of \"{}\" and \"{}\" differ in size: {:?} vs {:?}",
+                regions[0].prompt,
+                r.prompt,
+                first.dims(),
+                r.weight.dims()
+            )
+        }
+        weights.push(r.weight.to_dtype(DType::F32)?.clamp(0f32, 1f32)?);
+    }
+    let sum = Tensor::cat(&weights, 0)?.sum_keepdim(0)?;
+    let base = (1.0 - &sum)?.relu()?;
+    let total = sum.maximum(1f32)?;
+    let mut all = vec![base];
+    all.extend(weights);
+    Ok(Tensor::cat(&all, 0)?.broadcast_div(&total)?)
 }
 
 impl Default for SampleOptions {
@@ -105,6 +149,7 @@ impl Default for SampleOptions {
             guidance: 7.5,
             guidance_rescale: 0.0,
             clip_skip: 0,
+            region_prompts: vec![],
             progress: false,
         }
     }
@@ -152,6 +197,8 @@ pub struct GenerateOptions {
     pub mask: Option<PathBuf>,
     /// Inpainting: paste the original pixels back outside the mask (off in diffusers).
     pub keep_unmasked: bool,
+    /// Regional prompts: (prompt, mask image; white = the prompt's region, gray blends).
+    pub region_prompts: Vec<(String, PathBuf)>,
     pub progress: bool,
 }
 
@@ -174,6 +221,7 @@ impl Default for GenerateOptions {
             init_image: None,
             mask: None,
             keep_unmasked: false,
+            region_prompts: vec![],
             progress: false,
         }
     }
@@ -532,18 +580,27 @@ impl StableDiffusion {
         schedulers::build(kind, &self.scheduler_config, steps, karras)
     }
 
-    /// The text states the denoising loop attends to: `[negative; prompt]` when guided.
+    /// The text states the denoising loop attends to: `[negative; prompt; region prompts…]`
+    /// (the negative one only when guided).
     pub fn prompt_context(&self, opts: &SampleOptions) -> Result<TextStates> {
-        let cond =
-            self.with_image_prompt(self.encode_prompt(&opts.prompt, opts.clip_skip)?, true)?;
+        let mut states = vec![];
         if opts.guidance > 1.0 {
             // diffusers applies clip skip to the prompt only; the negative prompt takes the last layer.
             let uncond = self.encode_prompt(opts.negative_prompt.as_deref().unwrap_or(""), 0)?;
-            let uncond = self.with_image_prompt(uncond, false)?;
-            Ok(TextStates::cat(&[&uncond, &cond])?)
-        } else {
-            Ok(cond)
+            states.push(self.with_image_prompt(uncond, false)?);
         }
+        let prompts = std::iter::once(opts.prompt.as_str())
+            .chain(opts.region_prompts.iter().map(|r| r.prompt.as_str()));
+        for prompt in prompts {
+            let cond = self
+                .encode_prompt(prompt, opts.clip_skip)
+                .with_context(|| format!("the prompt \"{prompt}\""))?;
+            states.push(self.with_image_prompt(cond, true)?);
+        }
+        if states.len() == 1 {
+            return Ok(states.pop().expect("one state"));
+        }
+        Ok(TextStates::cat(&states.iter().collect::<Vec<_>>())?)
     }
 
     /// Attaches a loaded image prompt: every cross-attention layer gets the adapter's image
@@ -682,12 +739,28 @@ impl StableDiffusion {
     ) -> Result<Tensor> {
         let guided = opts.guidance > 1.0;
         let nine = self.unet.config.in_channels == 9;
-        let doubled = |t: &Tensor| -> Result<Tensor> {
-            Ok(if guided {
-                Tensor::cat(&[t, t], 0)?
-            } else {
+        // Batch rows: [uncond (when guided); prompt; region prompts…].
+        let conds = 1 + opts.region_prompts.len();
+        let rows = usize::from(guided) + conds;
+        let repeated = |t: &Tensor| -> Result<Tensor> {
+            Ok(if rows == 1 {
                 t.clone()
+            } else {
+                Tensor::cat(&vec![t; rows], 0)?
             })
+        };
+        let region_weights = if opts.region_prompts.is_empty() {
+            None
+        } else {
+            let w = region_weights(&opts.region_prompts)?;
+            let (_, _, h, wd) = latents.dims4()?;
+            if w.dims()[2..] != [h, wd] {
+                bail!(
+                    "region masks are {:?} on the latent grid, the latents {h}×{wd}",
+                    &w.dims()[2..]
+                )
+            }
+            Some(w.to_dtype(latents.dtype())?)
         };
         let extra = match (inpaint, nine) {
             (Some(p), true) => {
@@ -695,7 +768,7 @@ impl StableDiffusion {
                     "a 9-channel inpainting UNet needs the masked image's latents",
                 )?;
                 let mask = p.mask.to_dtype(masked.dtype())?;
-                Some(Tensor::cat(&[doubled(&mask)?, doubled(masked)?], 1)?)
+                Some(Tensor::cat(&[repeated(&mask)?, repeated(masked)?], 1)?)
             }
             (None, true) => bail!("this UNet has 9 input channels (an inpainting model): give --init-image and --mask"),
             _ => None,
@@ -712,12 +785,7 @@ impl StableDiffusion {
         bar.set_message("denoising");
         let mut latents = latents;
         for (i, &t) in timesteps.iter().enumerate().skip(begin) {
-            let model_in = if guided {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let model_in = scheduler.scale_model_input(&model_in, i)?;
+            let model_in = scheduler.scale_model_input(&repeated(&latents)?, i)?;
             let model_in = match &extra {
                 Some(e) => Tensor::cat(&[&model_in, &e.to_dtype(model_in.dtype())?], 1)?,
                 None => model_in,
@@ -726,13 +794,18 @@ impl StableDiffusion {
             let pred = self
                 .unet
                 .forward(&model_in, &t_tensor, context.conditioning())?;
+            let cond = pred.narrow(0, usize::from(guided), conds)?;
+            let text = match &region_weights {
+                // Each prompt's prediction where its region lies (the weights sum to 1).
+                Some(w) => cond.broadcast_mul(w)?.sum_keepdim(0)?,
+                None => cond,
+            };
             let pred = if guided {
                 let uncond = pred.narrow(0, 0, 1)?;
-                let text = pred.narrow(0, 1, 1)?;
                 let guided = (&uncond + ((&text - &uncond)? * opts.guidance)?)?;
                 rescale_guidance(&guided, &text, opts.guidance_rescale)?
             } else {
-                pred
+                text
             };
             latents = scheduler.step(&pred, i, &latents, noise)?;
             if let (Some(p), false) = (inpaint, nine) {
@@ -877,6 +950,17 @@ impl StableDiffusion {
             }
             _ => None,
         };
+        let region_prompts = o
+            .region_prompts
+            .iter()
+            .map(|(prompt, path)| {
+                Ok(RegionPrompt {
+                    prompt: prompt.clone(),
+                    weight: image_io::read_weight_map(path, width, height, f, &self.device)
+                        .with_context(|| format!("the region of \"{prompt}\""))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let opts = SampleOptions {
             prompt: o.prompt.clone(),
             negative_prompt: o.negative_prompt.clone(),
@@ -886,6 +970,7 @@ impl StableDiffusion {
             guidance: o.guidance,
             guidance_rescale: o.guidance_rescale,
             clip_skip: o.clip_skip,
+            region_prompts,
             progress: o.progress,
         };
         let latent_shape = (1, self.unet.config.out_channels, height / f, width / f);
@@ -1003,6 +1088,39 @@ pub fn rescale_guidance(guided: &Tensor, text: &Tensor, phi: f64) -> Result<Tens
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn region_weights_sum_to_one_and_the_base_fills_the_rest() -> Result<()> {
+        let dev = Device::Cpu;
+        // One row of four latent pixels: region a covers 1, 1, 0.5, 0; region b 0, 1, 0.25, 0.
+        let region = |w: [f32; 4]| -> Result<RegionPrompt> {
+            Ok(RegionPrompt {
+                prompt: "x".into(),
+                weight: Tensor::new(&w, &dev)?.reshape((1, 1, 1, 4))?,
+            })
+        };
+        let w = region_weights(&[
+            region([1.0, 1.0, 0.5, 0.0])?,
+            region([0.0, 1.0, 0.25, 0.0])?,
+        ])?;
+        assert_eq!(w.dims(), &[3, 1, 1, 4]);
+        let rows: Vec<Vec<f32>> = w.flatten_from(1)?.to_vec2()?;
+        let want = [
+            [0.0, 0.0, 0.25, 1.0], // base: what the regions leave
+            [1.0, 0.5, 0.5, 0.0],  // a: shares the overlap with b
+            [0.0, 0.5, 0.25, 0.0], // b
+        ];
+        for (got, want) in rows.iter().zip(want) {
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() < 1e-6, "{rows:?}");
+            }
+        }
+        let mut other = region([1.0; 4])?;
+        other.weight = Tensor::ones((1, 1, 2, 2), DType::F32, &dev)?;
+        assert!(region_weights(&[region([1.0; 4])?, other]).is_err());
+        assert!(region_weights(&[]).is_err());
+        Ok(())
+    }
 
     #[test]
     fn guidance_rescale_matches_the_formula() -> Result<()> {

@@ -8,8 +8,10 @@
 //!   over [`DEBIAS_COLORS`], and its KL divergence from uniform.
 //!
 //! * **multi** — two held-out concepts (TI) in one prompt, "a A at the left and a B at the right
-//!   on a solid gray background", jointly and with regional prompting (`--region A:left.png
-//!   --region B:right.png`): how often each appears on its side (the renderer's reader finds a
+//!   on a solid gray background", jointly, with regional prompting by attention masking
+//!   (`--region A:left.png --region B:right.png`) and with regional prompts, each concept's own
+//!   prompt denoised on its half (`--region-prompt "a A on a solid gray background:left.png"`,
+//!   latent couple): how often each appears on its side (the renderer's reader finds a
 //!   blob in its colours there) and its fidelity (DINO of that half of the picture to its own
 //!   references). Beside them, SVDiff trained on both concepts at once with Cut-Mix-Unmix
 //!   ("a sks star at the left and a weird heart at the right"), with and without its unmix term.
@@ -29,7 +31,8 @@ use crate::held_out::{
     write_references_with, HeldOutConcept,
 };
 use crate::scene::{
-    pick_color_avoiding, sample_scene_seeded, Color, Object, Pattern, Scene, Shape,
+    pick_color_avoiding, sample_scene_seeded, Background, BackgroundKind, Color, Object, Pattern,
+    Scene, Shape,
 };
 use anyhow::{bail, Result};
 use imprint_eval::attribute::{histogram, Histogram};
@@ -410,6 +413,10 @@ pub struct MultiResult {
     pub name: &'static str,
     pub prompt: String,
     pub variants: Vec<MultiVariant>,
+    /// Per concept: the DINO of the prompt's background alone (the renderer's solid gray, no
+    /// object) to its references, the floor a half with no concept in it scores: the world
+    /// DINO also weighs backgrounds, and gray is close to some concepts' reference scenes.
+    pub empty_dino: Vec<f64>,
 }
 
 /// Two held-out concepts in one picture, jointly and with regional prompting.
@@ -478,6 +485,19 @@ pub fn run_multi(
             vec!["--concept".to_string(), file.display().to_string()],
         ));
     }
+    let empty = Scene {
+        background: Background {
+            kind: BackgroundKind::Solid,
+            color: Color::Gray,
+        },
+        objects: vec![],
+    }
+    .render(64);
+    let empty_features = eval.dino_features(&[empty])?;
+    let empty_dino = refs
+        .iter()
+        .map(|r| imprint_eval::metrics::mean_pairwise_cosine(&empty_features, r))
+        .collect::<Result<Vec<f64>>>()?;
     let mut variants = vec![];
     let mut html = format!("<h2>Two concepts in one picture</h2><p>TI: “{}”; SVDiff: “{}”; {n} samples each.</p><table class=t><tr><th>variant</th>", html_escape(&prompt), html_escape(&svdiff_prompt));
     for &k in &pair {
@@ -485,9 +505,19 @@ pub fn run_multi(
     }
     html += "</tr>";
     let mut pictures = String::new();
+    // Regional prompts: each concept's own prompt denoised on its half (latent couple).
+    let mut region_prompts = concepts_args.clone();
+    for (t, side) in [(&ta, "left.png"), (&tb, "right.png")] {
+        region_prompts.push("--region-prompt".into());
+        region_prompts.push(format!(
+            "a {t} on a solid gray background:{}",
+            dir.join(side).display()
+        ));
+    }
     let mut cases = vec![
         ("joint", prompt.clone(), concepts_args.clone()),
         ("regions", prompt.clone(), regions.clone()),
+        ("region prompts", prompt.clone(), region_prompts),
     ];
     cases.extend(cut_mix);
     for (variant, prompt, extra) in &cases {
@@ -540,13 +570,18 @@ pub fn run_multi(
             concepts: per,
         });
     }
-    html += "</table>";
+    html += "<tr><td>floor: the gray background alone</td>";
+    for d in &empty_dino {
+        html += &format!("<td></td><td>{d:.3}</td>");
+    }
+    html += "</tr></table>";
     html += &pictures;
     Ok((
         MultiResult {
             name: "multi",
             prompt,
             variants,
+            empty_dino,
         },
         html,
     ))

@@ -100,6 +100,9 @@ pub enum DebugCommand {
         /// Regional prompting (`WORD:MASK`, as generate).
         #[arg(long, value_name = "WORD:MASK", value_parser = super::parse_region_arg)]
         region: Vec<(String, std::path::PathBuf)>,
+        /// Regional prompts (`PROMPT:MASK`, as generate).
+        #[arg(long, value_name = "PROMPT:MASK", value_parser = super::parse_region_prompt_arg)]
+        region_prompt: Vec<(String, std::path::PathBuf)>,
         #[arg(long, env = "IMPRINT_DEVICE", default_value = "cpu")]
         device: String,
     },
@@ -254,6 +257,7 @@ pub fn run(c: DebugCommand) -> Result<()> {
             gate,
             ip,
             region,
+            region_prompt,
             device,
         } => {
             let device = super::parse_device(&device)?;
@@ -269,6 +273,26 @@ pub fn run(c: DebugCommand) -> Result<()> {
                 let f = sd.vae_scale_factor();
                 sd.set_regions(&prompt, &region, w * f, h * f, guidance > 1.0)?;
             }
+            let region_prompts = {
+                let (_, _, h, w) = initial.dims4()?;
+                let f = sd.vae_scale_factor();
+                region_prompt
+                    .iter()
+                    .map(|(prompt, path)| {
+                        Ok(imprint_pipeline::RegionPrompt {
+                            prompt: prompt.clone(),
+                            weight: imprint_pipeline::image_io::read_weight_map(
+                                path,
+                                w * f,
+                                h * f,
+                                f,
+                                &device,
+                            )
+                            .with_context(|| format!("the region of \"{prompt}\""))?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            };
             let opts = SampleOptions {
                 prompt,
                 negative_prompt,
@@ -278,6 +302,7 @@ pub fn run(c: DebugCommand) -> Result<()> {
                 guidance,
                 guidance_rescale,
                 clip_skip,
+                region_prompts,
                 progress: false,
             };
             if let Some(mask) = &mask {

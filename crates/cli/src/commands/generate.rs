@@ -76,6 +76,13 @@ pub struct GenerateArgs {
     /// Repeatable; txt2img.
     #[arg(long, value_name = "WORD:MASK", value_parser = super::parse_region_arg)]
     region: Vec<(String, PathBuf)>,
+    /// Regional prompts (latent couple, MultiDiffusion): PROMPT is denoised inside MASK (white;
+    /// gray blends it with the rest) and --prompt everywhere no region covers, each prompt with
+    /// its own noise prediction, so subjects stay apart even where one prompt naming both would
+    /// draw neither (`--prompt "a gray background" --region-prompt "a <a>:left.png"
+    /// --region-prompt "a <b>:right.png"`). Repeatable; costs one more UNet row per region.
+    #[arg(long, value_name = "PROMPT:MASK", value_parser = super::parse_region_prompt_arg)]
+    region_prompt: Vec<(String, PathBuf)>,
     /// Bias correction: sample the categories of ATTRIBUTE in equal proportion, with the
     /// inclusive tokens of a `--concept` made by `imprint train debias --attribute ATTRIBUTE`
     /// (image i gets category i mod M's words appended to the prompt).
@@ -139,10 +146,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         None => None,
     };
     let mut sd = StableDiffusion::load(&a.model, DType::F32, &device)?;
-    let checked_prompt = match &balance {
+    let mut checked_prompt = match &balance {
         Some(t) => format!("{} {}", a.prompt, t.categories[0].1),
         None => a.prompt.clone(),
     };
+    for (prompt, _) in &a.region_prompt {
+        checked_prompt = format!("{checked_prompt} {prompt}");
+    }
     super::apply_concepts(&mut sd, &a.concept, &a.gate, &checked_prompt)?;
     super::apply_ip_adapter(&mut sd, &a.ip)?;
     if !a.region.is_empty() {
@@ -173,6 +183,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         height: a.height,
         mask: a.mask.clone(),
         keep_unmasked: a.keep_unmasked,
+        region_prompts: a.region_prompt.clone(),
         init_image: a.init_image.map(|path| InitImage {
             path,
             strength: a

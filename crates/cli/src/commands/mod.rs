@@ -83,6 +83,17 @@ pub fn parse_region_arg(s: &str) -> std::result::Result<(String, PathBuf), Strin
     }
 }
 
+/// `--region-prompt PROMPT:MASK`: a prompt and the mask image of where it is denoised (split at
+/// the last colon: the prompt may hold one, the path should not).
+pub fn parse_region_prompt_arg(s: &str) -> std::result::Result<(String, PathBuf), String> {
+    match s.rsplit_once(':') {
+        Some((prompt, p)) if !prompt.trim().is_empty() && !p.trim().is_empty() => {
+            Ok((prompt.trim().to_string(), PathBuf::from(p.trim())))
+        }
+        _ => Err(format!("expected PROMPT:MASK.png, got '{s}'")),
+    }
+}
+
 /// An image prompt through an IP-Adapter (`--ip-adapter FILE[:SCALE] --ip-image IMG`).
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct IpAdapterArgs {
@@ -174,5 +185,17 @@ mod tests {
         let c = parse_concept_arg("me@host/b.pt").unwrap();
         assert_eq!((c.path, c.layers), (PathBuf::from("me@host/b.pt"), None));
         assert!(parse_concept_arg("@up").is_err());
+    }
+
+    #[test]
+    fn region_prompts_split_at_the_last_colon() {
+        let (prompt, path) = parse_region_prompt_arg("a cat: on grass:masks/left.png").unwrap();
+        assert_eq!(
+            (prompt.as_str(), path),
+            ("a cat: on grass", PathBuf::from("masks/left.png"))
+        );
+        for bad in ["a cat", ":left.png", "a cat:", "  :x.png"] {
+            assert!(parse_region_prompt_arg(bad).is_err(), "{bad}");
+        }
     }
 }
