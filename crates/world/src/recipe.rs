@@ -103,6 +103,11 @@ pub struct Recipe {
     /// instead of random ones: a world model fine-tuned further (set `unet_eps_steps` to 0 to
     /// run only the v stage).
     pub unet_init: Option<PathBuf>,
+    /// The UNet's width per resolution (16², 8², 4² latents; `block_out_channels`), each a
+    /// multiple of 16 (its group norm's groups).
+    pub unet_channels: Vec<usize>,
+    /// Resnets (and transformers) per down block (`layers_per_block`; up blocks have one more).
+    pub unet_layers_per_block: usize,
     pub dino_steps: usize,
     pub dino_batch: usize,
     pub dino_lr: f64,
@@ -132,6 +137,8 @@ impl Default for Recipe {
             unet_lr: 3e-4,
             unet_object_weight: 1.0,
             unet_init: None,
+            unet_channels: vec![32, 64, 128],
+            unet_layers_per_block: 1,
             dino_steps: 400,
             dino_batch: 64,
             dino_lr: 5e-4,
@@ -174,6 +181,17 @@ impl Recipe {
             if !(lr.is_finite() && lr >= 0.0) {
                 bail!("recipe: {name} must be a finite, non-negative learning rate, got {lr}")
             }
+        }
+        if self.unet_channels.len() != 3
+            || self.unet_channels.iter().any(|&c| c == 0 || c % 16 != 0)
+        {
+            bail!(
+                "recipe: unet_channels must be three positive multiples of 16 (the 16², 8² and 4² levels), got {:?}",
+                self.unet_channels
+            )
+        }
+        if self.unet_layers_per_block == 0 {
+            bail!("recipe: unet_layers_per_block must be at least 1")
         }
         if let Some(init) = &self.unet_init {
             imprint_models::loading::weight_files(
@@ -298,10 +316,10 @@ fn vae_config(scaling_factor: f64) -> Value {
     })
 }
 
-fn unet_config() -> Value {
+fn unet_config(r: &Recipe) -> Value {
     json!({
         "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1",
-        "block_out_channels": [32, 64, 128], "layers_per_block": 1, "attention_head_dim": 4,
+        "block_out_channels": r.unet_channels, "layers_per_block": r.unet_layers_per_block, "attention_head_dim": 4,
         "cross_attention_dim": TEXT_WIDTH, "norm_num_groups": 16, "sample_size": IMAGE_SIZE / 4,
         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
@@ -1000,7 +1018,7 @@ fn unet_stages(folder: &ModelFolder, r: &Recipe) -> Result<[UnetStage; 2]> {
 
 fn train_unet(out: &Path, r: &Recipe, device: &Device) -> Result<()> {
     let model = out.join("model");
-    write_json(&model.join("unet/config.json"), &unet_config())?;
+    write_json(&model.join("unet/config.json"), &unet_config(r))?;
     write_json(
         &model.join("scheduler/scheduler_config.json"),
         &scheduler_config(),
@@ -1009,7 +1027,7 @@ fn train_unet(out: &Path, r: &Recipe, device: &Device) -> Result<()> {
     let vae = folder.load_vae(DType::F32, device)?;
     let te = folder.load_text_encoder(DType::F32, device)?;
     let tokenizer = folder.tokenizer()?;
-    let cfg: UNet2DConditionConfig = serde_json::from_value(unet_config())?;
+    let cfg: UNet2DConditionConfig = serde_json::from_value(unet_config(r))?;
     let (vb, vars) = random_trainable_var_builder(r.seed.wrapping_add(30), device);
     let unet = UNet2DConditionModel::new(vb, &cfg)?;
     let vars = take_vars(&vars)?;
@@ -1508,10 +1526,16 @@ mod tests {
         let weighted = Recipe {
             vae_object_weight: 4.0,
             unet_object_weight: 4.0,
+            unet_channels: vec![16, 32, 32],
+            unet_layers_per_block: 2,
             ..Recipe::smoke()
         };
         train_world_phases(&base, &weighted, &dev, &["vae", "clip", "unet"])?;
         assert!(!base.join("dino").join("model.safetensors").exists());
+        // The recipe's UNet shape is the one written and loaded.
+        let unet = ModelFolder::open(base.join("model"))?.unet_config()?;
+        assert_eq!(unet.block_out_channels, vec![16, 32, 32]);
+        assert_eq!(unet.layers_per_block, 2);
         let saved: Recipe =
             serde_json::from_str(&std::fs::read_to_string(base.join("recipe.json"))?)?;
         assert_eq!(saved, weighted);
@@ -1533,6 +1557,14 @@ mod tests {
             },
             Recipe {
                 save_every: 0,
+                ..Recipe::smoke()
+            },
+            Recipe {
+                unet_channels: vec![32, 64],
+                ..Recipe::smoke()
+            },
+            Recipe {
+                unet_channels: vec![32, 60, 128],
                 ..Recipe::smoke()
             },
             Recipe {
