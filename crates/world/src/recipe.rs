@@ -1535,7 +1535,10 @@ mod tests {
         // The recipe's UNet shape is the one written and loaded.
         let unet = ModelFolder::open(base.join("model"))?.unet_config()?;
         assert_eq!(unet.block_out_channels, vec![16, 32, 32]);
-        assert_eq!(unet.layers_per_block, 2);
+        assert_eq!(
+            unet.layers_per_block.expand(3, "layers_per_block")?,
+            vec![2; 3]
+        );
         let saved: Recipe =
             serde_json::from_str(&std::fs::read_to_string(base.join("recipe.json"))?)?;
         assert_eq!(saved, weighted);
@@ -1601,8 +1604,24 @@ mod tests {
             unet_eps_steps: 0,
             unet_steps: 1,
             unet_lr: 0.0,
+            unet_channels: weighted.unet_channels.clone(),
+            unet_layers_per_block: weighted.unet_layers_per_block,
             ..Recipe::smoke()
         };
+        // Weights of another UNet shape are refused, naming the tensor that differs.
+        let other_shape = Recipe {
+            unet_channels: Recipe::smoke().unet_channels,
+            ..frozen.clone()
+        };
+        let err = train_world_phases(
+            &dir.path().join("other-shape"),
+            &other_shape,
+            &dev,
+            &["vae", "clip", "unet"],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("the world's UNet needs"), "{err}");
         train_world_phases(&tuned, &frozen, &dev, &["vae", "clip", "unet"])?;
         let a =
             candle_core::safetensors::load(init.join("diffusion_pytorch_model.safetensors"), &dev)?;
