@@ -6,7 +6,8 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 
-fn sample(out: &Path, prompt: &str, regions: &[String]) -> std::process::Output {
+/// `imprint debug sample` with `flag VALUE` for each value (`--region` or `--region-prompt`).
+fn sample_with(out: &Path, prompt: &str, flag: &str, values: &[String]) -> std::process::Output {
     let mut cmd = imprint();
     cmd.args(["debug", "sample", "--model"])
         .arg(fixtures().join("diffusers-made/model"))
@@ -24,10 +25,18 @@ fn sample(out: &Path, prompt: &str, regions: &[String]) -> std::process::Output 
         .arg(fixtures().join("ip_adapter/case_0.safetensors"))
         .arg("--output")
         .arg(out);
-    for r in regions {
-        cmd.arg("--region").arg(r);
+    for v in values {
+        cmd.arg(flag).arg(v);
     }
     cmd.output().unwrap()
+}
+
+fn sample(out: &Path, prompt: &str, regions: &[String]) -> std::process::Output {
+    sample_with(out, prompt, "--region", regions)
+}
+
+fn sample_regions(out: &Path, prompt: &str, region_prompts: &[String]) -> std::process::Output {
+    sample_with(out, prompt, "--region-prompt", region_prompts)
 }
 
 fn mask(dir: &Path, name: &str, inside: impl Fn(u32, u32) -> bool) -> PathBuf {
@@ -94,30 +103,6 @@ fn regions_for_absent_words_or_broken_masks_are_refused_without_output() {
         assert!(!err.contains("panicked"), "{err}");
         assert!(!out.exists());
     }
-}
-
-fn sample_regions(out: &Path, prompt: &str, region_prompts: &[String]) -> std::process::Output {
-    let mut cmd = imprint();
-    cmd.args(["debug", "sample", "--model"])
-        .arg(fixtures().join("diffusers-made/model"))
-        .args([
-            "--prompt",
-            prompt,
-            "--scheduler",
-            "ddim",
-            "--steps",
-            "4",
-            "--guidance",
-            "7.5",
-        ])
-        .arg("--latents")
-        .arg(fixtures().join("ip_adapter/case_0.safetensors"))
-        .arg("--output")
-        .arg(out);
-    for r in region_prompts {
-        cmd.arg("--region-prompt").arg(r);
-    }
-    cmd.output().unwrap()
 }
 
 #[test]
