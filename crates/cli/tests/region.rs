@@ -168,3 +168,25 @@ fn region_prompts_with_broken_masks_or_no_mask_are_refused_without_output() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn region_prompts_and_balance_are_refused_together() {
+    let dir = scratch("region-prompt-balance");
+    let out = dir.join("out.png");
+    let all = mask(&dir, "all.png", |_, _| true);
+    let o = imprint()
+        .args(["generate", "--model"])
+        .arg(fixtures().join("diffusers-made/model"))
+        .args(["--prompt", "a photo", "--balance", "color", "--out"])
+        .arg(&out)
+        .arg("--region-prompt")
+        .arg(format!("a cat:{}", all.display()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--region-prompt"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

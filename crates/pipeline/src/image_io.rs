@@ -134,6 +134,28 @@ pub fn grid(images: &[RgbImage]) -> Result<RgbImage> {
 mod tests {
     use super::*;
 
+    /// A region mask's latent weights average each cell's pixels (soft edges stay soft), and a
+    /// size off the latent grid is refused.
+    #[test]
+    fn weight_maps_average_each_latent_cell() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("mask.png");
+        // 4×2 pixels: the left column white, the next gray (128), the rest black.
+        image::GrayImage::from_fn(4, 2, |x, _| image::Luma([[255, 128, 0, 0][x as usize]]))
+            .save(&path)?;
+        let w: Vec<f32> = read_weight_map(&path, 4, 2, 2, &Device::Cpu)?
+            .flatten_all()?
+            .to_vec1()?;
+        let want = [(1.0 + 128.0 / 255.0) / 2.0, 0.0];
+        assert_eq!(w.len(), 2);
+        for (g, e) in w.iter().zip(want) {
+            assert!((g - e).abs() < 1e-6, "{w:?}");
+        }
+        assert!(read_weight_map(&path, 5, 2, 2, &Device::Cpu).is_err());
+        assert!(read_weight_map(&path, 4, 2, 0, &Device::Cpu).is_err());
+        Ok(())
+    }
+
     /// An RGBA PNG tagged "rotate 90° clockwise" (EXIF orientation 6) reads rotated, with its
     /// alpha dropped, not composited.
     #[test]
@@ -174,11 +196,6 @@ mod tests {
     }
 }
 
-/// An inpainting mask as diffusers' mask processor makes it (`VaeImageProcessor(do_normalize=False,
-/// do_binarize=True, do_convert_grayscale=True)`): grayscale (ITU-R 601-2 luma, PIL's "L"),
-/// resized to `width × height` (Lanczos), binarized at 0.5 (white = repaint). Returns the pixel
-/// mask `[1, 1, H, W]` and its nearest-neighbour downsampling to the latent grid `[1, 1, H/f, W/f]`
-/// (`torch.nn.functional.interpolate`'s default mode), both 0/1 f32.
 /// A mask image as luminance (PIL's `convert("L")` weights), resized to `width × height`.
 fn read_gray(path: &Path, width: usize, height: usize) -> Result<image::GrayImage> {
     let rgb = read_rgb(path).with_context(|| format!("{}: the mask", path.display()))?;
@@ -206,6 +223,9 @@ pub fn read_weight_map(
     factor: usize,
     device: &Device,
 ) -> Result<Tensor> {
+    if factor == 0 || width == 0 || height == 0 || width % factor != 0 || height % factor != 0 {
+        bail!("{}: a {width}×{height} region mask does not fall on a latent grid of {factor}-pixel cells", path.display())
+    }
     let gray = read_gray(path, width, height)?;
     let (h, w) = (height / factor, width / factor);
     let mut out = vec![0f32; h * w];
@@ -220,6 +240,11 @@ pub fn read_weight_map(
     Ok(Tensor::from_vec(out, (1, 1, h, w), device)?)
 }
 
+/// An inpainting mask as diffusers' mask processor makes it (`VaeImageProcessor(do_normalize=False,
+/// do_binarize=True, do_convert_grayscale=True)`): grayscale (ITU-R 601-2 luma, PIL's "L"),
+/// resized to `width × height` (Lanczos), binarized at 0.5 (white = repaint). Returns the pixel
+/// mask `[1, 1, H, W]` and its nearest-neighbour downsampling to the latent grid `[1, 1, H/f, W/f]`
+/// (`torch.nn.functional.interpolate`'s default mode), both 0/1 f32.
 pub fn read_mask(
     path: &Path,
     width: usize,

@@ -711,8 +711,9 @@ impl StableDiffusion {
         self.denoise_with_context(opts, scheduler, latents, begin, noise, &context)
     }
 
-    /// [`Self::denoise`] with the text states given (`[uncond; cond]` when `opts.guidance > 1`):
-    /// training validation passes states computed through trainable embeddings.
+    /// [`Self::denoise`] with the text states given (`[uncond; prompt; region prompts…]`, the
+    /// negative row only when `opts.guidance > 1`): training validation passes states computed
+    /// through trainable embeddings.
     pub fn denoise_with_context(
         &self,
         opts: &SampleOptions,
@@ -749,6 +750,10 @@ impl StableDiffusion {
                 Tensor::cat(&vec![t; rows], 0)?
             })
         };
+        let context_rows = context.layer(0)?.dim(0)?;
+        if context_rows != rows {
+            bail!("the text states hold {context_rows} prompts; this sampling needs {rows} (negative, prompt and region prompts)")
+        }
         let region_weights = if opts.region_prompts.is_empty() {
             None
         } else {

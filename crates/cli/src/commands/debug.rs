@@ -266,7 +266,12 @@ pub fn run(c: DebugCommand) -> Result<()> {
             expect_rank(&initial, 4, "latents", &latents)?;
             let mut sd = StableDiffusion::load(&model, DType::F32, &device)?;
             sd.truncate_long_prompts = true; // as the reference pipeline, for parity checks
-            super::apply_concepts(&mut sd, &concept, &gate, &prompt)?;
+                                             // Concept triggers may stand in the region prompts instead of the prompt.
+            let all_prompts = std::iter::once(prompt.as_str())
+                .chain(region_prompt.iter().map(|(p, _)| p.as_str()))
+                .collect::<Vec<_>>()
+                .join(" ");
+            super::apply_concepts(&mut sd, &concept, &gate, &all_prompts)?;
             super::apply_ip_adapter(&mut sd, &ip)?;
             if !region.is_empty() {
                 let (_, _, h, w) = initial.dims4()?;

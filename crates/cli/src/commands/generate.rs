@@ -141,6 +141,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             if !a.region.is_empty() {
                 bail!("--balance and --region cannot be combined")
             }
+            // The category words go into --prompt, which region prompts replace where they lie.
+            if !a.region_prompt.is_empty() {
+                bail!("--balance and --region-prompt cannot be combined")
+            }
             Some(balance_tokens(&a.concept, attr)?)
         }
         None => None,
