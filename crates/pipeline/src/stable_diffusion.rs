@@ -918,6 +918,27 @@ impl StableDiffusion {
         self.vae.decode(&self.vae.unscale_latents(latents)?)
     }
 
+    /// Regional prompts from (prompt, mask image) pairs, their masks read soft on the latent grid
+    /// of a `width × height` picture.
+    pub fn read_region_prompts(
+        &self,
+        regions: &[(String, PathBuf)],
+        width: usize,
+        height: usize,
+    ) -> Result<Vec<RegionPrompt>> {
+        let f = self.vae_scale_factor();
+        regions
+            .iter()
+            .map(|(prompt, path)| {
+                Ok(RegionPrompt {
+                    prompt: prompt.clone(),
+                    weight: image_io::read_weight_map(path, width, height, f, &self.device)
+                        .with_context(|| format!("the region of \"{prompt}\""))?,
+                })
+            })
+            .collect()
+    }
+
     /// Generates `num_images` images; image `i` uses seed `seed + i`, so each is reproducible alone.
     pub fn generate(&self, o: &GenerateOptions) -> Result<Vec<RgbImage>> {
         let f = self.vae_scale_factor();
@@ -955,17 +976,7 @@ impl StableDiffusion {
             }
             _ => None,
         };
-        let region_prompts = o
-            .region_prompts
-            .iter()
-            .map(|(prompt, path)| {
-                Ok(RegionPrompt {
-                    prompt: prompt.clone(),
-                    weight: image_io::read_weight_map(path, width, height, f, &self.device)
-                        .with_context(|| format!("the region of \"{prompt}\""))?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let region_prompts = self.read_region_prompts(&o.region_prompts, width, height)?;
         let opts = SampleOptions {
             prompt: o.prompt.clone(),
             negative_prompt: o.negative_prompt.clone(),

@@ -266,12 +266,8 @@ pub fn run(c: DebugCommand) -> Result<()> {
             expect_rank(&initial, 4, "latents", &latents)?;
             let mut sd = StableDiffusion::load(&model, DType::F32, &device)?;
             sd.truncate_long_prompts = true; // as the reference pipeline, for parity checks
-                                             // Concept triggers may stand in the region prompts instead of the prompt.
-            let all_prompts = std::iter::once(prompt.as_str())
-                .chain(region_prompt.iter().map(|(p, _)| p.as_str()))
-                .collect::<Vec<_>>()
-                .join(" ");
-            super::apply_concepts(&mut sd, &concept, &gate, &all_prompts)?;
+            let trigger_text = super::with_region_prompts(&prompt, &region_prompt);
+            super::apply_concepts(&mut sd, &concept, &gate, &trigger_text)?;
             super::apply_ip_adapter(&mut sd, &ip)?;
             if !region.is_empty() {
                 let (_, _, h, w) = initial.dims4()?;
@@ -281,22 +277,7 @@ pub fn run(c: DebugCommand) -> Result<()> {
             let region_prompts = {
                 let (_, _, h, w) = initial.dims4()?;
                 let f = sd.vae_scale_factor();
-                region_prompt
-                    .iter()
-                    .map(|(prompt, path)| {
-                        Ok(imprint_pipeline::RegionPrompt {
-                            prompt: prompt.clone(),
-                            weight: imprint_pipeline::image_io::read_weight_map(
-                                path,
-                                w * f,
-                                h * f,
-                                f,
-                                &device,
-                            )
-                            .with_context(|| format!("the region of \"{prompt}\""))?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?
+                sd.read_region_prompts(&region_prompt, w * f, h * f)?
             };
             let opts = SampleOptions {
                 prompt,

@@ -150,13 +150,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         None => None,
     };
     let mut sd = StableDiffusion::load(&a.model, DType::F32, &device)?;
-    let mut checked_prompt = match &balance {
+    let checked_prompt = match &balance {
         Some(t) => format!("{} {}", a.prompt, t.categories[0].1),
-        None => a.prompt.clone(),
+        None => super::with_region_prompts(&a.prompt, &a.region_prompt),
     };
-    for (prompt, _) in &a.region_prompt {
-        checked_prompt = format!("{checked_prompt} {prompt}");
-    }
     super::apply_concepts(&mut sd, &a.concept, &a.gate, &checked_prompt)?;
     super::apply_ip_adapter(&mut sd, &a.ip)?;
     if !a.region.is_empty() {

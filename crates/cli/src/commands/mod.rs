@@ -94,6 +94,15 @@ pub fn parse_region_prompt_arg(s: &str) -> std::result::Result<(String, PathBuf)
     }
 }
 
+/// The prompt and every region prompt as one text, for the check that applied concepts' triggers
+/// are used (a trigger may stand in a region prompt only).
+pub fn with_region_prompts(prompt: &str, region_prompts: &[(String, PathBuf)]) -> String {
+    std::iter::once(prompt)
+        .chain(region_prompts.iter().map(|(p, _)| p.as_str()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// An image prompt through an IP-Adapter (`--ip-adapter FILE[:SCALE] --ip-image IMG`).
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct IpAdapterArgs {
