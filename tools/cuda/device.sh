@@ -7,8 +7,8 @@
 #   tools/cuda/wheels.sh               # diffusers 0.42.1 + importlib_metadata -> .whl
 # Then through the device tool, carry ["target/cuda-carry", ".whl"], timeout 600:
 #   bash tools/cuda/device.sh
-# Results go to $OUT (or target/cuda-out): tests.log, bench.md, bench-*.jsonl, nvidia-smi.txt,
-# summary.txt. DEVICE_BUDGET_S (default 450) bounds the whole run, so a rerun fits the lease.
+# Results go to $OUT (or target/cuda-out): tests.log, bench.md, bench-*.jsonl, concepts-*.jsonl,
+# nvidia-smi.txt, summary.txt. DEVICE_BUDGET_S (default 450) bounds the whole run, so a rerun fits the lease.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
@@ -109,9 +109,21 @@ bench() { # PRECISION BATCH MODES...
     >> "$RESULTS/bench.md" 2>> "$RESULTS/bench.log" \
     || note "bench $precision batch $batch: failed or cut short (bench.log)"
 }
+# One concept end to end with each method at its default recipe (fixed costs + recipe steps × the
+# measured step time); rows are written as each method finishes.
+concepts() { # PRECISION METHODS...
+  local precision="$1"; shift
+  if [ "$(left)" -lt 60 ]; then note "concepts $precision $*: skipped (device budget)"; return; fi
+  timeout "$(( $(left) - 20 ))" python3 benches/compare --device cuda --imprint "$IMPRINT" \
+    --python python3 --model "$MODEL" --resolution 512 --mixed-precision "$precision" --modes \
+    --concepts "$@" --concept-steps 10 --json "$RESULTS/concepts-$precision.jsonl" \
+    >> "$RESULTS/bench.md" 2>> "$RESULTS/bench.log" \
+    || note "concepts $precision: failed or cut short (bench.log)"
+}
 # In order of what the issue's goals need most, so a short budget still measures them.
 bench no 1 forward ti ti-step lora dreambooth+gc dreambooth+gc+fused
 bench bf16 1 forward ti lora dreambooth+gc+fused
+concepts bf16 lora ti dreambooth xti perfusion custom-diffusion dreambooth+prior svdiff
 bench no 4 forward lora dreambooth+gc
 note "done in $SECONDS s"
 cat "$RESULTS/bench.md" >> "$SUMMARY" 2>/dev/null

@@ -114,6 +114,75 @@ fn training_refuses_an_existing_token() {
 }
 
 #[test]
+fn print_config_shows_the_resolved_recipe_and_trains_nothing() {
+    let dir = scratch("train-print-config");
+    let out = dir.join("sks.safetensors");
+    let config = dir.join("run.toml");
+    std::fs::write(&config, "rank = 8\nbatch-size = 2\n").unwrap();
+    // Defaults, then the file, then the flags: the method's default steps (500), the file's rank
+    // and batch size, the flag's batch size over the file's.
+    let printed = ok(train_on_toy(
+        &[
+            "lora",
+            "--instance-prompt",
+            "a photo of sks toy",
+            "--print-config",
+        ],
+        &out,
+    )
+    .arg("--config")
+    .arg(&config)
+    .args(["--batch-size", "3"])
+    .output()
+    .unwrap());
+    let table: toml::Table = printed.parse().unwrap();
+    assert_eq!(table["steps"].as_integer(), Some(500), "{printed}");
+    assert_eq!(table["rank"].as_integer(), Some(8), "{printed}");
+    assert_eq!(table["batch-size"].as_integer(), Some(3), "{printed}");
+    assert_eq!(table["resolution"].as_integer(), Some(512), "{printed}");
+    assert_eq!(
+        table["instance-prompt"].as_str(),
+        Some("a photo of sks toy")
+    );
+    // Textual Inversion's recipe differs (diffusers' script: 3,000 steps × accumulation 4).
+    let ti: toml::Table = ok(train_on_toy(
+        &[
+            "ti",
+            "--token",
+            "<t>",
+            "--init-word",
+            "toy",
+            "--print-config",
+        ],
+        &out,
+    )
+    .output()
+    .unwrap())
+    .parse()
+    .unwrap();
+    assert_eq!(ti["steps"].as_integer(), Some(3000));
+    assert_eq!(ti["grad-accum"].as_integer(), Some(4));
+    // Nothing trained, nothing written.
+    assert!(std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .all(|e| e.path() == config));
+    // An invalid configuration is refused as a run would refuse it.
+    let err = fails(
+        train_on_toy(&["lora", "--print-config"], &out)
+            .args([
+                "--mixed-precision",
+                "fp16",
+                "--gradient-checkpointing",
+                "--fused-backward",
+            ])
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("fused"), "{err}");
+}
+
+#[test]
 fn train_lora_then_generate_and_export() {
     let model = tiny_model("tiny");
     let dir = scratch("train-lora");

@@ -36,6 +36,7 @@ mod gemm;
 pub mod grad_check;
 mod linear;
 mod norm;
+pub mod optim;
 mod resample;
 mod softmax;
 mod storage;

@@ -39,14 +39,13 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vars: Vec<Var>, config: AdamWConfig) -> Result<Self> {
-        let exp_avg = vars
-            .iter()
-            .map(|v| v.zeros_like())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let exp_avg_sq = vars
-            .iter()
-            .map(|v| v.zeros_like())
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        // Written zeros: the in-place update reads them first (see `zeros_written`).
+        let zeros = || {
+            vars.iter()
+                .map(|v| imprint_ops::optim::zeros_written(v.as_tensor()))
+                .collect::<candle_core::Result<Vec<_>>>()
+        };
+        let (exp_avg, exp_avg_sq) = (zeros()?, zeros()?);
         Ok(Self {
             config,
             lr_scales: vec![1.0; vars.len()],
@@ -86,12 +85,27 @@ impl AdamW {
         // graph; moments built from it would keep every step's activations alive, chained from
         // step to step (unbounded memory growth in LoRA and DreamBooth training).
         let g = grad.detach().to_dtype(self.vars[i].dtype())?;
-        let p = self.vars[i]
-            .as_tensor()
-            .affine(1.0 - lr * c.weight_decay, 0.0)?;
+        let p = self.vars[i].as_tensor();
+        let (m, v) = (&self.exp_avg[i], &self.exp_avg_sq[i]);
+        if imprint_ops::optim::adamw_update_applies(p, m, v, &g) {
+            // On the CPU, in place in three passes with no temporaries; the same operations as
+            // below, so the same numbers.
+            let step = imprint_ops::optim::AdamWStep {
+                lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                weight_decay: c.weight_decay,
+                bias_correction1: bc1,
+                bias_correction2_sqrt: bc2_sqrt,
+            };
+            imprint_ops::optim::adamw_update(p, m, v, &g, &step)?;
+            return Ok(());
+        }
+        let p = p.affine(1.0 - lr * c.weight_decay, 0.0)?;
         // torch's lerp_: m + (1 − β1)(g − m)
-        let m = (&self.exp_avg[i] + ((&g - &self.exp_avg[i])? * (1.0 - c.beta1))?)?;
-        let v = ((&self.exp_avg_sq[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+        let m = (m + ((&g - m)? * (1.0 - c.beta1))?)?;
+        let v = ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
         let denom = ((v.sqrt()? / bc2_sqrt)? + c.eps)?;
         let p = (p - (m.div(&denom)? * (lr / bc1))?)?;
         self.vars[i].set(&p)?;
@@ -111,11 +125,7 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: Option<f64>) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.iter() {
-        total += g
-            .to_dtype(candle_core::DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        total += imprint_ops::optim::sum_squares(g)?;
     }
     let norm = total.sqrt();
     if let Some(max) = max_norm {

@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use imprint_train::config::{
     custom_diffusion_defaults, dreambooth_defaults, extended_textual_inversion_defaults,
     lora_defaults, perfusion_defaults, resolve, textual_inversion_defaults, CustomDiffusionConfig,
-    DreamBoothConfig, LoraConfig, PerfusionConfig, TextualInversionConfig,
+    DreamBoothConfig, LoraConfig, PerfusionConfig, TextualInversionConfig, TrainerOptions,
 };
 use imprint_train::trainer::{
     train_custom_diffusion, train_dreambooth, train_extended_textual_inversion, train_lora,
@@ -281,6 +281,10 @@ pub struct TrainerArgs {
     prior_weight: Option<f64>,
     #[arg(long, env = "IMPRINT_DEVICE")]
     device: Option<String>,
+    /// Print the whole configuration this run would use (defaults, then --config, then flags)
+    /// as TOML, and exit without training.
+    #[arg(long)]
+    print_config: bool,
 }
 
 #[derive(Args, Debug)]
@@ -370,7 +374,19 @@ pub(crate) fn interruptible_hooks() -> Hooks {
     hooks
 }
 
-fn launch(out: &std::path::Path, train: impl FnOnce(&Hooks) -> Result<Outcome>) -> Result<()> {
+/// Trains (or, with `--print-config`, checks and prints the resolved configuration and returns).
+fn launch<C: serde::Serialize>(
+    cfg: &C,
+    options: &TrainerOptions,
+    args: &TrainerArgs,
+    train: impl FnOnce(&Hooks) -> Result<Outcome>,
+) -> Result<()> {
+    if args.print_config {
+        options.validate()?;
+        print!("{}", toml::to_string(cfg)?);
+        return Ok(());
+    }
+    let out = &options.out;
     let hooks = interruptible_hooks();
     match train(&hooks)? {
         Outcome::Finished { steps } => println!("{} ({steps} steps)", out.display()),
@@ -406,7 +422,9 @@ pub fn run(c: TrainCommand) -> Result<()> {
             require(&flags, &a.trainer.config, &["model", "images", "out"])?;
             let cfg: DreamBoothConfig =
                 resolve(dreambooth_defaults(), a.trainer.config.as_deref(), flags)?;
-            launch(&cfg.trainer.out, |hooks| train_dreambooth(&cfg, hooks))
+            launch(&cfg, &cfg.trainer, &a.trainer, |hooks| {
+                train_dreambooth(&cfg, hooks)
+            })
         }
         TrainCommand::Lora(a) => {
             let mut flags = toml::Table::new();
@@ -417,7 +435,9 @@ pub fn run(c: TrainCommand) -> Result<()> {
             trainer_flags(&a.trainer, &mut flags)?;
             require(&flags, &a.trainer.config, &["model", "images", "out"])?;
             let cfg: LoraConfig = resolve(lora_defaults(), a.trainer.config.as_deref(), flags)?;
-            launch(&cfg.trainer.out, |hooks| train_lora(&cfg, hooks))
+            launch(&cfg, &cfg.trainer, &a.trainer, |hooks| {
+                train_lora(&cfg, hooks)
+            })
         }
         TrainCommand::CustomDiffusion(a) => {
             let mut flags = toml::Table::new();
@@ -445,7 +465,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
                 a.trainer.config.as_deref(),
                 flags,
             )?;
-            launch(&cfg.trainer.out, |hooks| {
+            launch(&cfg, &cfg.trainer, &a.trainer, |hooks| {
                 train_custom_diffusion(&cfg, hooks)
             })
         }
@@ -461,7 +481,9 @@ pub fn run(c: TrainCommand) -> Result<()> {
             )?;
             let cfg: PerfusionConfig =
                 resolve(perfusion_defaults(), a.trainer.config.as_deref(), flags)?;
-            launch(&cfg.trainer.out, |hooks| train_perfusion(&cfg, hooks))
+            launch(&cfg, &cfg.trainer, &a.trainer, |hooks| {
+                train_perfusion(&cfg, hooks)
+            })
         }
         TrainCommand::ExtendedTextualInversion(a) => train_ti_like(
             a,
@@ -484,7 +506,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
                 a.trainer.config.as_deref(),
                 flags,
             )?;
-            launch(&cfg.trainer.out, |hooks| {
+            launch(&cfg, &cfg.trainer, &a.trainer, |hooks| {
                 imprint_train::trainer::train_svdiff(&cfg, hooks)
             })
         }
@@ -509,5 +531,5 @@ fn train_ti_like(
         &["model", "images", "out", "token", "init-word"],
     )?;
     let cfg: TextualInversionConfig = resolve(defaults, a.trainer.config.as_deref(), flags)?;
-    launch(&cfg.trainer.out, |hooks| train(&cfg, hooks))
+    launch(&cfg, &cfg.trainer, &a.trainer, |hooks| train(&cfg, hooks))
 }
