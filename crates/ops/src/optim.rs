@@ -27,13 +27,38 @@ pub struct AdamWStep {
 }
 
 /// Whether [`adamw_update`] takes these operands: all on the CPU, contiguous, in one dtype (f32 or
-/// f64). Elsewhere the composed form runs (`imprint_train::optim`).
+/// f64) and shape, and no two sharing memory (the update writes three of them in turn). Elsewhere
+/// the composed form runs (`imprint_train::optim`).
 pub fn adamw_update_applies(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor) -> bool {
     let dtype = p.dtype();
-    matches!(dtype, DType::F32 | DType::F64)
+    let fits = matches!(dtype, DType::F32 | DType::F64)
         && [p, m, v, g].iter().all(|t| {
             t.device().is_cpu() && t.dtype() == dtype && t.is_contiguous() && t.shape() == p.shape()
-        })
+        });
+    if !fits {
+        return false;
+    }
+    let spans: Vec<_> = [p, m, v, g].iter().map(|t| byte_span(t)).collect();
+    spans.iter().enumerate().all(|(i, a)| {
+        spans[i + 1..]
+            .iter()
+            .all(|b| matches!((a, b), (Some(a), Some(b)) if a.1 <= b.0 || b.1 <= a.0))
+    })
+}
+
+/// The bytes a contiguous CPU tensor covers, as addresses.
+fn byte_span(t: &Tensor) -> Option<(usize, usize)> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    let (start, end) = layout.contiguous_offsets()?;
+    let (base, size) = match cpu {
+        CpuStorage::F32(v) => (v.as_ptr() as usize, 4),
+        CpuStorage::F64(v) => (v.as_ptr() as usize, 8),
+        _ => return None,
+    };
+    Some((base + start * size, base + end * size))
 }
 
 /// AdamW in place: `m ← m + (1−β1)(g − m)`, `v ← β2·v + (1−β2)·g²`,
@@ -399,6 +424,15 @@ mod tests {
             assert!(!adamw_update_applies(&p, &m, &v, &g));
             assert!(adamw_update(&p, &m, &v, &g, &k).is_err());
         }
+        // Moments sharing one buffer: refused before anything is written.
+        let both = Tensor::zeros((2, 3, 2), DType::F32, &dev)?;
+        let (m2, v2) = (both.get(0)?, both.get(0)?);
+        let g = p.ones_like()?;
+        assert!(!adamw_update_applies(&p, &m2, &v2, &g));
+        assert!(adamw_update(&p, &m2, &v2, &g, &k).is_err());
+        // Two halves of one buffer do not overlap: taken.
+        let (m3, v3) = (both.get(0)?, both.get(1)?);
+        assert!(adamw_update_applies(&p, &m3, &v3, &g));
         assert_eq!(p.to_vec2::<f32>()?, vec![vec![1.0; 2]; 3]);
         Ok(())
     }

@@ -27,7 +27,9 @@ impl Default for AdamWConfig {
 pub struct AdamW {
     pub config: AdamWConfig,
     pub vars: Vec<Var>,
-    /// First and second moment estimates, one per variable.
+    /// First and second moment estimates, one per variable. On the CPU they are updated in place:
+    /// a clone shares their storage and follows them (read it before the next update, as a
+    /// checkpoint's save does).
     pub exp_avg: Vec<Tensor>,
     pub exp_avg_sq: Vec<Tensor>,
     /// Steps taken so far.
@@ -35,17 +37,26 @@ pub struct AdamW {
     /// Each variable's learning rate as a multiple of the step's (1 unless a method trains parts
     /// at different rates, as Perfusion's embedding and values).
     pub lr_scales: Vec<f64>,
+    /// The ids of the zero moments `new` made, until their first update: the in-place CPU update
+    /// swaps them for written zeros then (see `imprint_ops::optim::zeros_written`), unless they
+    /// were replaced meanwhile (a resumed run's moments). Allocating them then, not in `new`,
+    /// also keeps a resumed run from holding two sets of moments at once.
+    untouched: Vec<Option<(candle_core::TensorId, candle_core::TensorId)>>,
 }
 
 impl AdamW {
     pub fn new(vars: Vec<Var>, config: AdamWConfig) -> Result<Self> {
-        // Written zeros: the in-place update reads them first (see `zeros_written`).
         let zeros = || {
             vars.iter()
-                .map(|v| imprint_ops::optim::zeros_written(v.as_tensor()))
+                .map(|v| v.zeros_like())
                 .collect::<candle_core::Result<Vec<_>>>()
         };
         let (exp_avg, exp_avg_sq) = (zeros()?, zeros()?);
+        let untouched = exp_avg
+            .iter()
+            .zip(&exp_avg_sq)
+            .map(|(m, v)| Some((m.id(), v.id())))
+            .collect();
         Ok(Self {
             config,
             lr_scales: vec![1.0; vars.len()],
@@ -53,6 +64,7 @@ impl AdamW {
             exp_avg,
             exp_avg_sq,
             step: 0,
+            untouched,
         })
     }
 
@@ -86,8 +98,13 @@ impl AdamW {
         // step to step (unbounded memory growth in LoRA and DreamBooth training).
         let g = grad.detach().to_dtype(self.vars[i].dtype())?;
         let p = self.vars[i].as_tensor();
-        let (m, v) = (&self.exp_avg[i], &self.exp_avg_sq[i]);
-        if imprint_ops::optim::adamw_update_applies(p, m, v, &g) {
+        if imprint_ops::optim::adamw_update_applies(p, &self.exp_avg[i], &self.exp_avg_sq[i], &g) {
+            let fresh = self.untouched.get_mut(i).and_then(Option::take);
+            if fresh == Some((self.exp_avg[i].id(), self.exp_avg_sq[i].id())) {
+                self.exp_avg[i] = imprint_ops::optim::zeros_written(p)?;
+                self.exp_avg_sq[i] = imprint_ops::optim::zeros_written(p)?;
+            }
+            let (m, v) = (&self.exp_avg[i], &self.exp_avg_sq[i]);
             // On the CPU, in place in three passes with no temporaries; the same operations as
             // below, so the same numbers.
             let step = imprint_ops::optim::AdamWStep {
@@ -102,6 +119,7 @@ impl AdamW {
             imprint_ops::optim::adamw_update(p, m, v, &g, &step)?;
             return Ok(());
         }
+        let (m, v) = (&self.exp_avg[i], &self.exp_avg_sq[i]);
         let p = p.affine(1.0 - lr * c.weight_decay, 0.0)?;
         // torch's lerp_: m + (1 − β1)(g − m)
         let m = (m + ((&g - m)? * (1.0 - c.beta1))?)?;

@@ -1297,11 +1297,7 @@ impl FusedStep {
                 return Ok(());
             };
             let err = |e: String| candle_core::Error::Msg(format!("fused backward: {e}"));
-            let norm = g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
+            let norm = imprint_ops::optim::sum_squares(&g)?;
             *sq.lock().map_err(|_| err("poisoned".into()))? += norm;
             lock(&a)
                 .and_then(|mut adam| adam.update(i, &g, lr))
@@ -1330,11 +1326,7 @@ impl FusedStep {
                 Some(g) => g.clone(),
                 None => var.zeros_like().with_context(|| name.clone())?,
             };
-            sum_sq += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
+            sum_sq += imprint_ops::optim::sum_squares(&g)?;
             adam.update(i, &g, self.lr)?;
         }
         adam.finish_step();
