@@ -72,8 +72,8 @@ pub fn adamw_update(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, s: &AdamWSte
             p.shape()
         )
     }
-    m.inplace_op2(g, &FirstMoment(*s))?;
-    v.inplace_op2(g, &SecondMoment(*s))?;
+    m.inplace_op2(g, &Moment::First(*s))?;
+    v.inplace_op2(g, &Moment::Second(*s))?;
     p.inplace_op3(m, v, &ParamUpdate(*s))
 }
 
@@ -220,69 +220,53 @@ macro_rules! by_dtype {
 // `t·c' + 0` (c' = c or 1/c, rounded to the dtype) and `t + c` is `t·1 + c`; the `+ 0` stays, as
 // it is not an identity for −0.
 
-/// `m ← m + ((g − m)·(1 − β1) + 0)`.
-struct FirstMoment(AdamWStep);
+/// A moment estimate updated in place from the gradient: the first,
+/// `m ← m + ((g − m)·(1 − β1) + 0)`, or the second, `v ← (v·β2 + 0) + ((g·g)·(1 − β2) + 0)`.
+enum Moment {
+    First(AdamWStep),
+    Second(AdamWStep),
+}
 
-fn first_moment<T: Real>(
+fn moment<T: Real>(
     s: &mut CpuStorage,
     l: &Layout,
     g: &CpuStorage,
     gl: &Layout,
-    k: &AdamWStep,
+    which: &Moment,
 ) -> Result<()> {
-    let op = "adamw-first-moment";
-    let (c, zero) = (T::of(1.0 - k.beta1), T::of(0.0));
-    let g = part::<T>(g, gl, op)?;
-    part_mut::<T>(s, l, op)?
-        .par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK))
-        .for_each(|(m, g)| {
-            for (m, &g) in m.iter_mut().zip(g) {
-                *m = *m + ((g - *m) * c + zero);
-            }
-        });
+    fn each<T: Real>(x: &mut [T], g: &[T], f: impl Fn(T, T) -> T + Sync) {
+        x.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(x, g)| {
+                for (x, &g) in x.iter_mut().zip(g) {
+                    *x = f(*x, g);
+                }
+            });
+    }
+    let op = "adamw-moment";
+    let (g, x, zero) = (part::<T>(g, gl, op)?, part_mut::<T>(s, l, op)?, T::of(0.0));
+    match which {
+        Moment::First(k) => {
+            let c = T::of(1.0 - k.beta1);
+            each(x, g, |m, g| m + ((g - m) * c + zero));
+        }
+        Moment::Second(k) => {
+            let (b2, c) = (T::of(k.beta2), T::of(1.0 - k.beta2));
+            each(x, g, |v, g| (v * b2 + zero) + ((g * g) * c + zero));
+        }
+    }
     Ok(())
 }
 
-impl InplaceOp2 for FirstMoment {
+impl InplaceOp2 for Moment {
     fn name(&self) -> &'static str {
-        "adamw-first-moment"
+        match self {
+            Moment::First(_) => "adamw-first-moment",
+            Moment::Second(_) => "adamw-second-moment",
+        }
     }
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
-        by_dtype!(s, self.name(), first_moment(s, l, g, gl, &self.0))
-    }
-}
-
-/// `v ← (v·β2 + 0) + ((g·g)·(1 − β2) + 0)`.
-struct SecondMoment(AdamWStep);
-
-fn second_moment<T: Real>(
-    s: &mut CpuStorage,
-    l: &Layout,
-    g: &CpuStorage,
-    gl: &Layout,
-    k: &AdamWStep,
-) -> Result<()> {
-    let op = "adamw-second-moment";
-    let (b2, c, zero) = (T::of(k.beta2), T::of(1.0 - k.beta2), T::of(0.0));
-    let g = part::<T>(g, gl, op)?;
-    part_mut::<T>(s, l, op)?
-        .par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK))
-        .for_each(|(v, g)| {
-            for (v, &g) in v.iter_mut().zip(g) {
-                *v = (*v * b2 + zero) + ((g * g) * c + zero);
-            }
-        });
-    Ok(())
-}
-
-impl InplaceOp2 for SecondMoment {
-    fn name(&self) -> &'static str {
-        "adamw-second-moment"
-    }
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
-        by_dtype!(s, self.name(), second_moment(s, l, g, gl, &self.0))
+        by_dtype!(s, self.name(), moment(s, l, g, gl, self))
     }
 }
 
