@@ -8,7 +8,8 @@
 # Then through the device tool, carry ["target/cuda-carry", ".whl"], timeout 600:
 #   bash tools/cuda/device.sh
 # Results go to $OUT (or target/cuda-out): tests.log, bench.md, bench-*.jsonl, concepts-*.jsonl,
-# nvidia-smi.txt, summary.txt. DEVICE_BUDGET_S (default 450) bounds the whole run, so a rerun fits the lease.
+# nvidia-smi.txt, summary.txt. DEVICE_BUDGET_S (default 450) bounds the whole run, so a rerun fits
+# the lease.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
