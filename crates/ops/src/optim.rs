@@ -28,7 +28,7 @@ pub struct AdamWStep {
 
 /// Whether [`adamw_update`] takes these operands: all on the CPU, contiguous, in one dtype (f32 or
 /// f64) and shape, and no two sharing memory (the update writes three of them in turn). Elsewhere
-/// the composed form runs (`imprint_train::optim`).
+/// [`adamw_composed`] runs.
 pub fn adamw_update_applies(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor) -> bool {
     let dtype = p.dtype();
     let fits = matches!(dtype, DType::F32 | DType::F64)
@@ -75,6 +75,24 @@ pub fn adamw_update(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, s: &AdamWSte
     m.inplace_op2(g, &Moment::First(*s))?;
     v.inplace_op2(g, &Moment::Second(*s))?;
     p.inplace_op3(m, v, &ParamUpdate(*s))
+}
+
+/// AdamW composed of tensor ops, any device and dtype: the new `[p, m, v]` (the moment update is
+/// torch's lerp_, `m + (1 − β1)(g − m)`). What runs where [`adamw_update`] does not apply, and
+/// what it must equal bit for bit.
+pub fn adamw_composed(
+    p: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    s: &AdamWStep,
+) -> Result<[Tensor; 3]> {
+    let p = p.affine(1.0 - s.lr * s.weight_decay, 0.0)?;
+    let m = (m + ((g - m)? * (1.0 - s.beta1))?)?;
+    let v = ((v * s.beta2)? + (g.sqr()? * (1.0 - s.beta2))?)?;
+    let denom = ((v.sqrt()? / s.bias_correction2_sqrt)? + s.eps)?;
+    let p = (p - (m.div(&denom)? * (s.lr / s.bias_correction1))?)?;
+    Ok([p, m, v])
 }
 
 /// Zeros shaped as `like` for state that is updated in place (AdamW's moments). On the CPU they are
@@ -323,22 +341,6 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// The composed tensor form of one AdamW update (what runs off the CPU).
-    fn composed(
-        p: &Tensor,
-        m: &Tensor,
-        v: &Tensor,
-        g: &Tensor,
-        k: &AdamWStep,
-    ) -> Result<[Tensor; 3]> {
-        let p = p.affine(1.0 - k.lr * k.weight_decay, 0.0)?;
-        let m = (m + ((g - m)? * (1.0 - k.beta1))?)?;
-        let v = ((v * k.beta2)? + (g.sqr()? * (1.0 - k.beta2))?)?;
-        let denom = ((v.sqrt()? / k.bias_correction2_sqrt)? + k.eps)?;
-        let p = (p - (m.div(&denom)? * (k.lr / k.bias_correction1))?)?;
-        Ok([p, m, v])
-    }
-
     fn bits(t: &Tensor) -> Result<Vec<u64>> {
         Ok(match t.dtype() {
             DType::F32 => t
@@ -375,7 +377,7 @@ mod tests {
                     bias_correction1: 1.0 - 0.9f64.powi(t),
                     bias_correction2_sqrt: (1.0 - 0.999f64.powi(t)).sqrt(),
                 };
-                [p, m, v] = composed(&p, &m, &v, &g, &k)?;
+                [p, m, v] = adamw_composed(&p, &m, &v, &g, &k)?;
                 adamw_update(&fp, &fm, &fv, &g, &k)?;
             }
             for (name, a, b) in [("p", &p, &fp), ("m", &m, &fm), ("v", &v, &fv)] {

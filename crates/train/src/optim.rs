@@ -97,6 +97,15 @@ impl AdamW {
         // graph; moments built from it would keep every step's activations alive, chained from
         // step to step (unbounded memory growth in LoRA and DreamBooth training).
         let g = grad.detach().to_dtype(self.vars[i].dtype())?;
+        let step = imprint_ops::optim::AdamWStep {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            bias_correction1: bc1,
+            bias_correction2_sqrt: bc2_sqrt,
+        };
         let p = self.vars[i].as_tensor();
         if imprint_ops::optim::adamw_update_applies(p, &self.exp_avg[i], &self.exp_avg_sq[i], &g) {
             let fresh = self.untouched.get_mut(i).and_then(Option::take);
@@ -104,28 +113,17 @@ impl AdamW {
                 self.exp_avg[i] = imprint_ops::optim::zeros_written(p)?;
                 self.exp_avg_sq[i] = imprint_ops::optim::zeros_written(p)?;
             }
+            // On the CPU, in place with no temporaries; the same numbers as the composed form.
             let (m, v) = (&self.exp_avg[i], &self.exp_avg_sq[i]);
-            // On the CPU, in place in three passes with no temporaries; the same operations as
-            // below, so the same numbers.
-            let step = imprint_ops::optim::AdamWStep {
-                lr,
-                beta1: c.beta1,
-                beta2: c.beta2,
-                eps: c.eps,
-                weight_decay: c.weight_decay,
-                bias_correction1: bc1,
-                bias_correction2_sqrt: bc2_sqrt,
-            };
-            imprint_ops::optim::adamw_update(p, m, v, &g, &step)?;
-            return Ok(());
+            return Ok(imprint_ops::optim::adamw_update(p, m, v, &g, &step)?);
         }
-        let (m, v) = (&self.exp_avg[i], &self.exp_avg_sq[i]);
-        let p = p.affine(1.0 - lr * c.weight_decay, 0.0)?;
-        // torch's lerp_: m + (1 − β1)(g − m)
-        let m = (m + ((&g - m)? * (1.0 - c.beta1))?)?;
-        let v = ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-        let denom = ((v.sqrt()? / bc2_sqrt)? + c.eps)?;
-        let p = (p - (m.div(&denom)? * (lr / bc1))?)?;
+        let [p, m, v] = imprint_ops::optim::adamw_composed(
+            p,
+            &self.exp_avg[i],
+            &self.exp_avg_sq[i],
+            &g,
+            &step,
+        )?;
         self.vars[i].set(&p)?;
         self.exp_avg[i] = m;
         self.exp_avg_sq[i] = v;
